@@ -1,0 +1,234 @@
+//! The GPU context: adapter, device, queue, the limits and features actually enabled, the buffer pool, the
+//! pipeline cache and the command batch. Getting a device ([`GpuContext::new`]) is separate from using one
+//! ([`GpuContext::from_adapter`]), so tests and embedders can hand in their own.
+
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use super::batch::Batch;
+use super::pipeline::PipelineCache;
+use super::pool::{BufferPool, PoolStats};
+use crate::error::{Error, Result};
+
+/// Optional features the runtime enables when the adapter has them.
+const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::TIMESTAMP_QUERY);
+
+/// What the adapter is and what the device was created with, in a form that prints and serializes.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamp_query: bool,
+    pub max_buffer_size: u64,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroups_per_dimension: u32,
+    pub max_storage_buffers_per_shader_stage: u32,
+}
+
+impl std::fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "adapter: {} ({}, {})", self.name, self.backend, self.device_type)?;
+        writeln!(f, "driver: {} {}", self.driver, self.driver_info)?;
+        writeln!(
+            f,
+            "features: shader-f16 {}, subgroups {}, timestamp-query {}",
+            yes_no(self.shader_f16),
+            yes_no(self.subgroups),
+            yes_no(self.timestamp_query)
+        )?;
+        writeln!(f, "maxBufferSize: {}", self.max_buffer_size)?;
+        writeln!(f, "maxStorageBufferBindingSize: {}", self.max_storage_buffer_binding_size)?;
+        writeln!(f, "maxComputeWorkgroupStorageSize: {}", self.max_compute_workgroup_storage_size)?;
+        writeln!(f, "maxComputeInvocationsPerWorkgroup: {}", self.max_compute_invocations_per_workgroup)?;
+        writeln!(f, "maxComputeWorkgroupsPerDimension: {}", self.max_compute_workgroups_per_dimension)?;
+        write!(f, "maxStorageBuffersPerShaderStage: {}", self.max_storage_buffers_per_shader_stage)
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// Shared state behind a [`GpuContext`]; tensors keep the pool alive through it.
+pub(crate) struct Shared {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub pool: Arc<BufferPool>,
+    pub pipelines: PipelineCache,
+    pub batch: Mutex<Batch>,
+    /// The first error wgpu reported outside an error scope; taken (and returned) at the next sync point.
+    pub uncaptured: Arc<Mutex<Option<String>>>,
+}
+
+/// A device ready for latent-gen's kernels. Cheap to clone.
+#[derive(Clone)]
+pub struct GpuContext {
+    pub(crate) shared: Arc<Shared>,
+    summary: Arc<AdapterSummary>,
+}
+
+impl GpuContext {
+    /// Finds the high-performance adapter and creates a device on it.
+    pub async fn new() -> Result<Self> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::NoAdapter(format!("{e}. {}", no_adapter_hint())))?;
+        Self::from_adapter(&adapter).await
+    }
+
+    /// Creates a device on `adapter` with the adapter's own limits (not WebGPU's 128/256 MiB defaults) and
+    /// shader-f16, subgroups and timestamp queries where the adapter has them.
+    pub async fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        let features = adapter.features() & WANTED_FEATURES;
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("latent-gen"),
+                required_features: features,
+                required_limits: limits.clone(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::RequestDevice(e.to_string()))?;
+        let info = adapter.get_info();
+        let summary = AdapterSummary {
+            name: info.name,
+            backend: format!("{:?}", info.backend),
+            device_type: format!("{:?}", info.device_type),
+            driver: info.driver,
+            driver_info: info.driver_info,
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            max_buffer_size: limits.max_buffer_size,
+            max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+            max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+            max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+            max_compute_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+            max_storage_buffers_per_shader_stage: limits.max_storage_buffers_per_shader_stage,
+        };
+        Ok(Self::from_device(device, queue, summary))
+    }
+
+    fn from_device(device: wgpu::Device, queue: wgpu::Queue, summary: AdapterSummary) -> Self {
+        let uncaptured = Arc::new(Mutex::new(None::<String>));
+        let slot = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(e.to_string());
+            }
+        }));
+        let uniform_align = device.limits().min_uniform_buffer_offset_alignment;
+        let shared = Shared {
+            pool: Arc::new(BufferPool::new()),
+            pipelines: PipelineCache::new(summary.shader_f16),
+            batch: Mutex::new(Batch::new(uniform_align)),
+            uncaptured,
+            device,
+            queue,
+        };
+        Self { shared: Arc::new(shared), summary: Arc::new(summary) }
+    }
+
+    /// The adapter, its limits and the features enabled on the device.
+    pub fn summary(&self) -> &AdapterSummary {
+        &self.summary
+    }
+
+    /// Whether kernels may use f16 arithmetic and f16 activations.
+    pub fn has_f16(&self) -> bool {
+        self.summary.shader_f16
+    }
+
+    /// The wgpu device, for embedders that draw with it (e.g. the preview canvas).
+    pub fn device(&self) -> &wgpu::Device {
+        &self.shared.device
+    }
+
+    /// The wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.shared.queue
+    }
+
+    /// Bytes held in live tensors, in the pool, and the peak of the live bytes.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.shared.pool.stats()
+    }
+
+    /// Returns pooled (free) buffers to the driver.
+    pub fn trim_pool(&self) {
+        self.shared.pool.trim();
+    }
+
+    /// Submits the recorded commands now. Ops record into one batch; reading a tensor back flushes implicitly.
+    pub fn flush(&self) -> Result<()> {
+        self.lock_batch().flush(&self.shared.device, &self.shared.queue);
+        self.take_uncaptured()
+    }
+
+    /// Flushes and waits until the GPU has finished everything submitted (natively; in the browser the
+    /// returned future resolves when the queue is idle).
+    pub async fn sync(&self) -> Result<()> {
+        self.flush()?;
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.shared.queue.on_submitted_work_done(move || {
+            let _ = tx.send(());
+        });
+        self.poll_wait()?;
+        rx.await.map_err(|_| Error::Gpu("the device was lost while waiting for the queue".into()))?;
+        self.take_uncaptured()
+    }
+
+    /// Natively blocks until submitted work is done; a no-op in the browser (the event loop polls).
+    pub(crate) fn poll_wait(&self) -> Result<()> {
+        #[cfg(not(target_arch = "wasm32"))]
+        self.shared
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Returns the first uncaptured wgpu error since the last call, as an error value.
+    pub(crate) fn take_uncaptured(&self) -> Result<()> {
+        let mut slot = self.shared.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some(msg) => Err(Error::Gpu(msg)),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn lock_batch(&self) -> std::sync::MutexGuard<'_, Batch> {
+        self.shared.batch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device's limits that ops check before dispatching.
+    pub(crate) fn limits(&self) -> &AdapterSummary {
+        &self.summary
+    }
+}
+
+fn no_adapter_hint() -> &'static str {
+    if cfg!(target_arch = "wasm32") {
+        "This browser has no usable WebGPU: use a recent Chrome or Edge (or enable WebGPU in Firefox or Safari)"
+    } else {
+        "Install a Vulkan driver (on Debian without a GPU: apt-get install mesa-vulkan-drivers libvulkan1)"
+    }
+}

@@ -1,0 +1,167 @@
+//! Compute pipelines, compiled once per kernel and specialization and cached.
+//!
+//! A kernel is one `.wgsl` file (or a few concatenated: a shared core plus an op's loaders). It is specialized
+//! by a preamble of named constants (`const TILE_M: u32 = 64u;`) and by the activation type (`alias act = f32;`
+//! or `f16` with `enable f16;`). The preamble text, with the kernel's name, is the cache key.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+
+/// One kernel: its WGSL sources, its entry point and its binding signature.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel {
+    pub name: &'static str,
+    /// Concatenated in order after the preamble.
+    pub sources: &'static [&'static str],
+    pub entry: &'static str,
+    /// Read-only storage bindings (1..=inputs, after the uniform at binding 0).
+    pub inputs: u32,
+    /// Read-write storage bindings (after the inputs).
+    pub outputs: u32,
+}
+
+/// A value of a specialization constant.
+#[derive(Clone, Copy, Debug)]
+pub enum Const {
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+}
+
+/// How a kernel is specialized: the activation type and named constants.
+#[derive(Clone, Debug, Default)]
+pub struct Spec {
+    /// Activations are f16 (needs shader-f16); otherwise f32.
+    pub f16: bool,
+    pub consts: Vec<(&'static str, Const)>,
+}
+
+impl Spec {
+    pub fn new(f16: bool) -> Self {
+        Self { f16, consts: Vec::new() }
+    }
+
+    pub fn u32(mut self, name: &'static str, v: u32) -> Self {
+        self.consts.push((name, Const::U32(v)));
+        self
+    }
+
+    pub fn f32(mut self, name: &'static str, v: f32) -> Self {
+        self.consts.push((name, Const::F32(v)));
+        self
+    }
+
+    pub fn flag(mut self, name: &'static str, v: bool) -> Self {
+        self.consts.push((name, Const::Bool(v)));
+        self
+    }
+
+    fn preamble(&self) -> String {
+        let mut s = String::new();
+        if self.f16 {
+            s.push_str("enable f16;\nalias act = f16;\nalias act4 = vec4<f16>;\n");
+        } else {
+            s.push_str("alias act = f32;\nalias act4 = vec4<f32>;\n");
+        }
+        for (name, v) in &self.consts {
+            let _ = match v {
+                Const::U32(v) => writeln!(s, "const {name}: u32 = {v}u;"),
+                Const::F32(v) => writeln!(s, "const {name}: f32 = {v:?};"),
+                Const::Bool(v) => writeln!(s, "const {name}: bool = {v};"),
+            };
+        }
+        s
+    }
+}
+
+/// A compiled kernel and the layout of its bind group.
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+/// See the module documentation.
+pub struct PipelineCache {
+    pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
+    layouts: Mutex<HashMap<(u32, u32), wgpu::BindGroupLayout>>,
+    has_f16: bool,
+}
+
+impl PipelineCache {
+    pub fn new(has_f16: bool) -> Self {
+        Self { pipelines: Mutex::default(), layouts: Mutex::default(), has_f16 }
+    }
+
+    /// The pipeline for `kernel` specialized by `spec`, compiled on first use.
+    pub fn get(&self, device: &wgpu::Device, kernel: &Kernel, spec: &Spec) -> Arc<Pipeline> {
+        debug_assert!(!spec.f16 || self.has_f16, "f16 kernels are only requested on shader-f16 devices");
+        let preamble = spec.preamble();
+        let key = format!("{}\n{preamble}", kernel.name);
+        let mut pipelines = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = pipelines.get(&key) {
+            return p.clone();
+        }
+        let mut source = preamble;
+        for part in kernel.sources {
+            source.push_str(part);
+            source.push('\n');
+        }
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(kernel.name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let layout = self.layout(device, kernel.inputs, kernel.outputs);
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(kernel.name),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(kernel.name),
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some(kernel.entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let p = Arc::new(Pipeline { pipeline, layout });
+        pipelines.insert(key, p.clone());
+        p
+    }
+
+    fn layout(&self, device: &wgpu::Device, inputs: u32, outputs: u32) -> wgpu::BindGroupLayout {
+        let mut layouts = self.layouts.lock().unwrap_or_else(|p| p.into_inner());
+        layouts
+            .entry((inputs, outputs))
+            .or_insert_with(|| {
+                let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+                    binding,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                };
+                let mut entries = vec![wgpu::BindGroupLayoutEntry {
+                    binding: 0,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                }];
+                entries.extend((0..inputs).map(|i| storage(1 + i, true)));
+                entries.extend((0..outputs).map(|i| storage(1 + inputs + i, false)));
+                device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some("latent-gen kernel"),
+                    entries: &entries,
+                })
+            })
+            .clone()
+    }
+}

@@ -1,0 +1,205 @@
+//! The GPU tensor: a pooled buffer with a shape and a dtype. Cloning shares the buffer.
+
+use std::sync::Arc;
+
+use super::context::GpuContext;
+use super::dtype::{DType, QBLOCK};
+use super::pool::PooledBuffer;
+use super::quant;
+use crate::error::{Error, Result};
+
+/// A tensor in GPU memory, row-major (the last dimension is contiguous).
+#[derive(Clone)]
+pub struct Tensor {
+    buf: Arc<PooledBuffer>,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {})", self.shape, self.dtype)
+    }
+}
+
+impl Tensor {
+    /// An uninitialized tensor for `op`'s output; errors if it would exceed the device's buffer limits.
+    pub fn empty(ctx: &GpuContext, op: &'static str, shape: &[usize], dtype: DType) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if dtype.is_quantized() && shape.last().is_none_or(|d| d % QBLOCK != 0) {
+            return Err(Error::Shape {
+                op,
+                msg: format!("a {dtype} tensor needs a last dimension that is a multiple of {QBLOCK}, got {shape:?}"),
+            });
+        }
+        let bytes = dtype.storage_bytes(numel) as u64;
+        let limits = ctx.limits();
+        let limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        if bytes > limit {
+            return Err(Error::Limit {
+                op,
+                what: "a tensor buffer",
+                needed: bytes,
+                limit,
+                shape: format!("{shape:?} {dtype}"),
+            });
+        }
+        let buf = ctx.shared.pool.alloc(&ctx.shared.device, bytes, limits.max_buffer_size);
+        Ok(Self { buf: Arc::new(buf), shape: shape.to_vec(), dtype })
+    }
+
+    /// Uploads raw bytes already in the GPU layout of `dtype`.
+    pub fn from_bytes(ctx: &GpuContext, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Self> {
+        let t = Self::empty(ctx, "upload", shape, dtype)?;
+        let want = dtype.storage_bytes(t.numel());
+        if bytes.len() != want && bytes.len().div_ceil(4) * 4 != want {
+            return Err(Error::Invalid(format!(
+                "upload: {shape:?} {dtype} takes {want} bytes, got {}",
+                bytes.len()
+            )));
+        }
+        // Queue writes land before the batch's recorded commands, and the pooled buffer may still be read
+        // by them under its previous owner: submit those first.
+        ctx.flush()?;
+        let mut padded;
+        let data = if bytes.len() % 4 == 0 {
+            bytes
+        } else {
+            padded = bytes.to_vec();
+            padded.resize(want, 0);
+            &padded
+        };
+        if !data.is_empty() {
+            ctx.queue().write_buffer(t.buffer(), 0, data);
+        }
+        Ok(t)
+    }
+
+    /// Uploads f32 data, converting to `dtype` (f16, or quantized to q8_0/q4_0 blocks with candle).
+    pub fn from_f32_as(ctx: &GpuContext, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if data.len() != numel {
+            return Err(Error::Invalid(format!("upload: shape {shape:?} needs {numel} values, got {}", data.len())));
+        }
+        match dtype {
+            DType::F32 => Self::from_bytes(ctx, shape, dtype, bytemuck::cast_slice(data)),
+            DType::F16 => {
+                let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+                Self::from_bytes(ctx, shape, dtype, bytemuck::cast_slice(&h))
+            }
+            DType::Q8_0 | DType::Q4_0 => {
+                if shape.last().is_none_or(|d| d % QBLOCK != 0) {
+                    return Err(Error::Shape {
+                        op: "upload",
+                        msg: format!("a {dtype} tensor needs a last dimension that is a multiple of {QBLOCK}, got {shape:?}"),
+                    });
+                }
+                let ggml = quant::quantize_ggml(dtype, data)?;
+                Self::from_ggml(ctx, shape, dtype, &ggml)
+            }
+        }
+    }
+
+    /// Uploads f32 data.
+    pub fn from_f32(ctx: &GpuContext, shape: &[usize], data: &[f32]) -> Result<Self> {
+        Self::from_f32_as(ctx, shape, data, DType::F32)
+    }
+
+    /// Uploads quantized data in GGML's block layout (as stored in GGUF files).
+    pub fn from_ggml(ctx: &GpuContext, shape: &[usize], dtype: DType, ggml: &[u8]) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        let bytes = quant::ggml_to_gpu(dtype, ggml, numel)?;
+        Self::from_bytes(ctx, shape, dtype, &bytes)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size of dimension `i`, counted from the end when negative.
+    pub fn dim(&self, i: isize) -> usize {
+        let r = self.shape.len() as isize;
+        self.shape[(if i < 0 { r + i } else { i }) as usize]
+    }
+
+    /// Bytes of the tensor's data (the buffer may be larger: it comes from a size class).
+    pub fn byte_len(&self) -> u64 {
+        self.dtype.storage_bytes(self.numel()) as u64
+    }
+
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.buf.buffer()
+    }
+
+    /// The same data with another shape of the same element count (no copy).
+    pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != self.numel() || (self.dtype.is_quantized() && shape.last() != self.shape.last()) {
+            return Err(Error::Shape {
+                op: "reshape",
+                msg: format!("cannot view {:?} {} as {shape:?}", self.shape, self.dtype),
+            });
+        }
+        Ok(Self { buf: self.buf.clone(), shape: shape.to_vec(), dtype: self.dtype })
+    }
+
+    /// Copies the tensor's bytes (in the GPU layout) back to the CPU.
+    pub async fn to_bytes(&self, ctx: &GpuContext) -> Result<Vec<u8>> {
+        let size = self.byte_len();
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("latent-gen readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        {
+            let mut batch = ctx.lock_batch();
+            batch.encoder(ctx.device()).copy_buffer_to_buffer(self.buffer(), 0, &staging, 0, size);
+            batch.flush(ctx.device(), ctx.queue());
+        }
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.poll_wait()?;
+        let mapped = rx.await.map_err(|_| Error::Readback("the device was lost before the map finished".into()));
+        ctx.take_uncaptured()?;
+        mapped?.map_err(|e| Error::Readback(e.to_string()))?;
+        let data = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::Readback(e.to_string()))?
+            .to_vec();
+        staging.unmap();
+        Ok(data)
+    }
+
+    /// Reads the tensor back as f32 (f16 converted, quantized dequantized).
+    pub async fn to_vec_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        let bytes = self.to_bytes(ctx).await?;
+        let n = self.numel();
+        Ok(match self.dtype {
+            DType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes)[..n].to_vec(),
+            DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes)[..n]
+                .iter()
+                .map(|h| h.to_f32())
+                .collect(),
+            DType::Q8_0 | DType::Q4_0 => quant::dequantize_gpu(self.dtype, &bytes, n),
+        })
+    }
+}

@@ -1,0 +1,216 @@
+// Tiled GEMM core shared by matmul and conv2d (conv2d is an implicit GEMM: its A tile is gathered from the
+// input image, never materialized as an im2col buffer).
+//
+//   C[b, m, n] = act(sum_k A(b, m, k) * B(b, k, n) + bias[n])
+//
+// The op's source provides the bindings a (1), b (2) and c (4) and
+//   fn load_a(b: u32, m: u32, k: u32) -> f32     0 outside the matrix
+//   fn load_b(b: u32, k: u32, n: u32) -> f32     0 outside the matrix
+//   fn store_c(b: u32, m: u32, n: u32, v: f32)   called in range only, v already biased and activated
+// Constants: BM, BN, BK (workgroup tile), TM (micro-tile per invocation: 4 -> 4x4, 8 -> 8x8), and A_K_FAST /
+// B_K_FAST: whether consecutive invocations walk k (else m / n) when loading a tile, so that global reads are
+// contiguous for the operand's layout. Accumulators are named vec4 variables, not arrays: naga turns local
+// arrays into memory round-trips.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    sa: u32,        // batch stride of A in elements (0: shared by the batch)
+    sb: u32,        // batch stride of B in elements (0: shared by the batch)
+    sc: u32,        // batch stride of C in elements
+    qoff: u32,      // quantized B: offset of the scales in u32 words
+    cin: u32,       // conv: input channels
+    h: u32,         // conv: input height
+    w: u32,         // conv: input width
+    wo: u32,        // conv: output width
+    stride: u32,    // conv
+    pad: u32,       // conv
+    has_bias: u32,
+    act: u32,       // activation code, see apply_act
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(3) var<storage, read> bias: array<act>;  // (n), bound to a dummy when has_bias is 0
+
+const NT: u32 = (BM / TM) * (BN / TM);
+var<workgroup> As: array<vec4<f32>, BK * BM / 4u>;  // (BK, BM) tile of A, k-major
+var<workgroup> Bs: array<vec4<f32>, BK * BN / 4u>;  // (BK, BN) tile of B, k-major
+
+fn load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
+    for (var i = lid; i < BK * BM / 4u; i += NT) {
+        var kk: u32;
+        var q: u32;
+        if (A_K_FAST) {
+            kk = i % BK;
+            q = i / BK;
+        } else {
+            q = i % (BM / 4u);
+            kk = i / (BM / 4u);
+        }
+        let m = m0 + q * 4u;
+        let k = k0 + kk;
+        As[kk * (BM / 4u) + q] = vec4<f32>(load_a(bi, m, k), load_a(bi, m + 1u, k), load_a(bi, m + 2u, k),
+                                           load_a(bi, m + 3u, k));
+    }
+    for (var i = lid; i < BK * BN / 4u; i += NT) {
+        var kk: u32;
+        var q: u32;
+        if (B_K_FAST) {
+            kk = i % BK;
+            q = i / BK;
+        } else {
+            q = i % (BN / 4u);
+            kk = i / (BN / 4u);
+        }
+        let n = n0 + q * 4u;
+        let k = k0 + kk;
+        Bs[kk * (BN / 4u) + q] = vec4<f32>(load_b(bi, k, n), load_b(bi, k, n + 1u), load_b(bi, k, n + 2u),
+                                           load_b(bi, k, n + 3u));
+    }
+}
+
+fn epilogue(n: u32, v: f32) -> f32 {
+    var r = v;
+    if (p.has_bias != 0u) {
+        r += f32(bias[n]);
+    }
+    return apply_act(p.act, r);
+}
+
+fn store_vec(bi: u32, m: u32, n: u32, v: vec4<f32>) {
+    if (m >= p.m) {
+        return;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        if (n + j < p.n) {
+            store_c(bi, m, n + j, epilogue(n + j, v[j]));
+        }
+    }
+}
+
+// ---- 4x4 micro-tile: invocation (tx, ty) owns rows 4ty..4ty+3 and columns 4tx..4tx+3.
+
+var<private> c0: vec4<f32>;
+var<private> c1: vec4<f32>;
+var<private> c2: vec4<f32>;
+var<private> c3: vec4<f32>;
+
+fn fma4(kk: u32, ty: u32, tx: u32) {
+    let a = As[kk * (BM / 4u) + ty];
+    let b = Bs[kk * (BN / 4u) + tx];
+    c0 += a.x * b;
+    c1 += a.y * b;
+    c2 += a.z * b;
+    c3 += a.w * b;
+}
+
+@compute @workgroup_size(NT)
+fn gemm_4x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let tx = lid % (BN / 4u);
+    let ty = lid / (BN / 4u);
+    let n0 = wid.x * BN;
+    let m0 = wid.y * BM;
+    let bi = wid.z;
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        load_tiles(bi, m0, n0, k0, lid);
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk += 4u) {
+            fma4(kk, ty, tx);
+            fma4(kk + 1u, ty, tx);
+            fma4(kk + 2u, ty, tx);
+            fma4(kk + 3u, ty, tx);
+        }
+        workgroupBarrier();
+    }
+    let m = m0 + ty * 4u;
+    let n = n0 + tx * 4u;
+    store_vec(bi, m, n, c0);
+    store_vec(bi, m + 1u, n, c1);
+    store_vec(bi, m + 2u, n, c2);
+    store_vec(bi, m + 3u, n, c3);
+}
+
+// ---- 8x8 micro-tile: invocation (tx, ty) owns rows {4ty.., BM/2 + 4ty..} x columns {4tx.., BN/2 + 4tx..}
+// (two blocks of four apart, so neighbouring invocations read neighbouring vec4s of the tiles).
+
+var<private> d00: vec4<f32>;
+var<private> d01: vec4<f32>;
+var<private> d10: vec4<f32>;
+var<private> d11: vec4<f32>;
+var<private> d20: vec4<f32>;
+var<private> d21: vec4<f32>;
+var<private> d30: vec4<f32>;
+var<private> d31: vec4<f32>;
+var<private> d40: vec4<f32>;
+var<private> d41: vec4<f32>;
+var<private> d50: vec4<f32>;
+var<private> d51: vec4<f32>;
+var<private> d60: vec4<f32>;
+var<private> d61: vec4<f32>;
+var<private> d70: vec4<f32>;
+var<private> d71: vec4<f32>;
+
+fn fma8(kk: u32, ty: u32, tx: u32) {
+    let a0 = As[kk * (BM / 4u) + ty];
+    let a1 = As[kk * (BM / 4u) + BM / 8u + ty];
+    let b0 = Bs[kk * (BN / 4u) + tx];
+    let b1 = Bs[kk * (BN / 4u) + BN / 8u + tx];
+    d00 += a0.x * b0;
+    d01 += a0.x * b1;
+    d10 += a0.y * b0;
+    d11 += a0.y * b1;
+    d20 += a0.z * b0;
+    d21 += a0.z * b1;
+    d30 += a0.w * b0;
+    d31 += a0.w * b1;
+    d40 += a1.x * b0;
+    d41 += a1.x * b1;
+    d50 += a1.y * b0;
+    d51 += a1.y * b1;
+    d60 += a1.z * b0;
+    d61 += a1.z * b1;
+    d70 += a1.w * b0;
+    d71 += a1.w * b1;
+}
+
+@compute @workgroup_size(NT)
+fn gemm_8x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let tx = lid % (BN / 8u);
+    let ty = lid / (BN / 8u);
+    let n0 = wid.x * BN;
+    let m0 = wid.y * BM;
+    let bi = wid.z;
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        load_tiles(bi, m0, n0, k0, lid);
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk += 4u) {
+            fma8(kk, ty, tx);
+            fma8(kk + 1u, ty, tx);
+            fma8(kk + 2u, ty, tx);
+            fma8(kk + 3u, ty, tx);
+        }
+        workgroupBarrier();
+    }
+    let ma = m0 + ty * 4u;
+    let mb = m0 + BM / 2u + ty * 4u;
+    let na = n0 + tx * 4u;
+    let nb = n0 + BN / 2u + tx * 4u;
+    store_vec(bi, ma, na, d00);
+    store_vec(bi, ma, nb, d01);
+    store_vec(bi, ma + 1u, na, d10);
+    store_vec(bi, ma + 1u, nb, d11);
+    store_vec(bi, ma + 2u, na, d20);
+    store_vec(bi, ma + 2u, nb, d21);
+    store_vec(bi, ma + 3u, na, d30);
+    store_vec(bi, ma + 3u, nb, d31);
+    store_vec(bi, mb, na, d40);
+    store_vec(bi, mb, nb, d41);
+    store_vec(bi, mb + 1u, na, d50);
+    store_vec(bi, mb + 1u, nb, d51);
+    store_vec(bi, mb + 2u, na, d60);
+    store_vec(bi, mb + 2u, nb, d61);
+    store_vec(bi, mb + 3u, na, d70);
+    store_vec(bi, mb + 3u, nb, d71);
+}

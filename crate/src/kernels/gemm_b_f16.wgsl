@@ -1,0 +1,16 @@
+// GEMM B operand: f16 weights packed two per u32, read with unpack2x16float (no shader-f16 needed).
+// Layout (n, k) when B_K_FAST, else (k, n); shared by the batch.
+@group(0) @binding(2) var<storage, read> b: array<u32>;
+
+fn load_b(bi: u32, k: u32, n: u32) -> f32 {
+    if (k >= p.k || n >= p.n) {
+        return 0.0;
+    }
+    var i: u32;
+    if (B_K_FAST) {
+        i = n * p.k + k;
+    } else {
+        i = k * p.n + n;
+    }
+    return unpack2x16float(b[i >> 1u])[i & 1u];
+}

@@ -1,0 +1,18 @@
+// GEMM B operand: q4_0 weights (n, k), blocks of 32 along k. A block's 16 quant bytes hold element j in the
+// low nibble of byte j and element j + 16 in the high nibble (GGML's order); f16 scales packed two per u32
+// from word p.qoff: x = d * (q - 8).
+@group(0) @binding(2) var<storage, read> b: array<u32>;
+
+fn load_b(bi: u32, k: u32, n: u32) -> f32 {
+    if (k >= p.k || n >= p.n) {
+        return 0.0;
+    }
+    let i = n * p.k + k;
+    let blk = i >> 5u;
+    let j = i & 31u;
+    let byte = blk * 16u + (j & 15u);
+    let shift = 8u * (byte & 3u) + select(0u, 4u, j >= 16u);
+    let q = (b[byte >> 2u] >> shift) & 15u;
+    let d = unpack2x16float(b[p.qoff + (blk >> 1u)])[blk & 1u];
+    return d * (f32(q) - 8.0);
+}

@@ -1,0 +1,14 @@
+// GEMM B operand: q8_0 weights (n, k), blocks of 32 along k. Quants as packed i8 (4 per u32) from word 0,
+// f16 scales packed two per u32 from word p.qoff: x = d * q.
+@group(0) @binding(2) var<storage, read> b: array<u32>;
+
+fn load_b(bi: u32, k: u32, n: u32) -> f32 {
+    if (k >= p.k || n >= p.n) {
+        return 0.0;
+    }
+    let i = n * p.k + k;
+    let blk = i >> 5u;
+    let d = unpack2x16float(b[p.qoff + (blk >> 1u)])[blk & 1u];
+    let q = bitcast<i32>(b[i >> 2u] << (24u - 8u * (i & 3u))) >> 24u;
+    return d * f32(q);
+}

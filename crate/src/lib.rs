@@ -1,0 +1,12 @@
+//! latent-gen: text-to-image latent diffusion on WebGPU, in the browser (wasm32) and natively.
+//!
+//! Layers, each calling only the one below: [`gpu`] (device, buffers, pipelines, tensors) <- [`ops`] (one
+//! launcher per kernel family, WGSL in `kernels/`) <- models and pipeline. [`selfcheck`] holds the kernel
+//! checks against candle's CPU results, shared by the native tests, the browser tests and the diagnostics page.
+
+pub mod error;
+pub mod gpu;
+pub mod ops;
+pub mod selfcheck;
+
+pub use error::{Error, Result};

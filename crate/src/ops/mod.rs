@@ -1,0 +1,39 @@
+//! One launcher per kernel family. Each checks its operands' shapes and dtypes, returning an error that names
+//! the op and the shapes, allocates its output from the pool and records the dispatch into the batch.
+//! Ops never know which model calls them.
+
+pub mod elementwise;
+pub mod gemm;
+
+pub use elementwise::{Activation, BinaryOp, add, affine, geglu, gelu, mul, quick_gelu, silu, sub};
+pub use gemm::{Conv2dOpts, MatmulOpts, Tile, conv2d, linear, linear_act, matmul};
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Tensor};
+
+/// Checks that `ts` are activations (f32 or f16) of one dtype.
+pub(crate) fn check_act(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+    let first = ts[0].dtype();
+    for t in ts {
+        if !matches!(t.dtype(), DType::F32 | DType::F16) {
+            return Err(Error::DType {
+                op,
+                dtype: t.dtype(),
+                detail: format!(" for an activation {:?} (activations are f32 or f16)", t.shape()),
+            });
+        }
+        if t.dtype() != first {
+            return Err(Error::DType {
+                op,
+                dtype: t.dtype(),
+                detail: format!(": operands mix {first} and {}", t.dtype()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether the activation kernels run in f16 for this tensor.
+pub(crate) fn act_dtype(t: &Tensor) -> Result<bool> {
+    Ok(t.dtype() == DType::F16)
+}

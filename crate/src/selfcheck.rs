@@ -1,0 +1,380 @@
+//! Kernel self-checks: each runs an op on the GPU and compares it with candle's result on the CPU, with an
+//! explicit tolerance, over several shapes (awkward sizes and batch > 1 included). The native tests, the
+//! browser tests (wasm-bindgen-test) and the diagnostics page all run these same bodies.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{D, Device, Tensor as CTensor};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::gpu::{DType, GpuContext, Tensor};
+use crate::ops::{self, Activation, Conv2dOpts, MatmulOpts, Tile};
+
+/// The outcome of one kernel on one shape.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    pub check: &'static str,
+    pub case: String,
+    pub passed: bool,
+    /// Largest |gpu - cpu|.
+    pub max_abs_err: f32,
+    /// Where the error exceeded the tolerance most (or the largest error when passing).
+    pub worst: String,
+    pub tolerance: String,
+    /// Why the case did not run (a feature the adapter lacks); such a case counts as passed.
+    pub skipped: Option<String>,
+}
+
+impl std::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(why) = &self.skipped {
+            return write!(f, "skip {} {}: {why}", self.check, self.case);
+        }
+        write!(
+            f,
+            "{} {} {}: max abs err {:.3e} ({}); {}",
+            if self.passed { "pass" } else { "FAIL" },
+            self.check,
+            self.case,
+            self.max_abs_err,
+            self.tolerance,
+            self.worst
+        )
+    }
+}
+
+/// Names of all checks, in the order the diagnostics page shows them.
+pub const CHECKS: &[&str] = &["elementwise", "activations", "matmul", "matmul_weights", "conv2d"];
+
+/// Checks that also run their cases with f16 activations where the adapter has shader-f16.
+const F16_CHECKS: &[&str] = &["elementwise", "activations", "matmul", "conv2d"];
+
+/// Runs the check called `name`.
+pub async fn run(ctx: &GpuContext, name: &str) -> Result<Vec<CheckReport>> {
+    let mut r = Vec::new();
+    match name {
+        "elementwise" => elementwise(ctx, &mut r).await?,
+        "activations" => activations(ctx, &mut r).await?,
+        "matmul" => matmul(ctx, &mut r).await?,
+        "matmul_weights" => matmul_weights(ctx, &mut r).await?,
+        "conv2d" => conv2d(ctx, &mut r).await?,
+        _ => return Err(crate::Error::Invalid(format!("no self-check named {name}"))),
+    }
+    if !ctx.has_f16() && F16_CHECKS.contains(&name) {
+        r.push(skipped(CHECKS.iter().find(|c| **c == name).expect("matched above"), "f16 cases".into(), "the adapter lacks shader-f16"));
+    }
+    Ok(r)
+}
+
+/// A small deterministic generator (splitmix64) so every run checks the same data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)).collect()
+    }
+}
+
+/// Compares `got` with `want`: passes when every |g - w| <= atol + rtol * |w|.
+pub fn compare(check: &'static str, case: String, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> CheckReport {
+    let tolerance = format!("atol {atol:.0e}, rtol {rtol:.0e}");
+    if got.len() != want.len() {
+        return CheckReport {
+            check,
+            case,
+            passed: false,
+            max_abs_err: f32::INFINITY,
+            worst: format!("got {} values, expected {}", got.len(), want.len()),
+            tolerance,
+            skipped: None,
+        };
+    }
+    let mut max_abs = 0f32;
+    let mut worst = (f32::NEG_INFINITY, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        let excess = if err.is_nan() { f32::INFINITY } else { err / (atol + rtol * w.abs()) };
+        max_abs = max_abs.max(if err.is_nan() { f32::INFINITY } else { err });
+        if excess > worst.0 {
+            worst = (excess, i);
+        }
+    }
+    let i = worst.1;
+    CheckReport {
+        check,
+        case,
+        passed: worst.0 <= 1.0,
+        max_abs_err: max_abs,
+        worst: format!("worst at index {i}: gpu {} vs cpu {}", got.get(i).unwrap_or(&0.0), want.get(i).unwrap_or(&0.0)),
+        tolerance,
+        skipped: None,
+    }
+}
+
+fn skipped(check: &'static str, case: String, why: &str) -> CheckReport {
+    CheckReport {
+        check,
+        case,
+        passed: true,
+        max_abs_err: 0.0,
+        worst: String::new(),
+        tolerance: String::new(),
+        skipped: Some(why.to_string()),
+    }
+}
+
+/// The activation dtypes this adapter can run: f32 always, f16 with shader-f16.
+fn act_dtypes(ctx: &GpuContext) -> Vec<DType> {
+    if ctx.has_f16() { vec![DType::F32, DType::F16] } else { vec![DType::F32] }
+}
+
+/// Tolerances (atol, rtol) for results stored in `dtype`, scaled by the typical magnitude of the values.
+fn tol(dtype: DType, scale: f32) -> (f32, f32) {
+    match dtype {
+        DType::F16 => (2e-3 * scale, 4e-3),
+        _ => (2e-5 * scale, 2e-5),
+    }
+}
+
+/// Data as stored in `dtype` (f16 rounding applied), so the CPU reference sees what the GPU sees.
+fn rounded(data: Vec<f32>, dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F16 => data.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect(),
+        _ => data,
+    }
+}
+
+fn cpu(data: &[f32], shape: &[usize]) -> Result<CTensor> {
+    Ok(CTensor::from_slice(data, shape, &Device::Cpu)?)
+}
+
+fn flat(t: &CTensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+async fn elementwise(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(1);
+    let cases: [(&[usize], &[usize]); 4] =
+        [(&[1000], &[1000]), (&[2, 3, 5, 7], &[7]), (&[2, 1, 5, 1], &[3, 1, 9]), (&[4, 77, 33], &[4, 1, 33])];
+    for dtype in act_dtypes(ctx) {
+        for (sa, sb) in cases {
+            let na: usize = sa.iter().product();
+            let nb: usize = sb.iter().product();
+            let da = rounded(rng.uniform(na, -2.0, 2.0), dtype);
+            let db = rounded(rng.uniform(nb, -2.0, 2.0), dtype);
+            let (ga, gb) = (Tensor::from_f32_as(ctx, sa, &da, dtype)?, Tensor::from_f32_as(ctx, sb, &db, dtype)?);
+            let (ca, cb) = (cpu(&da, sa)?, cpu(&db, sb)?);
+            let (atol, rtol) = tol(dtype, 4.0);
+            for (name, got, want) in [
+                ("add", ops::add(ctx, &ga, &gb)?, ca.broadcast_add(&cb)?),
+                ("mul", ops::mul(ctx, &ga, &gb)?, ca.broadcast_mul(&cb)?),
+                ("sub", ops::sub(ctx, &ga, &gb)?, ca.broadcast_sub(&cb)?),
+            ] {
+                let case = format!("{name} {sa:?} {sb:?} {dtype}");
+                r.push(compare("elementwise", case, &got.to_vec_f32(ctx).await?, &flat(&want)?, atol, rtol));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn activations(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(2);
+    for dtype in act_dtypes(ctx) {
+        for shape in [&[3usize, 257][..], &[2, 77, 64]] {
+            let n: usize = shape.iter().product();
+            let data = rounded(rng.uniform(n, -6.0, 6.0), dtype);
+            let g = Tensor::from_f32_as(ctx, shape, &data, dtype)?;
+            let c = cpu(&data, shape)?;
+            let (atol, rtol) = tol(dtype, 6.0);
+            let half = shape[shape.len() - 1] / 2;
+            let cases = [
+                ("silu", ops::silu(ctx, &g)?, candle_nn::ops::silu(&c)?),
+                ("gelu", ops::gelu(ctx, &g)?, c.gelu_erf()?),
+                ("quick_gelu", ops::quick_gelu(ctx, &g)?, (&c * candle_nn::ops::sigmoid(&(&c * 1.702)?)?)?),
+                ("affine", ops::affine(ctx, &g, 0.5, -1.25)?, c.affine(0.5, -1.25)?),
+            ];
+            for (name, got, want) in cases {
+                let case = format!("{name} {shape:?} {dtype}");
+                r.push(compare("activations", case, &got.to_vec_f32(ctx).await?, &flat(&want)?, atol, rtol));
+            }
+            if shape[shape.len() - 1] % 2 == 0 {
+                let got = ops::geglu(ctx, &g)?;
+                let h = c.narrow(D::Minus1, 0, half)?;
+                let gate = c.narrow(D::Minus1, half, half)?;
+                let want = (h * gate.gelu_erf()?)?;
+                let case = format!("geglu {shape:?} {dtype}");
+                r.push(compare("activations", case, &got.to_vec_f32(ctx).await?, &flat(&want)?, atol * 4.0, rtol));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tolerances for a k-long dot product of values in [-1, 1) stored in `dtype`.
+fn dot_tol(dtype: DType, k: usize) -> (f32, f32) {
+    let scale = (k as f32).sqrt();
+    match dtype {
+        DType::F16 => (4e-3 * scale, 4e-3),
+        _ => (1e-5 * scale, 1e-4),
+    }
+}
+
+async fn matmul(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(3);
+    // (batch dims of A, of B, m, k, n, trans_a, trans_b, bias, act, tile)
+    type Case = (&'static [usize], &'static [usize], usize, usize, usize, bool, bool, bool, Option<Activation>, Tile);
+    let cases: [Case; 8] = [
+        (&[], &[], 1, 1, 1, false, false, false, None, Tile::Small),
+        (&[], &[], 77, 50, 33, false, true, true, None, Tile::Small),
+        (&[3], &[3], 65, 17, 70, false, false, false, None, Tile::Small),
+        (&[2], &[], 130, 96, 129, false, true, true, Some(Activation::Gelu), Tile::Large),
+        (&[2, 2], &[2, 2], 31, 40, 45, true, false, false, None, Tile::Small),
+        (&[], &[2], 64, 64, 64, true, true, false, None, Tile::Large),
+        (&[], &[], 200, 130, 257, false, true, true, Some(Activation::Silu), Tile::Large),
+        (&[2], &[], 129, 320, 20, false, true, true, Some(Activation::QuickGelu), Tile::Small),
+    ];
+    for dtype in act_dtypes(ctx) {
+        for (bda, bdb, m, k, n, ta, tb, has_bias, act, tile) in cases {
+            let shape_a: Vec<usize> = bda.iter().copied().chain(if ta { [k, m] } else { [m, k] }).collect();
+            let shape_b: Vec<usize> = bdb.iter().copied().chain(if tb { [n, k] } else { [k, n] }).collect();
+            let da = rounded(rng.uniform(shape_a.iter().product(), -1.0, 1.0), dtype);
+            let db = rounded(rng.uniform(shape_b.iter().product(), -1.0, 1.0), dtype);
+            let dbias = rounded(rng.uniform(n, -1.0, 1.0), dtype);
+            let ga = Tensor::from_f32_as(ctx, &shape_a, &da, dtype)?;
+            let gb = Tensor::from_f32_as(ctx, &shape_b, &db, dtype)?;
+            let gbias = Tensor::from_f32_as(ctx, &[n], &dbias, dtype)?;
+            let opts = MatmulOpts {
+                trans_a: ta,
+                trans_b: tb,
+                bias: has_bias.then_some(&gbias),
+                act,
+                tile: Some(tile),
+            };
+            let got = ops::matmul(ctx, &ga, &gb, opts)?.to_vec_f32(ctx).await?;
+            let mut ca = cpu(&da, &shape_a)?;
+            let mut cb = cpu(&db, &shape_b)?;
+            if ta {
+                ca = ca.t()?;
+            }
+            if tb {
+                cb = cb.t()?;
+            }
+            let mut want = ca.broadcast_matmul(&cb)?;
+            if has_bias {
+                want = want.broadcast_add(&cpu(&dbias, &[n])?)?;
+            }
+            want = cpu_act(&want, act)?;
+            let case = format!(
+                "A {shape_a:?}{} B {shape_b:?}{}{}{} {tile:?} {dtype}",
+                if ta { "^T" } else { "" },
+                if tb { "^T" } else { "" },
+                if has_bias { " +bias" } else { "" },
+                act.map(|a| format!(" {a:?}")).unwrap_or_default()
+            );
+            let (atol, rtol) = dot_tol(dtype, k);
+            r.push(compare("matmul", case, &got, &flat(&want)?, atol, rtol));
+        }
+    }
+    Ok(())
+}
+
+fn cpu_act(t: &CTensor, act: Option<Activation>) -> Result<CTensor> {
+    Ok(match act {
+        None => t.clone(),
+        Some(Activation::Silu) => candle_nn::ops::silu(t)?,
+        Some(Activation::Gelu) => t.gelu_erf()?,
+        Some(Activation::QuickGelu) => (t * candle_nn::ops::sigmoid(&(t * 1.702)?)?)?,
+    })
+}
+
+/// Linear layers with f16, q8_0 and q4_0 weights against candle's dequantized weights.
+async fn matmul_weights(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(4);
+    for (rows, k, n) in [(5usize, 64usize, 40usize), (77, 96, 130), (130, 320, 129)] {
+        let dx = rng.uniform(rows * k, -1.0, 1.0);
+        let dw = rng.uniform(n * k, -1.0, 1.0);
+        let dbias = rng.uniform(n, -1.0, 1.0);
+        let x = Tensor::from_f32(ctx, &[rows, k], &dx)?;
+        let bias = Tensor::from_f32(ctx, &[n], &dbias)?;
+        for wdtype in [DType::F16, DType::Q8_0, DType::Q4_0] {
+            let w = Tensor::from_f32_as(ctx, &[n, k], &dw, wdtype)?;
+            // The reference multiplies by the weights as stored, read back through the GPU layout.
+            let stored = w.to_vec_f32(ctx).await?;
+            let got = ops::linear(ctx, &x, &w, Some(&bias))?.to_vec_f32(ctx).await?;
+            let want = cpu(&dx, &[rows, k])?.matmul(&cpu(&stored, &[n, k])?.t()?)?.broadcast_add(&cpu(&dbias, &[n])?)?;
+            let case = format!("x [{rows}, {k}] f32, weight [{n}, {k}] {wdtype}");
+            let (atol, rtol) = dot_tol(DType::F32, k);
+            r.push(compare("matmul_weights", case, &got, &flat(&want)?, atol, rtol));
+        }
+        // The stored blocks are candle's own quantization, and dequantize as candle does.
+        for (wdtype, gdtype) in [(DType::Q8_0, GgmlDType::Q8_0), (DType::Q4_0, GgmlDType::Q4_0)] {
+            let q = QTensor::quantize(&cpu(&dw, &[n, k])?, gdtype)?;
+            let w = Tensor::from_f32_as(ctx, &[n, k], &dw, wdtype)?;
+            let case = format!("{wdtype} [{n}, {k}] dequantized vs candle");
+            let want = flat(&q.dequantize(&Device::Cpu)?)?;
+            r.push(compare("matmul_weights", case, &w.to_vec_f32(ctx).await?, &want, 0.0, 0.0));
+        }
+    }
+    Ok(())
+}
+
+async fn conv2d(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(5);
+    // (batch, cin, h, w, cout, k, stride, pad, tile)
+    let cases = [
+        (1usize, 3usize, 8usize, 8usize, 5usize, 3usize, 1usize, 1usize, Tile::Small),
+        (2, 4, 9, 7, 6, 3, 2, 1, Tile::Small),
+        (2, 5, 13, 11, 7, 1, 1, 0, Tile::Small),
+        (1, 8, 17, 16, 130, 3, 1, 1, Tile::Large),
+        (2, 6, 12, 12, 9, 3, 2, 0, Tile::Large),
+    ];
+    for dtype in act_dtypes(ctx) {
+        for (b, cin, h, w, cout, k, stride, pad, tile) in cases {
+            let dx = rounded(rng.uniform(b * cin * h * w, -1.0, 1.0), dtype);
+            let dw = rounded(rng.uniform(cout * cin * k * k, -1.0, 1.0), dtype);
+            let dbias = rounded(rng.uniform(cout, -1.0, 1.0), dtype);
+            let gx = Tensor::from_f32_as(ctx, &[b, cin, h, w], &dx, dtype)?;
+            let gw = Tensor::from_f32_as(ctx, &[cout, cin, k, k], &dw, dtype)?;
+            let gbias = Tensor::from_f32_as(ctx, &[cout], &dbias, dtype)?;
+            let opts = Conv2dOpts { stride, padding: pad, act: None, tile: Some(tile) };
+            let got = ops::conv2d(ctx, &gx, &gw, (k, k), Some(&gbias), opts)?.to_vec_f32(ctx).await?;
+            let want = cpu(&dx, &[b, cin, h, w])?
+                .conv2d(&cpu(&dw, &[cout, cin, k, k])?, pad, stride, 1, 1)?
+                .broadcast_add(&cpu(&dbias, &[1, cout, 1, 1])?)?;
+            let case = format!("x [{b}, {cin}, {h}, {w}] w [{cout}, {cin}, {k}, {k}] stride {stride} pad {pad} {tile:?} {dtype}");
+            let (atol, rtol) = dot_tol(dtype, cin * k * k);
+            r.push(compare("conv2d", case, &got, &flat(&want)?, atol, rtol));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compare;
+
+    #[test]
+    fn compare_fails_outside_the_tolerance_and_names_the_worst_index() {
+        let ok = compare("t", "c".into(), &[1.0, 2.0], &[1.0, 2.00001], 1e-4, 0.0);
+        assert!(ok.passed);
+        let bad = compare("t", "c".into(), &[1.0, 2.5, 3.0], &[1.0, 2.0, 3.1], 1e-3, 1e-3);
+        assert!(!bad.passed);
+        assert!(bad.worst.contains("index 1"), "{}", bad.worst);
+        assert!(!compare("t", "c".into(), &[f32::NAN], &[0.0], 1.0, 1.0).passed);
+        assert!(!compare("t", "c".into(), &[0.0], &[0.0, 1.0], 1.0, 1.0).passed);
+    }
+}

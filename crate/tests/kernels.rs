@@ -1,0 +1,61 @@
+//! Every kernel against candle's CPU result: natively on the first adapter wgpu finds (lavapipe in CI) and in
+//! headless Chromium (WebGPU on SwiftShader) through wasm-bindgen-test. Both run the bodies in
+//! `latent_gen::selfcheck`. With no adapter the tests fail: they never skip.
+
+use latent_gen::gpu::GpuContext;
+use latent_gen::selfcheck;
+
+#[cfg(target_arch = "wasm32")]
+wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+
+#[cfg(not(target_arch = "wasm32"))]
+fn context() -> GpuContext {
+    static CTX: std::sync::OnceLock<GpuContext> = std::sync::OnceLock::new();
+    CTX.get_or_init(|| {
+        let ctx = pollster::block_on(GpuContext::new()).unwrap_or_else(|e| panic!("kernel tests need a GPU adapter: {e}"));
+        eprintln!("{}", ctx.summary());
+        ctx
+    })
+    .clone()
+}
+
+async fn check(ctx: &GpuContext, name: &str) {
+    let reports = selfcheck::run(ctx, name).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(!reports.is_empty(), "{name} checked nothing");
+    let mut failed = 0;
+    for r in &reports {
+        println!("{r}");
+        failed += !r.passed as usize;
+    }
+    assert_eq!(failed, 0, "{name}: {failed} of {} cases failed (see above)", reports.len());
+}
+
+macro_rules! kernel_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[cfg(not(target_arch = "wasm32"))]
+            #[test]
+            fn $name() {
+                pollster::block_on(check(&context(), stringify!($name)));
+            }
+
+            #[cfg(target_arch = "wasm32")]
+            #[wasm_bindgen_test::wasm_bindgen_test]
+            async fn $name() {
+                let ctx = GpuContext::new().await.unwrap_or_else(|e| panic!("kernel tests need WebGPU: {e}"));
+                check(&ctx, stringify!($name)).await;
+            }
+        )*
+
+        #[test]
+        #[cfg(not(target_arch = "wasm32"))]
+        fn every_check_has_a_test() {
+            let tested = [$(stringify!($name)),*];
+            for name in selfcheck::CHECKS {
+                assert!(tested.contains(name), "selfcheck {name} has no test");
+            }
+        }
+    };
+}
+
+kernel_tests!(elementwise, activations, matmul, matmul_weights, conv2d);

@@ -1,0 +1,74 @@
+# Shared by scripts/serve and scripts/test: install what is missing, skip what is present.
+# Source it; every function is idempotent and never downloads a prebuilt binary or browser.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root to run: $*" >&2; return 1
+  fi
+}
+
+# Debian packages: chromium + chromedriver (browser tests), lavapipe (native WebGPU without a GPU), xvfb.
+ensure_apt() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+ensure_system_packages() {
+  ensure_apt chromium chromium-driver mesa-vulkan-drivers libvulkan1 xvfb xauth
+  command -v npm >/dev/null || ensure_apt nodejs npm
+}
+
+ensure_wasm_target() {
+  rustup target list --installed | grep -qx wasm32-unknown-unknown && return 0
+  log "adding the wasm32-unknown-unknown target"
+  rustup target add wasm32-unknown-unknown
+}
+
+# wasm-bindgen-cli must be exactly Cargo.lock's wasm-bindgen version, or wasm-pack tries to download one.
+ensure_wasm_bindgen() {
+  local want
+  want=$(awk '/^name = "wasm-bindgen"$/{getline; gsub(/version = |"/,""); print; exit}' "$ROOT/Cargo.lock")
+  if [ -z "$want" ]; then echo "wasm-bindgen not found in Cargo.lock" >&2; return 1; fi
+  if command -v wasm-bindgen >/dev/null && [ "$(wasm-bindgen --version | awk '{print $2}')" = "$want" ]; then
+    return 0
+  fi
+  log "building wasm-bindgen-cli $want (a few minutes, once)"
+  cargo install --locked --quiet wasm-bindgen-cli --version "=$want" --force
+}
+
+ensure_wasm_pack() {
+  command -v wasm-pack >/dev/null && return 0
+  log "building wasm-pack (a few minutes, once)"
+  cargo install --locked --quiet wasm-pack --version 0.15.1
+}
+
+# Node packages for the end-to-end tests, exactly as the committed lockfile says.
+ensure_node_modules() {
+  local dir="$ROOT/tests/e2e"
+  if [ -d "$dir/node_modules" ] && cmp -s "$dir/package-lock.json" "$dir/node_modules/.package-lock.json"; then
+    return 0
+  fi
+  log "installing the end-to-end tests' node packages"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+}
+
+ensure_wasm_tools() {
+  ensure_wasm_target
+  ensure_wasm_bindgen
+  ensure_wasm_pack
+}
+
+# Build pkg/ (the wasm module and its JS glue) for the web page.
+build_pkg() {
+  log "building pkg/ with wasm-pack"
+  (cd "$ROOT" && wasm-pack build --no-typescript --target web --release --no-pack --out-dir ../pkg crate)
+}
