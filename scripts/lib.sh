@@ -42,13 +42,13 @@ ensure_wasm_bindgen() {
     return 0
   fi
   log "building wasm-bindgen-cli $want (a few minutes, once)"
-  cargo install --locked --quiet wasm-bindgen-cli --version "=$want" --force
+  cargo install --quiet wasm-bindgen-cli --version "=$want" --force
 }
 
 ensure_wasm_pack() {
   command -v wasm-pack >/dev/null && return 0
   log "building wasm-pack (a few minutes, once)"
-  cargo install --locked --quiet wasm-pack --version 0.15.1
+  cargo install --quiet wasm-pack --version 0.15.1
 }
 
 # Node packages for the end-to-end tests, exactly as the committed lockfile says.

@@ -44,10 +44,32 @@ impl std::fmt::Display for CheckReport {
 }
 
 /// Names of all checks, in the order the diagnostics page shows them.
-pub const CHECKS: &[&str] = &["elementwise", "activations", "matmul", "matmul_weights", "conv2d"];
+pub const CHECKS: &[&str] = &[
+    "elementwise",
+    "activations",
+    "matmul",
+    "matmul_weights",
+    "conv2d",
+    "group_norm",
+    "layer_norm",
+    "softmax",
+    "attention",
+    "layout",
+    "timestep_embedding",
+];
 
 /// Checks that also run their cases with f16 activations where the adapter has shader-f16.
-const F16_CHECKS: &[&str] = &["elementwise", "activations", "matmul", "conv2d"];
+const F16_CHECKS: &[&str] = &[
+    "elementwise",
+    "activations",
+    "matmul",
+    "conv2d",
+    "group_norm",
+    "layer_norm",
+    "softmax",
+    "attention",
+    "layout",
+];
 
 /// Runs the check called `name`.
 pub async fn run(ctx: &GpuContext, name: &str) -> Result<Vec<CheckReport>> {
@@ -58,10 +80,20 @@ pub async fn run(ctx: &GpuContext, name: &str) -> Result<Vec<CheckReport>> {
         "matmul" => matmul(ctx, &mut r).await?,
         "matmul_weights" => matmul_weights(ctx, &mut r).await?,
         "conv2d" => conv2d(ctx, &mut r).await?,
+        "group_norm" => group_norm(ctx, &mut r).await?,
+        "layer_norm" => layer_norm(ctx, &mut r).await?,
+        "softmax" => softmax(ctx, &mut r).await?,
+        "attention" => attention(ctx, &mut r).await?,
+        "layout" => layout(ctx, &mut r).await?,
+        "timestep_embedding" => timestep_embedding(ctx, &mut r).await?,
         _ => return Err(crate::Error::Invalid(format!("no self-check named {name}"))),
     }
     if !ctx.has_f16() && F16_CHECKS.contains(&name) {
-        r.push(skipped(CHECKS.iter().find(|c| **c == name).expect("matched above"), "f16 cases".into(), "the adapter lacks shader-f16"));
+        r.push(skipped(
+            CHECKS.iter().find(|c| **c == name).expect("matched above"),
+            "f16 cases".into(),
+            "the adapter lacks shader-f16",
+        ));
     }
     Ok(r)
 }
@@ -84,12 +116,21 @@ impl Rng {
 
     /// Uniform in [lo, hi).
     pub fn uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)).collect()
+        (0..n)
+            .map(|_| lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32))
+            .collect()
     }
 }
 
 /// Compares `got` with `want`: passes when every |g - w| <= atol + rtol * |w|.
-pub fn compare(check: &'static str, case: String, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> CheckReport {
+pub fn compare(
+    check: &'static str,
+    case: String,
+    got: &[f32],
+    want: &[f32],
+    atol: f32,
+    rtol: f32,
+) -> CheckReport {
     let tolerance = format!("atol {atol:.0e}, rtol {rtol:.0e}");
     if got.len() != want.len() {
         return CheckReport {
@@ -106,7 +147,11 @@ pub fn compare(check: &'static str, case: String, got: &[f32], want: &[f32], ato
     let mut worst = (f32::NEG_INFINITY, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        let excess = if err.is_nan() { f32::INFINITY } else { err / (atol + rtol * w.abs()) };
+        let excess = if err.is_nan() {
+            f32::INFINITY
+        } else {
+            err / (atol + rtol * w.abs())
+        };
         max_abs = max_abs.max(if err.is_nan() { f32::INFINITY } else { err });
         if excess > worst.0 {
             worst = (excess, i);
@@ -118,7 +163,11 @@ pub fn compare(check: &'static str, case: String, got: &[f32], want: &[f32], ato
         case,
         passed: worst.0 <= 1.0,
         max_abs_err: max_abs,
-        worst: format!("worst at index {i}: gpu {} vs cpu {}", got.get(i).unwrap_or(&0.0), want.get(i).unwrap_or(&0.0)),
+        worst: format!(
+            "worst at index {i}: gpu {} vs cpu {}",
+            got.get(i).unwrap_or(&0.0),
+            want.get(i).unwrap_or(&0.0)
+        ),
         tolerance,
         skipped: None,
     }
@@ -138,7 +187,11 @@ fn skipped(check: &'static str, case: String, why: &str) -> CheckReport {
 
 /// The activation dtypes this adapter can run: f32 always, f16 with shader-f16.
 fn act_dtypes(ctx: &GpuContext) -> Vec<DType> {
-    if ctx.has_f16() { vec![DType::F32, DType::F16] } else { vec![DType::F32] }
+    if ctx.has_f16() {
+        vec![DType::F32, DType::F16]
+    } else {
+        vec![DType::F32]
+    }
 }
 
 /// Tolerances (atol, rtol) for results stored in `dtype`, scaled by the typical magnitude of the values.
@@ -152,7 +205,10 @@ fn tol(dtype: DType, scale: f32) -> (f32, f32) {
 /// Data as stored in `dtype` (f16 rounding applied), so the CPU reference sees what the GPU sees.
 fn rounded(data: Vec<f32>, dtype: DType) -> Vec<f32> {
     match dtype {
-        DType::F16 => data.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect(),
+        DType::F16 => data
+            .into_iter()
+            .map(|v| half::f16::from_f32(v).to_f32())
+            .collect(),
         _ => data,
     }
 }
@@ -167,15 +223,22 @@ fn flat(t: &CTensor) -> Result<Vec<f32>> {
 
 async fn elementwise(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     let mut rng = Rng::new(1);
-    let cases: [(&[usize], &[usize]); 4] =
-        [(&[1000], &[1000]), (&[2, 3, 5, 7], &[7]), (&[2, 1, 5, 1], &[3, 1, 9]), (&[4, 77, 33], &[4, 1, 33])];
+    let cases: [(&[usize], &[usize]); 4] = [
+        (&[1000], &[1000]),
+        (&[2, 3, 5, 7], &[7]),
+        (&[2, 1, 5, 1], &[3, 1, 9]),
+        (&[4, 77, 33], &[4, 1, 33]),
+    ];
     for dtype in act_dtypes(ctx) {
         for (sa, sb) in cases {
             let na: usize = sa.iter().product();
             let nb: usize = sb.iter().product();
             let da = rounded(rng.uniform(na, -2.0, 2.0), dtype);
             let db = rounded(rng.uniform(nb, -2.0, 2.0), dtype);
-            let (ga, gb) = (Tensor::from_f32_as(ctx, sa, &da, dtype)?, Tensor::from_f32_as(ctx, sb, &db, dtype)?);
+            let (ga, gb) = (
+                Tensor::from_f32_as(ctx, sa, &da, dtype)?,
+                Tensor::from_f32_as(ctx, sb, &db, dtype)?,
+            );
             let (ca, cb) = (cpu(&da, sa)?, cpu(&db, sb)?);
             let (atol, rtol) = tol(dtype, 4.0);
             for (name, got, want) in [
@@ -184,7 +247,14 @@ async fn elementwise(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 ("sub", ops::sub(ctx, &ga, &gb)?, ca.broadcast_sub(&cb)?),
             ] {
                 let case = format!("{name} {sa:?} {sb:?} {dtype}");
-                r.push(compare("elementwise", case, &got.to_vec_f32(ctx).await?, &flat(&want)?, atol, rtol));
+                r.push(compare(
+                    "elementwise",
+                    case,
+                    &got.to_vec_f32(ctx).await?,
+                    &flat(&want)?,
+                    atol,
+                    rtol,
+                ));
             }
         }
     }
@@ -204,12 +274,27 @@ async fn activations(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let cases = [
                 ("silu", ops::silu(ctx, &g)?, candle_nn::ops::silu(&c)?),
                 ("gelu", ops::gelu(ctx, &g)?, c.gelu_erf()?),
-                ("quick_gelu", ops::quick_gelu(ctx, &g)?, (&c * candle_nn::ops::sigmoid(&(&c * 1.702)?)?)?),
-                ("affine", ops::affine(ctx, &g, 0.5, -1.25)?, c.affine(0.5, -1.25)?),
+                (
+                    "quick_gelu",
+                    ops::quick_gelu(ctx, &g)?,
+                    (&c * candle_nn::ops::sigmoid(&(&c * 1.702)?)?)?,
+                ),
+                (
+                    "affine",
+                    ops::affine(ctx, &g, 0.5, -1.25)?,
+                    c.affine(0.5, -1.25)?,
+                ),
             ];
             for (name, got, want) in cases {
                 let case = format!("{name} {shape:?} {dtype}");
-                r.push(compare("activations", case, &got.to_vec_f32(ctx).await?, &flat(&want)?, atol, rtol));
+                r.push(compare(
+                    "activations",
+                    case,
+                    &got.to_vec_f32(ctx).await?,
+                    &flat(&want)?,
+                    atol,
+                    rtol,
+                ));
             }
             if shape[shape.len() - 1] % 2 == 0 {
                 let got = ops::geglu(ctx, &g)?;
@@ -217,7 +302,14 @@ async fn activations(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 let gate = c.narrow(D::Minus1, half, half)?;
                 let want = (h * gate.gelu_erf()?)?;
                 let case = format!("geglu {shape:?} {dtype}");
-                r.push(compare("activations", case, &got.to_vec_f32(ctx).await?, &flat(&want)?, atol * 4.0, rtol));
+                r.push(compare(
+                    "activations",
+                    case,
+                    &got.to_vec_f32(ctx).await?,
+                    &flat(&want)?,
+                    atol * 4.0,
+                    rtol,
+                ));
             }
         }
     }
@@ -236,21 +328,95 @@ fn dot_tol(dtype: DType, k: usize) -> (f32, f32) {
 async fn matmul(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     let mut rng = Rng::new(3);
     // (batch dims of A, of B, m, k, n, trans_a, trans_b, bias, act, tile)
-    type Case = (&'static [usize], &'static [usize], usize, usize, usize, bool, bool, bool, Option<Activation>, Tile);
+    type Case = (
+        &'static [usize],
+        &'static [usize],
+        usize,
+        usize,
+        usize,
+        bool,
+        bool,
+        bool,
+        Option<Activation>,
+        Tile,
+    );
     let cases: [Case; 8] = [
         (&[], &[], 1, 1, 1, false, false, false, None, Tile::Small),
         (&[], &[], 77, 50, 33, false, true, true, None, Tile::Small),
-        (&[3], &[3], 65, 17, 70, false, false, false, None, Tile::Small),
-        (&[2], &[], 130, 96, 129, false, true, true, Some(Activation::Gelu), Tile::Large),
-        (&[2, 2], &[2, 2], 31, 40, 45, true, false, false, None, Tile::Small),
+        (
+            &[3],
+            &[3],
+            65,
+            17,
+            70,
+            false,
+            false,
+            false,
+            None,
+            Tile::Small,
+        ),
+        (
+            &[2],
+            &[],
+            130,
+            96,
+            129,
+            false,
+            true,
+            true,
+            Some(Activation::Gelu),
+            Tile::Large,
+        ),
+        (
+            &[2, 2],
+            &[2, 2],
+            31,
+            40,
+            45,
+            true,
+            false,
+            false,
+            None,
+            Tile::Small,
+        ),
         (&[], &[2], 64, 64, 64, true, true, false, None, Tile::Large),
-        (&[], &[], 200, 130, 257, false, true, true, Some(Activation::Silu), Tile::Large),
-        (&[2], &[], 129, 320, 20, false, true, true, Some(Activation::QuickGelu), Tile::Small),
+        (
+            &[],
+            &[],
+            200,
+            130,
+            257,
+            false,
+            true,
+            true,
+            Some(Activation::Silu),
+            Tile::Large,
+        ),
+        (
+            &[2],
+            &[],
+            129,
+            320,
+            20,
+            false,
+            true,
+            true,
+            Some(Activation::QuickGelu),
+            Tile::Small,
+        ),
     ];
     for dtype in act_dtypes(ctx) {
         for (bda, bdb, m, k, n, ta, tb, has_bias, act, tile) in cases {
-            let shape_a: Vec<usize> = bda.iter().copied().chain(if ta { [k, m] } else { [m, k] }).collect();
-            let shape_b: Vec<usize> = bdb.iter().copied().chain(if tb { [n, k] } else { [k, n] }).collect();
+            let shape_a: Vec<usize> = bda
+                .iter()
+                .copied()
+                .chain(if ta { [k, m] } else { [m, k] })
+                .collect();
+            let shape_b: Vec<usize> = bdb
+                .iter()
+                .copied()
+                .chain(if tb { [n, k] } else { [k, n] })
+                .collect();
             let da = rounded(rng.uniform(shape_a.iter().product(), -1.0, 1.0), dtype);
             let db = rounded(rng.uniform(shape_b.iter().product(), -1.0, 1.0), dtype);
             let dbias = rounded(rng.uniform(n, -1.0, 1.0), dtype);
@@ -314,19 +480,40 @@ async fn matmul_weights(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()
             let w = Tensor::from_f32_as(ctx, &[n, k], &dw, wdtype)?;
             // The reference multiplies by the weights as stored, read back through the GPU layout.
             let stored = w.to_vec_f32(ctx).await?;
-            let got = ops::linear(ctx, &x, &w, Some(&bias))?.to_vec_f32(ctx).await?;
-            let want = cpu(&dx, &[rows, k])?.matmul(&cpu(&stored, &[n, k])?.t()?)?.broadcast_add(&cpu(&dbias, &[n])?)?;
+            let got = ops::linear(ctx, &x, &w, Some(&bias))?
+                .to_vec_f32(ctx)
+                .await?;
+            let want = cpu(&dx, &[rows, k])?
+                .matmul(&cpu(&stored, &[n, k])?.t()?)?
+                .broadcast_add(&cpu(&dbias, &[n])?)?;
             let case = format!("x [{rows}, {k}] f32, weight [{n}, {k}] {wdtype}");
             let (atol, rtol) = dot_tol(DType::F32, k);
-            r.push(compare("matmul_weights", case, &got, &flat(&want)?, atol, rtol));
+            r.push(compare(
+                "matmul_weights",
+                case,
+                &got,
+                &flat(&want)?,
+                atol,
+                rtol,
+            ));
         }
         // The stored blocks are candle's own quantization, and dequantize as candle does.
-        for (wdtype, gdtype) in [(DType::Q8_0, GgmlDType::Q8_0), (DType::Q4_0, GgmlDType::Q4_0)] {
+        for (wdtype, gdtype) in [
+            (DType::Q8_0, GgmlDType::Q8_0),
+            (DType::Q4_0, GgmlDType::Q4_0),
+        ] {
             let q = QTensor::quantize(&cpu(&dw, &[n, k])?, gdtype)?;
             let w = Tensor::from_f32_as(ctx, &[n, k], &dw, wdtype)?;
             let case = format!("{wdtype} [{n}, {k}] dequantized vs candle");
             let want = flat(&q.dequantize(&Device::Cpu)?)?;
-            r.push(compare("matmul_weights", case, &w.to_vec_f32(ctx).await?, &want, 0.0, 0.0));
+            r.push(compare(
+                "matmul_weights",
+                case,
+                &w.to_vec_f32(ctx).await?,
+                &want,
+                0.0,
+                0.0,
+            ));
         }
     }
     Ok(())
@@ -336,7 +523,17 @@ async fn conv2d(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     let mut rng = Rng::new(5);
     // (batch, cin, h, w, cout, k, stride, pad, tile)
     let cases = [
-        (1usize, 3usize, 8usize, 8usize, 5usize, 3usize, 1usize, 1usize, Tile::Small),
+        (
+            1usize,
+            3usize,
+            8usize,
+            8usize,
+            5usize,
+            3usize,
+            1usize,
+            1usize,
+            Tile::Small,
+        ),
         (2, 4, 9, 7, 6, 3, 2, 1, Tile::Small),
         (2, 5, 13, 11, 7, 1, 1, 0, Tile::Small),
         (1, 8, 17, 16, 130, 3, 1, 1, Tile::Large),
@@ -350,15 +547,377 @@ async fn conv2d(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let gx = Tensor::from_f32_as(ctx, &[b, cin, h, w], &dx, dtype)?;
             let gw = Tensor::from_f32_as(ctx, &[cout, cin, k, k], &dw, dtype)?;
             let gbias = Tensor::from_f32_as(ctx, &[cout], &dbias, dtype)?;
-            let opts = Conv2dOpts { stride, padding: pad, act: None, tile: Some(tile) };
-            let got = ops::conv2d(ctx, &gx, &gw, (k, k), Some(&gbias), opts)?.to_vec_f32(ctx).await?;
+            let opts = Conv2dOpts {
+                stride,
+                padding: pad,
+                act: None,
+                tile: Some(tile),
+            };
+            let got = ops::conv2d(ctx, &gx, &gw, (k, k), Some(&gbias), opts)?
+                .to_vec_f32(ctx)
+                .await?;
             let want = cpu(&dx, &[b, cin, h, w])?
                 .conv2d(&cpu(&dw, &[cout, cin, k, k])?, pad, stride, 1, 1)?
                 .broadcast_add(&cpu(&dbias, &[1, cout, 1, 1])?)?;
-            let case = format!("x [{b}, {cin}, {h}, {w}] w [{cout}, {cin}, {k}, {k}] stride {stride} pad {pad} {tile:?} {dtype}");
+            let case = format!(
+                "x [{b}, {cin}, {h}, {w}] w [{cout}, {cin}, {k}, {k}] stride {stride} pad {pad} {tile:?} {dtype}"
+            );
             let (atol, rtol) = dot_tol(dtype, cin * k * k);
             r.push(compare("conv2d", case, &got, &flat(&want)?, atol, rtol));
         }
+    }
+    Ok(())
+}
+
+async fn group_norm(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(6);
+    // (shape, groups, silu)
+    let cases: [(&[usize], usize, bool); 4] = [
+        (&[1, 32, 8, 8], 32, false),
+        (&[2, 64, 5, 7], 32, true),
+        (&[2, 6, 300], 3, false),
+        (&[1, 12, 33, 17], 4, true),
+    ];
+    for dtype in act_dtypes(ctx) {
+        for (shape, groups, silu) in cases {
+            let n: usize = shape.iter().product();
+            let c = shape[1];
+            let dx = rounded(rng.uniform(n, -3.0, 5.0), dtype);
+            let dg = rounded(rng.uniform(c, 0.5, 1.5), dtype);
+            let db = rounded(rng.uniform(c, -0.5, 0.5), dtype);
+            let (gx, gg, gb) = (
+                Tensor::from_f32_as(ctx, shape, &dx, dtype)?,
+                Tensor::from_f32_as(ctx, &[c], &dg, dtype)?,
+                Tensor::from_f32_as(ctx, &[c], &db, dtype)?,
+            );
+            let got = ops::group_norm(ctx, &gx, groups, &gg, &gb, 1e-5, silu)?
+                .to_vec_f32(ctx)
+                .await?;
+            let x = cpu(&dx, &[shape[0], groups, n / shape[0] / groups])?;
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let centered = x.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = centered
+                .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+                .reshape(shape)?;
+            let mut affine_shape = vec![1, c];
+            affine_shape.resize(shape.len(), 1);
+            let mut want = normed
+                .broadcast_mul(&cpu(&dg, &affine_shape)?)?
+                .broadcast_add(&cpu(&db, &affine_shape)?)?;
+            if silu {
+                want = candle_nn::ops::silu(&want)?;
+            }
+            let case = format!(
+                "{shape:?} groups {groups}{} {dtype}",
+                if silu { " +silu" } else { "" }
+            );
+            let (atol, rtol) = tol(dtype, 4.0);
+            r.push(compare(
+                "group_norm",
+                case,
+                &got,
+                &flat(&want)?,
+                atol * 2.0,
+                rtol * 2.0,
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn layer_norm(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(7);
+    let cases: [(&[usize], bool); 4] = [
+        (&[77, 64], true),
+        (&[2, 77, 320], true),
+        (&[3, 1000], false),
+        (&[5, 7], true),
+    ];
+    for dtype in act_dtypes(ctx) {
+        for (shape, affine) in cases {
+            let n: usize = shape.iter().product();
+            let c = shape[shape.len() - 1];
+            let dx = rounded(rng.uniform(n, -3.0, 5.0), dtype);
+            let dg = rounded(rng.uniform(c, 0.5, 1.5), dtype);
+            let db = rounded(rng.uniform(c, -0.5, 0.5), dtype);
+            let gx = Tensor::from_f32_as(ctx, shape, &dx, dtype)?;
+            let gg = Tensor::from_f32_as(ctx, &[c], &dg, dtype)?;
+            let gb = Tensor::from_f32_as(ctx, &[c], &db, dtype)?;
+            let got = ops::layer_norm(ctx, &gx, affine.then_some((&gg, &gb)), 1e-5)?
+                .to_vec_f32(ctx)
+                .await?;
+            let (cg, cb) = if affine {
+                (cpu(&dg, &[c])?, cpu(&db, &[c])?)
+            } else {
+                (
+                    CTensor::ones(c, candle_core::DType::F32, &Device::Cpu)?,
+                    CTensor::zeros(c, candle_core::DType::F32, &Device::Cpu)?,
+                )
+            };
+            let want = candle_nn::ops::layer_norm(&cpu(&dx, shape)?, &cg, &cb, 1e-5)?;
+            let case = format!("{shape:?}{} {dtype}", if affine { " affine" } else { "" });
+            let (atol, rtol) = tol(dtype, 4.0);
+            r.push(compare(
+                "layer_norm",
+                case,
+                &got,
+                &flat(&want)?,
+                atol * 2.0,
+                rtol * 2.0,
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn softmax(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(8);
+    for dtype in act_dtypes(ctx) {
+        for shape in [&[1usize, 1][..], &[3, 77], &[2, 8, 1000], &[5, 4096]] {
+            let n: usize = shape.iter().product();
+            let dx = rounded(rng.uniform(n, -20.0, 20.0), dtype);
+            let got = ops::softmax(ctx, &Tensor::from_f32_as(ctx, shape, &dx, dtype)?)?
+                .to_vec_f32(ctx)
+                .await?;
+            let want = candle_nn::ops::softmax_last_dim(&cpu(&dx, shape)?)?;
+            let (atol, rtol) = tol(dtype, 0.05);
+            r.push(compare(
+                "softmax",
+                format!("{shape:?} {dtype}"),
+                &got,
+                &flat(&want)?,
+                atol,
+                rtol * 2.0,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// softmax(Q K^T * scale) V on the CPU with candle, q (b, lq, h * d), k and v (b, lk, h * d).
+fn cpu_attention(
+    q: &CTensor,
+    k: &CTensor,
+    v: &CTensor,
+    heads: usize,
+    scale: f64,
+    causal: bool,
+) -> Result<CTensor> {
+    let split = |t: &CTensor| -> Result<CTensor> {
+        let (b, l, hd) = t.dims3()?;
+        Ok(t.reshape((b, l, heads, hd / heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if causal {
+        let (lq, lk) = (scores.dim(2)?, scores.dim(3)?);
+        let mask: Vec<f32> = (0..lq)
+            .flat_map(|i| (0..lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        scores = scores.broadcast_add(&CTensor::from_vec(mask, (lq, lk), &Device::Cpu)?)?;
+    }
+    let out = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+    let (b, h, l, d) = out.dims4()?;
+    Ok(out.transpose(1, 2)?.reshape((b, l, h * d))?)
+}
+
+async fn attention(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(9);
+    // (batch, lq, lk, heads, head dim, causal)
+    let cases = [
+        (1usize, 1usize, 1usize, 1usize, 4usize, false),
+        (2, 77, 77, 2, 64, true),
+        (2, 100, 77, 8, 40, false),
+        (1, 130, 130, 2, 80, false),
+        (2, 70, 33, 1, 160, false),
+        (1, 65, 65, 3, 5, true),
+    ];
+    for dtype in act_dtypes(ctx) {
+        for (b, lq, lk, heads, d, causal) in cases {
+            let hd = heads * d;
+            let dq = rounded(rng.uniform(b * lq * hd, -1.0, 1.0), dtype);
+            let dk = rounded(rng.uniform(b * lk * hd, -1.0, 1.0), dtype);
+            let dv = rounded(rng.uniform(b * lk * hd, -1.0, 1.0), dtype);
+            let scale = 1.0 / (d as f32).sqrt();
+            let q = Tensor::from_f32_as(ctx, &[b, lq, hd], &dq, dtype)?;
+            let k = Tensor::from_f32_as(ctx, &[b, lk, hd], &dk, dtype)?;
+            let v = Tensor::from_f32_as(ctx, &[b, lk, hd], &dv, dtype)?;
+            let got = ops::attention(ctx, &q, &k, &v, heads, scale, causal)?
+                .to_vec_f32(ctx)
+                .await?;
+            let want = cpu_attention(
+                &cpu(&dq, &[b, lq, hd])?,
+                &cpu(&dk, &[b, lk, hd])?,
+                &cpu(&dv, &[b, lk, hd])?,
+                heads,
+                scale as f64,
+                causal,
+            )?;
+            let case = format!(
+                "b {b} lq {lq} lk {lk} heads {heads} d {d}{} {dtype}",
+                if causal { " causal" } else { "" }
+            );
+            let (atol, rtol) = tol(dtype, 1.0);
+            r.push(compare(
+                "attention",
+                case,
+                &got,
+                &flat(&want)?,
+                atol * 5.0,
+                rtol * 5.0,
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn layout(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(10);
+    for dtype in act_dtypes(ctx) {
+        let shape = [2usize, 3, 5, 7];
+        let dx = rounded(rng.uniform(210, -1.0, 1.0), dtype);
+        let (gx, cx) = (
+            Tensor::from_f32_as(ctx, &shape, &dx, dtype)?,
+            cpu(&dx, &shape)?,
+        );
+        let got = ops::upsample_nearest2x(ctx, &gx)?.to_vec_f32(ctx).await?;
+        r.push(compare(
+            "layout",
+            format!("upsample {shape:?} {dtype}"),
+            &got,
+            &flat(&cx.upsample_nearest2d(10, 14)?)?,
+            0.0,
+            0.0,
+        ));
+        let dy = rounded(rng.uniform(2 * 4 * 35, -1.0, 1.0), dtype);
+        let (gy, cy) = (
+            Tensor::from_f32_as(ctx, &[2, 4, 5, 7], &dy, dtype)?,
+            cpu(&dy, &[2, 4, 5, 7])?,
+        );
+        let got = ops::concat(ctx, &gx, &gy, 1)?.to_vec_f32(ctx).await?;
+        let want = CTensor::cat(&[&cx, &cy], 1)?;
+        r.push(compare(
+            "layout",
+            format!("concat dim 1 {shape:?} {:?} {dtype}", [2, 4, 5, 7]),
+            &got,
+            &flat(&want)?,
+            0.0,
+            0.0,
+        ));
+        let got = ops::concat(ctx, &gx, &gx, 3)?.to_vec_f32(ctx).await?;
+        r.push(compare(
+            "layout",
+            format!("concat dim 3 {shape:?} {dtype}"),
+            &got,
+            &flat(&CTensor::cat(&[&cx, &cx], 3)?)?,
+            0.0,
+            0.0,
+        ));
+        for (b, rows, cols) in [
+            (1usize, 1usize, 1usize),
+            (2, 33, 17),
+            (3, 64, 320),
+            (1, 7, 100),
+        ] {
+            let d = rounded(rng.uniform(b * rows * cols, -1.0, 1.0), dtype);
+            let got =
+                ops::transpose_last2(ctx, &Tensor::from_f32_as(ctx, &[b, rows, cols], &d, dtype)?)?
+                    .to_vec_f32(ctx)
+                    .await?;
+            let want = cpu(&d, &[b, rows, cols])?.transpose(1, 2)?;
+            r.push(compare(
+                "layout",
+                format!("transpose [{b}, {rows}, {cols}] {dtype}"),
+                &got,
+                &flat(&want)?,
+                0.0,
+                0.0,
+            ));
+        }
+        let tokens = ops::nchw_to_tokens(ctx, &gx)?;
+        let back = ops::tokens_to_nchw(ctx, &tokens, 5, 7)?
+            .to_vec_f32(ctx)
+            .await?;
+        let want = cx.reshape((2, 3, 35))?.transpose(1, 2)?;
+        r.push(compare(
+            "layout",
+            format!("nchw_to_tokens {shape:?} {dtype}"),
+            &tokens.to_vec_f32(ctx).await?,
+            &flat(&want)?,
+            0.0,
+            0.0,
+        ));
+        r.push(compare(
+            "layout",
+            format!("tokens_to_nchw {dtype}"),
+            &back,
+            &dx,
+            0.0,
+            0.0,
+        ));
+    }
+    if ctx.has_f16() {
+        let d = rng.uniform(1001, -100.0, 100.0);
+        let x = Tensor::from_f32(ctx, &[1001], &d)?;
+        let h = ops::cast(ctx, &x, DType::F16)?;
+        let want = rounded(d.clone(), DType::F16);
+        r.push(compare(
+            "layout",
+            "cast f32 -> f16 [1001]".into(),
+            &h.to_vec_f32(ctx).await?,
+            &want,
+            0.0,
+            0.0,
+        ));
+        let back = ops::cast(ctx, &h, DType::F32)?.to_vec_f32(ctx).await?;
+        r.push(compare(
+            "layout",
+            "cast f16 -> f32 [1001]".into(),
+            &back,
+            &want,
+            0.0,
+            0.0,
+        ));
+    }
+    Ok(())
+}
+
+async fn timestep_embedding(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let ts = [999.0f32, 500.5, 1.0, 0.0];
+    let t = Tensor::from_f32(ctx, &[4], &ts)?;
+    for (dim, flip, shift) in [(320usize, true, 0.0f32), (33, false, 1.0), (64, true, 1.0)] {
+        let cfg = ops::TimestepEmbedding {
+            dim,
+            flip_sin_to_cos: flip,
+            downscale_freq_shift: shift,
+            max_period: 10000.0,
+            scale: 1.0,
+        };
+        let got = ops::timestep_embedding(ctx, &t, cfg, DType::F32)?
+            .to_vec_f32(ctx)
+            .await?;
+        // diffusers' get_timestep_embedding, in f64.
+        let half = dim / 2;
+        let mut want = Vec::new();
+        for &tv in &ts {
+            let args: Vec<f64> = (0..half)
+                .map(|i| {
+                    tv as f64 * (-(10000f64).ln() * i as f64 / (half as f64 - shift as f64)).exp()
+                })
+                .collect();
+            let (sin, cos): (Vec<f64>, Vec<f64>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
+            let (first, second) = if flip { (cos, sin) } else { (sin, cos) };
+            want.extend(first.iter().chain(&second).map(|&v| v as f32));
+            if dim % 2 == 1 {
+                want.push(0.0);
+            }
+        }
+        // Arguments reach 999: f32 rounding of the argument alone moves sin/cos by ~1e-4.
+        let case = format!("t {ts:?} dim {dim} flip {flip} shift {shift}");
+        r.push(compare("timestep_embedding", case, &got, &want, 3e-4, 0.0));
     }
     Ok(())
 }
@@ -371,7 +930,14 @@ mod tests {
     fn compare_fails_outside_the_tolerance_and_names_the_worst_index() {
         let ok = compare("t", "c".into(), &[1.0, 2.0], &[1.0, 2.00001], 1e-4, 0.0);
         assert!(ok.passed);
-        let bad = compare("t", "c".into(), &[1.0, 2.5, 3.0], &[1.0, 2.0, 3.1], 1e-3, 1e-3);
+        let bad = compare(
+            "t",
+            "c".into(),
+            &[1.0, 2.5, 3.0],
+            &[1.0, 2.0, 3.1],
+            1e-3,
+            1e-3,
+        );
         assert!(!bad.passed);
         assert!(bad.worst.contains("index 1"), "{}", bad.worst);
         assert!(!compare("t", "c".into(), &[f32::NAN], &[0.0], 1.0, 1.0).passed);

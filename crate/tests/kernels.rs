@@ -12,7 +12,8 @@ wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
 fn context() -> GpuContext {
     static CTX: std::sync::OnceLock<GpuContext> = std::sync::OnceLock::new();
     CTX.get_or_init(|| {
-        let ctx = pollster::block_on(GpuContext::new()).unwrap_or_else(|e| panic!("kernel tests need a GPU adapter: {e}"));
+        let ctx = pollster::block_on(GpuContext::new())
+            .unwrap_or_else(|e| panic!("kernel tests need a GPU adapter: {e}"));
         eprintln!("{}", ctx.summary());
         ctx
     })
@@ -20,14 +21,21 @@ fn context() -> GpuContext {
 }
 
 async fn check(ctx: &GpuContext, name: &str) {
-    let reports = selfcheck::run(ctx, name).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+    let reports = selfcheck::run(ctx, name)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(!reports.is_empty(), "{name} checked nothing");
     let mut failed = 0;
     for r in &reports {
         println!("{r}");
         failed += !r.passed as usize;
     }
-    assert_eq!(failed, 0, "{name}: {failed} of {} cases failed (see above)", reports.len());
+    assert_eq!(
+        failed,
+        0,
+        "{name}: {failed} of {} cases failed (see above)",
+        reports.len()
+    );
 }
 
 macro_rules! kernel_tests {
@@ -58,4 +66,16 @@ macro_rules! kernel_tests {
     };
 }
 
-kernel_tests!(elementwise, activations, matmul, matmul_weights, conv2d);
+kernel_tests!(
+    elementwise,
+    activations,
+    matmul,
+    matmul_weights,
+    conv2d,
+    group_norm,
+    layer_norm,
+    softmax,
+    attention,
+    layout,
+    timestep_embedding,
+);

@@ -37,7 +37,11 @@ pub struct AdapterSummary {
 
 impl std::fmt::Display for AdapterSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "adapter: {} ({}, {})", self.name, self.backend, self.device_type)?;
+        writeln!(
+            f,
+            "adapter: {} ({}, {})",
+            self.name, self.backend, self.device_type
+        )?;
         writeln!(f, "driver: {} {}", self.driver, self.driver_info)?;
         writeln!(
             f,
@@ -47,11 +51,31 @@ impl std::fmt::Display for AdapterSummary {
             yes_no(self.timestamp_query)
         )?;
         writeln!(f, "maxBufferSize: {}", self.max_buffer_size)?;
-        writeln!(f, "maxStorageBufferBindingSize: {}", self.max_storage_buffer_binding_size)?;
-        writeln!(f, "maxComputeWorkgroupStorageSize: {}", self.max_compute_workgroup_storage_size)?;
-        writeln!(f, "maxComputeInvocationsPerWorkgroup: {}", self.max_compute_invocations_per_workgroup)?;
-        writeln!(f, "maxComputeWorkgroupsPerDimension: {}", self.max_compute_workgroups_per_dimension)?;
-        write!(f, "maxStorageBuffersPerShaderStage: {}", self.max_storage_buffers_per_shader_stage)
+        writeln!(
+            f,
+            "maxStorageBufferBindingSize: {}",
+            self.max_storage_buffer_binding_size
+        )?;
+        writeln!(
+            f,
+            "maxComputeWorkgroupStorageSize: {}",
+            self.max_compute_workgroup_storage_size
+        )?;
+        writeln!(
+            f,
+            "maxComputeInvocationsPerWorkgroup: {}",
+            self.max_compute_invocations_per_workgroup
+        )?;
+        writeln!(
+            f,
+            "maxComputeWorkgroupsPerDimension: {}",
+            self.max_compute_workgroups_per_dimension
+        )?;
+        write!(
+            f,
+            "maxStorageBuffersPerShaderStage: {}",
+            self.max_storage_buffers_per_shader_stage
+        )
     }
 }
 
@@ -80,7 +104,8 @@ pub struct GpuContext {
 impl GpuContext {
     /// Finds the high-performance adapter and creates a device on it.
     pub async fn new() -> Result<Self> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = instance
             .request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
@@ -144,7 +169,10 @@ impl GpuContext {
             device,
             queue,
         };
-        Self { shared: Arc::new(shared), summary: Arc::new(summary) }
+        Self {
+            shared: Arc::new(shared),
+            summary: Arc::new(summary),
+        }
     }
 
     /// The adapter, its limits and the features enabled on the device.
@@ -179,7 +207,8 @@ impl GpuContext {
 
     /// Submits the recorded commands now. Ops record into one batch; reading a tensor back flushes implicitly.
     pub fn flush(&self) -> Result<()> {
-        self.lock_batch().flush(&self.shared.device, &self.shared.queue);
+        self.lock_batch()
+            .flush(&self.shared.device, &self.shared.queue);
         self.take_uncaptured()
     }
 
@@ -192,7 +221,8 @@ impl GpuContext {
             let _ = tx.send(());
         });
         self.poll_wait()?;
-        rx.await.map_err(|_| Error::Gpu("the device was lost while waiting for the queue".into()))?;
+        rx.await
+            .map_err(|_| Error::Gpu("the device was lost while waiting for the queue".into()))?;
         self.take_uncaptured()
     }
 
@@ -208,7 +238,11 @@ impl GpuContext {
 
     /// Returns the first uncaptured wgpu error since the last call, as an error value.
     pub(crate) fn take_uncaptured(&self) -> Result<()> {
-        let mut slot = self.shared.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self
+            .shared
+            .uncaptured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         match slot.take() {
             Some(msg) => Err(Error::Gpu(msg)),
             None => Ok(()),

@@ -35,11 +35,22 @@ pub struct Spec {
     /// Activations are f16 (needs shader-f16); otherwise f32.
     pub f16: bool,
     pub consts: Vec<(&'static str, Const)>,
+    /// Extra type aliases, e.g. ("src", "f32").
+    pub aliases: Vec<(&'static str, &'static str)>,
 }
 
 impl Spec {
     pub fn new(f16: bool) -> Self {
-        Self { f16, consts: Vec::new() }
+        Self {
+            f16,
+            consts: Vec::new(),
+            aliases: Vec::new(),
+        }
+    }
+
+    pub fn alias(mut self, name: &'static str, ty: &'static str) -> Self {
+        self.aliases.push((name, ty));
+        self
     }
 
     pub fn u32(mut self, name: &'static str, v: u32) -> Self {
@@ -63,6 +74,9 @@ impl Spec {
             s.push_str("enable f16;\nalias act = f16;\nalias act4 = vec4<f16>;\n");
         } else {
             s.push_str("alias act = f32;\nalias act4 = vec4<f32>;\n");
+        }
+        for (name, ty) in &self.aliases {
+            let _ = writeln!(s, "alias {name} = {ty};");
         }
         for (name, v) in &self.consts {
             let _ = match v {
@@ -90,12 +104,19 @@ pub struct PipelineCache {
 
 impl PipelineCache {
     pub fn new(has_f16: bool) -> Self {
-        Self { pipelines: Mutex::default(), layouts: Mutex::default(), has_f16 }
+        Self {
+            pipelines: Mutex::default(),
+            layouts: Mutex::default(),
+            has_f16,
+        }
     }
 
     /// The pipeline for `kernel` specialized by `spec`, compiled on first use.
     pub fn get(&self, device: &wgpu::Device, kernel: &Kernel, spec: &Spec) -> Arc<Pipeline> {
-        debug_assert!(!spec.f16 || self.has_f16, "f16 kernels are only requested on shader-f16 devices");
+        debug_assert!(
+            !spec.f16 || self.has_f16,
+            "f16 kernels are only requested on shader-f16 devices"
+        );
         let preamble = spec.preamble();
         let key = format!("{}\n{preamble}", kernel.name);
         let mut pipelines = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());

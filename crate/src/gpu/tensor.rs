@@ -24,17 +24,26 @@ impl std::fmt::Debug for Tensor {
 
 impl Tensor {
     /// An uninitialized tensor for `op`'s output; errors if it would exceed the device's buffer limits.
-    pub fn empty(ctx: &GpuContext, op: &'static str, shape: &[usize], dtype: DType) -> Result<Self> {
+    pub fn empty(
+        ctx: &GpuContext,
+        op: &'static str,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Self> {
         let numel: usize = shape.iter().product();
         if dtype.is_quantized() && shape.last().is_none_or(|d| d % QBLOCK != 0) {
             return Err(Error::Shape {
                 op,
-                msg: format!("a {dtype} tensor needs a last dimension that is a multiple of {QBLOCK}, got {shape:?}"),
+                msg: format!(
+                    "a {dtype} tensor needs a last dimension that is a multiple of {QBLOCK}, got {shape:?}"
+                ),
             });
         }
         let bytes = dtype.storage_bytes(numel) as u64;
         let limits = ctx.limits();
-        let limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let limit = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         if bytes > limit {
             return Err(Error::Limit {
                 op,
@@ -44,12 +53,24 @@ impl Tensor {
                 shape: format!("{shape:?} {dtype}"),
             });
         }
-        let buf = ctx.shared.pool.alloc(&ctx.shared.device, bytes, limits.max_buffer_size);
-        Ok(Self { buf: Arc::new(buf), shape: shape.to_vec(), dtype })
+        let buf = ctx
+            .shared
+            .pool
+            .alloc(&ctx.shared.device, bytes, limits.max_buffer_size);
+        Ok(Self {
+            buf: Arc::new(buf),
+            shape: shape.to_vec(),
+            dtype,
+        })
     }
 
     /// Uploads raw bytes already in the GPU layout of `dtype`.
-    pub fn from_bytes(ctx: &GpuContext, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Self> {
+    pub fn from_bytes(
+        ctx: &GpuContext,
+        shape: &[usize],
+        dtype: DType,
+        bytes: &[u8],
+    ) -> Result<Self> {
         let t = Self::empty(ctx, "upload", shape, dtype)?;
         let want = dtype.storage_bytes(t.numel());
         if bytes.len() != want && bytes.len().div_ceil(4) * 4 != want {
@@ -76,10 +97,18 @@ impl Tensor {
     }
 
     /// Uploads f32 data, converting to `dtype` (f16, or quantized to q8_0/q4_0 blocks with candle).
-    pub fn from_f32_as(ctx: &GpuContext, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
+    pub fn from_f32_as(
+        ctx: &GpuContext,
+        shape: &[usize],
+        data: &[f32],
+        dtype: DType,
+    ) -> Result<Self> {
         let numel: usize = shape.iter().product();
         if data.len() != numel {
-            return Err(Error::Invalid(format!("upload: shape {shape:?} needs {numel} values, got {}", data.len())));
+            return Err(Error::Invalid(format!(
+                "upload: shape {shape:?} needs {numel} values, got {}",
+                data.len()
+            )));
         }
         match dtype {
             DType::F32 => Self::from_bytes(ctx, shape, dtype, bytemuck::cast_slice(data)),
@@ -91,7 +120,9 @@ impl Tensor {
                 if shape.last().is_none_or(|d| d % QBLOCK != 0) {
                     return Err(Error::Shape {
                         op: "upload",
-                        msg: format!("a {dtype} tensor needs a last dimension that is a multiple of {QBLOCK}, got {shape:?}"),
+                        msg: format!(
+                            "a {dtype} tensor needs a last dimension that is a multiple of {QBLOCK}, got {shape:?}"
+                        ),
                     });
                 }
                 let ggml = quant::quantize_ggml(dtype, data)?;
@@ -152,7 +183,11 @@ impl Tensor {
                 msg: format!("cannot view {:?} {} as {shape:?}", self.shape, self.dtype),
             });
         }
-        Ok(Self { buf: self.buf.clone(), shape: shape.to_vec(), dtype: self.dtype })
+        Ok(Self {
+            buf: self.buf.clone(),
+            shape: shape.to_vec(),
+            dtype: self.dtype,
+        })
     }
 
     /// Copies the tensor's bytes (in the GPU layout) back to the CPU.
@@ -169,7 +204,9 @@ impl Tensor {
         });
         {
             let mut batch = ctx.lock_batch();
-            batch.encoder(ctx.device()).copy_buffer_to_buffer(self.buffer(), 0, &staging, 0, size);
+            batch
+                .encoder(ctx.device())
+                .copy_buffer_to_buffer(self.buffer(), 0, &staging, 0, size);
             batch.flush(ctx.device(), ctx.queue());
         }
         let (tx, rx) = futures_channel::oneshot::channel();
@@ -177,7 +214,9 @@ impl Tensor {
             let _ = tx.send(r);
         });
         ctx.poll_wait()?;
-        let mapped = rx.await.map_err(|_| Error::Readback("the device was lost before the map finished".into()));
+        let mapped = rx
+            .await
+            .map_err(|_| Error::Readback("the device was lost before the map finished".into()));
         ctx.take_uncaptured()?;
         mapped?.map_err(|e| Error::Readback(e.to_string()))?;
         let data = staging

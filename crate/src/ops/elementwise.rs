@@ -16,7 +16,10 @@ const BINARY: Kernel = Kernel {
 
 const UNARY: Kernel = Kernel {
     name: "unary",
-    sources: &[include_str!("../kernels/common.wgsl"), include_str!("../kernels/unary.wgsl")],
+    sources: &[
+        include_str!("../kernels/common.wgsl"),
+        include_str!("../kernels/unary.wgsl"),
+    ],
     entry: "main",
     inputs: 1,
     outputs: 1,
@@ -64,8 +67,16 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for i in 0..r {
-        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
-        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+        let da = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            1
+        };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
@@ -82,7 +93,11 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> [u32; 4] {
     let mut stride = 1usize;
     for i in (0..shape.len()).rev() {
         let oi = 4 - (shape.len() - i);
-        strides[oi] = if shape[i] == 1 && out[out.len() - (shape.len() - i)] != 1 { 0 } else { stride as u32 };
+        strides[oi] = if shape[i] == 1 && out[out.len() - (shape.len() - i)] != 1 {
+            0
+        } else {
+            stride as u32
+        };
         stride *= shape[i];
     }
     strides
@@ -97,10 +112,25 @@ pub fn binary(ctx: &GpuContext, op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<
     };
     check_act(name, &[a, b])?;
     let Some(shape) = broadcast_shape(a.shape(), b.shape()) else {
-        return shape_err(name, format!("shapes {:?} and {:?} do not broadcast", a.shape(), b.shape()));
+        return shape_err(
+            name,
+            format!(
+                "shapes {:?} and {:?} do not broadcast",
+                a.shape(),
+                b.shape()
+            ),
+        );
     };
     if shape.len() > 4 {
-        return shape_err(name, format!("rank {} is above 4 ({:?}, {:?})", shape.len(), a.shape(), b.shape()));
+        return shape_err(
+            name,
+            format!(
+                "rank {} is above 4 ({:?}, {:?})",
+                shape.len(),
+                a.shape(),
+                b.shape()
+            ),
+        );
     }
     let out = Tensor::empty(ctx, name, &shape, a.dtype())?;
     let mut padded = [1u32; 4];
@@ -117,7 +147,15 @@ pub fn binary(ctx: &GpuContext, op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<
     };
     let spec = Spec::new(act_dtype(a)?).u32("OP", op as u32);
     let groups = crate::gpu::grid_1d(ctx, n.div_ceil(256));
-    ctx.dispatch(name, &BINARY, &spec, bytemuck::bytes_of(&params), &[a, b], &[&out], groups)?;
+    ctx.dispatch(
+        name,
+        &BINARY,
+        &spec,
+        bytemuck::bytes_of(&params),
+        &[a, b],
+        &[&out],
+        groups,
+    )?;
     Ok(out)
 }
 
@@ -133,12 +171,27 @@ pub fn sub(ctx: &GpuContext, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     binary(ctx, BinaryOp::Sub, a, b)
 }
 
-fn unary(ctx: &GpuContext, name: &'static str, x: &Tensor, out_shape: &[usize], code: u32, params: UnaryParams) -> Result<Tensor> {
+fn unary(
+    ctx: &GpuContext,
+    name: &'static str,
+    x: &Tensor,
+    out_shape: &[usize],
+    code: u32,
+    params: UnaryParams,
+) -> Result<Tensor> {
     check_act(name, &[x])?;
     let out = Tensor::empty(ctx, name, out_shape, x.dtype())?;
     let spec = Spec::new(act_dtype(x)?).u32("OP", code);
     let groups = crate::gpu::grid_1d(ctx, params.n.div_ceil(256));
-    ctx.dispatch(name, &UNARY, &spec, bytemuck::bytes_of(&params), &[x], &[&out], groups)?;
+    ctx.dispatch(
+        name,
+        &UNARY,
+        &spec,
+        bytemuck::bytes_of(&params),
+        &[x],
+        &[&out],
+        groups,
+    )?;
     Ok(out)
 }
 
@@ -149,7 +202,12 @@ pub fn activation(ctx: &GpuContext, x: &Tensor, act: Activation) -> Result<Tenso
         Activation::Gelu => "gelu",
         Activation::QuickGelu => "quick_gelu",
     };
-    let params = UnaryParams { n: x.numel() as u32, half: 0, alpha: 0.0, beta: 0.0 };
+    let params = UnaryParams {
+        n: x.numel() as u32,
+        half: 0,
+        alpha: 0.0,
+        beta: 0.0,
+    };
     unary(ctx, name, x, x.shape(), act as u32, params)
 }
 
@@ -169,17 +227,30 @@ pub fn quick_gelu(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
 pub fn geglu(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
     let last = x.dim(-1);
     if x.rank() == 0 || last % 2 != 0 {
-        return shape_err("geglu", format!("the last dimension must be even, got {:?}", x.shape()));
+        return shape_err(
+            "geglu",
+            format!("the last dimension must be even, got {:?}", x.shape()),
+        );
     }
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = last / 2;
-    let params = UnaryParams { n: (x.numel() / 2) as u32, half: (last / 2) as u32, alpha: 0.0, beta: 0.0 };
+    let params = UnaryParams {
+        n: (x.numel() / 2) as u32,
+        half: (last / 2) as u32,
+        alpha: 0.0,
+        beta: 0.0,
+    };
     unary(ctx, "geglu", x, &shape, 3, params)
 }
 
 /// x * alpha + beta.
 pub fn affine(ctx: &GpuContext, x: &Tensor, alpha: f32, beta: f32) -> Result<Tensor> {
-    let params = UnaryParams { n: x.numel() as u32, half: 0, alpha, beta };
+    let params = UnaryParams {
+        n: x.numel() as u32,
+        half: 0,
+        alpha,
+        beta,
+    };
     unary(ctx, "affine", x, x.shape(), 4, params)
 }
 

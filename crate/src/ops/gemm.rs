@@ -18,7 +18,13 @@ const CONV: &str = include_str!("../kernels/conv2d.wgsl");
 
 macro_rules! gemm_kernel {
     ($name:literal, $b:ident, $op:ident) => {
-        Kernel { name: $name, sources: &[COMMON, CORE, $b, $op], entry: "", inputs: 3, outputs: 1 }
+        Kernel {
+            name: $name,
+            sources: &[COMMON, CORE, $b, $op],
+            entry: "",
+            inputs: 3,
+            outputs: 1,
+        }
     };
 }
 
@@ -72,7 +78,11 @@ impl Tile {
     /// The tile for an (m, n) output: large tiles once there are enough of them to fill a big GPU.
     pub fn for_shape(m: usize, n: usize, batch: usize) -> Tile {
         let large_tiles = m.div_ceil(128) * n.div_ceil(128) * batch;
-        if m >= 128 && n >= 128 && large_tiles >= 128 { Tile::Large } else { Tile::Small }
+        if m >= 128 && n >= 128 && large_tiles >= 128 {
+            Tile::Large
+        } else {
+            Tile::Small
+        }
     }
 
     fn dims(self) -> (u32, u32, u32, u32, &'static str) {
@@ -94,7 +104,10 @@ fn b_kind(op: &'static str, a: DType, b: &Tensor, k_fast: bool) -> Result<usize>
             return Err(Error::DType {
                 op,
                 dtype: d,
-                detail: format!(" weights {:?} with {a} activations (convert the weights to {a})", b.shape()),
+                detail: format!(
+                    " weights {:?} with {a} activations (convert the weights to {a})",
+                    b.shape()
+                ),
             });
         }
     };
@@ -102,7 +115,10 @@ fn b_kind(op: &'static str, a: DType, b: &Tensor, k_fast: bool) -> Result<usize>
         return Err(Error::DType {
             op,
             dtype: b.dtype(),
-            detail: format!(": quantized {:?} must be the transposed (n, k) operand", b.shape()),
+            detail: format!(
+                ": quantized {:?} must be the transposed (n, k) operand",
+                b.shape()
+            ),
         });
     }
     Ok(kind)
@@ -114,7 +130,11 @@ fn check_bias(op: &'static str, bias: Option<&Tensor>, n: usize, a: DType) -> Re
             return shape_err(op, format!("bias {:?} should be [{n}]", bias.shape()));
         }
         if bias.dtype() != a {
-            return Err(Error::DType { op, dtype: bias.dtype(), detail: format!(": bias must be {a}") });
+            return Err(Error::DType {
+                op,
+                dtype: bias.dtype(),
+                detail: format!(": bias must be {a}"),
+            });
         }
     }
     Ok(())
@@ -156,7 +176,14 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
     const OP: &str = "matmul";
     check_act(OP, &[a])?;
     let (Some((ba, ra, ca)), Some((bb, rb, cb))) = (split_matrix(a), split_matrix(b)) else {
-        return shape_err(OP, format!("operands must be at least 2-D, got {:?} and {:?}", a.shape(), b.shape()));
+        return shape_err(
+            OP,
+            format!(
+                "operands must be at least 2-D, got {:?} and {:?}",
+                a.shape(),
+                b.shape()
+            ),
+        );
     };
     let (m, k) = if opts.trans_a { (ca, ra) } else { (ra, ca) };
     let (kb, n) = if opts.trans_b { (cb, rb) } else { (rb, cb) };
@@ -176,7 +203,12 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
         (_, true) => ba,
         (true, false) => bb,
         (false, false) if ba == bb => ba,
-        _ => return shape_err(OP, format!("batch dimensions differ: {:?} x {:?}", a.shape(), b.shape())),
+        _ => {
+            return shape_err(
+                OP,
+                format!("batch dimensions differ: {:?} x {:?}", a.shape(), b.shape()),
+            );
+        }
     };
     if b.dtype().is_quantized() && !bb.is_empty() {
         return shape_err(OP, format!("quantized B {:?} cannot be batched", b.shape()));
@@ -201,13 +233,32 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
         ..Default::default()
     };
     let tile = opts.tile.unwrap_or(Tile::for_shape(m, n, batch));
-    let spec = |spec: Spec| spec.flag("A_TRANS", opts.trans_a).flag("A_K_FAST", !opts.trans_a).flag("B_K_FAST", opts.trans_b);
-    launch(ctx, OP, &KERNELS[0][kind], tile, spec, params, [a, b], opts.bias, &out)?;
+    let spec = |spec: Spec| {
+        spec.flag("A_TRANS", opts.trans_a)
+            .flag("A_K_FAST", !opts.trans_a)
+            .flag("B_K_FAST", opts.trans_b)
+    };
+    launch(
+        ctx,
+        OP,
+        &KERNELS[0][kind],
+        tile,
+        spec,
+        params,
+        [a, b],
+        opts.bias,
+        &out,
+    )?;
     Ok(out)
 }
 
 /// A linear layer: x (.., in) times weight (out, in) transposed, plus bias (out).
-pub fn linear(ctx: &GpuContext, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+pub fn linear(
+    ctx: &GpuContext,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     linear_act(ctx, x, weight, bias, None)
 }
 
@@ -220,11 +271,28 @@ pub fn linear_act(
     act: Option<Activation>,
 ) -> Result<Tensor> {
     if x.rank() == 0 || weight.rank() != 2 || x.dim(-1) != weight.dim(1) {
-        return shape_err("linear", format!("input {:?} does not fit weight {:?} (out, in)", x.shape(), weight.shape()));
+        return shape_err(
+            "linear",
+            format!(
+                "input {:?} does not fit weight {:?} (out, in)",
+                x.shape(),
+                weight.shape()
+            ),
+        );
     }
     let rows = x.numel() / x.dim(-1);
     let x2 = x.reshape(&[rows, x.dim(-1)])?;
-    let out = matmul(ctx, &x2, weight, MatmulOpts { trans_b: true, bias, act, ..Default::default() })?;
+    let out = matmul(
+        ctx,
+        &x2,
+        weight,
+        MatmulOpts {
+            trans_b: true,
+            bias,
+            act,
+            ..Default::default()
+        },
+    )?;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = weight.dim(0);
     out.reshape(&shape)
@@ -241,7 +309,12 @@ pub struct Conv2dOpts {
 
 impl Default for Conv2dOpts {
     fn default() -> Self {
-        Self { stride: 1, padding: 0, act: None, tile: None }
+        Self {
+            stride: 1,
+            padding: 0,
+            act: None,
+            tile: None,
+        }
     }
 }
 
@@ -259,7 +332,13 @@ pub fn conv2d(
     check_act(OP, &[x])?;
     let (kh, kw) = kernel;
     let &[batch, cin, h, w] = x.shape() else {
-        return shape_err(OP, format!("input must be (batch, channels, height, width), got {:?}", x.shape()));
+        return shape_err(
+            OP,
+            format!(
+                "input must be (batch, channels, height, width), got {:?}",
+                x.shape()
+            ),
+        );
     };
     let cout = weight.shape().first().copied().unwrap_or(0);
     let fits = match weight.shape() {
@@ -270,11 +349,19 @@ pub fn conv2d(
     if !fits || kh == 0 || kw == 0 || opts.stride == 0 {
         return shape_err(
             OP,
-            format!("weight {:?} does not fit input {:?} with a {kh}x{kw} kernel, stride {}", weight.shape(), x.shape(), opts.stride),
+            format!(
+                "weight {:?} does not fit input {:?} with a {kh}x{kw} kernel, stride {}",
+                weight.shape(),
+                x.shape(),
+                opts.stride
+            ),
         );
     }
     if h + 2 * opts.padding < kh || w + 2 * opts.padding < kw {
-        return shape_err(OP, format!("input {:?} is smaller than the {kh}x{kw} kernel", x.shape()));
+        return shape_err(
+            OP,
+            format!("input {:?} is smaller than the {kh}x{kw} kernel", x.shape()),
+        );
     }
     let ho = (h + 2 * opts.padding - kh) / opts.stride + 1;
     let wo = (w + 2 * opts.padding - kw) / opts.stride + 1;
@@ -301,8 +388,23 @@ pub fn conv2d(
         act: act_code(opts.act),
     };
     let tile = opts.tile.unwrap_or(Tile::for_shape(m, cout, batch));
-    let spec = |spec: Spec| spec.flag("A_K_FAST", false).flag("B_K_FAST", true).u32("KH", kh as u32).u32("KW", kw as u32);
-    launch(ctx, OP, &KERNELS[1][kind], tile, spec, params, [x, weight], bias, &out)?;
+    let spec = |spec: Spec| {
+        spec.flag("A_K_FAST", false)
+            .flag("B_K_FAST", true)
+            .u32("KH", kh as u32)
+            .u32("KW", kw as u32)
+    };
+    launch(
+        ctx,
+        OP,
+        &KERNELS[1][kind],
+        tile,
+        spec,
+        params,
+        [x, weight],
+        bias,
+        &out,
+    )?;
     Ok(out)
 }
 
@@ -320,7 +422,13 @@ fn launch(
 ) -> Result<()> {
     let (bm, bn, bk, tm, entry) = tile.dims();
     let kernel = Kernel { entry, ..*kernel };
-    let spec = spec(Spec::new(a.dtype() == DType::F16).u32("BM", bm).u32("BN", bn).u32("BK", bk).u32("TM", tm));
+    let spec = spec(
+        Spec::new(a.dtype() == DType::F16)
+            .u32("BM", bm)
+            .u32("BN", bn)
+            .u32("BK", bk)
+            .u32("TM", tm),
+    );
     let dummy;
     let bias = match bias {
         Some(b) => b,
@@ -330,5 +438,13 @@ fn launch(
         }
     };
     let groups = [params.n.div_ceil(bn), params.m.div_ceil(bm), params.batch];
-    ctx.dispatch(op, &kernel, &spec, bytemuck::bytes_of(&params), &[a, b, bias], &[out], groups)
+    ctx.dispatch(
+        op,
+        &kernel,
+        &spec,
+        bytemuck::bytes_of(&params),
+        &[a, b, bias],
+        &[out],
+        groups,
+    )
 }

@@ -2,11 +2,20 @@
 //! the op and the shapes, allocates its output from the pool and records the dispatch into the batch.
 //! Ops never know which model calls them.
 
+pub mod attention;
 pub mod elementwise;
 pub mod gemm;
+pub mod layout;
+pub mod norm;
 
+pub use attention::attention;
 pub use elementwise::{Activation, BinaryOp, add, affine, geglu, gelu, mul, quick_gelu, silu, sub};
 pub use gemm::{Conv2dOpts, MatmulOpts, Tile, conv2d, linear, linear_act, matmul};
+pub use layout::{
+    TimestepEmbedding, cast, concat, nchw_to_tokens, timestep_embedding, tokens_to_nchw,
+    transpose_last2, upsample_nearest2x,
+};
+pub use norm::{group_norm, layer_norm, softmax};
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Tensor};
@@ -19,7 +28,10 @@ pub(crate) fn check_act(op: &'static str, ts: &[&Tensor]) -> Result<()> {
             return Err(Error::DType {
                 op,
                 dtype: t.dtype(),
-                detail: format!(" for an activation {:?} (activations are f32 or f16)", t.shape()),
+                detail: format!(
+                    " for an activation {:?} (activations are f32 or f16)",
+                    t.shape()
+                ),
             });
         }
         if t.dtype() != first {

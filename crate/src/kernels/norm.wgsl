@@ -1,0 +1,72 @@
+// Group norm and layer norm: each workgroup normalizes one row of `len` contiguous elements.
+//   layer norm over x (rows, c):   groups = 1, s = 1: the affine index is the position in the row.
+//   group norm over x (n, c, s):   row = n * groups + g spans the group's c / groups channels of s elements;
+//                                  the affine index is the channel.
+// Optionally fused with SiLU. Statistics in f32, two passes (mean, then variance about the mean).
+
+struct Params {
+    rows: u32,
+    len: u32,       // elements per row
+    groups: u32,    // rows per sample (group norm), 1 for layer norm
+    s: u32,         // elements per channel (spatial size), 1 for layer norm
+    eps: f32,
+    silu: u32,
+    affine: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<act>;          // (rows, len)
+@group(0) @binding(2) var<storage, read> gamma: array<act>;      // (channels), or a dummy if affine is 0
+@group(0) @binding(3) var<storage, read> beta: array<act>;       // (channels), or a dummy if affine is 0
+@group(0) @binding(4) var<storage, read_write> out: array<act>;  // (rows, len)
+
+const WG: u32 = 256u;
+var<workgroup> partial: array<f32, WG>;
+
+fn reduce_sum(lid: u32, v: f32) -> f32 {
+    partial[lid] = v;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            partial[lid] += partial[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let total = partial[0];
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let row = wid.y * nwg.x + wid.x;
+    if (row >= p.rows) {
+        return;  // uniform across the workgroup
+    }
+    let base = row * p.len;
+    var sum = 0.0;
+    for (var i = lid; i < p.len; i += WG) {
+        sum += f32(x[base + i]);
+    }
+    let mean = reduce_sum(lid, sum) / f32(p.len);
+    var sq = 0.0;
+    for (var i = lid; i < p.len; i += WG) {
+        let d = f32(x[base + i]) - mean;
+        sq += d * d;
+    }
+    let rstd = inverseSqrt(reduce_sum(lid, sq) / f32(p.len) + p.eps);
+    let channel0 = (row % p.groups) * (p.len / p.s);
+    for (var i = lid; i < p.len; i += WG) {
+        var y = (f32(x[base + i]) - mean) * rstd;
+        if (p.affine != 0u) {
+            let c = channel0 + i / p.s;
+            y = y * f32(gamma[c]) + f32(beta[c]);
+        }
+        if (p.silu != 0u) {
+            y = y / (1.0 + exp(-y));
+        }
+        out[base + i] = act(y);
+    }
+}

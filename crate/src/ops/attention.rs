@@ -1,0 +1,123 @@
+//! Fused multi-head scaled-dot-product attention (flash-attention style, see `kernels/attention.wgsl`).
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{act_dtype, check_act};
+use crate::error::{Result, shape_err};
+use crate::gpu::{GpuContext, Kernel, Spec, Tensor};
+
+const ATTENTION: Kernel = Kernel {
+    name: "attention",
+    sources: &[include_str!("../kernels/attention.wgsl")],
+    entry: "main",
+    inputs: 3,
+    outputs: 1,
+};
+
+/// Queries per workgroup (one per invocation).
+const WG: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    lq: u32,
+    lk: u32,
+    heads: u32,
+    scale: f32,
+    sq: u32,
+    sk: u32,
+    sv: u32,
+    so: u32,
+    bq: u32,
+    bk: u32,
+    bv: u32,
+    bo: u32,
+}
+
+/// softmax(Q K^T * scale) V over `heads` heads. q is (batch, lq, heads * d), k and v (batch, lk, heads * d),
+/// as the projections produce them (no permute needed); the result is (batch, lq, heads * d). With `causal`,
+/// query i attends to keys 0..=i (CLIP's text encoder).
+pub fn attention(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
+    const OP: &str = "attention";
+    check_act(OP, &[q, k, v])?;
+    let (&[b, lq, hd], &[bk, lk, hdk], &[bv, lv, hdv]) = (q.shape(), k.shape(), v.shape()) else {
+        return shape_err(
+            OP,
+            format!(
+                "q, k, v must be (batch, tokens, heads * dim), got {:?} {:?} {:?}",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            ),
+        );
+    };
+    if b != bk
+        || b != bv
+        || lk != lv
+        || hd != hdk
+        || hd != hdv
+        || heads == 0
+        || hd % heads != 0
+        || lk == 0
+    {
+        return shape_err(
+            OP,
+            format!(
+                "q {:?}, k {:?}, v {:?} do not fit {heads} heads",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            ),
+        );
+    }
+    let d = hd / heads;
+    if d > 256 {
+        return shape_err(
+            OP,
+            format!("head dim {d} is above 256 ({:?}, {heads} heads)", q.shape()),
+        );
+    }
+    let out = Tensor::empty(ctx, OP, q.shape(), q.dtype())?;
+    let dv = d.div_ceil(4);
+    // K and V tiles of bkv keys each must fit the workgroup memory.
+    let fit = ctx.summary().max_compute_workgroup_storage_size as usize / (2 * dv * 16);
+    let bkv = (1usize << fit.max(1).ilog2()).clamp(1, 32);
+    let params = Params {
+        lq: lq as u32,
+        lk: lk as u32,
+        heads: heads as u32,
+        scale,
+        sq: hd as u32,
+        sk: hd as u32,
+        sv: hd as u32,
+        so: hd as u32,
+        bq: (lq * hd) as u32,
+        bk: (lk * hd) as u32,
+        bv: (lk * hd) as u32,
+        bo: (lq * hd) as u32,
+    };
+    let spec = Spec::new(act_dtype(q)?)
+        .u32("D", d as u32)
+        .u32("DV", dv as u32)
+        .u32("BKV", bkv as u32)
+        .flag("CAUSAL", causal);
+    let groups = [lq.div_ceil(WG) as u32, heads as u32, b as u32];
+    ctx.dispatch(
+        OP,
+        &ATTENTION,
+        &spec,
+        bytemuck::bytes_of(&params),
+        &[q, k, v],
+        &[&out],
+        groups,
+    )?;
+    Ok(out)
+}

@@ -1,0 +1,167 @@
+//! Group norm (optionally fused with SiLU), layer norm and softmax over the last dimension.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{act_dtype, check_act};
+use crate::error::{Result, shape_err};
+use crate::gpu::{GpuContext, Kernel, Spec, Tensor, grid_1d};
+
+const NORM: Kernel = Kernel {
+    name: "norm",
+    sources: &[include_str!("../kernels/norm.wgsl")],
+    entry: "main",
+    inputs: 3,
+    outputs: 1,
+};
+
+const SOFTMAX: Kernel = Kernel {
+    name: "softmax",
+    sources: &[include_str!("../kernels/softmax.wgsl")],
+    entry: "main",
+    inputs: 1,
+    outputs: 1,
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct NormParams {
+    rows: u32,
+    len: u32,
+    groups: u32,
+    s: u32,
+    eps: f32,
+    silu: u32,
+    affine: u32,
+    _pad: u32,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn norm(
+    ctx: &GpuContext,
+    op: &'static str,
+    x: &Tensor,
+    affine: Option<(&Tensor, &Tensor)>,
+    channels: usize,
+    params: NormParams,
+) -> Result<Tensor> {
+    let mut checked = vec![x];
+    if let Some((g, b)) = affine {
+        if g.shape() != [channels] || b.shape() != [channels] {
+            return shape_err(
+                op,
+                format!(
+                    "weight {:?} and bias {:?} should be [{channels}] for input {:?}",
+                    g.shape(),
+                    b.shape(),
+                    x.shape()
+                ),
+            );
+        }
+        checked.extend([g, b]);
+    }
+    check_act(op, &checked)?;
+    let out = Tensor::empty(ctx, op, x.shape(), x.dtype())?;
+    let dummy;
+    let (g, b) = match affine {
+        Some(gb) => gb,
+        None => {
+            dummy = Tensor::empty(ctx, op, &[1], x.dtype())?;
+            (&dummy, &dummy)
+        }
+    };
+    let spec = Spec::new(act_dtype(x)?);
+    ctx.dispatch(
+        op,
+        &NORM,
+        &spec,
+        bytemuck::bytes_of(&params),
+        &[x, g, b],
+        &[&out],
+        grid_1d(ctx, params.rows),
+    )?;
+    Ok(out)
+}
+
+/// Group norm over x (batch, channels, ...) with `groups` groups, per-channel weight and bias, and an optional
+/// fused SiLU (the `norm -> silu` pair that opens every ResNet block).
+pub fn group_norm(
+    ctx: &GpuContext,
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    const OP: &str = "group_norm";
+    if x.rank() < 2 || groups == 0 || x.dim(1) % groups != 0 {
+        return shape_err(
+            OP,
+            format!(
+                "{groups} groups do not divide the channels of {:?}",
+                x.shape()
+            ),
+        );
+    }
+    let (n, c) = (x.dim(0), x.dim(1));
+    let s = x.numel() / (n * c).max(1);
+    let params = NormParams {
+        rows: (n * groups) as u32,
+        len: (c / groups * s) as u32,
+        groups: groups as u32,
+        s: s as u32,
+        eps,
+        silu: silu as u32,
+        affine: 1,
+        _pad: 0,
+    };
+    norm(ctx, OP, x, Some((weight, bias)), c, params)
+}
+
+/// Layer norm over the last dimension, with optional elementwise weight and bias.
+pub fn layer_norm(
+    ctx: &GpuContext,
+    x: &Tensor,
+    affine: Option<(&Tensor, &Tensor)>,
+    eps: f32,
+) -> Result<Tensor> {
+    const OP: &str = "layer_norm";
+    if x.rank() == 0 || x.dim(-1) == 0 {
+        return shape_err(OP, format!("cannot normalize {:?}", x.shape()));
+    }
+    let c = x.dim(-1);
+    let params = NormParams {
+        rows: (x.numel() / c) as u32,
+        len: c as u32,
+        groups: 1,
+        s: 1,
+        eps,
+        silu: 0,
+        affine: affine.is_some() as u32,
+        _pad: 0,
+    };
+    norm(ctx, OP, x, affine, c, params)
+}
+
+/// Softmax over the last dimension.
+pub fn softmax(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "softmax";
+    check_act(OP, &[x])?;
+    if x.rank() == 0 || x.dim(-1) == 0 {
+        return shape_err(OP, format!("cannot take a softmax over {:?}", x.shape()));
+    }
+    let out = Tensor::empty(ctx, OP, x.shape(), x.dtype())?;
+    let rows = (x.numel() / x.dim(-1)) as u32;
+    let params = [rows, x.dim(-1) as u32, 0, 0];
+    let spec = Spec::new(act_dtype(x)?);
+    ctx.dispatch(
+        OP,
+        &SOFTMAX,
+        &spec,
+        bytemuck::cast_slice(&params),
+        &[x],
+        &[&out],
+        grid_1d(ctx, rows),
+    )?;
+    Ok(out)
+}
