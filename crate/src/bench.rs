@@ -53,8 +53,10 @@ struct Case {
     dtype: DType,
     weights: DType,
     work: Work,
-    run: Box<dyn Fn(&GpuContext) -> Result<Tensor>>,
+    run: RunFn,
 }
+
+type RunFn = Box<dyn Fn(&GpuContext) -> Result<Tensor>>;
 
 fn random(ctx: &GpuContext, rng: &mut Rng, shape: &[usize], dtype: DType) -> Result<Tensor> {
     let n: usize = shape.iter().product();
@@ -65,9 +67,7 @@ fn matmul_case(
     ctx: &GpuContext,
     rng: &mut Rng,
     label: &str,
-    m: usize,
-    k: usize,
-    n: usize,
+    (m, k, n): (usize, usize, usize),
     dtype: DType,
     w: DType,
 ) -> Result<Case> {
@@ -95,16 +95,11 @@ fn matmul_case(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn conv_case(
     ctx: &GpuContext,
     rng: &mut Rng,
-    b: usize,
-    cin: usize,
-    hw: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
+    (b, cin, hw): (usize, usize, usize),
+    (cout, k, stride): (usize, usize, usize),
     dtype: DType,
 ) -> Result<Case> {
     let x = random(ctx, rng, &[b, cin, hw, hw], dtype)?;
@@ -138,11 +133,7 @@ fn conv_case(
 fn attention_case(
     ctx: &GpuContext,
     rng: &mut Rng,
-    b: usize,
-    lq: usize,
-    lk: usize,
-    heads: usize,
-    d: usize,
+    (b, lq, lk, heads, d): (usize, usize, usize, usize, usize),
     dtype: DType,
 ) -> Result<Case> {
     let q = random(ctx, rng, &[b, lq, heads * d], dtype)?;
@@ -169,28 +160,52 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
     for &dt in &dtypes {
         let esize = if dt == DType::F16 { 2.0 } else { 4.0 };
         if quick {
-            v.push(matmul_case(ctx, &mut rng, "", 512, 512, 512, dt, dt)?);
-            v.push(matmul_case(ctx, &mut rng, "ff ", 1024, 320, 1280, dt, dt)?);
-            v.push(conv_case(ctx, &mut rng, 1, 64, 32, 64, 3, 1, dt)?);
-            v.push(attention_case(ctx, &mut rng, 1, 1024, 1024, 8, 40, dt)?);
-            v.push(attention_case(ctx, &mut rng, 1, 1024, 77, 8, 40, dt)?);
+            v.push(matmul_case(ctx, &mut rng, "", (512, 512, 512), dt, dt)?);
+            v.push(matmul_case(
+                ctx,
+                &mut rng,
+                "ff ",
+                (1024, 320, 1280),
+                dt,
+                dt,
+            )?);
+            v.push(conv_case(ctx, &mut rng, (1, 64, 32), (64, 3, 1), dt)?);
+            v.push(attention_case(ctx, &mut rng, (1, 1024, 1024, 8, 40), dt)?);
+            v.push(attention_case(ctx, &mut rng, (1, 1024, 77, 8, 40), dt)?);
         } else {
-            v.push(matmul_case(ctx, &mut rng, "", 4096, 4096, 4096, dt, dt)?);
+            v.push(matmul_case(ctx, &mut rng, "", (4096, 4096, 4096), dt, dt)?);
             // The UNet's largest linear layers at 64x64 latents, CFG batch 2: GEGLU in, FF out, attention q.
             v.push(matmul_case(
-                ctx, &mut rng, "geglu ", 8192, 320, 2560, dt, dt,
+                ctx,
+                &mut rng,
+                "geglu ",
+                (8192, 320, 2560),
+                dt,
+                dt,
             )?);
             v.push(matmul_case(
-                ctx, &mut rng, "ff_out ", 8192, 1280, 320, dt, dt,
+                ctx,
+                &mut rng,
+                "ff_out ",
+                (8192, 1280, 320),
+                dt,
+                dt,
             )?);
-            v.push(matmul_case(ctx, &mut rng, "to_q ", 8192, 320, 320, dt, dt)?);
-            v.push(conv_case(ctx, &mut rng, 2, 320, 64, 320, 3, 1, dt)?);
-            v.push(conv_case(ctx, &mut rng, 2, 640, 32, 640, 3, 1, dt)?);
-            v.push(conv_case(ctx, &mut rng, 2, 1280, 16, 1280, 3, 1, dt)?);
-            v.push(conv_case(ctx, &mut rng, 2, 320, 64, 320, 3, 2, dt)?);
-            v.push(conv_case(ctx, &mut rng, 1, 256, 256, 256, 3, 1, dt)?);
-            v.push(attention_case(ctx, &mut rng, 2, 4096, 4096, 8, 40, dt)?);
-            v.push(attention_case(ctx, &mut rng, 2, 4096, 77, 8, 40, dt)?);
+            v.push(matmul_case(
+                ctx,
+                &mut rng,
+                "to_q ",
+                (8192, 320, 320),
+                dt,
+                dt,
+            )?);
+            v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 1), dt)?);
+            v.push(conv_case(ctx, &mut rng, (2, 640, 32), (640, 3, 1), dt)?);
+            v.push(conv_case(ctx, &mut rng, (2, 1280, 16), (1280, 3, 1), dt)?);
+            v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 2), dt)?);
+            v.push(conv_case(ctx, &mut rng, (1, 256, 256), (256, 3, 1), dt)?);
+            v.push(attention_case(ctx, &mut rng, (2, 4096, 4096, 8, 40), dt)?);
+            v.push(attention_case(ctx, &mut rng, (2, 4096, 77, 8, 40), dt)?);
         }
         // Memory-bound kernels: group norm (+SiLU) over 320x64x64 and a broadcast add.
         let (b, c, hw) = if quick { (1, 320, 32) } else { (2, 320, 64) };
@@ -239,9 +254,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
             ctx,
             &mut rng,
             "geglu ",
-            m,
-            k,
-            n,
+            (m, k, n),
             DType::F32,
             w,
         )?);

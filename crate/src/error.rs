@@ -14,7 +14,7 @@ pub enum Error {
     #[error("{op}: {msg}")]
     Shape { op: &'static str, msg: String },
     /// An op was given an operand in a dtype it has no kernel for.
-    #[error("{op}: unsupported dtype {dtype:?}{detail}")]
+    #[error("{op}: unsupported dtype {dtype}{detail}")]
     DType {
         op: &'static str,
         dtype: crate::gpu::DType,

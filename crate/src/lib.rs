@@ -10,5 +10,7 @@ pub mod error;
 pub mod gpu;
 pub mod ops;
 pub mod selfcheck;
+#[cfg(target_arch = "wasm32")]
+mod web;
 
 pub use error::{Error, Result};

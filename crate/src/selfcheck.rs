@@ -56,6 +56,7 @@ pub const CHECKS: &[&str] = &[
     "attention",
     "layout",
     "timestep_embedding",
+    "errors",
 ];
 
 /// Checks that also run their cases with f16 activations where the adapter has shader-f16.
@@ -86,6 +87,7 @@ pub async fn run(ctx: &GpuContext, name: &str) -> Result<Vec<CheckReport>> {
         "attention" => attention(ctx, &mut r).await?,
         "layout" => layout(ctx, &mut r).await?,
         "timestep_embedding" => timestep_embedding(ctx, &mut r).await?,
+        "errors" => errors(ctx, &mut r)?,
         _ => return Err(crate::Error::Invalid(format!("no self-check named {name}"))),
     }
     if !ctx.has_f16() && F16_CHECKS.contains(&name) {
@@ -919,6 +921,113 @@ async fn timestep_embedding(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Resul
         let case = format!("t {ts:?} dim {dim} flip {flip} shift {shift}");
         r.push(compare("timestep_embedding", case, &got, &want, 3e-4, 0.0));
     }
+    Ok(())
+}
+
+/// Reports whether `result` is an error whose message contains every one of `needles`.
+fn expect_error<T>(case: &str, result: Result<T>, needles: &[&str]) -> CheckReport {
+    let (passed, worst) = match result {
+        Ok(_) => (false, "no error was returned".to_string()),
+        Err(e) => {
+            let msg = e.to_string();
+            let missing: Vec<_> = needles.iter().filter(|n| !msg.contains(**n)).collect();
+            (
+                missing.is_empty(),
+                if missing.is_empty() {
+                    msg
+                } else {
+                    format!("{msg:?} does not mention {missing:?}")
+                },
+            )
+        }
+    };
+    CheckReport {
+        check: "errors",
+        case: case.to_string(),
+        passed,
+        max_abs_err: 0.0,
+        worst,
+        tolerance: "an error naming the op and the shapes".into(),
+        skipped: None,
+    }
+}
+
+/// Bad input returns an error that names the op and the shapes, and records nothing.
+fn errors(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let t = |shape: &[usize]| Tensor::empty(ctx, "test", shape, DType::F32);
+    let (a, b) = (t(&[2, 3])?, t(&[4, 5])?);
+    r.push(expect_error(
+        "matmul inner dims",
+        ops::matmul(ctx, &a, &b, MatmulOpts::default()),
+        &["matmul", "[2, 3]", "[4, 5]"],
+    ));
+    let x = t(&[1, 3, 8, 8])?;
+    let w = t(&[4, 2, 3, 3])?;
+    r.push(expect_error(
+        "conv2d channels",
+        ops::conv2d(ctx, &x, &w, (3, 3), None, Conv2dOpts::default()),
+        &["conv2d", "[4, 2, 3, 3]", "[1, 3, 8, 8]"],
+    ));
+    r.push(expect_error(
+        "add broadcast",
+        ops::add(ctx, &a, &b),
+        &["add", "[2, 3]", "[4, 5]"],
+    ));
+    let q = t(&[1, 4, 30])?;
+    r.push(expect_error(
+        "attention heads",
+        ops::attention(ctx, &q, &q, &q, 7, 1.0, false),
+        &["attention", "[1, 4, 30]", "7 heads"],
+    ));
+    let g = t(&[5])?;
+    r.push(expect_error(
+        "group_norm groups",
+        ops::group_norm(ctx, &x, 2, &g, &g, 1e-5, false),
+        &["group_norm", "2 groups", "[1, 3, 8, 8]"],
+    ));
+    let limit = ctx
+        .summary()
+        .max_storage_buffer_binding_size
+        .min(ctx.summary().max_buffer_size);
+    let too_big = (limit / 4 + 1024) as usize;
+    r.push(expect_error(
+        "tensor over the binding limit",
+        Tensor::empty(ctx, "upload", &[too_big], DType::F32),
+        &["upload", &format!("[{too_big}]"), &limit.to_string()],
+    ));
+    let many = t(&[70_000, 1, 1])?;
+    let one = t(&[1, 1])?;
+    r.push(expect_error(
+        "workgroup grid over the limit",
+        ops::matmul(ctx, &many, &one, MatmulOpts::default()),
+        &["matmul", "workgroup grid", "[70000, 1, 1]"],
+    ));
+    let q8 = Tensor::from_f32_as(ctx, &[2, 32], &[0.5; 64], DType::Q8_0)?;
+    r.push(expect_error(
+        "quantized weights on the wrong side",
+        ops::matmul(ctx, &t(&[3, 2])?, &q8, MatmulOpts::default()),
+        &["matmul", "q8_0", "[2, 32]"],
+    ));
+    r.push(expect_error(
+        "q8_0 row length",
+        Tensor::from_f32_as(ctx, &[2, 20], &[0.0; 40], DType::Q8_0),
+        &["upload", "[2, 20]", "32"],
+    ));
+    if !ctx.has_f16() {
+        let h = Tensor::empty(ctx, "test", &[4], DType::F16)?;
+        r.push(expect_error(
+            "f16 without shader-f16",
+            ops::silu(ctx, &h),
+            &["silu", "shader-f16"],
+        ));
+        r.push(expect_error(
+            "cast without shader-f16",
+            ops::cast(ctx, &a, DType::F16),
+            &["cast", "shader-f16"],
+        ));
+    }
+    // Nothing above may have reached the GPU: the device has no error to report.
+    ctx.flush()?;
     Ok(())
 }
 

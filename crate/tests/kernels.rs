@@ -78,4 +78,18 @@ kernel_tests!(
     attention,
     layout,
     timestep_embedding,
+    errors,
 );
+
+/// The f32 paths, as on a device without shader-f16 (most browsers on Linux, SwiftShader): f16 is refused
+/// with an error naming the missing feature, and f32 kernels still pass.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn without_shader_f16() {
+    use latent_gen::gpu::ContextOptions;
+    let ctx = pollster::block_on(GpuContext::with_options(ContextOptions { f16: false }))
+        .expect("adapter");
+    assert!(!ctx.has_f16());
+    pollster::block_on(check(&ctx, "errors"));
+    pollster::block_on(check(&ctx, "matmul"));
+}

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use super::Ref;
 use super::batch::Batch;
 use super::pipeline::PipelineCache;
 use super::pool::{BufferPool, PoolStats};
@@ -15,6 +16,20 @@ use crate::error::{Error, Result};
 const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
     .union(wgpu::Features::SUBGROUP)
     .union(wgpu::Features::TIMESTAMP_QUERY);
+
+/// Choices made when creating a device.
+#[derive(Clone, Copy, Debug)]
+pub struct ContextOptions {
+    /// Enable shader-f16 where the adapter has it (default). Off, the device behaves like one without it:
+    /// every kernel runs its f32 path.
+    pub f16: bool,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        Self { f16: true }
+    }
+}
 
 /// What the adapter is and what the device was created with, in a form that prints and serializes.
 #[derive(Clone, Debug, Serialize)]
@@ -87,7 +102,7 @@ fn yes_no(b: bool) -> &'static str {
 pub(crate) struct Shared {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
-    pub pool: Arc<BufferPool>,
+    pub pool: Ref<BufferPool>,
     pub pipelines: PipelineCache,
     pub batch: Mutex<Batch>,
     /// The first error wgpu reported outside an error scope; taken (and returned) at the next sync point.
@@ -97,13 +112,18 @@ pub(crate) struct Shared {
 /// A device ready for latent-gen's kernels. Cheap to clone.
 #[derive(Clone)]
 pub struct GpuContext {
-    pub(crate) shared: Arc<Shared>,
-    summary: Arc<AdapterSummary>,
+    pub(crate) shared: Ref<Shared>,
+    summary: Ref<AdapterSummary>,
 }
 
 impl GpuContext {
     /// Finds the high-performance adapter and creates a device on it.
     pub async fn new() -> Result<Self> {
+        Self::with_options(ContextOptions::default()).await
+    }
+
+    /// [`GpuContext::new`] with options.
+    pub async fn with_options(options: ContextOptions) -> Result<Self> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = instance
@@ -113,13 +133,16 @@ impl GpuContext {
             })
             .await
             .map_err(|e| Error::NoAdapter(format!("{e}. {}", no_adapter_hint())))?;
-        Self::from_adapter(&adapter).await
+        Self::from_adapter(&adapter, options).await
     }
 
     /// Creates a device on `adapter` with the adapter's own limits (not WebGPU's 128/256 MiB defaults) and
     /// shader-f16, subgroups and timestamp queries where the adapter has them.
-    pub async fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
-        let features = adapter.features() & WANTED_FEATURES;
+    pub async fn from_adapter(adapter: &wgpu::Adapter, options: ContextOptions) -> Result<Self> {
+        let mut features = adapter.features() & WANTED_FEATURES;
+        if !options.f16 {
+            features.remove(wgpu::Features::SHADER_F16);
+        }
         let limits = adapter.limits();
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -162,7 +185,7 @@ impl GpuContext {
         }));
         let uniform_align = device.limits().min_uniform_buffer_offset_alignment;
         let shared = Shared {
-            pool: Arc::new(BufferPool::new()),
+            pool: Ref::new(BufferPool::new()),
             pipelines: PipelineCache::new(summary.shader_f16),
             batch: Mutex::new(Batch::new(uniform_align)),
             uncaptured,
@@ -170,8 +193,8 @@ impl GpuContext {
             queue,
         };
         Self {
-            shared: Arc::new(shared),
-            summary: Arc::new(summary),
+            shared: Ref::new(shared),
+            summary: Ref::new(summary),
         }
     }
 

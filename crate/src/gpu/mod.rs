@@ -10,7 +10,14 @@ mod pool;
 pub mod quant;
 mod tensor;
 
-pub use context::{AdapterSummary, GpuContext};
+pub use context::{AdapterSummary, ContextOptions, GpuContext};
+
+/// Shared ownership: `Arc` natively (a context may cross threads), `Rc` on wasm32, where wgpu's browser types
+/// are neither `Send` nor `Sync`.
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) type Ref<T> = std::sync::Arc<T>;
+#[cfg(target_arch = "wasm32")]
+pub(crate) type Ref<T> = std::rc::Rc<T>;
 pub use dispatch::grid_1d;
 pub use dtype::{DType, QBLOCK};
 pub use pipeline::{Kernel, Spec};

@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 use std::fmt::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+
+use super::Ref;
 
 /// One kernel: its WGSL sources, its entry point and its binding signature.
 #[derive(Clone, Copy, Debug)]
@@ -97,7 +99,7 @@ pub struct Pipeline {
 
 /// See the module documentation.
 pub struct PipelineCache {
-    pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
+    pipelines: Mutex<HashMap<String, Ref<Pipeline>>>,
     layouts: Mutex<HashMap<(u32, u32), wgpu::BindGroupLayout>>,
     has_f16: bool,
 }
@@ -112,7 +114,7 @@ impl PipelineCache {
     }
 
     /// The pipeline for `kernel` specialized by `spec`, compiled on first use.
-    pub fn get(&self, device: &wgpu::Device, kernel: &Kernel, spec: &Spec) -> Arc<Pipeline> {
+    pub fn get(&self, device: &wgpu::Device, kernel: &Kernel, spec: &Spec) -> Ref<Pipeline> {
         debug_assert!(
             !spec.f16 || self.has_f16,
             "f16 kernels are only requested on shader-f16 devices"
@@ -146,7 +148,7 @@ impl PipelineCache {
             compilation_options: Default::default(),
             cache: None,
         });
-        let p = Arc::new(Pipeline { pipeline, layout });
+        let p = Ref::new(Pipeline { pipeline, layout });
         pipelines.insert(key, p.clone());
         p
     }

@@ -6,9 +6,11 @@
 //! (queue writes land before the batch's commands), which is why `Tensor::upload` flushes first.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
+
+use super::Ref;
 
 /// Usage of every tensor buffer: bound as storage, filled by upload, read back by copy.
 pub(crate) const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -51,7 +53,7 @@ impl BufferPool {
 
     /// A buffer of at least `bytes` bytes (callers have checked `bytes` against the device's limits).
     pub(crate) fn alloc(
-        self: &Arc<Self>,
+        self: &Ref<Self>,
         device: &wgpu::Device,
         bytes: u64,
         max: u64,
@@ -118,7 +120,7 @@ fn size_class(bytes: u64, max: u64) -> u64 {
 /// A buffer on loan from the pool; dropping it returns the buffer for reuse.
 pub struct PooledBuffer {
     buffer: Option<wgpu::Buffer>,
-    pool: Arc<BufferPool>,
+    pool: Ref<BufferPool>,
 }
 
 impl PooledBuffer {

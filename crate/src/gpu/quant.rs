@@ -28,7 +28,7 @@ pub fn ggml_to_gpu(dtype: DType, ggml: &[u8], numel: usize) -> Result<Vec<u8>> {
     let qbytes = dtype.quant_bytes_per_block();
     let block = 2 + qbytes;
     let blocks = numel / QBLOCK;
-    if numel % QBLOCK != 0 || ggml.len() != blocks * block {
+    if !numel.is_multiple_of(QBLOCK) || ggml.len() != blocks * block {
         return Err(Error::Invalid(format!(
             "{dtype} data for {numel} elements must be {} bytes in blocks of {block}, got {}",
             blocks * block,

@@ -1,7 +1,6 @@
 //! The GPU tensor: a pooled buffer with a shape and a dtype. Cloning shares the buffer.
 
-use std::sync::Arc;
-
+use super::Ref;
 use super::context::GpuContext;
 use super::dtype::{DType, QBLOCK};
 use super::pool::PooledBuffer;
@@ -11,7 +10,7 @@ use crate::error::{Error, Result};
 /// A tensor in GPU memory, row-major (the last dimension is contiguous).
 #[derive(Clone)]
 pub struct Tensor {
-    buf: Arc<PooledBuffer>,
+    buf: Ref<PooledBuffer>,
     shape: Vec<usize>,
     dtype: DType,
 }
@@ -58,7 +57,7 @@ impl Tensor {
             .pool
             .alloc(&ctx.shared.device, bytes, limits.max_buffer_size);
         Ok(Self {
-            buf: Arc::new(buf),
+            buf: Ref::new(buf),
             shape: shape.to_vec(),
             dtype,
         })
@@ -83,7 +82,7 @@ impl Tensor {
         // by them under its previous owner: submit those first.
         ctx.flush()?;
         let mut padded;
-        let data = if bytes.len() % 4 == 0 {
+        let data = if bytes.len().is_multiple_of(4) {
             bytes
         } else {
             padded = bytes.to_vec();

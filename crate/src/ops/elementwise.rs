@@ -226,7 +226,7 @@ pub fn quick_gelu(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
 /// GEGLU: splits the last dimension in halves h, g and returns h * gelu(g) (diffusers' `GEGLU`).
 pub fn geglu(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
     let last = x.dim(-1);
-    if x.rank() == 0 || last % 2 != 0 {
+    if x.rank() == 0 || !last.is_multiple_of(2) {
         return shape_err(
             "geglu",
             format!("the last dimension must be even, got {:?}", x.shape()),

@@ -341,9 +341,9 @@ pub fn conv2d(
         );
     };
     let cout = weight.shape().first().copied().unwrap_or(0);
-    let fits = match weight.shape() {
-        &[_, c, y, x] => c == cin && y == kh && x == kw,
-        &[_, kk] => kk == cin * kh * kw,
+    let fits = match *weight.shape() {
+        [_, c, y, x] => c == cin && y == kh && x == kw,
+        [_, kk] => kk == cin * kh * kw,
         _ => false,
     };
     if !fits || kh == 0 || kw == 0 || opts.stride == 0 {

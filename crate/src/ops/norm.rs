@@ -94,7 +94,7 @@ pub fn group_norm(
     silu: bool,
 ) -> Result<Tensor> {
     const OP: &str = "group_norm";
-    if x.rank() < 2 || groups == 0 || x.dim(1) % groups != 0 {
+    if x.rank() < 2 || groups == 0 || !x.dim(1).is_multiple_of(groups) {
         return shape_err(
             OP,
             format!(

@@ -1,0 +1,111 @@
+// Static server for the app: www/ at /, pkg/ (the wasm build) at /pkg/. Serves .wasm as application/wasm,
+// answers HTTP Range requests (resumable downloads) and never caches, so a rebuilt pkg/ is picked up.
+// Usage: node scripts/server.mjs [--port N] [--host H]   (PORT and HOST in the environment work too)
+import { createServer } from 'node:http';
+import { createReadStream } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { extname, join, normalize, resolve, sep } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = resolve(fileURLToPath(import.meta.url), '..', '..');
+const mounts = [['/pkg/', join(root, 'pkg')], ['/', join(root, 'www')]];
+
+const types = {
+  '.html': 'text/html; charset=utf-8',
+  '.js': 'text/javascript; charset=utf-8',
+  '.mjs': 'text/javascript; charset=utf-8',
+  '.css': 'text/css; charset=utf-8',
+  '.json': 'application/json; charset=utf-8',
+  '.wasm': 'application/wasm',
+  '.png': 'image/png',
+  '.svg': 'image/svg+xml',
+  '.txt': 'text/plain; charset=utf-8',
+  '.md': 'text/markdown; charset=utf-8',
+  '.safetensors': 'application/octet-stream',
+};
+
+function arg(name, fallback) {
+  const i = process.argv.indexOf(`--${name}`);
+  return i > 0 ? process.argv[i + 1] : (process.env[name.toUpperCase()] || fallback);
+}
+
+/** Maps a URL path to a file under one of the mounts, refusing anything that escapes it. */
+function resolvePath(urlPath) {
+  let path;
+  try {
+    path = decodeURIComponent(urlPath);
+  } catch {
+    return null;
+  }
+  for (const [prefix, dir] of mounts) {
+    if (!path.startsWith(prefix)) continue;
+    const file = normalize(join(dir, path.slice(prefix.length)));
+    if (file !== dir && !file.startsWith(dir + sep)) return null;
+    return file;
+  }
+  return null;
+}
+
+async function handle(req, res) {
+  const url = new URL(req.url, 'http://localhost');
+  let file = resolvePath(url.pathname);
+  if (!file) return send(res, 403, 'forbidden');
+  let info = await stat(file).catch(() => null);
+  if (info?.isDirectory()) {
+    file = join(file, 'index.html');
+    info = await stat(file).catch(() => null);
+  }
+  if (!info?.isFile()) return send(res, 404, `not found: ${url.pathname}`);
+  const headers = {
+    'Content-Type': types[extname(file)] || 'application/octet-stream',
+    'Cache-Control': 'no-store',
+    'Accept-Ranges': 'bytes',
+    'Cross-Origin-Opener-Policy': 'same-origin',
+    'Cross-Origin-Embedder-Policy': 'require-corp',
+    'Cross-Origin-Resource-Policy': 'cross-origin',
+  };
+  const range = /^bytes=(\d*)-(\d*)$/.exec(req.headers.range || '');
+  let start = 0;
+  let end = info.size - 1;
+  let status = 200;
+  if (range) {
+    if (range[1] === '') {
+      start = Math.max(0, info.size - Number(range[2]));
+    } else {
+      start = Number(range[1]);
+      if (range[2] !== '') end = Math.min(end, Number(range[2]));
+    }
+    if (start > end || start >= info.size) {
+      res.writeHead(416, { ...headers, 'Content-Range': `bytes */${info.size}` });
+      return res.end();
+    }
+    status = 206;
+    headers['Content-Range'] = `bytes ${start}-${end}/${info.size}`;
+  }
+  headers['Content-Length'] = end - start + 1;
+  res.writeHead(status, headers);
+  if (req.method === 'HEAD') return res.end();
+  createReadStream(file, { start, end }).pipe(res);
+}
+
+function send(res, status, text) {
+  res.writeHead(status, { 'Content-Type': 'text/plain; charset=utf-8' });
+  res.end(text);
+}
+
+const port = Number(arg('port', 8080));
+const host = arg('host', '127.0.0.1');
+const server = createServer((req, res) => {
+  handle(req, res).catch((e) => {
+    console.error(e);
+    if (!res.headersSent) send(res, 500, String(e));
+    else res.destroy();
+  });
+});
+server.on('error', (e) => {
+  console.error(e.code === 'EADDRINUSE' ? `port ${port} is in use: pass --port N` : e.message);
+  process.exit(1);
+});
+server.listen(port, host, () => {
+  console.log(`latent-gen is being served at http://${host}:${server.address().port}/`);
+});

@@ -1,0 +1,52 @@
+// Shared by the end-to-end tests: starts scripts/server.mjs on a free port and launches Debian's Chromium
+// (through playwright-core, never a downloaded browser) with WebGPU on SwiftShader.
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
+import { resolve } from 'node:path';
+import { chromium } from 'playwright-core';
+
+export const root = resolve(fileURLToPath(import.meta.url), '..', '..', '..');
+
+/** Starts the app's server; resolves to { url, stop }. */
+export async function startServer() {
+  const proc = spawn(process.execPath, [resolve(root, 'scripts/server.mjs'), '--port', '0'], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  let out = '';
+  for await (const chunk of proc.stdout) {
+    out += chunk;
+    const m = /served at (http:\/\/\S+)/.exec(out);
+    if (m) return { url: m[1], stop: async () => { proc.kill(); await once(proc, 'exit').catch(() => {}); } };
+  }
+  throw new Error(`the server exited without printing its address: ${out}`);
+}
+
+const FLAGS = [
+  '--no-sandbox',
+  '--enable-unsafe-webgpu',
+  '--enable-features=Vulkan',
+  '--disable-quic',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--no-first-run',
+  '--disable-dev-shm-usage',
+];
+
+/** Headless Chromium with WebGPU compute on SwiftShader. */
+export async function launchBrowser() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: FLAGS,
+  });
+}
+
+/** Collects the page's console errors and uncaught exceptions, for failure messages. */
+export function recordErrors(page) {
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(`pageerror: ${e.message}`));
+  page.on('console', (m) => { if (m.type() === 'error') errors.push(`console: ${m.text()}`); });
+  return errors;
+}

@@ -1,0 +1,117 @@
+// The diagnostics page: adapter facts straight from navigator.gpu, the device latent-gen creates (through the
+// wasm module), and the kernel self-check with pass/fail and the error found for every case.
+import init, { Diagnostics } from './pkg/latent_gen.js';
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props = {}, ...children) {
+  const e = document.createElement(tag);
+  Object.assign(e, props);
+  for (const c of children) e.append(c);
+  return e;
+}
+
+function factTable(rows) {
+  const table = el('table');
+  for (const [k, v] of rows) table.append(el('tr', {}, el('th', { textContent: k }), el('td', { textContent: String(v) })));
+  return table;
+}
+
+async function browserAdapterFacts() {
+  if (!('gpu' in navigator)) return null;
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
+  if (!adapter) return null;
+  const info = adapter.info || {};
+  const l = adapter.limits;
+  return [
+    ['vendor / architecture', `${info.vendor || '?'} / ${info.architecture || '?'}`],
+    ['device', info.device || info.description || '?'],
+    ['shader-f16', adapter.features.has('shader-f16') ? 'yes' : 'no (every kernel runs in f32)'],
+    ['subgroups', adapter.features.has('subgroups') ? 'yes' : 'no'],
+    ['timestamp-query', adapter.features.has('timestamp-query') ? 'yes' : 'no'],
+    ['maxBufferSize', l.maxBufferSize],
+    ['maxStorageBufferBindingSize', l.maxStorageBufferBindingSize],
+    ['maxComputeWorkgroupStorageSize', l.maxComputeWorkgroupStorageSize],
+    ['maxComputeInvocationsPerWorkgroup', l.maxComputeInvocationsPerWorkgroup],
+    ['all features', [...adapter.features].sort().join(', ')],
+  ];
+}
+
+async function runChecks(diag) {
+  const body = $('results').querySelector('tbody');
+  body.replaceChildren();
+  const summary = $('summary');
+  summary.dataset.state = 'running';
+  let passed = 0, failed = 0, skipped = 0;
+  for (const name of Diagnostics.checkNames()) {
+    summary.textContent = `Running ${name}\u2026 (${passed} passed, ${failed} failed so far)`;
+    let reports;
+    try {
+      reports = await diag.runCheck(name);
+    } catch (e) {
+      reports = [{ check: name, case: '(did not run)', passed: false, max_abs_err: NaN, tolerance: '', worst: String(e.message || e) }];
+    }
+    for (const r of reports) {
+      const state = r.skipped ? 'skip' : r.passed ? 'pass' : 'fail';
+      if (state === 'skip') skipped++; else if (state === 'pass') passed++; else failed++;
+      body.append(el('tr', { className: `row-${state}` },
+        el('td', { className: state, textContent: state }),
+        el('td', { textContent: r.check }),
+        el('td', { textContent: r.case }),
+        el('td', { className: 'num', textContent: r.skipped ? '' : Number(r.max_abs_err).toExponential(2) }),
+        el('td', { textContent: r.tolerance }),
+        el('td', { textContent: r.skipped || r.worst })));
+    }
+  }
+  summary.textContent = failed === 0
+    ? `All ${passed} cases passed` + (skipped ? ` (${skipped} skipped: see the table)` : '') + '.'
+    : `${failed} of ${passed + failed} cases FAILED.`;
+  summary.className = failed === 0 ? 'pass' : 'fail';
+  summary.dataset.state = 'done';
+  summary.dataset.passed = passed;
+  summary.dataset.failed = failed;
+}
+
+async function main() {
+  const facts = await browserAdapterFacts().catch((e) => { console.error(e); return null; });
+  if (!facts) {
+    $('adapter').replaceChildren(el('p', { className: 'error', textContent:
+      'This browser offers no WebGPU adapter. latent-gen needs WebGPU: use a recent Chrome or Edge, or enable WebGPU in ' +
+      'Firefox or Safari. On Linux, Chrome may need chrome://flags/#enable-unsafe-webgpu and Vulkan.' }));
+    $('summary').textContent = 'No self-check without WebGPU.';
+    $('summary').dataset.state = 'no-webgpu';
+    return;
+  }
+  $('adapter').replaceChildren(el('h3', { textContent: 'As the browser reports it' }), factTable(facts));
+  await init();
+  let diag;
+  try {
+    diag = await Diagnostics.create();
+  } catch (e) {
+    $('adapter').append(el('p', { className: 'error', textContent: `latent-gen could not create a device: ${e.message || e}` }));
+    $('summary').dataset.state = 'no-device';
+    return;
+  }
+  const a = diag.adapter();
+  $('adapter').append(el('h3', { textContent: 'The device latent-gen created' }), factTable([
+    ['adapter', `${a.name} (${a.backend}, ${a.device_type})`],
+    ['shader-f16 enabled', a.shader_f16 ? 'yes' : 'no'],
+    ['maxBufferSize', a.max_buffer_size],
+    ['maxStorageBufferBindingSize', a.max_storage_buffer_binding_size],
+    ['maxComputeWorkgroupStorageSize', a.max_compute_workgroup_storage_size],
+  ]));
+  $('rerun').disabled = false;
+  $('rerun').onclick = async () => {
+    $('rerun').disabled = true;
+    await runChecks(diag);
+    $('rerun').disabled = false;
+  };
+  await runChecks(diag);
+}
+
+main().catch((e) => {
+  console.error(e);
+  $('summary').textContent = `The diagnostics page failed: ${e.message || e}`;
+  $('summary').className = 'fail';
+  $('summary').dataset.state = 'error';
+});
