@@ -54,11 +54,13 @@ ensure_wasm_pack() {
 # Node packages for the end-to-end tests, exactly as the committed lockfile says.
 ensure_node_modules() {
   local dir="$ROOT/tests/e2e"
-  if [ -d "$dir/node_modules" ] && cmp -s "$dir/package-lock.json" "$dir/node_modules/.package-lock.json"; then
+  local stamp="$dir/node_modules/.installed-from-lock"
+  if [ -f "$stamp" ] && cmp -s "$dir/package-lock.json" "$stamp"; then
     return 0
   fi
   log "installing the end-to-end tests' node packages"
   (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  cp "$dir/package-lock.json" "$stamp"
 }
 
 ensure_wasm_tools() {
