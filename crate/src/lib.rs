@@ -9,6 +9,8 @@ pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod ops;
+pub mod rng;
+pub mod schedulers;
 pub mod selfcheck;
 #[cfg(target_arch = "wasm32")]
 mod web;
