@@ -25,6 +25,24 @@ const UNARY: Kernel = Kernel {
     outputs: 1,
 };
 
+const LINCOMB: Kernel = Kernel {
+    name: "lincomb",
+    sources: &[include_str!("../kernels/lincomb.wgsl")],
+    entry: "main",
+    inputs: 4,
+    outputs: 1,
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct LincombParams {
+    n: u32,
+    terms: u32,
+    _pad: [u32; 2],
+    off: [u32; 4],
+    c: [f32; 4],
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct BinaryParams {
@@ -252,6 +270,79 @@ pub fn affine(ctx: &GpuContext, x: &Tensor, alpha: f32, beta: f32) -> Result<Ten
         beta,
     };
     unary(ctx, "affine", x, x.shape(), 4, params)
+}
+
+/// One term of [`lincomb`]: coefficient * tensor, read from element `offset` on.
+#[derive(Clone, Copy, Debug)]
+pub struct Term<'a> {
+    pub tensor: &'a Tensor,
+    pub offset: usize,
+    pub coef: f32,
+}
+
+impl<'a> Term<'a> {
+    pub fn new(coef: f32, tensor: &'a Tensor) -> Self {
+        Self {
+            tensor,
+            offset: 0,
+            coef,
+        }
+    }
+
+    /// The `index`-th of `parts` equal parts along the first dimension (e.g. one half of a CFG batch).
+    pub fn part(coef: f32, tensor: &'a Tensor, index: usize, parts: usize) -> Self {
+        Self {
+            tensor,
+            offset: tensor.numel() / parts * index,
+            coef,
+        }
+    }
+}
+
+/// `sum(coef * tensor[offset..offset + numel(shape)])` over 1 to 4 terms, shaped `shape`.
+pub fn lincomb(ctx: &GpuContext, shape: &[usize], terms: &[Term<'_>]) -> Result<Tensor> {
+    const OP: &str = "lincomb";
+    if terms.is_empty() || terms.len() > 4 {
+        return shape_err(OP, format!("takes 1 to 4 terms, got {}", terms.len()));
+    }
+    let tensors: Vec<&Tensor> = terms.iter().map(|t| t.tensor).collect();
+    check_act(OP, &tensors)?;
+    let n: usize = shape.iter().product();
+    if let Some(t) = terms.iter().find(|t| t.offset + n > t.tensor.numel()) {
+        return shape_err(
+            OP,
+            format!(
+                "{n} elements from offset {} overrun {:?} (output {shape:?})",
+                t.offset,
+                t.tensor.shape()
+            ),
+        );
+    }
+    let out = Tensor::empty(ctx, OP, shape, tensors[0].dtype())?;
+    let mut params = LincombParams {
+        n: n as u32,
+        terms: terms.len() as u32,
+        _pad: [0; 2],
+        off: [0; 4],
+        c: [0.0; 4],
+    };
+    for (i, t) in terms.iter().enumerate() {
+        params.off[i] = t.offset as u32;
+        params.c[i] = t.coef;
+    }
+    let inputs: Vec<&Tensor> = (0..4).map(|i| tensors[i.min(tensors.len() - 1)]).collect();
+    let spec = Spec::new(act_dtype(tensors[0])?);
+    let groups = crate::gpu::grid_1d(ctx, (n as u32).div_ceil(256));
+    ctx.dispatch(
+        OP,
+        &LINCOMB,
+        &spec,
+        bytemuck::bytes_of(&params),
+        &inputs,
+        &[&out],
+        groups,
+    )?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@ pub mod layout;
 pub mod norm;
 
 pub use attention::attention;
-pub use elementwise::{Activation, BinaryOp, add, affine, geglu, gelu, mul, quick_gelu, silu, sub};
+pub use elementwise::{
+    Activation, BinaryOp, Term, add, affine, geglu, gelu, lincomb, mul, quick_gelu, silu, sub,
+};
 pub use gemm::{Conv2dOpts, MatmulOpts, Tile, conv2d, linear, linear_act, matmul};
 pub use layout::{
     TimestepEmbedding, cast, concat, nchw_to_tokens, timestep_embedding, tokens_to_nchw,
