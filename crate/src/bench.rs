@@ -81,16 +81,7 @@ fn matmul_case(
         weights: w,
         work: Work::Flops(2.0 * (m * n * k) as f64),
         run: Box::new(move |ctx| {
-            ops::matmul(
-                ctx,
-                &a,
-                &b,
-                MatmulOpts {
-                    trans_b: true,
-                    bias: Some(&bias),
-                    ..Default::default()
-                },
-            )
+            ops::matmul(ctx, &a, &b, MatmulOpts { trans_b: true, bias: Some(&bias), ..Default::default() })
         }),
     })
 }
@@ -114,18 +105,7 @@ fn conv_case(
         weights: dtype,
         work: Work::Flops(2.0 * (b * cout * ho * ho * cin * k * k) as f64),
         run: Box::new(move |ctx| {
-            ops::conv2d(
-                ctx,
-                &x,
-                &w,
-                (k, k),
-                Some(&bias),
-                Conv2dOpts {
-                    stride,
-                    padding: pad,
-                    ..Default::default()
-                },
-            )
+            ops::conv2d(ctx, &x, &w, (k, k), Some(&bias), Conv2dOpts { stride, padding: pad, ..Default::default() })
         }),
     })
 }
@@ -161,44 +141,16 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
         let esize = if dt == DType::F16 { 2.0 } else { 4.0 };
         if quick {
             v.push(matmul_case(ctx, &mut rng, "", (512, 512, 512), dt, dt)?);
-            v.push(matmul_case(
-                ctx,
-                &mut rng,
-                "ff ",
-                (1024, 320, 1280),
-                dt,
-                dt,
-            )?);
+            v.push(matmul_case(ctx, &mut rng, "ff ", (1024, 320, 1280), dt, dt)?);
             v.push(conv_case(ctx, &mut rng, (1, 64, 32), (64, 3, 1), dt)?);
             v.push(attention_case(ctx, &mut rng, (1, 1024, 1024, 8, 40), dt)?);
             v.push(attention_case(ctx, &mut rng, (1, 1024, 77, 8, 40), dt)?);
         } else {
             v.push(matmul_case(ctx, &mut rng, "", (4096, 4096, 4096), dt, dt)?);
             // The UNet's largest linear layers at 64x64 latents, CFG batch 2: GEGLU in, FF out, attention q.
-            v.push(matmul_case(
-                ctx,
-                &mut rng,
-                "geglu ",
-                (8192, 320, 2560),
-                dt,
-                dt,
-            )?);
-            v.push(matmul_case(
-                ctx,
-                &mut rng,
-                "ff_out ",
-                (8192, 1280, 320),
-                dt,
-                dt,
-            )?);
-            v.push(matmul_case(
-                ctx,
-                &mut rng,
-                "to_q ",
-                (8192, 320, 320),
-                dt,
-                dt,
-            )?);
+            v.push(matmul_case(ctx, &mut rng, "geglu ", (8192, 320, 2560), dt, dt)?);
+            v.push(matmul_case(ctx, &mut rng, "ff_out ", (8192, 1280, 320), dt, dt)?);
+            v.push(matmul_case(ctx, &mut rng, "to_q ", (8192, 320, 320), dt, dt)?);
             v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 1), dt)?);
             v.push(conv_case(ctx, &mut rng, (2, 640, 32), (640, 3, 1), dt)?);
             v.push(conv_case(ctx, &mut rng, (2, 1280, 16), (1280, 3, 1), dt)?);
@@ -244,30 +196,15 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
         });
     }
     // Quantized and f16 weights with f32 activations: the GEGLU projection.
-    let (m, k, n) = if quick {
-        (1024, 320, 1280)
-    } else {
-        (8192, 320, 2560)
-    };
+    let (m, k, n) = if quick { (1024, 320, 1280) } else { (8192, 320, 2560) };
     for w in [DType::F16, DType::Q8_0, DType::Q4_0] {
-        v.push(matmul_case(
-            ctx,
-            &mut rng,
-            "geglu ",
-            (m, k, n),
-            DType::F32,
-            w,
-        )?);
+        v.push(matmul_case(ctx, &mut rng, "geglu ", (m, k, n), DType::F32, w)?);
     }
     Ok(v)
 }
 
 /// Runs `run` `iters` times in one batch and waits for the GPU.
-async fn time(
-    ctx: &GpuContext,
-    run: &dyn Fn(&GpuContext) -> Result<Tensor>,
-    iters: usize,
-) -> Result<Duration> {
+async fn time(ctx: &GpuContext, run: &dyn Fn(&GpuContext) -> Result<Tensor>, iters: usize) -> Result<Duration> {
     ctx.sync().await?;
     let start = Instant::now();
     for _ in 0..iters {

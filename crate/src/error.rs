@@ -15,26 +15,13 @@ pub enum Error {
     Shape { op: &'static str, msg: String },
     /// An op was given an operand in a dtype it has no kernel for.
     #[error("{op}: unsupported dtype {dtype}{detail}")]
-    DType {
-        op: &'static str,
-        dtype: crate::gpu::DType,
-        detail: String,
-    },
+    DType { op: &'static str, dtype: crate::gpu::DType, detail: String },
     /// A tensor would exceed a device limit (buffer size, binding size, dispatch size).
     #[error("{op}: {what} needs {needed} but the device allows at most {limit} ({shape})")]
-    Limit {
-        op: &'static str,
-        what: &'static str,
-        needed: u64,
-        limit: u64,
-        shape: String,
-    },
+    Limit { op: &'static str, what: &'static str, needed: u64, limit: u64, shape: String },
     /// A kernel needs a device feature this adapter lacks (e.g. shader-f16).
     #[error("{op}: the device lacks the {feature} feature")]
-    MissingFeature {
-        op: &'static str,
-        feature: &'static str,
-    },
+    MissingFeature { op: &'static str, feature: &'static str },
     /// wgpu reported an error (validation, out of memory, device lost).
     #[error("GPU error: {0}")]
     Gpu(String),
@@ -54,8 +41,5 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Shorthand for a shape error naming the op.
 pub(crate) fn shape_err<T>(op: &'static str, msg: impl Into<String>) -> Result<T> {
-    Err(Error::Shape {
-        op,
-        msg: msg.into(),
-    })
+    Err(Error::Shape { op, msg: msg.into() })
 }

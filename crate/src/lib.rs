@@ -14,5 +14,6 @@ pub mod schedulers;
 pub mod selfcheck;
 #[cfg(target_arch = "wasm32")]
 mod web;
+pub mod weights;
 
 pub use error::{Error, Result};

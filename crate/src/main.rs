@@ -57,19 +57,12 @@ mod cli {
         let ctx = GpuContext::new().await?;
         match cli.command {
             Command::Info => println!("{}", ctx.summary()),
-            Command::Bench {
-                what: Bench::Kernels { quick, json, only },
-            } => {
+            Command::Bench { what: Bench::Kernels { quick, json, only } } => {
                 let s = ctx.summary();
                 println!("adapter: {} ({}, {})", s.name, s.backend, s.device_type);
-                println!(
-                    "{:<14} {:<44} {:<4} {:<5} {:>13} {:>15}",
-                    "kernel", "shape", "act", "wt", "time", "rate"
-                );
-                let records = latent_gen::bench::bench_kernels(&ctx, quick, only.as_deref(), |r| {
-                    println!("{r}")
-                })
-                .await?;
+                println!("{:<14} {:<44} {:<4} {:<5} {:>13} {:>15}", "kernel", "shape", "act", "wt", "time", "rate");
+                let records =
+                    latent_gen::bench::bench_kernels(&ctx, quick, only.as_deref(), |r| println!("{r}")).await?;
                 if let Some(path) = json {
                     std::fs::write(&path, serde_json::to_string_pretty(&records)?)
                         .map_err(|e| format!("writing {}: {e}", path.display()))?;

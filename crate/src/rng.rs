@@ -21,10 +21,7 @@ impl std::fmt::Debug for TorchRng {
 impl TorchRng {
     /// `torch.Generator("cpu").manual_seed(seed)`: the engine takes the low 32 bits of the seed.
     pub fn new(seed: u64) -> Self {
-        Self {
-            mt: Mt::new(seed as u32),
-            next_double_normal: None,
-        }
+        Self { mt: Mt::new(seed as u32), next_double_normal: None }
     }
 
     /// A uniform f32 in [0, 1) from 24 bits of one 32-bit draw.
@@ -95,50 +92,14 @@ mod tests {
     fn first_values_match_torch() {
         // torch.randn(n, generator=torch.Generator("cpu").manual_seed(seed))[:6], printed by torch 2.x.
         let cases: [(u64, usize, [f32; 6]); 3] = [
-            (
-                42,
-                17,
-                [
-                    1.926_915_3,
-                    -0.159_597_47,
-                    -0.497_397_54,
-                    0.439_589_26,
-                    -0.758_131_15,
-                    1.078_317_6,
-                ],
-            ),
-            (
-                0,
-                7,
-                [
-                    1.540_996,
-                    -0.293_428_9,
-                    -2.178_789_4,
-                    0.568_431_2,
-                    -1.084_522_4,
-                    -1.398_595_5,
-                ],
-            ),
-            (
-                1,
-                16,
-                [
-                    -1.525_596,
-                    -0.750_231_8,
-                    -0.653_981,
-                    -1.609_484_8,
-                    -0.100_167_18,
-                    -0.609_188_9,
-                ],
-            ),
+            (42, 17, [1.926_915_3, -0.159_597_47, -0.497_397_54, 0.439_589_26, -0.758_131_15, 1.078_317_6]),
+            (0, 7, [1.540_996, -0.293_428_9, -2.178_789_4, 0.568_431_2, -1.084_522_4, -1.398_595_5]),
+            (1, 16, [-1.525_596, -0.750_231_8, -0.653_981, -1.609_484_8, -0.100_167_18, -0.609_188_9]),
         ];
         for (seed, n, want) in cases {
             let got = TorchRng::new(seed).randn(n);
             for (g, w) in got.iter().zip(want) {
-                assert!(
-                    (g - w).abs() < 1e-6,
-                    "seed {seed} n {n}: {got:?} vs {want:?}"
-                );
+                assert!((g - w).abs() < 1e-6, "seed {seed} n {n}: {got:?} vs {want:?}");
             }
         }
     }

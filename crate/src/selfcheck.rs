@@ -60,17 +60,8 @@ pub const CHECKS: &[&str] = &[
 ];
 
 /// Checks that also run their cases with f16 activations where the adapter has shader-f16.
-const F16_CHECKS: &[&str] = &[
-    "elementwise",
-    "activations",
-    "matmul",
-    "conv2d",
-    "group_norm",
-    "layer_norm",
-    "softmax",
-    "attention",
-    "layout",
-];
+const F16_CHECKS: &[&str] =
+    &["elementwise", "activations", "matmul", "conv2d", "group_norm", "layer_norm", "softmax", "attention", "layout"];
 
 /// Runs the check called `name`.
 pub async fn run(ctx: &GpuContext, name: &str) -> Result<Vec<CheckReport>> {
@@ -118,21 +109,12 @@ impl Rng {
 
     /// Uniform in [lo, hi).
     pub fn uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32))
-            .collect()
+        (0..n).map(|_| lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)).collect()
     }
 }
 
 /// Compares `got` with `want`: passes when every |g - w| <= atol + rtol * |w|.
-pub fn compare(
-    check: &'static str,
-    case: String,
-    got: &[f32],
-    want: &[f32],
-    atol: f32,
-    rtol: f32,
-) -> CheckReport {
+pub fn compare(check: &'static str, case: String, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> CheckReport {
     let tolerance = format!("atol {atol:.0e}, rtol {rtol:.0e}");
     if got.len() != want.len() {
         return CheckReport {
@@ -149,11 +131,7 @@ pub fn compare(
     let mut worst = (f32::NEG_INFINITY, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        let excess = if err.is_nan() {
-            f32::INFINITY
-        } else {
-            err / (atol + rtol * w.abs())
-        };
+        let excess = if err.is_nan() { f32::INFINITY } else { err / (atol + rtol * w.abs()) };
         max_abs = max_abs.max(if err.is_nan() { f32::INFINITY } else { err });
         if excess > worst.0 {
             worst = (excess, i);
@@ -165,11 +143,7 @@ pub fn compare(
         case,
         passed: worst.0 <= 1.0,
         max_abs_err: max_abs,
-        worst: format!(
-            "worst at index {i}: gpu {} vs cpu {}",
-            got.get(i).unwrap_or(&0.0),
-            want.get(i).unwrap_or(&0.0)
-        ),
+        worst: format!("worst at index {i}: gpu {} vs cpu {}", got.get(i).unwrap_or(&0.0), want.get(i).unwrap_or(&0.0)),
         tolerance,
         skipped: None,
     }
@@ -189,11 +163,7 @@ fn skipped(check: &'static str, case: String, why: &str) -> CheckReport {
 
 /// The activation dtypes this adapter can run: f32 always, f16 with shader-f16.
 fn act_dtypes(ctx: &GpuContext) -> Vec<DType> {
-    if ctx.has_f16() {
-        vec![DType::F32, DType::F16]
-    } else {
-        vec![DType::F32]
-    }
+    if ctx.has_f16() { vec![DType::F32, DType::F16] } else { vec![DType::F32] }
 }
 
 /// Tolerances (atol, rtol) for results stored in `dtype`, scaled by the typical magnitude of the values.
@@ -207,10 +177,7 @@ fn tol(dtype: DType, scale: f32) -> (f32, f32) {
 /// Data as stored in `dtype` (f16 rounding applied), so the CPU reference sees what the GPU sees.
 fn rounded(data: Vec<f32>, dtype: DType) -> Vec<f32> {
     match dtype {
-        DType::F16 => data
-            .into_iter()
-            .map(|v| half::f16::from_f32(v).to_f32())
-            .collect(),
+        DType::F16 => data.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect(),
         _ => data,
     }
 }
@@ -225,22 +192,15 @@ fn flat(t: &CTensor) -> Result<Vec<f32>> {
 
 async fn elementwise(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     let mut rng = Rng::new(1);
-    let cases: [(&[usize], &[usize]); 4] = [
-        (&[1000], &[1000]),
-        (&[2, 3, 5, 7], &[7]),
-        (&[2, 1, 5, 1], &[3, 1, 9]),
-        (&[4, 77, 33], &[4, 1, 33]),
-    ];
+    let cases: [(&[usize], &[usize]); 4] =
+        [(&[1000], &[1000]), (&[2, 3, 5, 7], &[7]), (&[2, 1, 5, 1], &[3, 1, 9]), (&[4, 77, 33], &[4, 1, 33])];
     for dtype in act_dtypes(ctx) {
         for (sa, sb) in cases {
             let na: usize = sa.iter().product();
             let nb: usize = sb.iter().product();
             let da = rounded(rng.uniform(na, -2.0, 2.0), dtype);
             let db = rounded(rng.uniform(nb, -2.0, 2.0), dtype);
-            let (ga, gb) = (
-                Tensor::from_f32_as(ctx, sa, &da, dtype)?,
-                Tensor::from_f32_as(ctx, sb, &db, dtype)?,
-            );
+            let (ga, gb) = (Tensor::from_f32_as(ctx, sa, &da, dtype)?, Tensor::from_f32_as(ctx, sb, &db, dtype)?);
             let (ca, cb) = (cpu(&da, sa)?, cpu(&db, sb)?);
             let (atol, rtol) = tol(dtype, 4.0);
             for (name, got, want) in [
@@ -249,14 +209,7 @@ async fn elementwise(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 ("sub", ops::sub(ctx, &ga, &gb)?, ca.broadcast_sub(&cb)?),
             ] {
                 let case = format!("{name} {sa:?} {sb:?} {dtype}");
-                r.push(compare(
-                    "elementwise",
-                    case,
-                    &got.to_vec_f32(ctx).await?,
-                    &flat(&want)?,
-                    atol,
-                    rtol,
-                ));
+                r.push(compare("elementwise", case, &got.to_vec_f32(ctx).await?, &flat(&want)?, atol, rtol));
             }
         }
     }
@@ -276,27 +229,14 @@ async fn activations(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let cases = [
                 ("silu", ops::silu(ctx, &g)?, candle_nn::ops::silu(&c)?),
                 ("gelu", ops::gelu(ctx, &g)?, c.gelu_erf()?),
-                (
-                    "quick_gelu",
-                    ops::quick_gelu(ctx, &g)?,
-                    (&c * candle_nn::ops::sigmoid(&(&c * 1.702)?)?)?,
-                ),
-                (
-                    "affine",
-                    ops::affine(ctx, &g, 0.5, -1.25)?,
-                    c.affine(0.5, -1.25)?,
-                ),
+                ("quick_gelu", ops::quick_gelu(ctx, &g)?, (&c * candle_nn::ops::sigmoid(&(&c * 1.702)?)?)?),
+                ("affine", ops::affine(ctx, &g, 0.5, -1.25)?, c.affine(0.5, -1.25)?),
+                ("relu", ops::relu(ctx, &g)?, c.relu()?),
+                ("soft_clamp", ops::soft_clamp(ctx, &g, 3.0)?, ((&c / 3.0)?.tanh()? * 3.0)?),
             ];
             for (name, got, want) in cases {
                 let case = format!("{name} {shape:?} {dtype}");
-                r.push(compare(
-                    "activations",
-                    case,
-                    &got.to_vec_f32(ctx).await?,
-                    &flat(&want)?,
-                    atol,
-                    rtol,
-                ));
+                r.push(compare("activations", case, &got.to_vec_f32(ctx).await?, &flat(&want)?, atol, rtol));
             }
             if shape[shape.len() - 1] % 2 == 0 {
                 let got = ops::geglu(ctx, &g)?;
@@ -304,14 +244,7 @@ async fn activations(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 let gate = c.narrow(D::Minus1, half, half)?;
                 let want = (h * gate.gelu_erf()?)?;
                 let case = format!("geglu {shape:?} {dtype}");
-                r.push(compare(
-                    "activations",
-                    case,
-                    &got.to_vec_f32(ctx).await?,
-                    &flat(&want)?,
-                    atol * 4.0,
-                    rtol,
-                ));
+                r.push(compare("activations", case, &got.to_vec_f32(ctx).await?, &flat(&want)?, atol * 4.0, rtol));
             }
         }
     }
@@ -330,108 +263,28 @@ fn dot_tol(dtype: DType, k: usize) -> (f32, f32) {
 async fn matmul(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     let mut rng = Rng::new(3);
     // (batch dims of A, of B, m, k, n, trans_a, trans_b, bias, act, tile)
-    type Case = (
-        &'static [usize],
-        &'static [usize],
-        usize,
-        usize,
-        usize,
-        bool,
-        bool,
-        bool,
-        Option<Activation>,
-        Tile,
-    );
+    type Case = (&'static [usize], &'static [usize], usize, usize, usize, bool, bool, bool, Option<Activation>, Tile);
     let cases: [Case; 8] = [
         (&[], &[], 1, 1, 1, false, false, false, None, Tile::Small),
         (&[], &[], 77, 50, 33, false, true, true, None, Tile::Small),
-        (
-            &[3],
-            &[3],
-            65,
-            17,
-            70,
-            false,
-            false,
-            false,
-            None,
-            Tile::Small,
-        ),
-        (
-            &[2],
-            &[],
-            130,
-            96,
-            129,
-            false,
-            true,
-            true,
-            Some(Activation::Gelu),
-            Tile::Large,
-        ),
-        (
-            &[2, 2],
-            &[2, 2],
-            31,
-            40,
-            45,
-            true,
-            false,
-            false,
-            None,
-            Tile::Small,
-        ),
+        (&[3], &[3], 65, 17, 70, false, false, false, None, Tile::Small),
+        (&[2], &[], 130, 96, 129, false, true, true, Some(Activation::Gelu), Tile::Large),
+        (&[2, 2], &[2, 2], 31, 40, 45, true, false, false, None, Tile::Small),
         (&[], &[2], 64, 64, 64, true, true, false, None, Tile::Large),
-        (
-            &[],
-            &[],
-            200,
-            130,
-            257,
-            false,
-            true,
-            true,
-            Some(Activation::Silu),
-            Tile::Large,
-        ),
-        (
-            &[2],
-            &[],
-            129,
-            320,
-            20,
-            false,
-            true,
-            true,
-            Some(Activation::QuickGelu),
-            Tile::Small,
-        ),
+        (&[], &[], 200, 130, 257, false, true, true, Some(Activation::Silu), Tile::Large),
+        (&[2], &[], 129, 320, 20, false, true, true, Some(Activation::QuickGelu), Tile::Small),
     ];
     for dtype in act_dtypes(ctx) {
         for (bda, bdb, m, k, n, ta, tb, has_bias, act, tile) in cases {
-            let shape_a: Vec<usize> = bda
-                .iter()
-                .copied()
-                .chain(if ta { [k, m] } else { [m, k] })
-                .collect();
-            let shape_b: Vec<usize> = bdb
-                .iter()
-                .copied()
-                .chain(if tb { [n, k] } else { [k, n] })
-                .collect();
+            let shape_a: Vec<usize> = bda.iter().copied().chain(if ta { [k, m] } else { [m, k] }).collect();
+            let shape_b: Vec<usize> = bdb.iter().copied().chain(if tb { [n, k] } else { [k, n] }).collect();
             let da = rounded(rng.uniform(shape_a.iter().product(), -1.0, 1.0), dtype);
             let db = rounded(rng.uniform(shape_b.iter().product(), -1.0, 1.0), dtype);
             let dbias = rounded(rng.uniform(n, -1.0, 1.0), dtype);
             let ga = Tensor::from_f32_as(ctx, &shape_a, &da, dtype)?;
             let gb = Tensor::from_f32_as(ctx, &shape_b, &db, dtype)?;
             let gbias = Tensor::from_f32_as(ctx, &[n], &dbias, dtype)?;
-            let opts = MatmulOpts {
-                trans_a: ta,
-                trans_b: tb,
-                bias: has_bias.then_some(&gbias),
-                act,
-                tile: Some(tile),
-            };
+            let opts = MatmulOpts { trans_a: ta, trans_b: tb, bias: has_bias.then_some(&gbias), act, tile: Some(tile) };
             let got = ops::matmul(ctx, &ga, &gb, opts)?.to_vec_f32(ctx).await?;
             let mut ca = cpu(&da, &shape_a)?;
             let mut cb = cpu(&db, &shape_b)?;
@@ -466,6 +319,7 @@ fn cpu_act(t: &CTensor, act: Option<Activation>) -> Result<CTensor> {
         Some(Activation::Silu) => candle_nn::ops::silu(t)?,
         Some(Activation::Gelu) => t.gelu_erf()?,
         Some(Activation::QuickGelu) => (t * candle_nn::ops::sigmoid(&(t * 1.702)?)?)?,
+        Some(Activation::Relu) => t.relu()?,
     })
 }
 
@@ -482,40 +336,20 @@ async fn matmul_weights(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()
             let w = Tensor::from_f32_as(ctx, &[n, k], &dw, wdtype)?;
             // The reference multiplies by the weights as stored, read back through the GPU layout.
             let stored = w.to_vec_f32(ctx).await?;
-            let got = ops::linear(ctx, &x, &w, Some(&bias))?
-                .to_vec_f32(ctx)
-                .await?;
-            let want = cpu(&dx, &[rows, k])?
-                .matmul(&cpu(&stored, &[n, k])?.t()?)?
-                .broadcast_add(&cpu(&dbias, &[n])?)?;
+            let got = ops::linear(ctx, &x, &w, Some(&bias))?.to_vec_f32(ctx).await?;
+            let want =
+                cpu(&dx, &[rows, k])?.matmul(&cpu(&stored, &[n, k])?.t()?)?.broadcast_add(&cpu(&dbias, &[n])?)?;
             let case = format!("x [{rows}, {k}] f32, weight [{n}, {k}] {wdtype}");
             let (atol, rtol) = dot_tol(DType::F32, k);
-            r.push(compare(
-                "matmul_weights",
-                case,
-                &got,
-                &flat(&want)?,
-                atol,
-                rtol,
-            ));
+            r.push(compare("matmul_weights", case, &got, &flat(&want)?, atol, rtol));
         }
         // The stored blocks are candle's own quantization, and dequantize as candle does.
-        for (wdtype, gdtype) in [
-            (DType::Q8_0, GgmlDType::Q8_0),
-            (DType::Q4_0, GgmlDType::Q4_0),
-        ] {
+        for (wdtype, gdtype) in [(DType::Q8_0, GgmlDType::Q8_0), (DType::Q4_0, GgmlDType::Q4_0)] {
             let q = QTensor::quantize(&cpu(&dw, &[n, k])?, gdtype)?;
             let w = Tensor::from_f32_as(ctx, &[n, k], &dw, wdtype)?;
             let case = format!("{wdtype} [{n}, {k}] dequantized vs candle");
             let want = flat(&q.dequantize(&Device::Cpu)?)?;
-            r.push(compare(
-                "matmul_weights",
-                case,
-                &w.to_vec_f32(ctx).await?,
-                &want,
-                0.0,
-                0.0,
-            ));
+            r.push(compare("matmul_weights", case, &w.to_vec_f32(ctx).await?, &want, 0.0, 0.0));
         }
     }
     Ok(())
@@ -523,46 +357,33 @@ async fn matmul_weights(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()
 
 async fn conv2d(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     let mut rng = Rng::new(5);
-    // (batch, cin, h, w, cout, k, stride, pad, tile)
+    // (batch, cin, h, w, cout, k, stride, pad, pad_end, tile)
     let cases = [
-        (
-            1usize,
-            3usize,
-            8usize,
-            8usize,
-            5usize,
-            3usize,
-            1usize,
-            1usize,
-            Tile::Small,
-        ),
-        (2, 4, 9, 7, 6, 3, 2, 1, Tile::Small),
-        (2, 5, 13, 11, 7, 1, 1, 0, Tile::Small),
-        (1, 8, 17, 16, 130, 3, 1, 1, Tile::Large),
-        (2, 6, 12, 12, 9, 3, 2, 0, Tile::Large),
+        (1usize, 3usize, 8usize, 8usize, 5usize, 3usize, 1usize, 1usize, 1usize, Tile::Small),
+        (2, 4, 9, 7, 6, 3, 2, 1, 1, Tile::Small),
+        (2, 5, 13, 11, 7, 1, 1, 0, 0, Tile::Small),
+        (1, 8, 17, 16, 130, 3, 1, 1, 1, Tile::Large),
+        (2, 6, 12, 12, 9, 3, 2, 0, 0, Tile::Large),
+        (1, 4, 10, 9, 6, 3, 2, 0, 1, Tile::Small),
     ];
     for dtype in act_dtypes(ctx) {
-        for (b, cin, h, w, cout, k, stride, pad, tile) in cases {
+        for (b, cin, h, w, cout, k, stride, pad, pad_end, tile) in cases {
             let dx = rounded(rng.uniform(b * cin * h * w, -1.0, 1.0), dtype);
             let dw = rounded(rng.uniform(cout * cin * k * k, -1.0, 1.0), dtype);
             let dbias = rounded(rng.uniform(cout, -1.0, 1.0), dtype);
             let gx = Tensor::from_f32_as(ctx, &[b, cin, h, w], &dx, dtype)?;
             let gw = Tensor::from_f32_as(ctx, &[cout, cin, k, k], &dw, dtype)?;
             let gbias = Tensor::from_f32_as(ctx, &[cout], &dbias, dtype)?;
-            let opts = Conv2dOpts {
-                stride,
-                padding: pad,
-                act: None,
-                tile: Some(tile),
-            };
-            let got = ops::conv2d(ctx, &gx, &gw, (k, k), Some(&gbias), opts)?
-                .to_vec_f32(ctx)
-                .await?;
-            let want = cpu(&dx, &[b, cin, h, w])?
-                .conv2d(&cpu(&dw, &[cout, cin, k, k])?, pad, stride, 1, 1)?
-                .broadcast_add(&cpu(&dbias, &[1, cout, 1, 1])?)?;
+            let act = (pad_end != pad).then_some(Activation::Relu);
+            let opts = Conv2dOpts { stride, padding: pad, padding_end: Some(pad_end), act, tile: Some(tile) };
+            let got = ops::conv2d(ctx, &gx, &gw, (k, k), Some(&gbias), opts)?.to_vec_f32(ctx).await?;
+            // candle pads symmetrically: pad the input explicitly.
+            let x = cpu(&dx, &[b, cin, h, w])?.pad_with_zeros(2, pad, pad_end)?.pad_with_zeros(3, pad, pad_end)?;
+            let want = x.conv2d(&cpu(&dw, &[cout, cin, k, k])?, 0, stride, 1, 1)?;
+            let want = cpu_act(&want.broadcast_add(&cpu(&dbias, &[1, cout, 1, 1])?)?, act)?;
             let case = format!(
-                "x [{b}, {cin}, {h}, {w}] w [{cout}, {cin}, {k}, {k}] stride {stride} pad {pad} {tile:?} {dtype}"
+                "x [{b}, {cin}, {h}, {w}] w [{cout}, {cin}, {k}, {k}] stride {stride} pad ({pad}, {pad_end}){} {tile:?} {dtype}",
+                act.map(|a| format!(" {a:?}")).unwrap_or_default()
             );
             let (atol, rtol) = dot_tol(dtype, cin * k * k);
             r.push(compare("conv2d", case, &got, &flat(&want)?, atol, rtol));
@@ -592,37 +413,21 @@ async fn group_norm(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 Tensor::from_f32_as(ctx, &[c], &dg, dtype)?,
                 Tensor::from_f32_as(ctx, &[c], &db, dtype)?,
             );
-            let got = ops::group_norm(ctx, &gx, groups, &gg, &gb, 1e-5, silu)?
-                .to_vec_f32(ctx)
-                .await?;
+            let got = ops::group_norm(ctx, &gx, groups, &gg, &gb, 1e-5, silu)?.to_vec_f32(ctx).await?;
             let x = cpu(&dx, &[shape[0], groups, n / shape[0] / groups])?;
             let mean = x.mean_keepdim(D::Minus1)?;
             let centered = x.broadcast_sub(&mean)?;
             let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-            let normed = centered
-                .broadcast_div(&(var + 1e-5)?.sqrt()?)?
-                .reshape(shape)?;
+            let normed = centered.broadcast_div(&(var + 1e-5)?.sqrt()?)?.reshape(shape)?;
             let mut affine_shape = vec![1, c];
             affine_shape.resize(shape.len(), 1);
-            let mut want = normed
-                .broadcast_mul(&cpu(&dg, &affine_shape)?)?
-                .broadcast_add(&cpu(&db, &affine_shape)?)?;
+            let mut want = normed.broadcast_mul(&cpu(&dg, &affine_shape)?)?.broadcast_add(&cpu(&db, &affine_shape)?)?;
             if silu {
                 want = candle_nn::ops::silu(&want)?;
             }
-            let case = format!(
-                "{shape:?} groups {groups}{} {dtype}",
-                if silu { " +silu" } else { "" }
-            );
+            let case = format!("{shape:?} groups {groups}{} {dtype}", if silu { " +silu" } else { "" });
             let (atol, rtol) = tol(dtype, 4.0);
-            r.push(compare(
-                "group_norm",
-                case,
-                &got,
-                &flat(&want)?,
-                atol * 2.0,
-                rtol * 2.0,
-            ));
+            r.push(compare("group_norm", case, &got, &flat(&want)?, atol * 2.0, rtol * 2.0));
         }
     }
     Ok(())
@@ -630,12 +435,7 @@ async fn group_norm(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
 
 async fn layer_norm(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     let mut rng = Rng::new(7);
-    let cases: [(&[usize], bool); 4] = [
-        (&[77, 64], true),
-        (&[2, 77, 320], true),
-        (&[3, 1000], false),
-        (&[5, 7], true),
-    ];
+    let cases: [(&[usize], bool); 4] = [(&[77, 64], true), (&[2, 77, 320], true), (&[3, 1000], false), (&[5, 7], true)];
     for dtype in act_dtypes(ctx) {
         for (shape, affine) in cases {
             let n: usize = shape.iter().product();
@@ -646,9 +446,7 @@ async fn layer_norm(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let gx = Tensor::from_f32_as(ctx, shape, &dx, dtype)?;
             let gg = Tensor::from_f32_as(ctx, &[c], &dg, dtype)?;
             let gb = Tensor::from_f32_as(ctx, &[c], &db, dtype)?;
-            let got = ops::layer_norm(ctx, &gx, affine.then_some((&gg, &gb)), 1e-5)?
-                .to_vec_f32(ctx)
-                .await?;
+            let got = ops::layer_norm(ctx, &gx, affine.then_some((&gg, &gb)), 1e-5)?.to_vec_f32(ctx).await?;
             let (cg, cb) = if affine {
                 (cpu(&dg, &[c])?, cpu(&db, &[c])?)
             } else {
@@ -660,14 +458,7 @@ async fn layer_norm(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let want = candle_nn::ops::layer_norm(&cpu(&dx, shape)?, &cg, &cb, 1e-5)?;
             let case = format!("{shape:?}{} {dtype}", if affine { " affine" } else { "" });
             let (atol, rtol) = tol(dtype, 4.0);
-            r.push(compare(
-                "layer_norm",
-                case,
-                &got,
-                &flat(&want)?,
-                atol * 2.0,
-                rtol * 2.0,
-            ));
+            r.push(compare("layer_norm", case, &got, &flat(&want)?, atol * 2.0, rtol * 2.0));
         }
     }
     Ok(())
@@ -679,46 +470,27 @@ async fn softmax(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
         for shape in [&[1usize, 1][..], &[3, 77], &[2, 8, 1000], &[5, 4096]] {
             let n: usize = shape.iter().product();
             let dx = rounded(rng.uniform(n, -20.0, 20.0), dtype);
-            let got = ops::softmax(ctx, &Tensor::from_f32_as(ctx, shape, &dx, dtype)?)?
-                .to_vec_f32(ctx)
-                .await?;
+            let got = ops::softmax(ctx, &Tensor::from_f32_as(ctx, shape, &dx, dtype)?)?.to_vec_f32(ctx).await?;
             let want = candle_nn::ops::softmax_last_dim(&cpu(&dx, shape)?)?;
             let (atol, rtol) = tol(dtype, 0.05);
-            r.push(compare(
-                "softmax",
-                format!("{shape:?} {dtype}"),
-                &got,
-                &flat(&want)?,
-                atol,
-                rtol * 2.0,
-            ));
+            r.push(compare("softmax", format!("{shape:?} {dtype}"), &got, &flat(&want)?, atol, rtol * 2.0));
         }
     }
     Ok(())
 }
 
 /// softmax(Q K^T * scale) V on the CPU with candle, q (b, lq, h * d), k and v (b, lk, h * d).
-fn cpu_attention(
-    q: &CTensor,
-    k: &CTensor,
-    v: &CTensor,
-    heads: usize,
-    scale: f64,
-    causal: bool,
-) -> Result<CTensor> {
+fn cpu_attention(q: &CTensor, k: &CTensor, v: &CTensor, heads: usize, scale: f64, causal: bool) -> Result<CTensor> {
     let split = |t: &CTensor| -> Result<CTensor> {
         let (b, l, hd) = t.dims3()?;
-        Ok(t.reshape((b, l, heads, hd / heads))?
-            .transpose(1, 2)?
-            .contiguous()?)
+        Ok(t.reshape((b, l, heads, hd / heads))?.transpose(1, 2)?.contiguous()?)
     };
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if causal {
         let (lq, lk) = (scores.dim(2)?, scores.dim(3)?);
-        let mask: Vec<f32> = (0..lq)
-            .flat_map(|i| (0..lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
+        let mask: Vec<f32> =
+            (0..lq).flat_map(|i| (0..lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
         scores = scores.broadcast_add(&CTensor::from_vec(mask, (lq, lk), &Device::Cpu)?)?;
     }
     let out = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
@@ -747,9 +519,7 @@ async fn attention(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let q = Tensor::from_f32_as(ctx, &[b, lq, hd], &dq, dtype)?;
             let k = Tensor::from_f32_as(ctx, &[b, lk, hd], &dk, dtype)?;
             let v = Tensor::from_f32_as(ctx, &[b, lk, hd], &dv, dtype)?;
-            let got = ops::attention(ctx, &q, &k, &v, heads, scale, causal)?
-                .to_vec_f32(ctx)
-                .await?;
+            let got = ops::attention(ctx, &q, &k, &v, heads, scale, causal)?.to_vec_f32(ctx).await?;
             let want = cpu_attention(
                 &cpu(&dq, &[b, lq, hd])?,
                 &cpu(&dk, &[b, lk, hd])?,
@@ -758,19 +528,10 @@ async fn attention(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 scale as f64,
                 causal,
             )?;
-            let case = format!(
-                "b {b} lq {lq} lk {lk} heads {heads} d {d}{} {dtype}",
-                if causal { " causal" } else { "" }
-            );
+            let case =
+                format!("b {b} lq {lq} lk {lk} heads {heads} d {d}{} {dtype}", if causal { " causal" } else { "" });
             let (atol, rtol) = tol(dtype, 1.0);
-            r.push(compare(
-                "attention",
-                case,
-                &got,
-                &flat(&want)?,
-                atol * 5.0,
-                rtol * 5.0,
-            ));
+            r.push(compare("attention", case, &got, &flat(&want)?, atol * 5.0, rtol * 5.0));
         }
     }
     Ok(())
@@ -781,10 +542,7 @@ async fn layout(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     for dtype in act_dtypes(ctx) {
         let shape = [2usize, 3, 5, 7];
         let dx = rounded(rng.uniform(210, -1.0, 1.0), dtype);
-        let (gx, cx) = (
-            Tensor::from_f32_as(ctx, &shape, &dx, dtype)?,
-            cpu(&dx, &shape)?,
-        );
+        let (gx, cx) = (Tensor::from_f32_as(ctx, &shape, &dx, dtype)?, cpu(&dx, &shape)?);
         let got = ops::upsample_nearest2x(ctx, &gx)?.to_vec_f32(ctx).await?;
         r.push(compare(
             "layout",
@@ -795,10 +553,7 @@ async fn layout(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             0.0,
         ));
         let dy = rounded(rng.uniform(2 * 4 * 35, -1.0, 1.0), dtype);
-        let (gy, cy) = (
-            Tensor::from_f32_as(ctx, &[2, 4, 5, 7], &dy, dtype)?,
-            cpu(&dy, &[2, 4, 5, 7])?,
-        );
+        let (gy, cy) = (Tensor::from_f32_as(ctx, &[2, 4, 5, 7], &dy, dtype)?, cpu(&dy, &[2, 4, 5, 7])?);
         let got = ops::concat(ctx, &gx, &gy, 1)?.to_vec_f32(ctx).await?;
         let want = CTensor::cat(&[&cx, &cy], 1)?;
         r.push(compare(
@@ -818,17 +573,11 @@ async fn layout(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             0.0,
             0.0,
         ));
-        for (b, rows, cols) in [
-            (1usize, 1usize, 1usize),
-            (2, 33, 17),
-            (3, 64, 320),
-            (1, 7, 100),
-        ] {
+        for (b, rows, cols) in [(1usize, 1usize, 1usize), (2, 33, 17), (3, 64, 320), (1, 7, 100)] {
             let d = rounded(rng.uniform(b * rows * cols, -1.0, 1.0), dtype);
-            let got =
-                ops::transpose_last2(ctx, &Tensor::from_f32_as(ctx, &[b, rows, cols], &d, dtype)?)?
-                    .to_vec_f32(ctx)
-                    .await?;
+            let got = ops::transpose_last2(ctx, &Tensor::from_f32_as(ctx, &[b, rows, cols], &d, dtype)?)?
+                .to_vec_f32(ctx)
+                .await?;
             let want = cpu(&d, &[b, rows, cols])?.transpose(1, 2)?;
             r.push(compare(
                 "layout",
@@ -840,9 +589,7 @@ async fn layout(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             ));
         }
         let tokens = ops::nchw_to_tokens(ctx, &gx)?;
-        let back = ops::tokens_to_nchw(ctx, &tokens, 5, 7)?
-            .to_vec_f32(ctx)
-            .await?;
+        let back = ops::tokens_to_nchw(ctx, &tokens, 5, 7)?.to_vec_f32(ctx).await?;
         let want = cx.reshape((2, 3, 35))?.transpose(1, 2)?;
         r.push(compare(
             "layout",
@@ -852,37 +599,27 @@ async fn layout(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             0.0,
             0.0,
         ));
-        r.push(compare(
-            "layout",
-            format!("tokens_to_nchw {dtype}"),
-            &back,
-            &dx,
-            0.0,
-            0.0,
-        ));
+        r.push(compare("layout", format!("tokens_to_nchw {dtype}"), &back, &dx, 0.0, 0.0));
+    }
+    // Embedding rows gathered from f32 and packed-f16 tables.
+    let table = rng.uniform(50 * 7, -1.0, 1.0);
+    let ids = [3.0f32, 0.0, 49.0, 7.0, 7.0, 12.0];
+    let gids = Tensor::from_f32(ctx, &[2, 3], &ids)?;
+    for tdtype in [DType::F32, DType::F16] {
+        let stored = rounded(table.clone(), tdtype);
+        let gt = Tensor::from_f32_as(ctx, &[50, 7], &table, tdtype)?;
+        let got = ops::embedding(ctx, &gt, &gids, DType::F32)?.to_vec_f32(ctx).await?;
+        let want: Vec<f32> = ids.iter().flat_map(|&i| stored[i as usize * 7..i as usize * 7 + 7].to_vec()).collect();
+        r.push(compare("layout", format!("embedding [50, 7] {tdtype} table, ids [2, 3]"), &got, &want, 0.0, 0.0));
     }
     if ctx.has_f16() {
         let d = rng.uniform(1001, -100.0, 100.0);
         let x = Tensor::from_f32(ctx, &[1001], &d)?;
         let h = ops::cast(ctx, &x, DType::F16)?;
         let want = rounded(d.clone(), DType::F16);
-        r.push(compare(
-            "layout",
-            "cast f32 -> f16 [1001]".into(),
-            &h.to_vec_f32(ctx).await?,
-            &want,
-            0.0,
-            0.0,
-        ));
+        r.push(compare("layout", "cast f32 -> f16 [1001]".into(), &h.to_vec_f32(ctx).await?, &want, 0.0, 0.0));
         let back = ops::cast(ctx, &h, DType::F32)?.to_vec_f32(ctx).await?;
-        r.push(compare(
-            "layout",
-            "cast f16 -> f32 [1001]".into(),
-            &back,
-            &want,
-            0.0,
-            0.0,
-        ));
+        r.push(compare("layout", "cast f16 -> f32 [1001]".into(), &back, &want, 0.0, 0.0));
     }
     Ok(())
 }
@@ -898,17 +635,13 @@ async fn timestep_embedding(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Resul
             max_period: 10000.0,
             scale: 1.0,
         };
-        let got = ops::timestep_embedding(ctx, &t, cfg, DType::F32)?
-            .to_vec_f32(ctx)
-            .await?;
+        let got = ops::timestep_embedding(ctx, &t, cfg, DType::F32)?.to_vec_f32(ctx).await?;
         // diffusers' get_timestep_embedding, in f64.
         let half = dim / 2;
         let mut want = Vec::new();
         for &tv in &ts {
             let args: Vec<f64> = (0..half)
-                .map(|i| {
-                    tv as f64 * (-(10000f64).ln() * i as f64 / (half as f64 - shift as f64)).exp()
-                })
+                .map(|i| tv as f64 * (-(10000f64).ln() * i as f64 / (half as f64 - shift as f64)).exp())
                 .collect();
             let (sin, cos): (Vec<f64>, Vec<f64>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
             let (first, second) = if flip { (cos, sin) } else { (sin, cos) };
@@ -931,14 +664,7 @@ fn expect_error<T>(case: &str, result: Result<T>, needles: &[&str]) -> CheckRepo
         Err(e) => {
             let msg = e.to_string();
             let missing: Vec<_> = needles.iter().filter(|n| !msg.contains(**n)).collect();
-            (
-                missing.is_empty(),
-                if missing.is_empty() {
-                    msg
-                } else {
-                    format!("{msg:?} does not mention {missing:?}")
-                },
-            )
+            (missing.is_empty(), if missing.is_empty() { msg } else { format!("{msg:?} does not mention {missing:?}") })
         }
     };
     CheckReport {
@@ -968,11 +694,7 @@ fn errors(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
         ops::conv2d(ctx, &x, &w, (3, 3), None, Conv2dOpts::default()),
         &["conv2d", "[4, 2, 3, 3]", "[1, 3, 8, 8]"],
     ));
-    r.push(expect_error(
-        "add broadcast",
-        ops::add(ctx, &a, &b),
-        &["add", "[2, 3]", "[4, 5]"],
-    ));
+    r.push(expect_error("add broadcast", ops::add(ctx, &a, &b), &["add", "[2, 3]", "[4, 5]"]));
     let q = t(&[1, 4, 30])?;
     r.push(expect_error(
         "attention heads",
@@ -985,10 +707,7 @@ fn errors(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
         ops::group_norm(ctx, &x, 2, &g, &g, 1e-5, false),
         &["group_norm", "2 groups", "[1, 3, 8, 8]"],
     ));
-    let limit = ctx
-        .summary()
-        .max_storage_buffer_binding_size
-        .min(ctx.summary().max_buffer_size);
+    let limit = ctx.summary().max_storage_buffer_binding_size.min(ctx.summary().max_buffer_size);
     let too_big = (limit / 4 + 1024) as usize;
     r.push(expect_error(
         "tensor over the binding limit",
@@ -1015,16 +734,8 @@ fn errors(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     ));
     if !ctx.has_f16() {
         let h = Tensor::empty(ctx, "test", &[4], DType::F16)?;
-        r.push(expect_error(
-            "f16 without shader-f16",
-            ops::silu(ctx, &h),
-            &["silu", "shader-f16"],
-        ));
-        r.push(expect_error(
-            "cast without shader-f16",
-            ops::cast(ctx, &a, DType::F16),
-            &["cast", "shader-f16"],
-        ));
+        r.push(expect_error("f16 without shader-f16", ops::silu(ctx, &h), &["silu", "shader-f16"]));
+        r.push(expect_error("cast without shader-f16", ops::cast(ctx, &a, DType::F16), &["cast", "shader-f16"]));
     }
     // Nothing above may have reached the GPU: the device has no error to report.
     ctx.flush()?;
@@ -1039,14 +750,7 @@ mod tests {
     fn compare_fails_outside_the_tolerance_and_names_the_worst_index() {
         let ok = compare("t", "c".into(), &[1.0, 2.0], &[1.0, 2.00001], 1e-4, 0.0);
         assert!(ok.passed);
-        let bad = compare(
-            "t",
-            "c".into(),
-            &[1.0, 2.5, 3.0],
-            &[1.0, 2.0, 3.1],
-            1e-3,
-            1e-3,
-        );
+        let bad = compare("t", "c".into(), &[1.0, 2.5, 3.0], &[1.0, 2.0, 3.1], 1e-3, 1e-3);
         assert!(!bad.passed);
         assert!(bad.worst.contains("index 1"), "{}", bad.worst);
         assert!(!compare("t", "c".into(), &[f32::NAN], &[0.0], 1.0, 1.0).passed);

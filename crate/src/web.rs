@@ -16,8 +16,7 @@ fn js_err(e: impl std::fmt::Display) -> JsError {
 }
 
 fn to_js<T: serde::Serialize>(v: &T) -> Result<JsValue, JsError> {
-    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible())
-        .map_err(js_err)
+    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).map_err(js_err)
 }
 
 /// The diagnostics page's handle on a WebGPU device: adapter facts and the kernel self-checks.
@@ -51,9 +50,7 @@ impl Diagnostics {
     pub fn run_check(&self, name: String) -> js_sys::Promise {
         let ctx = self.ctx.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let reports = selfcheck::run(&ctx, &name)
-                .await
-                .map_err(|e| JsValue::from(js_err(e)))?;
+            let reports = selfcheck::run(&ctx, &name).await.map_err(|e| JsValue::from(js_err(e)))?;
             to_js(&reports).map_err(JsValue::from)
         })
     }

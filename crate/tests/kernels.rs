@@ -12,8 +12,8 @@ wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
 fn context() -> GpuContext {
     static CTX: std::sync::OnceLock<GpuContext> = std::sync::OnceLock::new();
     CTX.get_or_init(|| {
-        let ctx = pollster::block_on(GpuContext::new())
-            .unwrap_or_else(|e| panic!("kernel tests need a GPU adapter: {e}"));
+        let ctx =
+            pollster::block_on(GpuContext::new()).unwrap_or_else(|e| panic!("kernel tests need a GPU adapter: {e}"));
         eprintln!("{}", ctx.summary());
         ctx
     })
@@ -21,21 +21,14 @@ fn context() -> GpuContext {
 }
 
 async fn check(ctx: &GpuContext, name: &str) {
-    let reports = selfcheck::run(ctx, name)
-        .await
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let reports = selfcheck::run(ctx, name).await.unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(!reports.is_empty(), "{name} checked nothing");
     let mut failed = 0;
     for r in &reports {
         println!("{r}");
         failed += !r.passed as usize;
     }
-    assert_eq!(
-        failed,
-        0,
-        "{name}: {failed} of {} cases failed (see above)",
-        reports.len()
-    );
+    assert_eq!(failed, 0, "{name}: {failed} of {} cases failed (see above)", reports.len());
 }
 
 macro_rules! kernel_tests {
@@ -87,8 +80,7 @@ kernel_tests!(
 #[test]
 fn without_shader_f16() {
     use latent_gen::gpu::ContextOptions;
-    let ctx = pollster::block_on(GpuContext::with_options(ContextOptions { f16: false }))
-        .expect("adapter");
+    let ctx = pollster::block_on(GpuContext::with_options(ContextOptions { f16: false })).expect("adapter");
     assert!(!ctx.has_f16());
     pollster::block_on(check(&ctx, "errors"));
     pollster::block_on(check(&ctx, "matmul"));

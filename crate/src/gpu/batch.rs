@@ -38,10 +38,7 @@ impl Batch {
         queue: &wgpu::Queue,
         params: &[u8],
     ) -> (wgpu::Buffer, u64, u64) {
-        assert!(
-            params.len() as u64 <= MAX_PARAMS,
-            "kernel parameters exceed {MAX_PARAMS} bytes"
-        );
+        assert!(params.len() as u64 <= MAX_PARAMS, "kernel parameters exceed {MAX_PARAMS} bytes");
         if self.uniforms.len() as u64 >= self.slot_size * ARENA_SLOTS {
             self.flush(device, queue);
         }
@@ -67,15 +64,10 @@ impl Batch {
     pub fn pass(&mut self, device: &wgpu::Device) -> &mut wgpu::ComputePass<'static> {
         if self.pass.is_none() {
             let encoder = self.encoder.get_or_insert_with(|| {
-                device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("latent-gen"),
-                })
+                device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("latent-gen") })
             });
             let pass = encoder
-                .begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: None,
-                    timestamp_writes: None,
-                })
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None })
                 .forget_lifetime();
             self.pass = Some(pass);
         }
@@ -87,9 +79,7 @@ impl Batch {
     pub fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
         self.pass = None;
         self.encoder.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("latent-gen"),
-            })
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("latent-gen") })
         })
     }
 

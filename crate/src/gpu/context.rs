@@ -13,9 +13,8 @@ use super::pool::{BufferPool, PoolStats};
 use crate::error::{Error, Result};
 
 /// Optional features the runtime enables when the adapter has them.
-const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
-    .union(wgpu::Features::SUBGROUP)
-    .union(wgpu::Features::TIMESTAMP_QUERY);
+const WANTED_FEATURES: wgpu::Features =
+    wgpu::Features::SHADER_F16.union(wgpu::Features::SUBGROUP).union(wgpu::Features::TIMESTAMP_QUERY);
 
 /// Choices made when creating a device.
 #[derive(Clone, Copy, Debug)]
@@ -52,11 +51,7 @@ pub struct AdapterSummary {
 
 impl std::fmt::Display for AdapterSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "adapter: {} ({}, {})",
-            self.name, self.backend, self.device_type
-        )?;
+        writeln!(f, "adapter: {} ({}, {})", self.name, self.backend, self.device_type)?;
         writeln!(f, "driver: {} {}", self.driver, self.driver_info)?;
         writeln!(
             f,
@@ -66,31 +61,11 @@ impl std::fmt::Display for AdapterSummary {
             yes_no(self.timestamp_query)
         )?;
         writeln!(f, "maxBufferSize: {}", self.max_buffer_size)?;
-        writeln!(
-            f,
-            "maxStorageBufferBindingSize: {}",
-            self.max_storage_buffer_binding_size
-        )?;
-        writeln!(
-            f,
-            "maxComputeWorkgroupStorageSize: {}",
-            self.max_compute_workgroup_storage_size
-        )?;
-        writeln!(
-            f,
-            "maxComputeInvocationsPerWorkgroup: {}",
-            self.max_compute_invocations_per_workgroup
-        )?;
-        writeln!(
-            f,
-            "maxComputeWorkgroupsPerDimension: {}",
-            self.max_compute_workgroups_per_dimension
-        )?;
-        write!(
-            f,
-            "maxStorageBuffersPerShaderStage: {}",
-            self.max_storage_buffers_per_shader_stage
-        )
+        writeln!(f, "maxStorageBufferBindingSize: {}", self.max_storage_buffer_binding_size)?;
+        writeln!(f, "maxComputeWorkgroupStorageSize: {}", self.max_compute_workgroup_storage_size)?;
+        writeln!(f, "maxComputeInvocationsPerWorkgroup: {}", self.max_compute_invocations_per_workgroup)?;
+        writeln!(f, "maxComputeWorkgroupsPerDimension: {}", self.max_compute_workgroups_per_dimension)?;
+        write!(f, "maxStorageBuffersPerShaderStage: {}", self.max_storage_buffers_per_shader_stage)
     }
 }
 
@@ -124,8 +99,7 @@ impl GpuContext {
 
     /// [`GpuContext::new`] with options.
     pub async fn with_options(options: ContextOptions) -> Result<Self> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = instance
             .request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
@@ -192,10 +166,7 @@ impl GpuContext {
             device,
             queue,
         };
-        Self {
-            shared: Ref::new(shared),
-            summary: Ref::new(summary),
-        }
+        Self { shared: Ref::new(shared), summary: Ref::new(summary) }
     }
 
     /// The adapter, its limits and the features enabled on the device.
@@ -230,8 +201,7 @@ impl GpuContext {
 
     /// Submits the recorded commands now. Ops record into one batch; reading a tensor back flushes implicitly.
     pub fn flush(&self) -> Result<()> {
-        self.lock_batch()
-            .flush(&self.shared.device, &self.shared.queue);
+        self.lock_batch().flush(&self.shared.device, &self.shared.queue);
         self.take_uncaptured()
     }
 
@@ -244,28 +214,20 @@ impl GpuContext {
             let _ = tx.send(());
         });
         self.poll_wait()?;
-        rx.await
-            .map_err(|_| Error::Gpu("the device was lost while waiting for the queue".into()))?;
+        rx.await.map_err(|_| Error::Gpu("the device was lost while waiting for the queue".into()))?;
         self.take_uncaptured()
     }
 
     /// Natively blocks until submitted work is done; a no-op in the browser (the event loop polls).
     pub(crate) fn poll_wait(&self) -> Result<()> {
         #[cfg(not(target_arch = "wasm32"))]
-        self.shared
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu(e.to_string()))?;
+        self.shared.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
         Ok(())
     }
 
     /// Returns the first uncaptured wgpu error since the last call, as an error value.
     pub(crate) fn take_uncaptured(&self) -> Result<()> {
-        let mut slot = self
-            .shared
-            .uncaptured
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.shared.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
         match slot.take() {
             Some(msg) => Err(Error::Gpu(msg)),
             None => Ok(()),

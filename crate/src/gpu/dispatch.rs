@@ -9,11 +9,7 @@ use crate::error::{Error, Result};
 /// Kernels recover the linear id as `wid.y * nwg.x + wid.x`.
 pub fn grid_1d(ctx: &GpuContext, n: u32) -> [u32; 3] {
     let max = ctx.limits().max_compute_workgroups_per_dimension.max(1);
-    if n <= max {
-        [n, 1, 1]
-    } else {
-        [max, n.div_ceil(max), 1]
-    }
+    if n <= max { [n, 1, 1] } else { [max, n.div_ceil(max), 1] }
 }
 
 impl GpuContext {
@@ -29,23 +25,10 @@ impl GpuContext {
         outputs: &[&Tensor],
         groups: [u32; 3],
     ) -> Result<()> {
-        debug_assert_eq!(
-            inputs.len() as u32,
-            kernel.inputs,
-            "{}: inputs",
-            kernel.name
-        );
-        debug_assert_eq!(
-            outputs.len() as u32,
-            kernel.outputs,
-            "{}: outputs",
-            kernel.name
-        );
+        debug_assert_eq!(inputs.len() as u32, kernel.inputs, "{}: inputs", kernel.name);
+        debug_assert_eq!(outputs.len() as u32, kernel.outputs, "{}: outputs", kernel.name);
         if spec.f16 && !self.has_f16() {
-            return Err(Error::MissingFeature {
-                op,
-                feature: "shader-f16",
-            });
+            return Err(Error::MissingFeature { op, feature: "shader-f16" });
         }
         let max = self.limits().max_compute_workgroups_per_dimension;
         if let Some(&g) = groups.iter().find(|&&g| g > max) {

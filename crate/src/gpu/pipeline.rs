@@ -43,11 +43,7 @@ pub struct Spec {
 
 impl Spec {
     pub fn new(f16: bool) -> Self {
-        Self {
-            f16,
-            consts: Vec::new(),
-            aliases: Vec::new(),
-        }
+        Self { f16, consts: Vec::new(), aliases: Vec::new() }
     }
 
     pub fn alias(mut self, name: &'static str, ty: &'static str) -> Self {
@@ -106,19 +102,12 @@ pub struct PipelineCache {
 
 impl PipelineCache {
     pub fn new(has_f16: bool) -> Self {
-        Self {
-            pipelines: Mutex::default(),
-            layouts: Mutex::default(),
-            has_f16,
-        }
+        Self { pipelines: Mutex::default(), layouts: Mutex::default(), has_f16 }
     }
 
     /// The pipeline for `kernel` specialized by `spec`, compiled on first use.
     pub fn get(&self, device: &wgpu::Device, kernel: &Kernel, spec: &Spec) -> Ref<Pipeline> {
-        debug_assert!(
-            !spec.f16 || self.has_f16,
-            "f16 kernels are only requested on shader-f16 devices"
-        );
+        debug_assert!(!spec.f16 || self.has_f16, "f16 kernels are only requested on shader-f16 devices");
         let preamble = spec.preamble();
         let key = format!("{}\n{preamble}", kernel.name);
         let mut pipelines = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());

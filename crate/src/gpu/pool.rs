@@ -13,9 +13,8 @@ use serde::Serialize;
 use super::Ref;
 
 /// Usage of every tensor buffer: bound as storage, filled by upload, read back by copy.
-pub(crate) const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
-    .union(wgpu::BufferUsages::COPY_SRC)
-    .union(wgpu::BufferUsages::COPY_DST);
+pub(crate) const TENSOR_USAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
 
 /// Memory held by the pool's buffers.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -52,12 +51,7 @@ impl BufferPool {
     }
 
     /// A buffer of at least `bytes` bytes (callers have checked `bytes` against the device's limits).
-    pub(crate) fn alloc(
-        self: &Ref<Self>,
-        device: &wgpu::Device,
-        bytes: u64,
-        max: u64,
-    ) -> PooledBuffer {
+    pub(crate) fn alloc(self: &Ref<Self>, device: &wgpu::Device, bytes: u64, max: u64) -> PooledBuffer {
         let size = size_class(bytes, max);
         let mut inner = self.lock();
         let reused = inner.free.get_mut(&size).and_then(Vec::pop);
@@ -79,10 +73,7 @@ impl BufferPool {
         inner.stats.live_bytes += size;
         let total = inner.stats.live_bytes + inner.stats.free_bytes;
         inner.stats.peak_bytes = inner.stats.peak_bytes.max(total);
-        PooledBuffer {
-            buffer: Some(buffer),
-            pool: self.clone(),
-        }
+        PooledBuffer { buffer: Some(buffer), pool: self.clone() }
     }
 
     fn release(&self, buffer: wgpu::Buffer) {
@@ -125,9 +116,7 @@ pub struct PooledBuffer {
 
 impl PooledBuffer {
     pub fn buffer(&self) -> &wgpu::Buffer {
-        self.buffer
-            .as_ref()
-            .expect("a pooled buffer is present until dropped")
+        self.buffer.as_ref().expect("a pooled buffer is present until dropped")
     }
 }
 
@@ -150,10 +139,7 @@ mod tests {
         assert_eq!(size_class(65537, 1 << 30), 65536 + 8192);
         for bytes in [100_000u64, 1 << 20, (1 << 20) + 1, 123_456_789] {
             let c = size_class(bytes, 1 << 40);
-            assert!(
-                c >= bytes && c as f64 <= bytes as f64 * 1.125 + 256.0,
-                "{bytes} -> {c}"
-            );
+            assert!(c >= bytes && c as f64 <= bytes as f64 * 1.125 + 256.0, "{bytes} -> {c}");
         }
         assert_eq!(size_class(1000 * 1024, 1000 * 1024), 1000 * 1024);
     }

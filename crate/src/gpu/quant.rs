@@ -10,9 +10,7 @@ fn ggml_dtype(dtype: DType) -> Result<GgmlDType> {
     match dtype {
         DType::Q8_0 => Ok(GgmlDType::Q8_0),
         DType::Q4_0 => Ok(GgmlDType::Q4_0),
-        DType::F32 | DType::F16 => Err(Error::Invalid(format!(
-            "{dtype} is not a block-quantized dtype"
-        ))),
+        DType::F32 | DType::F16 => Err(Error::Invalid(format!("{dtype} is not a block-quantized dtype"))),
     }
 }
 

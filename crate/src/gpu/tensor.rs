@@ -23,26 +23,17 @@ impl std::fmt::Debug for Tensor {
 
 impl Tensor {
     /// An uninitialized tensor for `op`'s output; errors if it would exceed the device's buffer limits.
-    pub fn empty(
-        ctx: &GpuContext,
-        op: &'static str,
-        shape: &[usize],
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn empty(ctx: &GpuContext, op: &'static str, shape: &[usize], dtype: DType) -> Result<Self> {
         let numel: usize = shape.iter().product();
         if dtype.is_quantized() && shape.last().is_none_or(|d| d % QBLOCK != 0) {
             return Err(Error::Shape {
                 op,
-                msg: format!(
-                    "a {dtype} tensor needs a last dimension that is a multiple of {QBLOCK}, got {shape:?}"
-                ),
+                msg: format!("a {dtype} tensor needs a last dimension that is a multiple of {QBLOCK}, got {shape:?}"),
             });
         }
         let bytes = dtype.storage_bytes(numel) as u64;
         let limits = ctx.limits();
-        let limit = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
+        let limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         if bytes > limit {
             return Err(Error::Limit {
                 op,
@@ -52,31 +43,16 @@ impl Tensor {
                 shape: format!("{shape:?} {dtype}"),
             });
         }
-        let buf = ctx
-            .shared
-            .pool
-            .alloc(&ctx.shared.device, bytes, limits.max_buffer_size);
-        Ok(Self {
-            buf: Ref::new(buf),
-            shape: shape.to_vec(),
-            dtype,
-        })
+        let buf = ctx.shared.pool.alloc(&ctx.shared.device, bytes, limits.max_buffer_size);
+        Ok(Self { buf: Ref::new(buf), shape: shape.to_vec(), dtype })
     }
 
     /// Uploads raw bytes already in the GPU layout of `dtype`.
-    pub fn from_bytes(
-        ctx: &GpuContext,
-        shape: &[usize],
-        dtype: DType,
-        bytes: &[u8],
-    ) -> Result<Self> {
+    pub fn from_bytes(ctx: &GpuContext, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Self> {
         let t = Self::empty(ctx, "upload", shape, dtype)?;
         let want = dtype.storage_bytes(t.numel());
         if bytes.len() != want && bytes.len().div_ceil(4) * 4 != want {
-            return Err(Error::Invalid(format!(
-                "upload: {shape:?} {dtype} takes {want} bytes, got {}",
-                bytes.len()
-            )));
+            return Err(Error::Invalid(format!("upload: {shape:?} {dtype} takes {want} bytes, got {}", bytes.len())));
         }
         // Queue writes land before the batch's recorded commands, and the pooled buffer may still be read
         // by them under its previous owner: submit those first.
@@ -96,18 +72,10 @@ impl Tensor {
     }
 
     /// Uploads f32 data, converting to `dtype` (f16, or quantized to q8_0/q4_0 blocks with candle).
-    pub fn from_f32_as(
-        ctx: &GpuContext,
-        shape: &[usize],
-        data: &[f32],
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn from_f32_as(ctx: &GpuContext, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
         let numel: usize = shape.iter().product();
         if data.len() != numel {
-            return Err(Error::Invalid(format!(
-                "upload: shape {shape:?} needs {numel} values, got {}",
-                data.len()
-            )));
+            return Err(Error::Invalid(format!("upload: shape {shape:?} needs {numel} values, got {}", data.len())));
         }
         match dtype {
             DType::F32 => Self::from_bytes(ctx, shape, dtype, bytemuck::cast_slice(data)),
@@ -182,11 +150,7 @@ impl Tensor {
                 msg: format!("cannot view {:?} {} as {shape:?}", self.shape, self.dtype),
             });
         }
-        Ok(Self {
-            buf: self.buf.clone(),
-            shape: shape.to_vec(),
-            dtype: self.dtype,
-        })
+        Ok(Self { buf: self.buf.clone(), shape: shape.to_vec(), dtype: self.dtype })
     }
 
     /// Copies the tensor's bytes (in the GPU layout) back to the CPU.
@@ -203,9 +167,7 @@ impl Tensor {
         });
         {
             let mut batch = ctx.lock_batch();
-            batch
-                .encoder(ctx.device())
-                .copy_buffer_to_buffer(self.buffer(), 0, &staging, 0, size);
+            batch.encoder(ctx.device()).copy_buffer_to_buffer(self.buffer(), 0, &staging, 0, size);
             batch.flush(ctx.device(), ctx.queue());
         }
         let (tx, rx) = futures_channel::oneshot::channel();
@@ -213,16 +175,10 @@ impl Tensor {
             let _ = tx.send(r);
         });
         ctx.poll_wait()?;
-        let mapped = rx
-            .await
-            .map_err(|_| Error::Readback("the device was lost before the map finished".into()));
+        let mapped = rx.await.map_err(|_| Error::Readback("the device was lost before the map finished".into()));
         ctx.take_uncaptured()?;
         mapped?.map_err(|e| Error::Readback(e.to_string()))?;
-        let data = staging
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| Error::Readback(e.to_string()))?
-            .to_vec();
+        let data = staging.slice(..).get_mapped_range().map_err(|e| Error::Readback(e.to_string()))?.to_vec();
         staging.unmap();
         Ok(data)
     }
@@ -233,10 +189,9 @@ impl Tensor {
         let n = self.numel();
         Ok(match self.dtype {
             DType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes)[..n].to_vec(),
-            DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes)[..n]
-                .iter()
-                .map(|h| h.to_f32())
-                .collect(),
+            DType::F16 => {
+                bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes)[..n].iter().map(|h| h.to_f32()).collect()
+            }
             DType::Q8_0 | DType::Q4_0 => quant::dequantize_gpu(self.dtype, &bytes, n),
         })
     }

@@ -24,12 +24,13 @@ fn quick_gelu_f32(v: f32) -> f32 {
     return v / (1.0 + exp(-1.702 * v));
 }
 
-// Activation codes shared by fused kernels: 0 none, 1 SiLU, 2 GELU (erf), 3 QuickGELU.
+// Activation codes shared by fused kernels: 0 none, 1 SiLU, 2 GELU (erf), 3 QuickGELU, 4 ReLU.
 fn apply_act(code: u32, v: f32) -> f32 {
     switch code {
         case 1u: { return silu_f32(v); }
         case 2u: { return gelu_f32(v); }
         case 3u: { return quick_gelu_f32(v); }
+        case 4u: { return max(v, 0.0); }
         default: { return v; }
     }
 }

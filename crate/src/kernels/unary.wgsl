@@ -1,5 +1,6 @@
 // Elementwise activations, computed in f32 whatever the storage type (helpers in common.wgsl).
-// Specialized by OP: 0 SiLU, 1 GELU (erf form), 2 QuickGELU, 3 GEGLU, 4 scale-and-shift (x * p.alpha + p.beta).
+// Specialized by OP: 0 SiLU, 1 GELU (erf form), 2 QuickGELU, 3 GEGLU, 4 scale-and-shift (x * p.alpha + p.beta),
+// 5 ReLU, 6 soft clamp tanh(x / p.alpha) * p.alpha (TAESD's latent input).
 // GEGLU reads rows of 2*half: out[r, j] = x[r, j] * gelu(x[r, half + j]) (diffusers' GEGLU chunk order).
 
 struct Params {
@@ -35,8 +36,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             y = gelu_f32(v);
         } else if (OP == 2u) {
             y = quick_gelu_f32(v);
-        } else {
+        } else if (OP == 4u) {
             y = v * p.alpha + p.beta;
+        } else if (OP == 5u) {
+            y = max(v, 0.0);
+        } else {
+            y = tanh(v / p.alpha) * p.alpha;
         }
     }
     out[i] = act(y);

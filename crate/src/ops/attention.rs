@@ -59,31 +59,15 @@ pub fn attention(
             ),
         );
     };
-    if b != bk
-        || b != bv
-        || lk != lv
-        || hd != hdk
-        || hd != hdv
-        || heads == 0
-        || hd % heads != 0
-        || lk == 0
-    {
+    if b != bk || b != bv || lk != lv || hd != hdk || hd != hdv || heads == 0 || hd % heads != 0 || lk == 0 {
         return shape_err(
             OP,
-            format!(
-                "q {:?}, k {:?}, v {:?} do not fit {heads} heads",
-                q.shape(),
-                k.shape(),
-                v.shape()
-            ),
+            format!("q {:?}, k {:?}, v {:?} do not fit {heads} heads", q.shape(), k.shape(), v.shape()),
         );
     }
     let d = hd / heads;
     if d > 256 {
-        return shape_err(
-            OP,
-            format!("head dim {d} is above 256 ({:?}, {heads} heads)", q.shape()),
-        );
+        return shape_err(OP, format!("head dim {d} is above 256 ({:?}, {heads} heads)", q.shape()));
     }
     let out = Tensor::empty(ctx, OP, q.shape(), q.dtype())?;
     let dv = d.div_ceil(4);
@@ -104,20 +88,9 @@ pub fn attention(
         bv: (lk * hd) as u32,
         bo: (lq * hd) as u32,
     };
-    let spec = Spec::new(act_dtype(q)?)
-        .u32("D", d as u32)
-        .u32("DV", dv as u32)
-        .u32("BKV", bkv as u32)
-        .flag("CAUSAL", causal);
+    let spec =
+        Spec::new(act_dtype(q)?).u32("D", d as u32).u32("DV", dv as u32).u32("BKV", bkv as u32).flag("CAUSAL", causal);
     let groups = [lq.div_ceil(WG) as u32, heads as u32, b as u32];
-    ctx.dispatch(
-        OP,
-        &ATTENTION,
-        &spec,
-        bytemuck::bytes_of(&params),
-        &[q, k, v],
-        &[&out],
-        groups,
-    )?;
+    ctx.dispatch(OP, &ATTENTION, &spec, bytemuck::bytes_of(&params), &[q, k, v], &[&out], groups)?;
     Ok(out)
 }

@@ -6,20 +6,12 @@ use super::{act_dtype, check_act};
 use crate::error::{Result, shape_err};
 use crate::gpu::{GpuContext, Kernel, Spec, Tensor};
 
-const BINARY: Kernel = Kernel {
-    name: "binary",
-    sources: &[include_str!("../kernels/binary.wgsl")],
-    entry: "main",
-    inputs: 2,
-    outputs: 1,
-};
+const BINARY: Kernel =
+    Kernel { name: "binary", sources: &[include_str!("../kernels/binary.wgsl")], entry: "main", inputs: 2, outputs: 1 };
 
 const UNARY: Kernel = Kernel {
     name: "unary",
-    sources: &[
-        include_str!("../kernels/common.wgsl"),
-        include_str!("../kernels/unary.wgsl"),
-    ],
+    sources: &[include_str!("../kernels/common.wgsl"), include_str!("../kernels/unary.wgsl")],
     entry: "main",
     inputs: 1,
     outputs: 1,
@@ -78,6 +70,7 @@ pub enum Activation {
     Gelu = 1,
     /// x * sigmoid(1.702 x), CLIP's "quick_gelu".
     QuickGelu = 2,
+    Relu = 5,
 }
 
 /// The broadcast shape of `a` and `b` (numpy rules), or None.
@@ -85,16 +78,8 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for i in 0..r {
-        let da = if i + a.len() >= r {
-            a[i + a.len() - r]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= r {
-            b[i + b.len() - r]
-        } else {
-            1
-        };
+        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
@@ -111,11 +96,7 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> [u32; 4] {
     let mut stride = 1usize;
     for i in (0..shape.len()).rev() {
         let oi = 4 - (shape.len() - i);
-        strides[oi] = if shape[i] == 1 && out[out.len() - (shape.len() - i)] != 1 {
-            0
-        } else {
-            stride as u32
-        };
+        strides[oi] = if shape[i] == 1 && out[out.len() - (shape.len() - i)] != 1 { 0 } else { stride as u32 };
         stride *= shape[i];
     }
     strides
@@ -130,25 +111,10 @@ pub fn binary(ctx: &GpuContext, op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<
     };
     check_act(name, &[a, b])?;
     let Some(shape) = broadcast_shape(a.shape(), b.shape()) else {
-        return shape_err(
-            name,
-            format!(
-                "shapes {:?} and {:?} do not broadcast",
-                a.shape(),
-                b.shape()
-            ),
-        );
+        return shape_err(name, format!("shapes {:?} and {:?} do not broadcast", a.shape(), b.shape()));
     };
     if shape.len() > 4 {
-        return shape_err(
-            name,
-            format!(
-                "rank {} is above 4 ({:?}, {:?})",
-                shape.len(),
-                a.shape(),
-                b.shape()
-            ),
-        );
+        return shape_err(name, format!("rank {} is above 4 ({:?}, {:?})", shape.len(), a.shape(), b.shape()));
     }
     let out = Tensor::empty(ctx, name, &shape, a.dtype())?;
     let mut padded = [1u32; 4];
@@ -165,15 +131,7 @@ pub fn binary(ctx: &GpuContext, op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<
     };
     let spec = Spec::new(act_dtype(a)?).u32("OP", op as u32);
     let groups = crate::gpu::grid_1d(ctx, n.div_ceil(256));
-    ctx.dispatch(
-        name,
-        &BINARY,
-        &spec,
-        bytemuck::bytes_of(&params),
-        &[a, b],
-        &[&out],
-        groups,
-    )?;
+    ctx.dispatch(name, &BINARY, &spec, bytemuck::bytes_of(&params), &[a, b], &[&out], groups)?;
     Ok(out)
 }
 
@@ -201,15 +159,7 @@ fn unary(
     let out = Tensor::empty(ctx, name, out_shape, x.dtype())?;
     let spec = Spec::new(act_dtype(x)?).u32("OP", code);
     let groups = crate::gpu::grid_1d(ctx, params.n.div_ceil(256));
-    ctx.dispatch(
-        name,
-        &UNARY,
-        &spec,
-        bytemuck::bytes_of(&params),
-        &[x],
-        &[&out],
-        groups,
-    )?;
+    ctx.dispatch(name, &UNARY, &spec, bytemuck::bytes_of(&params), &[x], &[&out], groups)?;
     Ok(out)
 }
 
@@ -219,13 +169,9 @@ pub fn activation(ctx: &GpuContext, x: &Tensor, act: Activation) -> Result<Tenso
         Activation::Silu => "silu",
         Activation::Gelu => "gelu",
         Activation::QuickGelu => "quick_gelu",
+        Activation::Relu => "relu",
     };
-    let params = UnaryParams {
-        n: x.numel() as u32,
-        half: 0,
-        alpha: 0.0,
-        beta: 0.0,
-    };
+    let params = UnaryParams { n: x.numel() as u32, half: 0, alpha: 0.0, beta: 0.0 };
     unary(ctx, name, x, x.shape(), act as u32, params)
 }
 
@@ -245,30 +191,27 @@ pub fn quick_gelu(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
 pub fn geglu(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
     let last = x.dim(-1);
     if x.rank() == 0 || !last.is_multiple_of(2) {
-        return shape_err(
-            "geglu",
-            format!("the last dimension must be even, got {:?}", x.shape()),
-        );
+        return shape_err("geglu", format!("the last dimension must be even, got {:?}", x.shape()));
     }
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = last / 2;
-    let params = UnaryParams {
-        n: (x.numel() / 2) as u32,
-        half: (last / 2) as u32,
-        alpha: 0.0,
-        beta: 0.0,
-    };
+    let params = UnaryParams { n: (x.numel() / 2) as u32, half: (last / 2) as u32, alpha: 0.0, beta: 0.0 };
     unary(ctx, "geglu", x, &shape, 3, params)
+}
+
+pub fn relu(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
+    activation(ctx, x, Activation::Relu)
+}
+
+/// tanh(x / limit) * limit: a smooth clamp to (-limit, limit).
+pub fn soft_clamp(ctx: &GpuContext, x: &Tensor, limit: f32) -> Result<Tensor> {
+    let params = UnaryParams { n: x.numel() as u32, half: 0, alpha: limit, beta: 0.0 };
+    unary(ctx, "soft_clamp", x, x.shape(), 6, params)
 }
 
 /// x * alpha + beta.
 pub fn affine(ctx: &GpuContext, x: &Tensor, alpha: f32, beta: f32) -> Result<Tensor> {
-    let params = UnaryParams {
-        n: x.numel() as u32,
-        half: 0,
-        alpha,
-        beta,
-    };
+    let params = UnaryParams { n: x.numel() as u32, half: 0, alpha, beta };
     unary(ctx, "affine", x, x.shape(), 4, params)
 }
 
@@ -282,20 +225,12 @@ pub struct Term<'a> {
 
 impl<'a> Term<'a> {
     pub fn new(coef: f32, tensor: &'a Tensor) -> Self {
-        Self {
-            tensor,
-            offset: 0,
-            coef,
-        }
+        Self { tensor, offset: 0, coef }
     }
 
     /// The `index`-th of `parts` equal parts along the first dimension (e.g. one half of a CFG batch).
     pub fn part(coef: f32, tensor: &'a Tensor, index: usize, parts: usize) -> Self {
-        Self {
-            tensor,
-            offset: tensor.numel() / parts * index,
-            coef,
-        }
+        Self { tensor, offset: tensor.numel() / parts * index, coef }
     }
 }
 
@@ -311,21 +246,11 @@ pub fn lincomb(ctx: &GpuContext, shape: &[usize], terms: &[Term<'_>]) -> Result<
     if let Some(t) = terms.iter().find(|t| t.offset + n > t.tensor.numel()) {
         return shape_err(
             OP,
-            format!(
-                "{n} elements from offset {} overrun {:?} (output {shape:?})",
-                t.offset,
-                t.tensor.shape()
-            ),
+            format!("{n} elements from offset {} overrun {:?} (output {shape:?})", t.offset, t.tensor.shape()),
         );
     }
     let out = Tensor::empty(ctx, OP, shape, tensors[0].dtype())?;
-    let mut params = LincombParams {
-        n: n as u32,
-        terms: terms.len() as u32,
-        _pad: [0; 2],
-        off: [0; 4],
-        c: [0.0; 4],
-    };
+    let mut params = LincombParams { n: n as u32, terms: terms.len() as u32, _pad: [0; 2], off: [0; 4], c: [0.0; 4] };
     for (i, t) in terms.iter().enumerate() {
         params.off[i] = t.offset as u32;
         params.c[i] = t.coef;
@@ -333,15 +258,7 @@ pub fn lincomb(ctx: &GpuContext, shape: &[usize], terms: &[Term<'_>]) -> Result<
     let inputs: Vec<&Tensor> = (0..4).map(|i| tensors[i.min(tensors.len() - 1)]).collect();
     let spec = Spec::new(act_dtype(tensors[0])?);
     let groups = crate::gpu::grid_1d(ctx, (n as u32).div_ceil(256));
-    ctx.dispatch(
-        OP,
-        &LINCOMB,
-        &spec,
-        bytemuck::bytes_of(&params),
-        &inputs,
-        &[&out],
-        groups,
-    )?;
+    ctx.dispatch(OP, &LINCOMB, &spec, bytemuck::bytes_of(&params), &inputs, &[&out], groups)?;
     Ok(out)
 }
 

@@ -18,13 +18,7 @@ const CONV: &str = include_str!("../kernels/conv2d.wgsl");
 
 macro_rules! gemm_kernel {
     ($name:literal, $b:ident, $op:ident) => {
-        Kernel {
-            name: $name,
-            sources: &[COMMON, CORE, $b, $op],
-            entry: "",
-            inputs: 3,
-            outputs: 1,
-        }
+        Kernel { name: $name, sources: &[COMMON, CORE, $b, $op], entry: "", inputs: 3, outputs: 1 }
     };
 }
 
@@ -78,11 +72,7 @@ impl Tile {
     /// The tile for an (m, n) output: large tiles once there are enough of them to fill a big GPU.
     pub fn for_shape(m: usize, n: usize, batch: usize) -> Tile {
         let large_tiles = m.div_ceil(128) * n.div_ceil(128) * batch;
-        if m >= 128 && n >= 128 && large_tiles >= 128 {
-            Tile::Large
-        } else {
-            Tile::Small
-        }
+        if m >= 128 && n >= 128 && large_tiles >= 128 { Tile::Large } else { Tile::Small }
     }
 
     fn dims(self) -> (u32, u32, u32, u32, &'static str) {
@@ -104,10 +94,7 @@ fn b_kind(op: &'static str, a: DType, b: &Tensor, k_fast: bool) -> Result<usize>
             return Err(Error::DType {
                 op,
                 dtype: d,
-                detail: format!(
-                    " weights {:?} with {a} activations (convert the weights to {a})",
-                    b.shape()
-                ),
+                detail: format!(" weights {:?} with {a} activations (convert the weights to {a})", b.shape()),
             });
         }
     };
@@ -115,10 +102,7 @@ fn b_kind(op: &'static str, a: DType, b: &Tensor, k_fast: bool) -> Result<usize>
         return Err(Error::DType {
             op,
             dtype: b.dtype(),
-            detail: format!(
-                ": quantized {:?} must be the transposed (n, k) operand",
-                b.shape()
-            ),
+            detail: format!(": quantized {:?} must be the transposed (n, k) operand", b.shape()),
         });
     }
     Ok(kind)
@@ -130,11 +114,7 @@ fn check_bias(op: &'static str, bias: Option<&Tensor>, n: usize, a: DType) -> Re
             return shape_err(op, format!("bias {:?} should be [{n}]", bias.shape()));
         }
         if bias.dtype() != a {
-            return Err(Error::DType {
-                op,
-                dtype: bias.dtype(),
-                detail: format!(": bias must be {a}"),
-            });
+            return Err(Error::DType { op, dtype: bias.dtype(), detail: format!(": bias must be {a}") });
         }
     }
     Ok(())
@@ -161,6 +141,7 @@ fn act_code(act: Option<Activation>) -> u32 {
         Some(Activation::Silu) => 1,
         Some(Activation::Gelu) => 2,
         Some(Activation::QuickGelu) => 3,
+        Some(Activation::Relu) => 4,
     }
 }
 
@@ -176,14 +157,7 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
     const OP: &str = "matmul";
     check_act(OP, &[a])?;
     let (Some((ba, ra, ca)), Some((bb, rb, cb))) = (split_matrix(a), split_matrix(b)) else {
-        return shape_err(
-            OP,
-            format!(
-                "operands must be at least 2-D, got {:?} and {:?}",
-                a.shape(),
-                b.shape()
-            ),
-        );
+        return shape_err(OP, format!("operands must be at least 2-D, got {:?} and {:?}", a.shape(), b.shape()));
     };
     let (m, k) = if opts.trans_a { (ca, ra) } else { (ra, ca) };
     let (kb, n) = if opts.trans_b { (cb, rb) } else { (rb, cb) };
@@ -204,10 +178,7 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
         (true, false) => bb,
         (false, false) if ba == bb => ba,
         _ => {
-            return shape_err(
-                OP,
-                format!("batch dimensions differ: {:?} x {:?}", a.shape(), b.shape()),
-            );
+            return shape_err(OP, format!("batch dimensions differ: {:?} x {:?}", a.shape(), b.shape()));
         }
     };
     if b.dtype().is_quantized() && !bb.is_empty() {
@@ -233,32 +204,14 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
         ..Default::default()
     };
     let tile = opts.tile.unwrap_or(Tile::for_shape(m, n, batch));
-    let spec = |spec: Spec| {
-        spec.flag("A_TRANS", opts.trans_a)
-            .flag("A_K_FAST", !opts.trans_a)
-            .flag("B_K_FAST", opts.trans_b)
-    };
-    launch(
-        ctx,
-        OP,
-        &KERNELS[0][kind],
-        tile,
-        spec,
-        params,
-        [a, b],
-        opts.bias,
-        &out,
-    )?;
+    let spec =
+        |spec: Spec| spec.flag("A_TRANS", opts.trans_a).flag("A_K_FAST", !opts.trans_a).flag("B_K_FAST", opts.trans_b);
+    launch(ctx, OP, &KERNELS[0][kind], tile, spec, params, [a, b], opts.bias, &out)?;
     Ok(out)
 }
 
 /// A linear layer: x (.., in) times weight (out, in) transposed, plus bias (out).
-pub fn linear(
-    ctx: &GpuContext,
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-) -> Result<Tensor> {
+pub fn linear(ctx: &GpuContext, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     linear_act(ctx, x, weight, bias, None)
 }
 
@@ -273,26 +226,12 @@ pub fn linear_act(
     if x.rank() == 0 || weight.rank() != 2 || x.dim(-1) != weight.dim(1) {
         return shape_err(
             "linear",
-            format!(
-                "input {:?} does not fit weight {:?} (out, in)",
-                x.shape(),
-                weight.shape()
-            ),
+            format!("input {:?} does not fit weight {:?} (out, in)", x.shape(), weight.shape()),
         );
     }
     let rows = x.numel() / x.dim(-1);
     let x2 = x.reshape(&[rows, x.dim(-1)])?;
-    let out = matmul(
-        ctx,
-        &x2,
-        weight,
-        MatmulOpts {
-            trans_b: true,
-            bias,
-            act,
-            ..Default::default()
-        },
-    )?;
+    let out = matmul(ctx, &x2, weight, MatmulOpts { trans_b: true, bias, act, ..Default::default() })?;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = weight.dim(0);
     out.reshape(&shape)
@@ -302,19 +241,18 @@ pub fn linear_act(
 #[derive(Clone, Copy, Debug)]
 pub struct Conv2dOpts {
     pub stride: usize,
+    /// Zero padding before (top, left).
     pub padding: usize,
+    /// Zero padding after (bottom, right), when it differs from `padding` (the VAE encoder's downsampler
+    /// pads (0, 1, 0, 1)).
+    pub padding_end: Option<usize>,
     pub act: Option<Activation>,
     pub tile: Option<Tile>,
 }
 
 impl Default for Conv2dOpts {
     fn default() -> Self {
-        Self {
-            stride: 1,
-            padding: 0,
-            act: None,
-            tile: None,
-        }
+        Self { stride: 1, padding: 0, padding_end: None, act: None, tile: None }
     }
 }
 
@@ -332,13 +270,7 @@ pub fn conv2d(
     check_act(OP, &[x])?;
     let (kh, kw) = kernel;
     let &[batch, cin, h, w] = x.shape() else {
-        return shape_err(
-            OP,
-            format!(
-                "input must be (batch, channels, height, width), got {:?}",
-                x.shape()
-            ),
-        );
+        return shape_err(OP, format!("input must be (batch, channels, height, width), got {:?}", x.shape()));
     };
     let cout = weight.shape().first().copied().unwrap_or(0);
     let fits = match *weight.shape() {
@@ -357,14 +289,12 @@ pub fn conv2d(
             ),
         );
     }
-    if h + 2 * opts.padding < kh || w + 2 * opts.padding < kw {
-        return shape_err(
-            OP,
-            format!("input {:?} is smaller than the {kh}x{kw} kernel", x.shape()),
-        );
+    let pads = opts.padding + opts.padding_end.unwrap_or(opts.padding);
+    if h + pads < kh || w + pads < kw {
+        return shape_err(OP, format!("input {:?} is smaller than the {kh}x{kw} kernel", x.shape()));
     }
-    let ho = (h + 2 * opts.padding - kh) / opts.stride + 1;
-    let wo = (w + 2 * opts.padding - kw) / opts.stride + 1;
+    let ho = (h + pads - kh) / opts.stride + 1;
+    let wo = (w + pads - kw) / opts.stride + 1;
     check_bias(OP, bias, cout, x.dtype())?;
     let kind = b_kind(OP, x.dtype(), weight, true)?;
     let out = Tensor::empty(ctx, OP, &[batch, cout, ho, wo], x.dtype())?;
@@ -388,23 +318,9 @@ pub fn conv2d(
         act: act_code(opts.act),
     };
     let tile = opts.tile.unwrap_or(Tile::for_shape(m, cout, batch));
-    let spec = |spec: Spec| {
-        spec.flag("A_K_FAST", false)
-            .flag("B_K_FAST", true)
-            .u32("KH", kh as u32)
-            .u32("KW", kw as u32)
-    };
-    launch(
-        ctx,
-        OP,
-        &KERNELS[1][kind],
-        tile,
-        spec,
-        params,
-        [x, weight],
-        bias,
-        &out,
-    )?;
+    let spec =
+        |spec: Spec| spec.flag("A_K_FAST", false).flag("B_K_FAST", true).u32("KH", kh as u32).u32("KW", kw as u32);
+    launch(ctx, OP, &KERNELS[1][kind], tile, spec, params, [x, weight], bias, &out)?;
     Ok(out)
 }
 
@@ -422,13 +338,7 @@ fn launch(
 ) -> Result<()> {
     let (bm, bn, bk, tm, entry) = tile.dims();
     let kernel = Kernel { entry, ..*kernel };
-    let spec = spec(
-        Spec::new(a.dtype() == DType::F16)
-            .u32("BM", bm)
-            .u32("BN", bn)
-            .u32("BK", bk)
-            .u32("TM", tm),
-    );
+    let spec = spec(Spec::new(a.dtype() == DType::F16).u32("BM", bm).u32("BN", bn).u32("BK", bk).u32("TM", tm));
     let dummy;
     let bias = match bias {
         Some(b) => b,
@@ -438,13 +348,5 @@ fn launch(
         }
     };
     let groups = [params.n.div_ceil(bn), params.m.div_ceil(bm), params.batch];
-    ctx.dispatch(
-        op,
-        &kernel,
-        &spec,
-        bytemuck::bytes_of(&params),
-        &[a, b, bias],
-        &[out],
-        groups,
-    )
+    ctx.dispatch(op, &kernel, &spec, bytemuck::bytes_of(&params), &[a, b, bias], &[out], groups)
 }

@@ -24,33 +24,54 @@ const CONCAT: Kernel = kernel!("concat", 2);
 const TRANSPOSE: Kernel = kernel!("transpose", 1);
 const CAST: Kernel = kernel!("cast", 1);
 const TIMESTEP: Kernel = kernel!("timestep", 1);
+const EMBEDDING: Kernel = kernel!("embedding", 2);
+
+/// Rows of `table` (rows, dim; f32, or f16 stored packed) picked by `ids` (an f32 tensor of row indices):
+/// (ids..., dim) in the activation dtype `act`.
+pub fn embedding(ctx: &GpuContext, table: &Tensor, ids: &Tensor, act: DType) -> Result<Tensor> {
+    const OP: &str = "embedding";
+    let &[rows, dim] = table.shape() else {
+        return shape_err(OP, format!("the table must be (rows, dim), got {:?}", table.shape()));
+    };
+    if ids.dtype() != DType::F32 || rows == 0 {
+        return shape_err(OP, format!("ids must be f32 row indices into {:?}, got {ids:?}", table.shape()));
+    }
+    let (ttype, packed) = match (table.dtype(), act) {
+        (DType::F32, DType::F32) => ("f32", false),
+        (DType::F16, DType::F16) => ("f16", false),
+        (DType::F16, _) => ("u32", true),
+        (d, _) => {
+            return Err(Error::DType {
+                op: OP,
+                dtype: d,
+                detail: format!(" table {:?} for {act} output", table.shape()),
+            });
+        }
+    };
+    let mut shape = ids.shape().to_vec();
+    shape.push(dim);
+    let out = Tensor::empty(ctx, OP, &shape, act)?;
+    check_act(OP, &[&out])?;
+    let n = ids.numel();
+    let params = [n as u32, dim as u32, rows as u32, 0];
+    let spec = Spec::new(act == DType::F16).alias("ttype", ttype).flag("TABLE_PACKED", packed);
+    let groups = grid_1d(ctx, ((n * dim) as u32).div_ceil(256));
+    ctx.dispatch(OP, &EMBEDDING, &spec, bytemuck::cast_slice(&params), &[ids, table], &[&out], groups)?;
+    Ok(out)
+}
 
 /// Nearest-neighbour 2x upsampling of x (batch, channels, h, w).
 pub fn upsample_nearest2x(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
     const OP: &str = "upsample_nearest2x";
     check_act(OP, &[x])?;
     let &[b, c, h, w] = x.shape() else {
-        return shape_err(
-            OP,
-            format!(
-                "input must be (batch, channels, height, width), got {:?}",
-                x.shape()
-            ),
-        );
+        return shape_err(OP, format!("input must be (batch, channels, height, width), got {:?}", x.shape()));
     };
     let out = Tensor::empty(ctx, OP, &[b, c, 2 * h, 2 * w], x.dtype())?;
     let n = out.numel() as u32;
     let params = [n, h as u32, w as u32, 0];
     let spec = Spec::new(act_dtype(x)?);
-    ctx.dispatch(
-        OP,
-        &UPSAMPLE,
-        &spec,
-        bytemuck::cast_slice(&params),
-        &[x],
-        &[&out],
-        grid_1d(ctx, n.div_ceil(256)),
-    )?;
+    ctx.dispatch(OP, &UPSAMPLE, &spec, bytemuck::cast_slice(&params), &[x], &[&out], grid_1d(ctx, n.div_ceil(256)))?;
     Ok(out)
 }
 
@@ -60,42 +81,18 @@ pub fn concat(ctx: &GpuContext, a: &Tensor, b: &Tensor, dim: usize) -> Result<Te
     check_act(OP, &[a, b])?;
     let same_rest = a.rank() == b.rank()
         && dim < a.rank()
-        && a.shape()
-            .iter()
-            .zip(b.shape())
-            .enumerate()
-            .all(|(i, (x, y))| i == dim || x == y);
+        && a.shape().iter().zip(b.shape()).enumerate().all(|(i, (x, y))| i == dim || x == y);
     if !same_rest {
-        return shape_err(
-            OP,
-            format!(
-                "cannot concatenate {:?} and {:?} along dimension {dim}",
-                a.shape(),
-                b.shape()
-            ),
-        );
+        return shape_err(OP, format!("cannot concatenate {:?} and {:?} along dimension {dim}", a.shape(), b.shape()));
     }
     let mut shape = a.shape().to_vec();
     shape[dim] += b.shape()[dim];
     let out = Tensor::empty(ctx, OP, &shape, a.dtype())?;
     let n = out.numel() as u32;
     let inner: usize = a.shape()[dim + 1..].iter().product();
-    let params = [
-        n,
-        a.shape()[dim] as u32,
-        b.shape()[dim] as u32,
-        inner as u32,
-    ];
+    let params = [n, a.shape()[dim] as u32, b.shape()[dim] as u32, inner as u32];
     let spec = Spec::new(act_dtype(a)?);
-    ctx.dispatch(
-        OP,
-        &CONCAT,
-        &spec,
-        bytemuck::cast_slice(&params),
-        &[a, b],
-        &[&out],
-        grid_1d(ctx, n.div_ceil(256)),
-    )?;
+    ctx.dispatch(OP, &CONCAT, &spec, bytemuck::cast_slice(&params), &[a, b], &[&out], grid_1d(ctx, n.div_ceil(256)))?;
     Ok(out)
 }
 
@@ -104,10 +101,7 @@ pub fn transpose_last2(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
     const OP: &str = "transpose";
     check_act(OP, &[x])?;
     if x.rank() < 2 {
-        return shape_err(
-            OP,
-            format!("needs at least 2 dimensions, got {:?}", x.shape()),
-        );
+        return shape_err(OP, format!("needs at least 2 dimensions, got {:?}", x.shape()));
     }
     let (rows, cols) = (x.dim(-2), x.dim(-1));
     let batch = x.numel() / (rows * cols).max(1);
@@ -117,20 +111,8 @@ pub fn transpose_last2(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
     let out = Tensor::empty(ctx, OP, &shape, x.dtype())?;
     let params = [rows as u32, cols as u32, 0, 0];
     let spec = Spec::new(act_dtype(x)?);
-    let groups = [
-        cols.div_ceil(16) as u32,
-        rows.div_ceil(16) as u32,
-        batch as u32,
-    ];
-    ctx.dispatch(
-        OP,
-        &TRANSPOSE,
-        &spec,
-        bytemuck::cast_slice(&params),
-        &[x],
-        &[&out],
-        groups,
-    )?;
+    let groups = [cols.div_ceil(16) as u32, rows.div_ceil(16) as u32, batch as u32];
+    ctx.dispatch(OP, &TRANSPOSE, &spec, bytemuck::cast_slice(&params), &[x], &[&out], groups)?;
     Ok(out)
 }
 
@@ -139,10 +121,7 @@ pub fn nchw_to_tokens(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
     let &[b, c, h, w] = x.shape() else {
         return shape_err(
             "nchw_to_tokens",
-            format!(
-                "input must be (batch, channels, height, width), got {:?}",
-                x.shape()
-            ),
+            format!("input must be (batch, channels, height, width), got {:?}", x.shape()),
         );
     };
     transpose_last2(ctx, &x.reshape(&[b, c, h * w])?)
@@ -151,19 +130,10 @@ pub fn nchw_to_tokens(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
 /// (batch, h * w, channels) -> (batch, channels, h, w).
 pub fn tokens_to_nchw(ctx: &GpuContext, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let &[b, hw, c] = x.shape() else {
-        return shape_err(
-            "tokens_to_nchw",
-            format!(
-                "input must be (batch, tokens, channels), got {:?}",
-                x.shape()
-            ),
-        );
+        return shape_err("tokens_to_nchw", format!("input must be (batch, tokens, channels), got {:?}", x.shape()));
     };
     if hw != h * w {
-        return shape_err(
-            "tokens_to_nchw",
-            format!("{hw} tokens are not a {h}x{w} image ({:?})", x.shape()),
-        );
+        return shape_err("tokens_to_nchw", format!("{hw} tokens are not a {h}x{w} image ({:?})", x.shape()));
     }
     transpose_last2(ctx, x)?.reshape(&[b, c, h, w])
 }
@@ -176,29 +146,13 @@ pub fn cast(ctx: &GpuContext, x: &Tensor, dtype: DType) -> Result<Tensor> {
         return Ok(x.clone());
     }
     if !matches!(dtype, DType::F32 | DType::F16) {
-        return Err(Error::DType {
-            op: OP,
-            dtype,
-            detail: " (cast converts between f32 and f16)".into(),
-        });
+        return Err(Error::DType { op: OP, dtype, detail: " (cast converts between f32 and f16)".into() });
     }
     let out = Tensor::empty(ctx, OP, x.shape(), dtype)?;
     let n = x.numel() as u32;
-    let (src, dst) = if dtype == DType::F16 {
-        ("f32", "f16")
-    } else {
-        ("f16", "f32")
-    };
+    let (src, dst) = if dtype == DType::F16 { ("f32", "f16") } else { ("f16", "f32") };
     let spec = Spec::new(true).alias("src", src).alias("dst", dst);
-    ctx.dispatch(
-        OP,
-        &CAST,
-        &spec,
-        bytemuck::cast_slice(&[n, 0, 0, 0]),
-        &[x],
-        &[&out],
-        grid_1d(ctx, n.div_ceil(256)),
-    )?;
+    ctx.dispatch(OP, &CAST, &spec, bytemuck::cast_slice(&[n, 0, 0, 0]), &[x], &[&out], grid_1d(ctx, n.div_ceil(256)))?;
     Ok(out)
 }
 
@@ -227,23 +181,12 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     /// Stable Diffusion's UNet: flip_sin_to_cos true, downscale_freq_shift 0.
     pub fn sd(dim: usize) -> Self {
-        Self {
-            dim,
-            flip_sin_to_cos: true,
-            downscale_freq_shift: 0.0,
-            max_period: 10000.0,
-            scale: 1.0,
-        }
+        Self { dim, flip_sin_to_cos: true, downscale_freq_shift: 0.0, max_period: 10000.0, scale: 1.0 }
     }
 }
 
 /// Sinusoidal embeddings (n, dim) of the f32 timesteps t (n), in `dtype`.
-pub fn timestep_embedding(
-    ctx: &GpuContext,
-    t: &Tensor,
-    cfg: TimestepEmbedding,
-    dtype: DType,
-) -> Result<Tensor> {
+pub fn timestep_embedding(ctx: &GpuContext, t: &Tensor, cfg: TimestepEmbedding, dtype: DType) -> Result<Tensor> {
     const OP: &str = "timestep_embedding";
     if t.rank() != 1 || t.dtype() != DType::F32 {
         return shape_err(OP, format!("timesteps must be a 1-D f32 tensor, got {t:?}"));
@@ -251,10 +194,7 @@ pub fn timestep_embedding(
     if cfg.dim < 2 || cfg.dim / 2 == 0 || (cfg.dim / 2) as f32 == cfg.downscale_freq_shift {
         return shape_err(
             OP,
-            format!(
-                "cannot embed into {} dimensions with shift {}",
-                cfg.dim, cfg.downscale_freq_shift
-            ),
+            format!("cannot embed into {} dimensions with shift {}", cfg.dim, cfg.downscale_freq_shift),
         );
     }
     let n = t.dim(0);
@@ -271,14 +211,6 @@ pub fn timestep_embedding(
     };
     let spec = Spec::new(dtype == DType::F16);
     let groups = [((n * cfg.dim) as u32).div_ceil(256), 1, 1];
-    ctx.dispatch(
-        OP,
-        &TIMESTEP,
-        &spec,
-        bytemuck::bytes_of(&params),
-        &[t],
-        &[&out],
-        groups,
-    )?;
+    ctx.dispatch(OP, &TIMESTEP, &spec, bytemuck::bytes_of(&params), &[t], &[&out], groups)?;
     Ok(out)
 }

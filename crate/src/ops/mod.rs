@@ -10,12 +10,12 @@ pub mod norm;
 
 pub use attention::attention;
 pub use elementwise::{
-    Activation, BinaryOp, Term, add, affine, geglu, gelu, lincomb, mul, quick_gelu, silu, sub,
+    Activation, BinaryOp, Term, add, affine, geglu, gelu, lincomb, mul, quick_gelu, relu, silu, soft_clamp, sub,
 };
 pub use gemm::{Conv2dOpts, MatmulOpts, Tile, conv2d, linear, linear_act, matmul};
 pub use layout::{
-    TimestepEmbedding, cast, concat, nchw_to_tokens, timestep_embedding, tokens_to_nchw,
-    transpose_last2, upsample_nearest2x,
+    TimestepEmbedding, cast, concat, embedding, nchw_to_tokens, timestep_embedding, tokens_to_nchw, transpose_last2,
+    upsample_nearest2x,
 };
 pub use norm::{group_norm, layer_norm, softmax};
 
@@ -30,10 +30,7 @@ pub(crate) fn check_act(op: &'static str, ts: &[&Tensor]) -> Result<()> {
             return Err(Error::DType {
                 op,
                 dtype: t.dtype(),
-                detail: format!(
-                    " for an activation {:?} (activations are f32 or f16)",
-                    t.shape()
-                ),
+                detail: format!(" for an activation {:?} (activations are f32 or f16)", t.shape()),
             });
         }
         if t.dtype() != first {

@@ -6,13 +6,8 @@ use super::{act_dtype, check_act};
 use crate::error::{Result, shape_err};
 use crate::gpu::{GpuContext, Kernel, Spec, Tensor, grid_1d};
 
-const NORM: Kernel = Kernel {
-    name: "norm",
-    sources: &[include_str!("../kernels/norm.wgsl")],
-    entry: "main",
-    inputs: 3,
-    outputs: 1,
-};
+const NORM: Kernel =
+    Kernel { name: "norm", sources: &[include_str!("../kernels/norm.wgsl")], entry: "main", inputs: 3, outputs: 1 };
 
 const SOFTMAX: Kernel = Kernel {
     name: "softmax",
@@ -70,15 +65,7 @@ fn norm(
         }
     };
     let spec = Spec::new(act_dtype(x)?);
-    ctx.dispatch(
-        op,
-        &NORM,
-        &spec,
-        bytemuck::bytes_of(&params),
-        &[x, g, b],
-        &[&out],
-        grid_1d(ctx, params.rows),
-    )?;
+    ctx.dispatch(op, &NORM, &spec, bytemuck::bytes_of(&params), &[x, g, b], &[&out], grid_1d(ctx, params.rows))?;
     Ok(out)
 }
 
@@ -95,13 +82,7 @@ pub fn group_norm(
 ) -> Result<Tensor> {
     const OP: &str = "group_norm";
     if x.rank() < 2 || groups == 0 || !x.dim(1).is_multiple_of(groups) {
-        return shape_err(
-            OP,
-            format!(
-                "{groups} groups do not divide the channels of {:?}",
-                x.shape()
-            ),
-        );
+        return shape_err(OP, format!("{groups} groups do not divide the channels of {:?}", x.shape()));
     }
     let (n, c) = (x.dim(0), x.dim(1));
     let s = x.numel() / (n * c).max(1);
@@ -119,12 +100,7 @@ pub fn group_norm(
 }
 
 /// Layer norm over the last dimension, with optional elementwise weight and bias.
-pub fn layer_norm(
-    ctx: &GpuContext,
-    x: &Tensor,
-    affine: Option<(&Tensor, &Tensor)>,
-    eps: f32,
-) -> Result<Tensor> {
+pub fn layer_norm(ctx: &GpuContext, x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f32) -> Result<Tensor> {
     const OP: &str = "layer_norm";
     if x.rank() == 0 || x.dim(-1) == 0 {
         return shape_err(OP, format!("cannot normalize {:?}", x.shape()));
@@ -154,14 +130,6 @@ pub fn softmax(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
     let rows = (x.numel() / x.dim(-1)) as u32;
     let params = [rows, x.dim(-1) as u32, 0, 0];
     let spec = Spec::new(act_dtype(x)?);
-    ctx.dispatch(
-        OP,
-        &SOFTMAX,
-        &spec,
-        bytemuck::cast_slice(&params),
-        &[x],
-        &[&out],
-        grid_1d(ctx, rows),
-    )?;
+    ctx.dispatch(OP, &SOFTMAX, &spec, bytemuck::cast_slice(&params), &[x], &[&out], grid_1d(ctx, rows))?;
     Ok(out)
 }

@@ -3,8 +3,8 @@
 //! `solver_order=2`, `lower_order_final=True`, `final_sigmas_type="zero"`).
 
 use super::{
-    Common, Scheduler, SchedulerConfig, Spacing, StepPlan, Term, interp, karras, linspace, log_f32,
-    round_even, sigma_to_t,
+    Common, Scheduler, SchedulerConfig, Spacing, StepPlan, Term, interp, karras, linspace, log_f32, round_even,
+    sigma_to_t,
 };
 use crate::error::{Error, Result};
 
@@ -19,19 +19,11 @@ pub struct DpmSolverMultistep {
 }
 
 impl DpmSolverMultistep {
-    pub fn new(
-        common: Common,
-        config: &SchedulerConfig,
-        steps: usize,
-        karras_sigmas: bool,
-    ) -> Result<Self> {
+    pub fn new(common: Common, config: &SchedulerConfig, steps: usize, karras_sigmas: bool) -> Result<Self> {
         common.check_steps(steps)?;
         let algorithm = config.algorithm_type.as_deref().unwrap_or("dpmsolver++");
         let solver = config.solver_type.as_deref().unwrap_or("midpoint");
-        if algorithm != "dpmsolver++"
-            || solver != "midpoint"
-            || config.solver_order.unwrap_or(2) != 2
-        {
+        if algorithm != "dpmsolver++" || solver != "midpoint" || config.solver_order.unwrap_or(2) != 2 {
             return Err(Error::Invalid(format!(
                 "DPM-Solver: only dpmsolver++ / midpoint / order 2 is supported (config has {algorithm} / {solver} / {})",
                 config.solver_order.unwrap_or(2)
@@ -40,27 +32,18 @@ impl DpmSolverMultistep {
         let t = common.train_steps;
         let mut timesteps: Vec<f64> = match common.spacing {
             Spacing::Linspace => {
-                let mut v: Vec<f64> = linspace(0.0, (t - 1) as f64, steps + 1)
-                    .into_iter()
-                    .map(round_even)
-                    .collect();
+                let mut v: Vec<f64> = linspace(0.0, (t - 1) as f64, steps + 1).into_iter().map(round_even).collect();
                 v.reverse();
                 v.pop();
                 v
             }
             Spacing::Leading => {
                 let ratio = t / (steps + 1);
-                (1..=steps)
-                    .rev()
-                    .map(|i| (i * ratio + common.steps_offset) as f64)
-                    .collect()
+                (1..=steps).rev().map(|i| (i * ratio + common.steps_offset) as f64).collect()
             }
             Spacing::Trailing => {
                 let ratio = t as f64 / steps as f64;
-                super::ddim::arange_desc(t as f64, ratio)
-                    .into_iter()
-                    .map(|v| round_even(v) - 1.0)
-                    .collect()
+                super::ddim::arange_desc(t as f64, ratio).into_iter().map(|v| round_even(v) - 1.0).collect()
             }
         };
         let train_sigmas = common.train_sigmas();
@@ -78,18 +61,13 @@ impl DpmSolverMultistep {
                 .collect();
             k
         } else {
-            timesteps
-                .iter()
-                .map(|ts| interp(*ts, &train_sigmas))
-                .collect()
+            timesteps.iter().map(|ts| interp(*ts, &train_sigmas)).collect()
         };
         let last = match config.final_sigmas_type.as_deref().unwrap_or("zero") {
             "zero" => 0.0,
             "sigma_min" => train_sigmas[0],
             s => {
-                return Err(Error::Invalid(format!(
-                    "DPM-Solver: unknown final_sigmas_type {s:?}"
-                )));
+                return Err(Error::Invalid(format!("DPM-Solver: unknown final_sigmas_type {s:?}")));
             }
         };
         sigmas.push(last);
@@ -132,10 +110,7 @@ impl Scheduler for DpmSolverMultistep {
         // 1. The data prediction x0 (dpmsolver++ works on x0 whatever the model predicts).
         let x0 = match self.common.prediction {
             super::Prediction::Epsilon => {
-                vec![
-                    (Term::Sample, 1.0 / alpha_s0),
-                    (Term::ModelOutput, -sigma_s0 / alpha_s0),
-                ]
+                vec![(Term::Sample, 1.0 / alpha_s0), (Term::ModelOutput, -sigma_s0 / alpha_s0)]
             }
             super::Prediction::VPrediction => {
                 vec![(Term::Sample, alpha_s0), (Term::ModelOutput, -sigma_s0)]
@@ -145,16 +120,11 @@ impl Scheduler for DpmSolverMultistep {
         // 2. First order on the first step and (with few steps or a zero final sigma) the last one; second
         //    order otherwise. (diffusers' lower_order_second only matters for order 3.)
         let final_zero = self.sigmas[n] == 0.0;
-        let lower_final =
-            i == n - 1 && (self.euler_at_final || (self.lower_order_final && n < 15) || final_zero);
+        let lower_final = i == n - 1 && (self.euler_at_final || (self.lower_order_final && n < 15) || final_zero);
         let (alpha_t, sigma_t, lambda_t) = alpha_sigma_lambda(self.sigmas[i + 1]);
         let h = lambda_t - lambda_s0;
         let em1 = (-h).exp() - 1.0;
-        let ratio = if sigma_s0 == 0.0 {
-            0.0
-        } else {
-            sigma_t / sigma_s0
-        };
+        let ratio = if sigma_s0 == 0.0 { 0.0 } else { sigma_t / sigma_s0 };
         let prev = if self.lower_order_nums < 1 || lower_final {
             vec![(Term::Sample, ratio), (Term::X0, -alpha_t * em1)]
         } else {
@@ -162,11 +132,7 @@ impl Scheduler for DpmSolverMultistep {
             let r0 = (lambda_s0 - lambda_s1) / h;
             // D0 = x0, D1 = (x0 - prev_x0) / r0; x_t = ratio * x - a em1 D0 - 0.5 a em1 D1.
             let d1 = -0.5 * alpha_t * em1 / r0;
-            vec![
-                (Term::Sample, ratio),
-                (Term::X0, -alpha_t * em1 + d1),
-                (Term::PrevX0, -d1),
-            ]
+            vec![(Term::Sample, ratio), (Term::X0, -alpha_t * em1 + d1), (Term::PrevX0, -d1)]
         };
         if self.lower_order_nums < 2 {
             self.lower_order_nums += 1;

@@ -22,16 +22,10 @@ impl Lcm {
         // The distillation schedule (k, 2k, ... minus one), reversed, sampled at floor(linspace(0, len, steps)).
         let k = t / original;
         let origin: Vec<usize> = (1..=original).rev().map(|i| i * k - 1).collect();
-        let timesteps = (0..steps)
-            .map(|i| origin[i * original / steps] as f64)
-            .collect();
+        let timesteps = (0..steps).map(|i| origin[i * original / steps] as f64).collect();
         // (set_alpha_to_one would only matter for a previous timestep below 0, which LCM never has.)
         let timestep_scaling = config.timestep_scaling.unwrap_or(10.0);
-        Ok(Self {
-            common,
-            timesteps,
-            timestep_scaling,
-        })
+        Ok(Self { common, timesteps, timestep_scaling })
     }
 }
 
@@ -53,11 +47,7 @@ impl Scheduler for Lcm {
         let t = self.timesteps[i] as usize;
         let last = i + 1 == self.timesteps.len();
         let a_t = acp[t.min(acp.len() - 1)];
-        let a_prev = if last {
-            a_t
-        } else {
-            acp[self.timesteps[i + 1] as usize]
-        };
+        let a_prev = if last { a_t } else { acp[self.timesteps[i + 1] as usize] };
         // Boundary-condition scalings: the plan's x0 is LCM's denoised latent, c_out * x0 + c_skip * sample,
         // which the pipeline decodes after the last step.
         let scaled = t as f64 * self.timestep_scaling;
@@ -65,18 +55,11 @@ impl Scheduler for Lcm {
         let c_skip = sigma_data2 / (scaled * scaled + sigma_data2);
         let c_out = scaled / (scaled * scaled + sigma_data2).sqrt();
         let x0 = x0_terms(self.common.prediction, a_t.sqrt(), (1.0 - a_t).sqrt());
-        let x0 = x0
-            .into_iter()
-            .map(|(term, c)| (term, c * c_out))
-            .chain([(Term::Sample, c_skip)])
-            .collect();
+        let x0 = x0.into_iter().map(|(term, c)| (term, c * c_out)).chain([(Term::Sample, c_skip)]).collect();
         let prev = if last {
             vec![(Term::X0, 1.0)]
         } else {
-            vec![
-                (Term::X0, a_prev.sqrt()),
-                (Term::Noise, (1.0 - a_prev).sqrt()),
-            ]
+            vec![(Term::X0, a_prev.sqrt()), (Term::Noise, (1.0 - a_prev).sqrt())]
         };
         StepPlan { x0, prev }
     }

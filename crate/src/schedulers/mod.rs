@@ -57,29 +57,26 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     /// Parses a `scheduler_config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text)
-            .map_err(|e| Error::Invalid(format!("scheduler_config.json: {e}")))
+        serde_json::from_str(text).map_err(|e| Error::Invalid(format!("scheduler_config.json: {e}")))
     }
 
     /// The algorithm the config names, when we implement it (PNDM, the SD1.x default, runs as DDIM).
     pub fn default_kind(&self) -> Result<SchedulerKind> {
         let karras = self.use_karras_sigmas.unwrap_or(false);
-        Ok(
-            match self.class_name.as_deref().unwrap_or("DDIMScheduler") {
-                "DDIMScheduler" | "PNDMScheduler" => SchedulerKind::Ddim,
-                "EulerDiscreteScheduler" => SchedulerKind::Euler,
-                "EulerAncestralDiscreteScheduler" => SchedulerKind::EulerAncestral,
-                "DPMSolverMultistepScheduler" if karras => SchedulerKind::DpmPp2mKarras,
-                "DPMSolverMultistepScheduler" => SchedulerKind::DpmPp2m,
-                "LCMScheduler" => SchedulerKind::Lcm,
-                other => {
-                    return Err(Error::Invalid(format!(
-                        "the model's scheduler {other} is not supported; choose one of {}",
-                        SchedulerKind::NAMES.join(", ")
-                    )));
-                }
-            },
-        )
+        Ok(match self.class_name.as_deref().unwrap_or("DDIMScheduler") {
+            "DDIMScheduler" | "PNDMScheduler" => SchedulerKind::Ddim,
+            "EulerDiscreteScheduler" => SchedulerKind::Euler,
+            "EulerAncestralDiscreteScheduler" => SchedulerKind::EulerAncestral,
+            "DPMSolverMultistepScheduler" if karras => SchedulerKind::DpmPp2mKarras,
+            "DPMSolverMultistepScheduler" => SchedulerKind::DpmPp2m,
+            "LCMScheduler" => SchedulerKind::Lcm,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "the model's scheduler {other} is not supported; choose one of {}",
+                    SchedulerKind::NAMES.join(", ")
+                )));
+            }
+        })
     }
 }
 
@@ -101,14 +98,7 @@ pub enum SchedulerKind {
 }
 
 impl SchedulerKind {
-    pub const NAMES: [&'static str; 6] = [
-        "ddim",
-        "euler",
-        "euler-a",
-        "dpm++2m",
-        "dpm++2m-karras",
-        "lcm",
-    ];
+    pub const NAMES: [&'static str; 6] = ["ddim", "euler", "euler-a", "dpm++2m", "dpm++2m-karras", "lcm"];
     const ALL: [SchedulerKind; 6] = [
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
@@ -119,10 +109,7 @@ impl SchedulerKind {
     ];
 
     pub fn name(self) -> &'static str {
-        Self::NAMES[Self::ALL
-            .iter()
-            .position(|k| *k == self)
-            .expect("every kind is listed")]
+        Self::NAMES[Self::ALL.iter().position(|k| *k == self).expect("every kind is listed")]
     }
 
     /// Builds this algorithm from a model's config for `steps` inference steps.
@@ -132,12 +119,8 @@ impl SchedulerKind {
             SchedulerKind::Ddim => Box::new(Ddim::new(common, config, steps)?),
             SchedulerKind::Euler => Box::new(EulerDiscrete::new(common, config, steps)?),
             SchedulerKind::EulerAncestral => Box::new(EulerAncestral::new(common, config, steps)?),
-            SchedulerKind::DpmPp2m => {
-                Box::new(DpmSolverMultistep::new(common, config, steps, false)?)
-            }
-            SchedulerKind::DpmPp2mKarras => {
-                Box::new(DpmSolverMultistep::new(common, config, steps, true)?)
-            }
+            SchedulerKind::DpmPp2m => Box::new(DpmSolverMultistep::new(common, config, steps, false)?),
+            SchedulerKind::DpmPp2mKarras => Box::new(DpmSolverMultistep::new(common, config, steps, true)?),
             SchedulerKind::Lcm => Box::new(Lcm::new(common, config, steps)?),
         })
     }
@@ -151,12 +134,7 @@ impl std::str::FromStr for SchedulerKind {
             .iter()
             .position(|n| *n == s)
             .map(|i| Self::ALL[i])
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "unknown scheduler {s:?}; choose one of {}",
-                    Self::NAMES.join(", ")
-                ))
-            })
+            .ok_or_else(|| Error::Invalid(format!("unknown scheduler {s:?}; choose one of {}", Self::NAMES.join(", "))))
     }
 }
 
@@ -231,11 +209,7 @@ impl StepPlan {
                     Term::PrevX0 => l.prev_x0,
                     Term::Noise => l.noise,
                 }
-                .ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "scheduler step needs {term:?}, which was not given"
-                    ))
-                })?;
+                .ok_or_else(|| Error::Invalid(format!("scheduler step needs {term:?}, which was not given")))?;
                 for (o, v) in out.iter_mut().zip(src) {
                     *o += c as f32 * v;
                 }
@@ -281,20 +255,14 @@ pub enum Spacing {
 impl Common {
     fn new(config: &SchedulerConfig, kind: SchedulerKind) -> Result<Self> {
         if config.rescale_betas_zero_snr.unwrap_or(false) {
-            return Err(Error::Invalid(
-                "scheduler: rescale_betas_zero_snr is not supported".into(),
-            ));
+            return Err(Error::Invalid("scheduler: rescale_betas_zero_snr is not supported".into()));
         }
         if config.thresholding.unwrap_or(false) {
-            return Err(Error::Invalid(
-                "scheduler: thresholding is not supported".into(),
-            ));
+            return Err(Error::Invalid("scheduler: thresholding is not supported".into()));
         }
         let train_steps = config.num_train_timesteps.unwrap_or(1000);
         if train_steps < 2 {
-            return Err(Error::Invalid(format!(
-                "scheduler: num_train_timesteps {train_steps} is too small"
-            )));
+            return Err(Error::Invalid(format!("scheduler: num_train_timesteps {train_steps} is too small")));
         }
         let betas = betas(config, train_steps)?;
         // torch: alphas = 1 - betas in f32, cumprod accumulated in f64 and stored as f32.
@@ -311,9 +279,7 @@ impl Common {
             "v_prediction" => Prediction::VPrediction,
             "sample" => Prediction::Sample,
             p => {
-                return Err(Error::Invalid(format!(
-                    "scheduler: unknown prediction_type {p:?}"
-                )));
+                return Err(Error::Invalid(format!("scheduler: unknown prediction_type {p:?}")));
             }
         };
         // Each diffusers class has its own default spacing.
@@ -321,27 +287,15 @@ impl Common {
             SchedulerKind::Ddim | SchedulerKind::Lcm => "leading",
             _ => "linspace",
         };
-        let spacing = match config
-            .timestep_spacing
-            .as_deref()
-            .unwrap_or(default_spacing)
-        {
+        let spacing = match config.timestep_spacing.as_deref().unwrap_or(default_spacing) {
             "leading" => Spacing::Leading,
             "trailing" => Spacing::Trailing,
             "linspace" => Spacing::Linspace,
             s => {
-                return Err(Error::Invalid(format!(
-                    "scheduler: unknown timestep_spacing {s:?}"
-                )));
+                return Err(Error::Invalid(format!("scheduler: unknown timestep_spacing {s:?}")));
             }
         };
-        Ok(Self {
-            train_steps,
-            alphas_cumprod,
-            prediction,
-            spacing,
-            steps_offset: config.steps_offset.unwrap_or(0),
-        })
+        Ok(Self { train_steps, alphas_cumprod, prediction, spacing, steps_offset: config.steps_offset.unwrap_or(0) })
     }
 
     /// sqrt((1 - acp) / acp) for every training timestep, in f32 as diffusers computes it.
@@ -357,10 +311,7 @@ impl Common {
 
     fn check_steps(&self, steps: usize) -> Result<()> {
         if steps == 0 || steps > self.train_steps {
-            return Err(Error::Invalid(format!(
-                "steps must be between 1 and {}, got {steps}",
-                self.train_steps
-            )));
+            return Err(Error::Invalid(format!("steps must be between 1 and {}, got {steps}", self.train_steps)));
         }
         Ok(())
     }
@@ -369,10 +320,7 @@ impl Common {
 fn betas(config: &SchedulerConfig, n: usize) -> Result<Vec<f64>> {
     if let Some(b) = &config.trained_betas {
         if b.len() != n {
-            return Err(Error::Invalid(format!(
-                "scheduler: {} trained_betas for {n} timesteps",
-                b.len()
-            )));
+            return Err(Error::Invalid(format!("scheduler: {} trained_betas for {n} timesteps", b.len())));
         }
         return Ok(b.clone());
     }
@@ -380,16 +328,11 @@ fn betas(config: &SchedulerConfig, n: usize) -> Result<Vec<f64>> {
     let end = config.beta_end.unwrap_or(0.02);
     Ok(match config.beta_schedule.as_deref().unwrap_or("linear") {
         "linear" => linspace_f32(start, end, n),
-        "scaled_linear" => linspace_f32(start.sqrt(), end.sqrt(), n)
-            .into_iter()
-            .map(|b| ((b as f32) * (b as f32)) as f64)
-            .collect(),
+        "scaled_linear" => {
+            linspace_f32(start.sqrt(), end.sqrt(), n).into_iter().map(|b| ((b as f32) * (b as f32)) as f64).collect()
+        }
         "squaredcos_cap_v2" => {
-            let alpha_bar = |t: f64| {
-                ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
-                    .cos()
-                    .powi(2)
-            };
+            let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
             (0..n)
                 .map(|i| {
                     let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -398,9 +341,7 @@ fn betas(config: &SchedulerConfig, n: usize) -> Result<Vec<f64>> {
                 .collect()
         }
         s => {
-            return Err(Error::Invalid(format!(
-                "scheduler: unknown beta_schedule {s:?}"
-            )));
+            return Err(Error::Invalid(format!("scheduler: unknown beta_schedule {s:?}")));
         }
     })
 }
@@ -422,15 +363,7 @@ fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
         return vec![start];
     }
     let step = (end - start) / (n - 1) as f64;
-    (0..n)
-        .map(|i| {
-            if i == n - 1 {
-                end
-            } else {
-                start + step * i as f64
-            }
-        })
-        .collect()
+    (0..n).map(|i| if i == n - 1 { end } else { start + step * i as f64 }).collect()
 }
 
 /// numpy's `round` (half to even).
@@ -456,10 +389,7 @@ fn interp(x: f64, ys: &[f64]) -> f64 {
 fn karras(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0;
     let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    linspace(0.0, 1.0, n)
-        .into_iter()
-        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-        .collect()
+    linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
 }
 
 /// `np.log` of diffusers' f32 sigmas: the logs are f32 too.
@@ -471,11 +401,7 @@ fn log_f32(sigmas: &[f64]) -> Vec<f64> {
 fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     let n = log_sigmas.len();
-    let low = log_sigmas
-        .iter()
-        .rposition(|&l| log_sigma - l >= 0.0)
-        .unwrap_or(0)
-        .min(n - 2);
+    let low = log_sigmas.iter().rposition(|&l| log_sigma - l >= 0.0).unwrap_or(0).min(n - 2);
     let (lo, hi) = (log_sigmas[low], log_sigmas[low + 1]);
     let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
     (1.0 - w) * low as f64 + w * (low + 1) as f64
@@ -485,10 +411,7 @@ fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
 /// and sqrt(1 - alpha_cumprod) (the DDPM parametrization used by DDIM, DPM-Solver and LCM).
 fn x0_terms(prediction: Prediction, sqrt_alpha: f64, sqrt_beta: f64) -> Vec<(Term, f64)> {
     match prediction {
-        Prediction::Epsilon => vec![
-            (Term::Sample, 1.0 / sqrt_alpha),
-            (Term::ModelOutput, -sqrt_beta / sqrt_alpha),
-        ],
+        Prediction::Epsilon => vec![(Term::Sample, 1.0 / sqrt_alpha), (Term::ModelOutput, -sqrt_beta / sqrt_alpha)],
         Prediction::VPrediction => {
             vec![(Term::Sample, sqrt_alpha), (Term::ModelOutput, -sqrt_beta)]
         }
@@ -516,59 +439,37 @@ mod tests {
     #[test]
     fn trajectories_match_diffusers() {
         use crate::rng::TorchRng;
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/fixtures/refs/schedulers.json"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/refs/schedulers.json");
         let text = std::fs::read_to_string(path).expect("scheduler fixtures");
         let fixtures: serde_json::Value = serde_json::from_str(&text).unwrap();
         let mut checked = 0;
         for case in fixtures["cases"].as_array().unwrap() {
-            let label = format!(
-                "{} {} {} steps",
-                case["algorithm"], case["config_name"], case["steps"]
-            );
+            let label = format!("{} {} {} steps", case["algorithm"], case["config_name"], case["steps"]);
             if case.get("error").is_some() {
                 continue;
             }
             let config: SchedulerConfig = serde_json::from_value(case["config"].clone()).unwrap();
             let kind: SchedulerKind = case["algorithm"].as_str().unwrap().parse().unwrap();
             let steps = case["steps"].as_u64().unwrap() as usize;
-            let mut sched = kind
-                .build(&config, steps)
-                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            let mut sched = kind.build(&config, steps).unwrap_or_else(|e| panic!("{label}: {e}"));
             let want_t: Vec<f64> = serde_json::from_value(case["timesteps"].clone()).unwrap();
             assert_eq!(sched.timesteps(), &want_t[..], "{label}: timesteps");
             let sigma = case["init_noise_sigma"].as_f64().unwrap();
-            assert!(
-                (sched.init_noise_sigma() - sigma).abs() < 1e-4 * sigma,
-                "{label}: init_noise_sigma"
-            );
+            assert!((sched.init_noise_sigma() - sigma).abs() < 1e-4 * sigma, "{label}: init_noise_sigma");
             let mut rng = TorchRng::new(case["seed"].as_u64().unwrap());
-            let n: usize = case["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .product();
+            let n: usize = case["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).product();
             let init = rng.randn(n);
             let want_init: Vec<f32> = serde_json::from_value(case["init"].clone()).unwrap();
             // torch's vectorized path uses SIMD log/sin/cos: agreement is to float precision, not bitwise.
             for (g, w) in init.iter().zip(&want_init) {
-                assert!(
-                    (g - w).abs() <= 1e-6 * (1.0 + w.abs()),
-                    "{label}: initial noise {g} vs {w}"
-                );
+                assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{label}: initial noise {g} vs {w}");
             }
             let mut sample: Vec<f32> = init.iter().map(|v| v * sigma as f32).collect();
             let mut prev_x0: Option<Vec<f32>> = None;
             for (i, &t) in want_t.iter().enumerate() {
                 let scale = sched.input_scale(i);
                 let want_scale = case["scales"][i].as_f64().unwrap();
-                assert!(
-                    (scale - want_scale).abs() < 1e-6,
-                    "{label} step {i}: input scale {scale} vs {want_scale}"
-                );
+                assert!((scale - want_scale).abs() < 1e-6, "{label} step {i}: input scale {scale} vs {want_scale}");
                 let out: Vec<f32> = sample
                     .iter()
                     .map(|&x| {
@@ -584,15 +485,10 @@ mod tests {
                     prev_x0: prev_x0.as_deref(),
                     noise: noise.as_deref(),
                 };
-                let (x0, prev) = plan
-                    .apply_cpu(&latents)
-                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                let (x0, prev) = plan.apply_cpu(&latents).unwrap_or_else(|e| panic!("{label}: {e}"));
                 let want: Vec<f32> = serde_json::from_value(case["samples"][i].clone()).unwrap();
                 for (j, (g, w)) in prev.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g - w).abs() <= 2e-4 * (1.0 + w.abs()),
-                        "{label} step {i} [{j}]: {g} vs {w}"
-                    );
+                    assert!((g - w).abs() <= 2e-4 * (1.0 + w.abs()), "{label} step {i} [{j}]: {g} vs {w}");
                 }
                 sample = want;
                 prev_x0 = Some(x0);
@@ -607,12 +503,6 @@ mod tests {
         for name in SchedulerKind::NAMES {
             assert_eq!(name.parse::<SchedulerKind>().unwrap().name(), name);
         }
-        assert!(
-            "plms"
-                .parse::<SchedulerKind>()
-                .unwrap_err()
-                .to_string()
-                .contains("dpm++2m-karras")
-        );
+        assert!("plms".parse::<SchedulerKind>().unwrap_err().to_string().contains("dpm++2m-karras"));
     }
 }

@@ -1,0 +1,235 @@
+//! Model weights: safetensors files (f32, f16 or bf16 on disk) read tensor by tensor, checked against the
+//! shape the model expects, converted to the load policy's dtypes and uploaded. A missing or mis-shaped
+//! tensor is an error naming the tensor, the expected and the found shape.
+
+use std::collections::HashMap;
+
+use safetensors::{Dtype, tensor::Metadata};
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, GpuContext, QBLOCK, Tensor};
+
+/// How a tensor is used, which decides the dtype it is stored in on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Biases, norm scales and shifts: the activation dtype.
+    Param,
+    /// A linear layer's weight (out, in): the policy's weight dtype.
+    Linear,
+    /// A conv weight (out, in, kh, kw): the policy's weight dtype; quantized ones become (out, in * kh * kw).
+    Conv,
+    /// An embedding table (rows, dim): f32 or f16, never quantized (rows are gathered).
+    Embedding,
+}
+
+/// The dtypes weights are stored in on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadPolicy {
+    /// Activations and [`Role::Param`] tensors: f32 or f16 (f16 needs shader-f16).
+    pub act: DType,
+    /// Linear and conv weights: f32, f16, q8_0 or q4_0. Matrices whose rows are not a multiple of 32 fall
+    /// back to f16 when a quantized dtype is asked for.
+    pub weights: DType,
+}
+
+impl LoadPolicy {
+    pub const F32: LoadPolicy = LoadPolicy { act: DType::F32, weights: DType::F32 };
+
+    /// The dtype for a weight of `role` whose rows (the reduced dimension) have `row` elements.
+    fn dtype_for(&self, role: Role, row: usize) -> DType {
+        let w = match (self.act, self.weights) {
+            // f16 activations read f16 weights as activations; f32 weights would need a cast per load.
+            (DType::F16, DType::F32) => DType::F16,
+            (_, w) => w,
+        };
+        match role {
+            Role::Param => self.act,
+            Role::Embedding => {
+                if w == DType::F32 {
+                    DType::F32
+                } else {
+                    DType::F16
+                }
+            }
+            Role::Linear | Role::Conv if w.is_quantized() && row % QBLOCK != 0 => DType::F16,
+            Role::Linear | Role::Conv => w,
+        }
+    }
+}
+
+/// A tensor as stored in a file.
+#[derive(Clone, Copy, Debug)]
+pub struct HostTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+impl HostTensor<'_> {
+    /// The values as f32 (f32, f16 and bf16 files).
+    pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
+        Ok(match self.dtype {
+            Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(self.data),
+            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(self.data).iter().map(|v| v.to_f32()).collect(),
+            Dtype::BF16 => {
+                bytemuck::pod_collect_to_vec::<u8, half::bf16>(self.data).iter().map(|v| v.to_f32()).collect()
+            }
+            d => return Err(Error::Invalid(format!("tensor {name} is {d:?}; weights must be f32, f16 or bf16"))),
+        })
+    }
+}
+
+/// Something that holds named tensors (one safetensors file, or several).
+pub trait TensorSource {
+    /// The tensor called `name`, if present.
+    fn tensor(&self, name: &str) -> Option<HostTensor<'_>>;
+    /// What the source is, for error messages (e.g. the file's path).
+    fn label(&self) -> String;
+}
+
+/// The bytes of a safetensors file, memory-mapped or owned.
+pub enum Bytes {
+    Owned(Vec<u8>),
+    #[cfg(not(target_arch = "wasm32"))]
+    Mapped(memmap2::Mmap),
+}
+
+impl AsRef<[u8]> for Bytes {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(v) => v,
+            #[cfg(not(target_arch = "wasm32"))]
+            Bytes::Mapped(m) => m,
+        }
+    }
+}
+
+/// One safetensors file, its header parsed once.
+pub struct Safetensors {
+    bytes: Bytes,
+    data_start: usize,
+    metadata: Metadata,
+    label: String,
+}
+
+impl Safetensors {
+    /// Parses the header of a complete safetensors file; a truncated or foreign file is an error that says so.
+    pub fn new(bytes: Bytes, label: impl Into<String>) -> Result<Self> {
+        let label = label.into();
+        let (n, metadata) = safetensors::SafeTensors::read_metadata(bytes.as_ref()).map_err(|e| {
+            Error::Invalid(format!("{label} is not a complete safetensors file ({e:?}): truncated or corrupt?"))
+        })?;
+        Ok(Self { bytes, data_start: 8 + n, metadata, label })
+    }
+
+    /// Memory-maps the file at `path`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn open(path: &std::path::Path) -> Result<Self> {
+        let label = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|e| Error::Invalid(format!("cannot open {label}: {e}")))?;
+        // SAFETY: the map is read-only; a file changed underneath us gives wrong weights, not unsoundness we
+        // act on (every read is bounds-checked against the header parsed here).
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Invalid(format!("cannot map {label}: {e}")))?;
+        Self::new(Bytes::Mapped(map), label)
+    }
+
+    /// Names and shapes of every tensor.
+    pub fn shapes(&self) -> HashMap<String, Vec<usize>> {
+        self.metadata.tensors().into_iter().map(|(k, v)| (k, v.shape.clone())).collect()
+    }
+}
+
+impl TensorSource for Safetensors {
+    fn tensor(&self, name: &str) -> Option<HostTensor<'_>> {
+        let info = self.metadata.info(name)?;
+        let (a, b) = info.data_offsets;
+        Some(HostTensor {
+            dtype: info.dtype,
+            shape: &info.shape,
+            data: &self.bytes.as_ref()[self.data_start + a..self.data_start + b],
+        })
+    }
+
+    fn label(&self) -> String {
+        self.label.clone()
+    }
+}
+
+/// A view of a tensor source under a name prefix, uploading what models ask for.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    ctx: &'a GpuContext,
+    src: &'a dyn TensorSource,
+    policy: LoadPolicy,
+    prefix: String,
+}
+
+impl<'a> Weights<'a> {
+    pub fn new(ctx: &'a GpuContext, src: &'a dyn TensorSource, policy: LoadPolicy) -> Self {
+        Self { ctx, src, policy, prefix: String::new() }
+    }
+
+    /// The same source under `prefix.` (e.g. `down_blocks.0`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Weights<'a> {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Weights { prefix, ..self.clone() }
+    }
+
+    pub fn ctx(&self) -> &'a GpuContext {
+        self.ctx
+    }
+
+    pub fn policy(&self) -> LoadPolicy {
+        self.policy
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    /// Whether the tensor `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.src.tensor(&self.full(name)).is_some()
+    }
+
+    /// The shape of `name` in the file, if present.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.src.tensor(&self.full(name)).map(|t| t.shape.to_vec())
+    }
+
+    /// The tensor `name`, which must have `shape`, uploaded for `role`.
+    pub fn get(&self, name: &str, shape: &[usize], role: Role) -> Result<Tensor> {
+        let full = self.full(name);
+        let host = self.src.tensor(&full).ok_or_else(|| {
+            Error::Invalid(format!("missing tensor {full} (expected shape {shape:?}) in {}", self.src.label()))
+        })?;
+        if host.shape != shape {
+            return Err(Error::Invalid(format!(
+                "tensor {full} has shape {:?}, expected {shape:?} (in {})",
+                host.shape,
+                self.src.label()
+            )));
+        }
+        let row: usize = shape.iter().skip(1).product();
+        let dtype = self.policy.dtype_for(role, row);
+        // f16 on disk going to f16 on the GPU is copied as is.
+        if dtype == DType::F16 && host.dtype == Dtype::F16 {
+            return Tensor::from_bytes(self.ctx, shape, dtype, host.data);
+        }
+        let data = host.to_f32(&full)?;
+        let gpu_shape: Vec<usize> =
+            if role == Role::Conv && dtype.is_quantized() { vec![shape[0], row] } else { shape.to_vec() };
+        Tensor::from_f32_as(self.ctx, &gpu_shape, &data, dtype)
+    }
+
+    /// The tensor `name` as f32 on the CPU (small tensors the CPU side needs, e.g. to check a config).
+    pub fn get_host_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let full = self.full(name);
+        let host = self
+            .src
+            .tensor(&full)
+            .ok_or_else(|| Error::Invalid(format!("missing tensor {full} in {}", self.src.label())))?;
+        Ok((host.shape.to_vec(), host.to_f32(&full)?))
+    }
+}
