@@ -51,7 +51,7 @@ impl LoadPolicy {
                     DType::F16
                 }
             }
-            Role::Linear | Role::Conv if w.is_quantized() && row % QBLOCK != 0 => DType::F16,
+            Role::Linear | Role::Conv if w.is_quantized() && !row.is_multiple_of(QBLOCK) => DType::F16,
             Role::Linear | Role::Conv => w,
         }
     }
