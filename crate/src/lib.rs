@@ -8,10 +8,12 @@
 pub mod bench;
 pub mod error;
 pub mod gpu;
+pub mod models;
 pub mod ops;
 pub mod rng;
 pub mod schedulers;
 pub mod selfcheck;
+pub mod tokenizer;
 #[cfg(target_arch = "wasm32")]
 mod web;
 pub mod weights;

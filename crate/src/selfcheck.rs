@@ -508,6 +508,7 @@ async fn attention(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
         (1, 130, 130, 2, 80, false),
         (2, 70, 33, 1, 160, false),
         (1, 65, 65, 3, 5, true),
+        (2, 50, 50, 1, 300, false),
     ];
     for dtype in act_dtypes(ctx) {
         for (b, lq, lk, heads, d, causal) in cases {

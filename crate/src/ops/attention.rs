@@ -14,6 +14,38 @@ const ATTENTION: Kernel = Kernel {
     outputs: 1,
 };
 
+/// Head dims above this take the unfused path (the fused kernel keeps a query row and its output in
+/// registers).
+const MAX_FUSED_HEAD_DIM: usize = 256;
+
+/// softmax(Q K^T * scale) V through a materialized score matrix: the VAE's single-head attention over
+/// 512 channels. One head only; the scores must fit one buffer binding.
+fn unfused(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
+    const OP: &str = "attention";
+    if heads != 1 || causal {
+        return shape_err(
+            OP,
+            format!(
+                "head dim {} above {MAX_FUSED_HEAD_DIM} needs one head and no mask ({:?}, {heads} heads)",
+                q.dim(-1) / heads,
+                q.shape()
+            ),
+        );
+    }
+    let scores = super::matmul(ctx, q, k, super::MatmulOpts { trans_b: true, ..Default::default() })?;
+    let probs = super::softmax(ctx, &super::affine(ctx, &scores, scale, 0.0)?)?;
+    drop(scores);
+    super::matmul(ctx, &probs, v, super::MatmulOpts::default())
+}
+
 /// Queries per workgroup (one per invocation).
 const WG: usize = 64;
 
@@ -66,8 +98,8 @@ pub fn attention(
         );
     }
     let d = hd / heads;
-    if d > 256 {
-        return shape_err(OP, format!("head dim {d} is above 256 ({:?}, {heads} heads)", q.shape()));
+    if d > MAX_FUSED_HEAD_DIM {
+        return unfused(ctx, q, k, v, heads, scale, causal);
     }
     let out = Tensor::empty(ctx, OP, q.shape(), q.dtype())?;
     let dv = d.div_ceil(4);

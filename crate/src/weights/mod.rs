@@ -176,6 +176,11 @@ impl<'a> Weights<'a> {
         Weights { prefix, ..self.clone() }
     }
 
+    /// The prefix, for messages about this part of the model.
+    pub fn label(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn ctx(&self) -> &'a GpuContext {
         self.ctx
     }
