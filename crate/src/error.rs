@@ -31,6 +31,9 @@ pub enum Error {
     /// An error from candle (the CPU side: reference computations, weight formats, CPU fallback).
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The caller cancelled (between denoising steps).
+    #[error("cancelled")]
+    Cancelled,
     /// Bad arguments that are not about shapes (e.g. an empty tensor, a group count that does not divide).
     #[error("{0}")]
     Invalid(String),

@@ -10,6 +10,7 @@ pub mod error;
 pub mod gpu;
 pub mod models;
 pub mod ops;
+pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod selfcheck;

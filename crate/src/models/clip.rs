@@ -107,6 +107,11 @@ impl ClipTextModel {
         })
     }
 
+    /// The activation dtype the model runs in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Embeddings (batch, tokens, hidden) of token ids (batch, tokens), as the SD pipelines use them
     /// (`last_hidden_state`: after the final layer norm).
     pub fn forward(&self, ctx: &GpuContext, ids: &[Vec<u32>]) -> Result<Tensor> {

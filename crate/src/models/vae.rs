@@ -79,12 +79,15 @@ struct SpatialAttention {
 
 impl SpatialAttention {
     fn load(w: &Weights, c: usize, groups: usize) -> Result<Self> {
+        // SD1.x's VAE files keep the deprecated names (query, key, value, proj_attn).
+        let old = w.contains("query.weight");
+        let name = |new: &'static str, deprecated: &'static str| w.pp(if old { deprecated } else { new });
         Ok(Self {
             norm: GroupNorm::load(&w.pp("group_norm"), groups, c, EPS)?,
-            q: Linear::load(&w.pp("to_q"), c, c, true)?,
-            k: Linear::load(&w.pp("to_k"), c, c, true)?,
-            v: Linear::load(&w.pp("to_v"), c, c, true)?,
-            out: Linear::load(&w.pp("to_out.0"), c, c, true)?,
+            q: Linear::load(&name("to_q", "query"), c, c, true)?,
+            k: Linear::load(&name("to_k", "key"), c, c, true)?,
+            v: Linear::load(&name("to_v", "value"), c, c, true)?,
+            out: Linear::load(&name("to_out.0", "proj_attn"), c, c, true)?,
             scale: 1.0 / (c as f32).sqrt(),
         })
     }

@@ -1,0 +1,356 @@
+//! The text-to-image pipeline: request -> tokens -> text embeddings -> denoising loop (a callback per step
+//! with the GPU-resident latent, cancellation between steps) -> VAE decode -> RGBA. Equal to diffusers'
+//! `StableDiffusionPipeline` (classifier-free guidance with a negative prompt, skipped at guidance <= 1) and
+//! `LatentConsistencyModelPipeline` (a UNet with `time_cond_proj_dim`: guidance embedding, no CFG).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, Tensor};
+use crate::models::clip::{ClipConfig, ClipTextModel};
+use crate::models::parse_config;
+use crate::models::unet_2d::{UNet2DConditionModel, UNetConfig, guidance_embedding};
+use crate::models::vae::{Decoder, VaeConfig};
+use crate::ops::{self, Term};
+use crate::rng::TorchRng;
+use crate::schedulers::{self, SchedulerConfig, SchedulerKind, StepPlan};
+use crate::tokenizer::{self, ClipTokenizer};
+use crate::weights::{LoadPolicy, TensorSource, Weights};
+
+/// Where a model's files come from: a diffusers folder on disk, or files handed over by the page.
+pub trait ModelSource {
+    /// A text file, e.g. `unet/config.json`.
+    fn text(&self, path: &str) -> Result<String>;
+    /// Whether the file exists.
+    fn exists(&self, path: &str) -> bool;
+    /// The tensors of a safetensors file, e.g. `unet/diffusion_pytorch_model.safetensors`.
+    fn tensors(&self, path: &str) -> Result<Box<dyn TensorSource + '_>>;
+}
+
+/// A diffusers-layout folder on disk (model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/).
+#[cfg(not(target_arch = "wasm32"))]
+pub struct DirSource(pub std::path::PathBuf);
+
+#[cfg(not(target_arch = "wasm32"))]
+impl ModelSource for DirSource {
+    fn text(&self, path: &str) -> Result<String> {
+        let p = self.0.join(path);
+        std::fs::read_to_string(&p).map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        self.0.join(path).is_file()
+    }
+
+    fn tensors(&self, path: &str) -> Result<Box<dyn TensorSource + '_>> {
+        Ok(Box::new(crate::weights::Safetensors::open(&self.0.join(path))?))
+    }
+}
+
+/// The weights file of a component: the full-precision name, or the `.fp16` variant repositories ship.
+fn weights_file(src: &dyn ModelSource, dir: &str, stem: &str) -> Result<String> {
+    for name in [format!("{dir}/{stem}.safetensors"), format!("{dir}/{stem}.fp16.safetensors")] {
+        if src.exists(&name) {
+            return Ok(name);
+        }
+    }
+    Err(Error::Invalid(format!(
+        "{dir}/ has no {stem}.safetensors (or .fp16.safetensors): is this a diffusers model folder?"
+    )))
+}
+
+/// What to generate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Request {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f32,
+    /// Defaults to the UNet's sample_size times the VAE's downsampling factor.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// Defaults to the model's scheduler config.
+    pub scheduler: Option<SchedulerKind>,
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            seed: 0,
+            steps: 20,
+            guidance: 7.5,
+            width: None,
+            height: None,
+            scheduler: None,
+        }
+    }
+}
+
+/// A generated image, RGBA 8-bit, row-major.
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    pub rgba: Vec<u8>,
+}
+
+/// What the per-step callback sees.
+pub struct Step<'a> {
+    /// 0-based.
+    pub index: usize,
+    pub steps: usize,
+    pub timestep: f64,
+    /// The latent after this step (UNet space), still on the GPU: nothing is read back unless asked.
+    pub latents: &'a Tensor,
+}
+
+/// What the callback tells the loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Cancel,
+}
+
+/// A loaded Stable Diffusion model.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: Decoder,
+    pub vae_config: VaeConfig,
+    pub scheduler_config: SchedulerConfig,
+    ctx: GpuContext,
+}
+
+impl StableDiffusion {
+    /// Loads every component from `src` with weights stored as `policy` says.
+    pub fn load(ctx: &GpuContext, src: &dyn ModelSource, policy: LoadPolicy) -> Result<Self> {
+        let clip_config: ClipConfig = parse_config(&src.text("text_encoder/config.json")?, "text_encoder")?;
+        let pad = tokenizer::pad_token(
+            src.text("tokenizer/tokenizer_config.json").ok().as_deref(),
+            src.text("tokenizer/special_tokens_map.json").ok().as_deref(),
+        )?;
+        let tokenizer = ClipTokenizer::from_files(
+            &src.text("tokenizer/vocab.json")?,
+            &src.text("tokenizer/merges.txt")?,
+            &pad,
+            clip_config.max_position_embeddings,
+        )?;
+        let te = src.tensors(&weights_file(src, "text_encoder", "model")?)?;
+        let text_encoder = ClipTextModel::load(&Weights::new(ctx, te.as_ref(), policy), clip_config)?;
+        let unet_config: UNetConfig = parse_config(&src.text("unet/config.json")?, "unet")?;
+        let un = src.tensors(&weights_file(src, "unet", "diffusion_pytorch_model")?)?;
+        let unet = UNet2DConditionModel::load(&Weights::new(ctx, un.as_ref(), policy), unet_config)?;
+        let vae_config: VaeConfig = parse_config(&src.text("vae/config.json")?, "vae")?;
+        let va = src.tensors(&weights_file(src, "vae", "diffusion_pytorch_model")?)?;
+        let vae = Decoder::load(&Weights::new(ctx, va.as_ref(), policy), &vae_config)?;
+        let scheduler_config = SchedulerConfig::from_json(&src.text("scheduler/scheduler_config.json")?)?;
+        if unet.config.in_channels != vae_config.latent_channels {
+            return Err(Error::Invalid(format!(
+                "the UNet takes {} latent channels but the VAE makes {}",
+                unet.config.in_channels, vae_config.latent_channels
+            )));
+        }
+        Ok(Self { tokenizer, text_encoder, unet, vae, vae_config, scheduler_config, ctx: ctx.clone() })
+    }
+
+    /// Loads a diffusers folder.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load_dir(ctx: &GpuContext, dir: &std::path::Path, policy: LoadPolicy) -> Result<Self> {
+        Self::load(ctx, &DirSource(dir.to_path_buf()), policy)
+    }
+
+    /// Pixels per latent along a side.
+    pub fn vae_factor(&self) -> usize {
+        self.vae_config.downsampling()
+    }
+
+    /// Image sizes must be multiples of this.
+    pub fn size_multiple(&self) -> usize {
+        self.vae_factor() * self.unet.config.downsampling()
+    }
+
+    /// The size generated when the request names none.
+    pub fn default_size(&self) -> usize {
+        self.unet.config.sample_size * self.vae_factor()
+    }
+
+    /// Whether this is a latent consistency model (guidance embedding instead of CFG).
+    pub fn is_lcm(&self) -> bool {
+        self.unet.config.time_cond_proj_dim.is_some()
+    }
+
+    /// The scheduler a request runs.
+    pub fn scheduler_kind(&self, req: &Request) -> Result<SchedulerKind> {
+        match req.scheduler {
+            Some(k) => Ok(k),
+            None => self.scheduler_config.default_kind(),
+        }
+    }
+
+    /// The (width, height) a request generates, checked against what the model can take.
+    pub fn size(&self, req: &Request) -> Result<(usize, usize)> {
+        let (w, h) = (req.width.unwrap_or(self.default_size()), req.height.unwrap_or(self.default_size()));
+        let m = self.size_multiple();
+        let max = 4096;
+        if w == 0 || h == 0 || !w.is_multiple_of(m) || !h.is_multiple_of(m) || w > max || h > max {
+            return Err(Error::Invalid(format!(
+                "this model can't make a {w}x{h} image: width and height must be multiples of {m} \
+                 (the VAE's factor {} times the UNet's downsampling {}) between {m} and {max}, e.g. {}x{}",
+                self.vae_factor(),
+                self.unet.config.downsampling(),
+                self.default_size(),
+                self.default_size()
+            )));
+        }
+        Ok((w, h))
+    }
+
+    /// Text embeddings (batch, tokens, dim) of the prompts, in order.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| self.tokenizer.encode(p)).collect::<Result<_>>()?;
+        self.text_encoder.forward(&self.ctx, &ids)
+    }
+
+    /// Runs the request. `on_step` sees every step's latent and may cancel; the result is the decoded image.
+    pub async fn generate(
+        &self,
+        req: &Request,
+        on_step: &mut dyn FnMut(&Step<'_>) -> Result<Control>,
+    ) -> Result<Image> {
+        let latents = self.denoise(req, on_step).await?;
+        self.decode(&latents).await
+    }
+
+    /// The denoising loop: the final latent (UNet space).
+    pub async fn denoise(
+        &self,
+        req: &Request,
+        on_step: &mut dyn FnMut(&Step<'_>) -> Result<Control>,
+    ) -> Result<Tensor> {
+        let ctx = &self.ctx;
+        let (w, h) = self.size(req)?;
+        if req.steps == 0 || req.steps > 1000 {
+            return Err(Error::Invalid(format!("steps must be between 1 and 1000, got {}", req.steps)));
+        }
+        if !req.guidance.is_finite() {
+            return Err(Error::Invalid(format!("guidance must be a number, got {}", req.guidance)));
+        }
+        let kind = self.scheduler_kind(req)?;
+        let mut scheduler = kind.build(&self.scheduler_config, req.steps)?;
+        // 1. Conditioning: CFG batches [negative, prompt]; LCM embeds the guidance scale instead.
+        let cfg = req.guidance > 1.0 && !self.is_lcm();
+        let context = if cfg {
+            self.encode_prompts(&[&req.negative_prompt, &req.prompt])?
+        } else {
+            self.encode_prompts(&[&req.prompt])?
+        };
+        let act = self.text_encoder_dtype();
+        let cond = match self.unet.config.time_cond_proj_dim {
+            Some(dim) => Some(guidance_embedding(ctx, req.guidance, 1, dim, act)?),
+            None => None,
+        };
+        // 2. Initial noise from the seed, as torch.randn(generator=manual_seed(seed)) draws it.
+        let shape = [1, self.unet.config.in_channels, h / self.vae_factor(), w / self.vae_factor()];
+        let n: usize = shape.iter().product();
+        let mut rng = TorchRng::new(req.seed);
+        let noise = Tensor::from_f32_as(ctx, &shape, &rng.randn(n), act)?;
+        let mut latents = ops::affine(ctx, &noise, scheduler.init_noise_sigma() as f32, 0.0)?;
+        let mut prev_x0: Option<Tensor> = None;
+        // 3. Denoising steps.
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let scaled = ops::affine(ctx, &latents, scheduler.input_scale(i) as f32, 0.0)?;
+            let input = if cfg { ops::concat(ctx, &scaled, &scaled, 0)? } else { scaled };
+            let out = self.unet.forward(ctx, &input, t as f32, &context, cond.as_ref())?;
+            let guided = if cfg {
+                let g = req.guidance;
+                ops::lincomb(ctx, &shape, &[Term::part(1.0 - g, &out, 0, 2), Term::part(g, &out, 1, 2)])?
+            } else {
+                out
+            };
+            let plan = scheduler.step(i);
+            let noise =
+                if plan.needs_noise() { Some(Tensor::from_f32_as(ctx, &shape, &rng.randn(n), act)?) } else { None };
+            let (x0, prev) = apply_plan(ctx, &plan, &shape, &latents, &guided, prev_x0.as_ref(), noise.as_ref())?;
+            latents = prev;
+            prev_x0 = Some(x0);
+            ctx.sync().await?;
+            if on_step(&Step { index: i, steps: timesteps.len(), timestep: t, latents: &latents })? == Control::Cancel {
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(latents)
+    }
+
+    fn text_encoder_dtype(&self) -> crate::gpu::DType {
+        self.text_encoder.dtype()
+    }
+
+    /// Decodes UNet-space latents to an RGBA image.
+    pub async fn decode(&self, latents: &Tensor) -> Result<Image> {
+        let ctx = &self.ctx;
+        let z = ops::affine(ctx, latents, (1.0 / self.vae_config.scaling_factor) as f32, 0.0)?;
+        let image = self.vae.forward(ctx, &z)?;
+        to_rgba(ctx, &image).await
+    }
+}
+
+/// Evaluates a scheduler step on the GPU: x0 first, then the update.
+pub fn apply_plan(
+    ctx: &GpuContext,
+    plan: &StepPlan,
+    shape: &[usize],
+    sample: &Tensor,
+    model_output: &Tensor,
+    prev_x0: Option<&Tensor>,
+    noise: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let pick = |term: schedulers::Term, x0: Option<&Tensor>| -> Result<Tensor> {
+        let t = match term {
+            schedulers::Term::Sample => Some(sample),
+            schedulers::Term::ModelOutput => Some(model_output),
+            schedulers::Term::X0 => x0,
+            schedulers::Term::PrevX0 => prev_x0,
+            schedulers::Term::Noise => noise,
+        };
+        t.cloned().ok_or_else(|| Error::Invalid(format!("scheduler step needs {term:?}, which is missing")))
+    };
+    let combine = |terms: &[(schedulers::Term, f64)], x0: Option<&Tensor>| -> Result<Tensor> {
+        // Merge repeated terms (LCM names the sample twice), then one lincomb.
+        let mut merged: Vec<(schedulers::Term, f64)> = Vec::new();
+        for &(t, c) in terms {
+            match merged.iter_mut().find(|(u, _)| *u == t) {
+                Some((_, acc)) => *acc += c,
+                None => merged.push((t, c)),
+            }
+        }
+        let tensors: Vec<Tensor> = merged.iter().map(|(t, _)| pick(*t, x0)).collect::<Result<_>>()?;
+        let lc: Vec<Term<'_>> = tensors.iter().zip(&merged).map(|(t, (_, c))| Term::new(*c as f32, t)).collect();
+        ops::lincomb(ctx, shape, &lc)
+    };
+    let x0 = combine(&plan.x0, None)?;
+    let prev = combine(&plan.prev, Some(&x0))?;
+    Ok((x0, prev))
+}
+
+/// (batch 1, 3, h, w) in [-1, 1] to RGBA bytes, rounding as diffusers does: round((x / 2 + 0.5).clamp(0, 1) * 255).
+pub async fn to_rgba(ctx: &GpuContext, image: &Tensor) -> Result<Image> {
+    let &[1, 3, h, w] = image.shape() else {
+        return Err(Error::Invalid(format!("expected one RGB image, got {:?}", image.shape())));
+    };
+    let data = image.to_vec_f32(ctx).await?;
+    let plane = h * w;
+    let mut rgba = vec![255u8; plane * 4];
+    for i in 0..plane {
+        for c in 0..3 {
+            let v = (data[c * plane + i] / 2.0 + 0.5).clamp(0.0, 1.0);
+            rgba[i * 4 + c] = (v * 255.0).round() as u8;
+        }
+    }
+    Ok(Image { width: w, height: h, rgba })
+}

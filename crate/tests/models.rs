@@ -1,0 +1,249 @@
+//! Models, seeds and whole pipelines against the diffusers/transformers/torch references in tests/fixtures
+//! (made by scripts/make-fixtures), on the GPU path (lavapipe in CI).
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use latent_gen::gpu::{GpuContext, Tensor};
+use latent_gen::models::clip::ClipTextModel;
+use latent_gen::models::parse_config;
+use latent_gen::models::taesd::{TinyConfig, TinyDecoder, TinyEncoder};
+use latent_gen::models::unet_2d::UNet2DConditionModel;
+use latent_gen::models::vae::{Decoder, Encoder, VaeConfig};
+use latent_gen::pipeline::{Control, Request, StableDiffusion};
+use latent_gen::rng::TorchRng;
+use latent_gen::weights::{HostTensor, LoadPolicy, Safetensors, TensorSource, Weights};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn context() -> GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(|| {
+        pollster::block_on(GpuContext::new()).unwrap_or_else(|e| panic!("model tests need a GPU adapter: {e}"))
+    })
+    .clone()
+}
+
+/// A reference file's tensors as f32 (f32 and int64 ids) with their shapes.
+struct Refs(Safetensors);
+
+impl Refs {
+    fn open(rel: &str) -> Refs {
+        Refs(Safetensors::open(&fixtures().join("refs").join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}")))
+    }
+
+    fn host(&self, name: &str) -> HostTensor<'_> {
+        self.0.tensor(name).unwrap_or_else(|| panic!("reference tensor {name} missing"))
+    }
+
+    fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let t = self.host(name);
+        (t.shape.to_vec(), t.to_f32(name).unwrap())
+    }
+
+    fn ids(&self, name: &str) -> Vec<u32> {
+        let t = self.host(name);
+        bytemuck::pod_collect_to_vec::<u8, i64>(t.data).iter().map(|&v| v as u32).collect()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.0.tensor(name).is_some()
+    }
+
+    fn gpu(&self, ctx: &GpuContext, name: &str) -> Tensor {
+        let (shape, data) = self.f32(name);
+        Tensor::from_f32(ctx, &shape, &data).unwrap()
+    }
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// ||a - b|| / ||b||.
+fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt() as f32
+}
+
+fn load_weights(path: &str) -> Safetensors {
+    Safetensors::open(&fixtures().join("models").join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn config<T: serde::de::DeserializeOwned>(path: &str) -> T {
+    parse_config(&std::fs::read_to_string(fixtures().join("models").join(path)).unwrap(), path).unwrap()
+}
+
+#[test]
+fn seeds_reproduce_torch_randn() {
+    let refs = Refs::open("rng.safetensors");
+    let mut checked = 0;
+    for (name, shape) in refs.0.shapes() {
+        let (_, want) = refs.f32(&name);
+        let seed: u64 = name.trim_start_matches("seed").split('_').next().unwrap().parse().unwrap();
+        let got = if name.contains("_stream") {
+            // seed42_stream{k}_...: the k-th draw of the shape from one generator.
+            let k: usize = name.split("_stream").nth(1).unwrap()[..1].parse().unwrap();
+            let n: usize = shape.iter().product();
+            let mut rng = TorchRng::new(seed);
+            (0..k).map(|_| rng.randn(n)).last().unwrap()
+        } else {
+            TorchRng::new(seed).randn(shape.iter().product())
+        };
+        // torch's SIMD log/sin/cos differ from scalar ones in the last bits (see tests/fixtures/README.md).
+        let err = max_abs(&got, &want);
+        assert!(err <= 4e-6, "{name}: max abs error {err}");
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} rng references");
+}
+
+#[test]
+fn text_encoders_match_transformers() {
+    let ctx = context();
+    for model in ["sd1-tiny", "sd2-tiny"] {
+        let src = load_weights(&format!("{model}/text_encoder/model.safetensors"));
+        let te = ClipTextModel::load(
+            &Weights::new(&ctx, &src, LoadPolicy::F32),
+            config(&format!("{model}/text_encoder/config.json")),
+        )
+        .unwrap();
+        let refs = Refs::open(&format!("{model}/text_encoder.safetensors"));
+        for i in 0..4 {
+            let ids = refs.ids(&format!("ids_{i}"));
+            let got = pollster::block_on(te.forward(&ctx, &[ids]).unwrap().to_vec_f32(&ctx)).unwrap();
+            let (_, want) = refs.f32(&format!("emb_{i}"));
+            let err = max_abs(&got, &want);
+            println!("{model} text embedding {i}: max abs error {err:.2e}");
+            assert!(err <= 1e-4, "{model} prompt {i}: max abs error {err} > 1e-4");
+        }
+    }
+}
+
+#[test]
+fn unets_match_diffusers() {
+    let ctx = context();
+    for model in ["sd1-tiny", "sd2-tiny", "lcm-tiny"] {
+        let src = load_weights(&format!("{model}/unet/diffusion_pytorch_model.safetensors"));
+        let unet = UNet2DConditionModel::load(
+            &Weights::new(&ctx, &src, LoadPolicy::F32),
+            config(&format!("{model}/unet/config.json")),
+        )
+        .unwrap();
+        let refs = Refs::open(&format!("{model}/unet.safetensors"));
+        let t = refs.f32("timestep").1[0];
+        let cond = refs.has("timestep_cond").then(|| refs.gpu(&ctx, "timestep_cond"));
+        let out = unet
+            .forward(&ctx, &refs.gpu(&ctx, "sample"), t, &refs.gpu(&ctx, "encoder_hidden_states"), cond.as_ref())
+            .unwrap();
+        let got = pollster::block_on(out.to_vec_f32(&ctx)).unwrap();
+        let (_, want) = refs.f32("out");
+        let (rel, abs) = (rel_l2(&got, &want), max_abs(&got, &want));
+        println!("{model} unet: relative error {rel:.2e}, max abs {abs:.2e}");
+        assert!(rel <= 1e-3, "{model}: relative error {rel} > 1e-3");
+    }
+}
+
+#[test]
+fn lcm_guidance_embedding_matches_diffusers() {
+    let ctx = context();
+    let refs = Refs::open("lcm-tiny/unet.safetensors");
+    let (_, scales) = refs.f32("guidance_scale");
+    let (_, want) = refs.f32("timestep_cond");
+    for (i, &g) in scales.iter().enumerate() {
+        let emb = latent_gen::models::unet_2d::guidance_embedding(&ctx, g, 1, 32, latent_gen::gpu::DType::F32).unwrap();
+        let got = pollster::block_on(emb.to_vec_f32(&ctx)).unwrap();
+        // Arguments reach (g - 1) * 1000: f32 rounding of the argument moves sin/cos by ~1e-4.
+        let err = max_abs(&got, &want[i * 32..(i + 1) * 32]);
+        assert!(err <= 5e-4, "guidance {g}: embedding max abs error {err}");
+    }
+}
+
+#[test]
+fn autoencoders_match_diffusers() {
+    let ctx = context();
+    for model in ["sd1-tiny", "sd2-tiny"] {
+        let src = load_weights(&format!("{model}/vae/diffusion_pytorch_model.safetensors"));
+        let cfg: VaeConfig = config(&format!("{model}/vae/config.json"));
+        let w = Weights::new(&ctx, &src, LoadPolicy::F32);
+        let refs = Refs::open(&format!("{model}/vae.safetensors"));
+        let dec = Decoder::load(&w, &cfg).unwrap().forward(&ctx, &refs.gpu(&ctx, "latent")).unwrap();
+        let got = pollster::block_on(dec.to_vec_f32(&ctx)).unwrap();
+        let rel = rel_l2(&got, &refs.f32("decoded").1);
+        println!("{model} vae decode: relative error {rel:.2e}");
+        assert!(rel <= 1e-3, "{model} decode: relative error {rel}");
+        let enc = Encoder::load(&w, &cfg).unwrap().forward(&ctx, &refs.gpu(&ctx, "image")).unwrap();
+        let got = pollster::block_on(enc.to_vec_f32(&ctx)).unwrap();
+        let rel = rel_l2(&got, &refs.f32("encoded_mean").1);
+        println!("{model} vae encode: relative error {rel:.2e}");
+        assert!(rel <= 1e-3, "{model} encode: relative error {rel}");
+    }
+    let src = load_weights("taesd-tiny/diffusion_pytorch_model.safetensors");
+    let cfg: TinyConfig = config("taesd-tiny/config.json");
+    let w = Weights::new(&ctx, &src, LoadPolicy::F32);
+    let refs = Refs::open("taesd-tiny/taesd.safetensors");
+    let dec = TinyDecoder::load(&w, &cfg).unwrap().forward(&ctx, &refs.gpu(&ctx, "latent")).unwrap();
+    let rel = rel_l2(&pollster::block_on(dec.to_vec_f32(&ctx)).unwrap(), &refs.f32("decoded").1);
+    assert!(rel <= 1e-3, "taesd decode: relative error {rel}");
+    let enc = TinyEncoder::load(&w, &cfg).unwrap().forward(&ctx, &refs.gpu(&ctx, "image")).unwrap();
+    let rel = rel_l2(&pollster::block_on(enc.to_vec_f32(&ctx)).unwrap(), &refs.f32("encoded").1);
+    assert!(rel <= 1e-3, "taesd encode: relative error {rel}");
+}
+
+fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    let mse: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() }
+}
+
+/// Every reference pipeline (each scheduler, seeds, non-square sizes, CFG on and off, LCM): every step's
+/// latent tracks diffusers', and the final 8-bit image reaches PSNR >= 40 dB.
+#[test]
+fn pipelines_match_diffusers() {
+    let ctx = context();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("refs/pipelines.json")).unwrap()).unwrap();
+    let mut models = std::collections::HashMap::new();
+    let mut checked = 0;
+    for case in index["cases"].as_array().unwrap() {
+        let model = case["model"].as_str().unwrap();
+        let sd = models.entry(model.to_string()).or_insert_with(|| {
+            StableDiffusion::load_dir(&ctx, &fixtures().join("models").join(model), LoadPolicy::F32).unwrap()
+        });
+        let req = Request {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            negative_prompt: case["negative"].as_str().unwrap_or("").into(),
+            seed: case["seed"].as_u64().unwrap(),
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance: case["guidance"].as_f64().unwrap() as f32,
+            width: Some(case["width"].as_u64().unwrap() as usize),
+            height: Some(case["height"].as_u64().unwrap() as usize),
+            scheduler: Some(case["scheduler"].as_str().unwrap().parse().unwrap()),
+        };
+        let label = case["file"].as_str().unwrap().to_string();
+        let refs = Refs::open(&label);
+        let mut worst_step = 0f32;
+        let mut on_step = |s: &latent_gen::pipeline::Step<'_>| {
+            let got = pollster::block_on(s.latents.to_vec_f32(&ctx))?;
+            let (_, want) = refs.f32(&format!("step_{}", s.index));
+            worst_step = worst_step.max(rel_l2(&got, &want));
+            Ok(Control::Continue)
+        };
+        let latents = pollster::block_on(sd.denoise(&req, &mut on_step)).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let image = pollster::block_on(sd.decode(&latents)).unwrap();
+        let final_rel = rel_l2(&pollster::block_on(latents.to_vec_f32(&ctx)).unwrap(), &refs.f32("final").1);
+        let want = refs.host("image").data;
+        let rgb: Vec<u8> = image.rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
+        let db = psnr(&rgb, want);
+        println!("{label}: worst step latent rel error {worst_step:.2e}, final {final_rel:.2e}, image PSNR {db:.1} dB");
+        assert!(db >= 40.0, "{label}: PSNR {db:.1} dB < 40");
+        assert!(worst_step <= 1e-2, "{label}: a step latent is off by {worst_step} (relative)");
+        checked += 1;
+    }
+    assert_eq!(checked, index["cases"].as_array().unwrap().len());
+}
