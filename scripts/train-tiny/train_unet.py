@@ -1,0 +1,223 @@
+"""Stage 2: train the CLIP text encoder (from scratch) jointly with the UNet on frozen-VAE latents.
+
+    python train_unet.py --ckpt-dir /work/train-tiny-ckpt [--steps 7000] [--batch 32]
+
+Needs CKPT_DIR/vae_final (train_vae.py) and CKPT_DIR/tokenizer (tokenizer.py). First renders
+--cache-size scenes (excluding the held-out attribute combinations of heldout.json) and caches their
+VAE latent means in CKPT_DIR/latents.pt; each training step then draws cached scenes and writes a
+fresh caption for each (random wording; 10% empty for classifier-free guidance).
+
+DDPM training: 1000 timesteps, scaled_linear betas 0.00085..0.012, epsilon prediction, MSE with
+min-SNR-5 weighting. AdamW, warmup + cosine, EMA of both networks (the EMA weights are exported).
+Resumable: rerunning continues from CKPT_DIR/unet.pt. Every --eval-every steps it samples 24
+training-distribution captions (DDIM 20 steps, guidance 5) with the EMA weights and logs the judge's
+accuracy. When done, writes CKPT_DIR/unet_final/ and CKPT_DIR/text_encoder_final/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+import dataset
+import judge
+import models
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_cache(args, log) -> dict:
+    path = os.path.join(args.ckpt_dir, "latents.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=False)
+    from diffusers import AutoencoderKL
+
+    dev = common.device()
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.ckpt_dir, "vae_final")).eval().to(dev)
+    exclude = dataset.heldout_exclude(os.path.join(HERE, "heldout.json"))
+    rng = np.random.default_rng(args.seed + 100)
+    attrs = [dataset.sample_attrs(rng, exclude) for _ in range(args.cache_size)]
+    t0 = time.time()
+    zs = []
+    with torch.no_grad():
+        for i in range(0, len(attrs), 64):
+            x = torch.from_numpy(dataset.render_batch(attrs[i:i + 64], rng)).to(dev)
+            zs.append(vae.encode(x).latent_dist.mean.cpu())
+    cache = {"latents": torch.cat(zs), "attrs": attrs, "scaling_factor": vae.config.scaling_factor}
+    torch.save(cache, path)
+    log(f"cached {len(attrs)} scene latents in {time.time() - t0:.0f}s "
+        f"(latent std x scaling {(cache['latents'].std() * cache['scaling_factor']).item():.3f})")
+    return cache
+
+
+class Tokens:
+    def __init__(self, tokenizer_dir: str):
+        from transformers import CLIPTokenizer
+
+        self.tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
+        self.cache: dict[str, list[int]] = {}
+
+    def __call__(self, captions: list[str], device=None) -> torch.Tensor:
+        out = []
+        for c in captions:
+            if c not in self.cache:
+                self.cache[c] = self.tok(c, padding="max_length", max_length=77, truncation=True).input_ids
+            out.append(self.cache[c])
+        return torch.tensor(out, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def sample(unet, te, vae, tokens, captions, seed, scaling, steps=20, guidance=5.0):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(**models.SCHEDULER_CONFIG)
+    sched.set_timesteps(steps)
+    n = len(captions)
+    dev = next(unet.parameters()).device
+    cond = te(tokens(captions, dev)).last_hidden_state
+    uncond = te(tokens([""] * n, dev)).last_hidden_state
+    ctx = torch.cat([uncond, cond])
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, 4, 16, 16, generator=g) * sched.init_noise_sigma).to(dev)
+    for t in sched.timesteps:
+        eps = unet(torch.cat([z, z]), t, ctx).sample
+        eu, ec = eps.chunk(2)
+        z = sched.step(eu + guidance * (ec - eu), t, z).prev_sample
+    x = vae.decode(z / scaling).sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt-dir", default="/work/train-tiny-ckpt")
+    ap.add_argument("--steps", type=int, default=7000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--p-empty", type=float, default=0.1)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--min-snr", type=float, default=5.0)
+    ap.add_argument("--cache-size", type=int, default=24000)
+    ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--ckpt-every-s", type=float, default=240)
+    ap.add_argument("--eval-every", type=int, default=1000)
+    args = ap.parse_args()
+    common.setup_threads()
+    log = common.Log(os.path.join(args.ckpt_dir, "unet.log"))
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    cache = build_cache(args, log)
+    latents, attrs, scaling = cache["latents"], cache["attrs"], cache["scaling_factor"]
+    tokens = Tokens(os.path.join(args.ckpt_dir, "tokenizer"))
+    dev = common.device()
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.ckpt_dir, "vae_final")).eval().to(dev)
+    noise_sched = DDPMScheduler(**{k: v for k, v in models.SCHEDULER_CONFIG.items()
+                                   if k not in ("steps_offset", "set_alpha_to_one", "timestep_spacing")})
+    acp = noise_sched.alphas_cumprod
+    snr = (acp / (1 - acp)).to(dev)
+
+    torch.manual_seed(args.seed)
+    unet, te = models.make_unet().to(dev), models.make_text_encoder().to(dev)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
+        p.requires_grad_(False)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    step, elapsed = 0, 0.0
+    rng = np.random.default_rng(args.seed)
+    ckpt_path = os.path.join(args.ckpt_dir, "unet.pt")
+    history: list[dict] = []
+    st = common.load_ckpt(ckpt_path)
+    if st is not None:
+        unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
+        ema_unet.load_state_dict(st["ema_unet"]); ema_te.load_state_dict(st["ema_te"])
+        opt.load_state_dict(st["opt"])
+        step, elapsed, history = st["step"], st["elapsed"], st["history"]
+        rng.bit_generator.state = st["rng"]
+        torch.set_rng_state(st["torch_rng"])
+        log(f"resumed at step {step} ({elapsed / 60:.1f} min so far)")
+    else:
+        log(f"UNet {models.n_params(unet) / 1e6:.3f}M params, text encoder {models.n_params(te) / 1e6:.3f}M "
+            f"({models.n_params(getattr(te, 'text_model', te).encoder) / 1e6:.3f}M without embeddings); args {vars(args)}")
+
+    def checkpoint() -> None:
+        common.save_ckpt(ckpt_path, {
+            "unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet.state_dict(),
+            "ema_te": ema_te.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
+            "elapsed": elapsed + time.time() - t0, "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state()})
+
+    def evaluate() -> float:
+        erng = np.random.default_rng(777)
+        ev = [dataset.sample_attrs(erng) for _ in range(24)]
+        caps = [dataset.caption(a, erng, drop=False) for a in ev]
+        imgs = sample(ema_unet, ema_te, vae, tokens, caps, 0, scaling)
+        res = [judge.judge(im, a) for im, a in zip(imgs, ev)]
+        s = judge.summarize(res)
+        from PIL import Image
+
+        grid = np.concatenate([np.concatenate(list(imgs[r * 8:(r + 1) * 8]), 1) for r in range(3)], 0)
+        Image.fromarray(grid).save(os.path.join(args.ckpt_dir, f"samples_{step:05d}.png"))
+        return s
+
+    t0, last_ckpt = time.time(), time.time()
+    acc_loss, acc_mse, n_acc = 0.0, 0.0, 0
+    unet.train(); te.train()
+    ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
+    while step < args.steps:
+        lr = common.lr_at(step, args.steps, args.lr, warmup=200)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = rng.integers(len(attrs), size=args.batch)
+        z0 = (latents[idx] * scaling).to(dev)
+        caps = [dataset.training_caption(attrs[i], rng, args.p_empty) for i in idx]
+        ids = tokens(caps, dev)
+        noise = torch.randn(z0.shape).to(dev)
+        t = torch.randint(0, 1000, (args.batch,)).to(dev)
+        zt = noise_sched.add_noise(z0, noise, t)
+        h = te(ids).last_hidden_state
+        pred = unet(zt, t, h).sample
+        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        w = torch.clamp(snr[t], max=args.min_snr) / snr[t] if args.min_snr > 0 else torch.ones_like(per)
+        loss = (w * per).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        acc_loss += loss.item(); acc_mse += per.mean().item(); n_acc += 1
+        if step % 50 == 0 or step == args.steps:
+            el = elapsed + time.time() - t0
+            history.append({"step": step, "loss": acc_loss / n_acc, "mse": acc_mse / n_acc, "minutes": el / 60})
+            log(f"step {step}/{args.steps} loss {acc_loss / n_acc:.4f} (unweighted mse {acc_mse / n_acc:.4f}) "
+                f"lr {lr:.2e} {el / 60:.1f} min")
+            acc_loss, acc_mse, n_acc = 0.0, 0.0, 0
+        if step % args.eval_every == 0 or step == args.steps:
+            s = evaluate()
+            history.append({"step": step, "eval": s})
+            log(f"eval at {step}: {json.dumps(s)}")
+            unet.train(); te.train()
+        if time.time() - last_ckpt > args.ckpt_every_s:
+            checkpoint()
+            last_ckpt = time.time()
+    checkpoint()
+    ema_unet.cpu().save_pretrained(os.path.join(args.ckpt_dir, "unet_final"))
+    ema_te.cpu().save_pretrained(os.path.join(args.ckpt_dir, "text_encoder_final"))
+    with open(os.path.join(args.ckpt_dir, "unet_history.json"), "w") as f:
+        json.dump({"args": vars(args), "history": history,
+                   "minutes": (elapsed + time.time() - t0) / 60}, f, indent=0)
+    log("UNet done")
+
+
+if __name__ == "__main__":
+    main()
