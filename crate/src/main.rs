@@ -1,15 +1,22 @@
-//! The `latent-gen` command line: adapter info and benchmarks (generation comes with the pipeline).
+//! The `latent-gen` command line: generation, adapter info and benchmarks.
 
 #[cfg(not(target_arch = "wasm32"))]
 mod cli {
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
     use std::process::ExitCode;
+    use std::time::Instant;
 
-    use clap::{Parser, Subcommand};
-    use latent_gen::gpu::GpuContext;
+    use clap::{Parser, Subcommand, ValueEnum};
+    use latent_gen::gpu::{DType, GpuContext};
+    use latent_gen::pipeline::{Control, Request, StableDiffusion};
+    use latent_gen::schedulers::SchedulerKind;
+    use latent_gen::weights::LoadPolicy;
+
+    /// The model generation falls back to when no --model is given: the bundled tiny model.
+    const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../www/models/tiny-shapes");
 
     #[derive(Parser)]
-    #[command(name = "latent-gen", version, about = "Latent diffusion on WebGPU")]
+    #[command(name = "latent-gen", version, about = "Latent diffusion (Stable Diffusion family) on WebGPU")]
     struct Cli {
         #[command(subcommand)]
         command: Command,
@@ -17,6 +24,8 @@ mod cli {
 
     #[derive(Subcommand)]
     enum Command {
+        /// Generate an image from a prompt.
+        Generate(Generate),
         /// Print the GPU adapter, its limits and features.
         Info,
         /// Benchmarks.
@@ -24,6 +33,60 @@ mod cli {
             #[command(subcommand)]
             what: Bench,
         },
+    }
+
+    #[derive(Clone, Copy, ValueEnum)]
+    enum Precision {
+        F32,
+        F16,
+    }
+
+    #[derive(Clone, Copy, ValueEnum)]
+    enum WeightType {
+        F32,
+        F16,
+        #[value(name = "q8_0")]
+        Q8_0,
+        #[value(name = "q4_0")]
+        Q4_0,
+    }
+
+    #[derive(clap::Args)]
+    struct Generate {
+        /// A diffusers-layout model folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/,
+        /// scheduler/). Defaults to the bundled tiny model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value = "")]
+        negative: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f32,
+        /// ddim, euler, euler-a, dpm++2m, dpm++2m-karras or lcm; defaults to the model's scheduler config.
+        #[arg(long)]
+        scheduler: Option<SchedulerKind>,
+        /// Defaults to the UNet's sample_size times the VAE's downsampling factor.
+        #[arg(long)]
+        width: Option<usize>,
+        #[arg(long)]
+        height: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Also save the initial noise ("init"), every step's latent ("step_0"...) and the final latent
+        /// ("final") as f32 tensors.
+        #[arg(long)]
+        dump_latents: Option<PathBuf>,
+        /// Activations in f16 (needs shader-f16).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: Precision,
+        /// How linear and conv weights are stored on the GPU (quantized on load).
+        #[arg(long, value_enum, default_value = "f32")]
+        weights: WeightType,
     }
 
     #[derive(Subcommand)]
@@ -57,6 +120,7 @@ mod cli {
         let ctx = GpuContext::new().await?;
         match cli.command {
             Command::Info => println!("{}", ctx.summary()),
+            Command::Generate(g) => generate(&ctx, g).await?,
             Command::Bench { what: Bench::Kernels { quick, json, only } } => {
                 let s = ctx.summary();
                 println!("adapter: {} ({}, {})", s.name, s.backend, s.device_type);
@@ -64,12 +128,141 @@ mod cli {
                 let records =
                     latent_gen::bench::bench_kernels(&ctx, quick, only.as_deref(), |r| println!("{r}")).await?;
                 if let Some(path) = json {
-                    std::fs::write(&path, serde_json::to_string_pretty(&records)?)
-                        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                    write_json(&path, &records)?;
                     println!("wrote {} records to {}", records.len(), path.display());
                 }
             }
         }
+        Ok(())
+    }
+
+    fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), Box<dyn std::error::Error>> {
+        std::fs::write(path, serde_json::to_string_pretty(v)?)
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(())
+    }
+
+    async fn generate(ctx: &GpuContext, g: Generate) -> Result<(), Box<dyn std::error::Error>> {
+        let model = g.model.clone().unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL));
+        if !model.join("model_index.json").is_file() {
+            return Err(format!("{} is not a diffusers model folder (no model_index.json)", model.display()).into());
+        }
+        let act = match g.precision {
+            Precision::F32 => DType::F32,
+            Precision::F16 if ctx.has_f16() => DType::F16,
+            Precision::F16 => return Err("--precision f16 needs shader-f16, which this adapter lacks".into()),
+        };
+        let weights = match g.weights {
+            WeightType::F32 => DType::F32,
+            WeightType::F16 => DType::F16,
+            WeightType::Q8_0 => DType::Q8_0,
+            WeightType::Q4_0 => DType::Q4_0,
+        };
+        let start = Instant::now();
+        eprintln!("loading {}", model.display());
+        let sd = StableDiffusion::load_dir(ctx, &model, LoadPolicy { act, weights })?;
+        eprintln!("loaded in {:.2} s on {}", start.elapsed().as_secs_f64(), ctx.summary().name);
+        let req = Request {
+            prompt: g.prompt.clone(),
+            negative_prompt: g.negative.clone(),
+            seed: g.seed,
+            steps: g.steps,
+            guidance: g.guidance,
+            width: g.width,
+            height: g.height,
+            scheduler: g.scheduler,
+        };
+        let (w, h) = sd.size(&req)?;
+        let kind = sd.scheduler_kind(&req)?;
+        let (used, total) = sd.tokenizer.count(&req.prompt)?;
+        if used < total {
+            eprintln!("warning: the prompt has {total} tokens; only the first {used} are used");
+        }
+        let mut dump: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        if g.dump_latents.is_some() {
+            let (shape, noise) = sd.initial_noise(&req)?;
+            dump.push(("init".into(), shape, noise));
+        }
+        let loop_start = Instant::now();
+        let mut last = Instant::now();
+        let mut on_step = |s: &latent_gen::pipeline::Step<'_>| {
+            let now = Instant::now();
+            eprintln!(
+                "step {}/{} (t={}) {:.3} s",
+                s.index + 1,
+                s.steps,
+                s.timestep,
+                now.duration_since(last).as_secs_f64()
+            );
+            last = now;
+            if g.dump_latents.is_some() {
+                let data = pollster::block_on(s.latents.to_vec_f32(ctx))?;
+                dump.push((format!("step_{}", s.index), s.latents.shape().to_vec(), data));
+            }
+            Ok(Control::Continue)
+        };
+        let latents = sd.denoise(&req, &mut on_step).await?;
+        let steps_time = loop_start.elapsed().as_secs_f64();
+        let image = sd.decode(&latents).await?;
+        eprintln!(
+            "{} steps in {steps_time:.2} s ({:.2} it/s), total {:.2} s",
+            req.steps,
+            req.steps as f64 / steps_time,
+            loop_start.elapsed().as_secs_f64()
+        );
+        if let Some(path) = &g.dump_latents {
+            dump.push(("final".into(), latents.shape().to_vec(), latents.to_vec_f32(ctx).await?));
+            write_safetensors(path, &dump)?;
+            eprintln!("wrote {} latents to {}", dump.len(), path.display());
+        }
+        let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let parameters = format!(
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+            req.prompt, req.negative_prompt, req.steps, kind, req.guidance, req.seed, w, h, model_name
+        );
+        write_png(&g.out, &image, &parameters)?;
+        eprintln!("wrote {}", g.out.display());
+        Ok(())
+    }
+
+    /// An RGBA PNG with the generation parameters in a tEXt chunk named "parameters".
+    fn write_png(
+        path: &Path,
+        image: &latent_gen::pipeline::Image,
+        parameters: &str,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let file = std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), image.width as u32, image.height as u32);
+        enc.set_color(png::ColorType::Rgba);
+        enc.set_depth(png::BitDepth::Eight);
+        // tEXt is Latin-1: prompts outside it go in an iTXt chunk of the same name instead.
+        if parameters.chars().all(|c| (c as u32) < 256) {
+            enc.add_text_chunk("parameters".into(), parameters.into())?;
+        } else {
+            enc.add_itxt_chunk("parameters".into(), parameters.into())?;
+        }
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&image.rgba)?;
+        writer.finish()?;
+        Ok(())
+    }
+
+    fn write_safetensors(
+        path: &Path,
+        tensors: &[(String, Vec<usize>, Vec<f32>)],
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, shape, data)| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytemuck::cast_slice(data),
+                )?;
+                Ok((name.clone(), view))
+            })
+            .collect::<Result<_, safetensors::SafeTensorError>>()?;
+        safetensors::serialize_to_file(views, None, path)?;
         Ok(())
     }
 }

@@ -255,7 +255,7 @@ impl StableDiffusion {
             None => None,
         };
         // 2. Initial noise from the seed, as torch.randn(generator=manual_seed(seed)) draws it.
-        let shape = [1, self.unet.config.in_channels, h / self.vae_factor(), w / self.vae_factor()];
+        let shape = self.latent_shape(w, h);
         let n: usize = shape.iter().product();
         let mut rng = TorchRng::new(req.seed);
         let noise = Tensor::from_f32_as(ctx, &shape, &rng.randn(n), act)?;
@@ -285,6 +285,18 @@ impl StableDiffusion {
             }
         }
         Ok(latents)
+    }
+
+    /// The latent's shape for a (width, height) image.
+    pub fn latent_shape(&self, width: usize, height: usize) -> [usize; 4] {
+        [1, self.unet.config.in_channels, height / self.vae_factor(), width / self.vae_factor()]
+    }
+
+    /// The request's initial noise (before scaling by the scheduler's init_noise_sigma), as the loop draws it.
+    pub fn initial_noise(&self, req: &Request) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (w, h) = self.size(req)?;
+        let shape = self.latent_shape(w, h);
+        Ok((shape.to_vec(), TorchRng::new(req.seed).randn(shape.iter().product())))
     }
 
     fn text_encoder_dtype(&self) -> crate::gpu::DType {

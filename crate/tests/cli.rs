@@ -1,0 +1,109 @@
+//! The `latent-gen` command line end to end: a fixture model and request give diffusers' image, the PNG
+//! carries its parameters, latents are dumped, and bad requests fail with messages a person can act on.
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn latent_gen(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_latent-gen")).args(args).output().expect("run latent-gen")
+}
+
+fn read_png(path: &std::path::Path) -> (Vec<u8>, u32, u32, String) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let text =
+        reader.info().uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").map(|t| t.text.clone());
+    (buf[..info.buffer_size()].to_vec(), info.width, info.height, text.unwrap_or_default())
+}
+
+#[test]
+fn generate_writes_the_reference_image_with_parameters() {
+    let dir = std::env::temp_dir().join(format!("latent-gen-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (out, dump) = (dir.join("a.png"), dir.join("a.safetensors"));
+    let model = fixtures().join("models/sd1-tiny");
+    let o = latent_gen(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red cube on a blue table, studio lighting",
+        "--negative",
+        "blurry, low quality",
+        "--seed",
+        "1",
+        "--steps",
+        "6",
+        "--scheduler",
+        "ddim",
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+        "--dump-latents",
+        dump.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "latent-gen failed: {stderr}");
+    assert!(stderr.contains("step 6/6"), "no per-step progress on stderr: {stderr}");
+    let (rgba, w, h, params) = read_png(&out);
+    assert_eq!((w, h), (96, 64));
+    assert!(
+        params.starts_with("a red cube on a blue table, studio lighting\nNegative prompt: blurry, low quality\n"),
+        "{params}"
+    );
+    assert!(params.contains("Steps: 6, Sampler: ddim, CFG scale: 7.5, Seed: 1, Size: 96x64"), "{params}");
+    // The image is diffusers' for the same request.
+    let refs = std::fs::read(fixtures().join("refs/pipelines/sd1-tiny_ddim_s1_6steps_g7.5_96x64.safetensors")).unwrap();
+    let refs = safetensors::SafeTensors::deserialize(&refs).unwrap();
+    let want = refs.tensor("image").unwrap();
+    let rgb: Vec<u8> = rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
+    let mse: f64 =
+        rgb.iter().zip(want.data()).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>() / rgb.len() as f64;
+    let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB against diffusers");
+    // The dump holds the initial noise, every step and the final latent, matching diffusers'.
+    let bytes = std::fs::read(&dump).unwrap();
+    let dumped = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = dumped.names().into_iter().map(String::from).collect();
+    names.sort();
+    assert_eq!(names, ["final", "init", "step_0", "step_1", "step_2", "step_3", "step_4", "step_5"]);
+    for name in ["init", "step_5", "final"] {
+        let a: Vec<f32> = bytemuck::pod_collect_to_vec(dumped.tensor(name).unwrap().data());
+        let b: Vec<f32> = bytemuck::pod_collect_to_vec(refs.tensor(name).unwrap().data());
+        let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-2, "{name}: max abs error {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_requests_explain_themselves() {
+    let model = fixtures().join("models/sd1-tiny");
+    let m = model.to_str().unwrap();
+    let out = std::env::temp_dir().join("latent-gen-never-written.png");
+    let o = out.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["generate", "--model", m, "--prompt", "x", "--width", "70", "--out", o], "multiples of 16"),
+        (&["generate", "--model", "/nonexistent", "--prompt", "x", "--out", o], "not a diffusers model folder"),
+        (&["generate", "--model", m, "--prompt", "x", "--scheduler", "plms", "--out", o], "dpm++2m-karras"),
+        (&["generate", "--model", m, "--prompt", "x", "--steps", "0", "--out", o], "steps must be between 1"),
+    ];
+    for (args, needle) in cases {
+        let r = latent_gen(args);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{args:?} should fail");
+        assert!(stderr.contains(needle), "{args:?}: {stderr:?} lacks {needle:?}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+    assert!(!out.exists());
+}
