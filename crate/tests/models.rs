@@ -201,31 +201,40 @@ fn psnr(a: &[u8], b: &[u8]) -> f64 {
     if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() }
 }
 
-/// Every reference pipeline (each scheduler, seeds, non-square sizes, CFG on and off, LCM): every step's
-/// latent tracks diffusers', and the final 8-bit image reaches PSNR >= 40 dB.
-#[test]
-fn pipelines_match_diffusers() {
-    let ctx = context();
+fn request(case: &serde_json::Value) -> Request {
+    Request {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative"].as_str().unwrap_or("").into(),
+        seed: case["seed"].as_u64().unwrap(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance: case["guidance"].as_f64().unwrap() as f32,
+        width: Some(case["width"].as_u64().unwrap() as usize),
+        height: Some(case["height"].as_u64().unwrap() as usize),
+        scheduler: Some(case["scheduler"].as_str().unwrap().parse().unwrap()),
+    }
+}
+
+fn pipeline_cases() -> Vec<serde_json::Value> {
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("refs/pipelines.json")).unwrap()).unwrap();
+    index["cases"].as_array().unwrap().clone()
+}
+
+/// Runs the reference pipelines whose file names pass `keep` with `policy`; returns (label, worst step
+/// relative error, image PSNR) per case.
+fn run_pipelines(policy: LoadPolicy, keep: impl Fn(&str) -> bool) -> Vec<(String, f32, f64)> {
+    let ctx = context();
     let mut models = std::collections::HashMap::new();
-    let mut checked = 0;
-    for case in index["cases"].as_array().unwrap() {
-        let model = case["model"].as_str().unwrap();
-        let sd = models.entry(model.to_string()).or_insert_with(|| {
-            StableDiffusion::load_dir(&ctx, &fixtures().join("models").join(model), LoadPolicy::F32).unwrap()
-        });
-        let req = Request {
-            prompt: case["prompt"].as_str().unwrap().into(),
-            negative_prompt: case["negative"].as_str().unwrap_or("").into(),
-            seed: case["seed"].as_u64().unwrap(),
-            steps: case["steps"].as_u64().unwrap() as usize,
-            guidance: case["guidance"].as_f64().unwrap() as f32,
-            width: Some(case["width"].as_u64().unwrap() as usize),
-            height: Some(case["height"].as_u64().unwrap() as usize),
-            scheduler: Some(case["scheduler"].as_str().unwrap().parse().unwrap()),
-        };
+    let mut results = Vec::new();
+    for case in pipeline_cases() {
         let label = case["file"].as_str().unwrap().to_string();
+        if !keep(&label) {
+            continue;
+        }
+        let model = case["model"].as_str().unwrap();
+        let sd = models
+            .entry(model.to_string())
+            .or_insert_with(|| StableDiffusion::load_dir(&ctx, &fixtures().join("models").join(model), policy).unwrap());
         let refs = Refs::open(&label);
         let mut worst_step = 0f32;
         let mut on_step = |s: &latent_gen::pipeline::Step<'_>| {
@@ -234,16 +243,38 @@ fn pipelines_match_diffusers() {
             worst_step = worst_step.max(rel_l2(&got, &want));
             Ok(Control::Continue)
         };
-        let latents = pollster::block_on(sd.denoise(&req, &mut on_step)).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let latents = pollster::block_on(sd.denoise(&request(&case), &mut on_step)).unwrap_or_else(|e| panic!("{label}: {e}"));
         let image = pollster::block_on(sd.decode(&latents)).unwrap();
-        let final_rel = rel_l2(&pollster::block_on(latents.to_vec_f32(&ctx)).unwrap(), &refs.f32("final").1);
-        let want = refs.host("image").data;
         let rgb: Vec<u8> = image.rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
-        let db = psnr(&rgb, want);
-        println!("{label}: worst step latent rel error {worst_step:.2e}, final {final_rel:.2e}, image PSNR {db:.1} dB");
+        let db = psnr(&rgb, refs.host("image").data);
+        println!("{label} ({:?}): worst step latent rel error {worst_step:.2e}, image PSNR {db:.1} dB", policy);
+        results.push((label, worst_step, db));
+    }
+    results
+}
+
+/// Every reference pipeline (each scheduler, seeds, non-square sizes, CFG on and off, LCM) on the f32 path:
+/// every step's latent tracks diffusers', and the final 8-bit image reaches PSNR >= 40 dB.
+#[test]
+fn pipelines_match_diffusers() {
+    let results = run_pipelines(LoadPolicy::F32, |_| true);
+    assert_eq!(results.len(), pipeline_cases().len());
+    for (label, worst_step, db) in results {
         assert!(db >= 40.0, "{label}: PSNR {db:.1} dB < 40");
         assert!(worst_step <= 1e-2, "{label}: a step latent is off by {worst_step} (relative)");
-        checked += 1;
     }
-    assert_eq!(checked, index["cases"].as_array().unwrap().len());
+}
+
+/// The f16 path (f16 activations and weights, where the adapter has shader-f16): PSNR >= 30 dB.
+#[test]
+fn f16_pipelines_match_diffusers() {
+    if !context().has_f16() {
+        panic!("this adapter lacks shader-f16; the f16 path cannot be tested here");
+    }
+    let policy = LoadPolicy { act: latent_gen::gpu::DType::F16, weights: latent_gen::gpu::DType::F16 };
+    let results = run_pipelines(policy, |l| l.contains("_s0_") || l.contains("sd2-tiny"));
+    assert!(results.len() >= 6, "only {} f16 cases", results.len());
+    for (label, _, db) in results {
+        assert!(db >= 30.0, "{label} (f16): PSNR {db:.1} dB < 30");
+    }
 }
