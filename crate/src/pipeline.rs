@@ -47,6 +47,42 @@ impl ModelSource for DirSource {
     }
 }
 
+/// Model files held in memory, by their path in the diffusers layout (small models handed over whole).
+#[derive(Default)]
+pub struct MemorySource {
+    files: std::collections::HashMap<String, Vec<u8>>,
+}
+
+impl MemorySource {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the file at `path` (e.g. `unet/config.json`).
+    pub fn insert(&mut self, path: impl Into<String>, bytes: Vec<u8>) {
+        self.files.insert(path.into(), bytes);
+    }
+
+    fn get(&self, path: &str) -> Result<&Vec<u8>> {
+        self.files.get(path).ok_or_else(|| Error::Invalid(format!("the model has no file {path}")))
+    }
+}
+
+impl ModelSource for MemorySource {
+    fn text(&self, path: &str) -> Result<String> {
+        String::from_utf8(self.get(path)?.clone()).map_err(|_| Error::Invalid(format!("{path} is not UTF-8 text")))
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        self.files.contains_key(path)
+    }
+
+    fn tensors(&self, path: &str) -> Result<Box<dyn TensorSource + '_>> {
+        let bytes = crate::weights::Bytes::Owned(self.get(path)?.clone());
+        Ok(Box::new(crate::weights::Safetensors::new(bytes, path)?))
+    }
+}
+
 /// The weights file of a component: the full-precision name, or the `.fp16` variant repositories ship.
 fn weights_file(src: &dyn ModelSource, dir: &str, stem: &str) -> Result<String> {
     for name in [format!("{dir}/{stem}.safetensors"), format!("{dir}/{stem}.fp16.safetensors")] {

@@ -232,9 +232,9 @@ fn run_pipelines(policy: LoadPolicy, keep: impl Fn(&str) -> bool) -> Vec<(String
             continue;
         }
         let model = case["model"].as_str().unwrap();
-        let sd = models
-            .entry(model.to_string())
-            .or_insert_with(|| StableDiffusion::load_dir(&ctx, &fixtures().join("models").join(model), policy).unwrap());
+        let sd = models.entry(model.to_string()).or_insert_with(|| {
+            StableDiffusion::load_dir(&ctx, &fixtures().join("models").join(model), policy).unwrap()
+        });
         let refs = Refs::open(&label);
         let mut worst_step = 0f32;
         let mut on_step = |s: &latent_gen::pipeline::Step<'_>| {
@@ -243,7 +243,8 @@ fn run_pipelines(policy: LoadPolicy, keep: impl Fn(&str) -> bool) -> Vec<(String
             worst_step = worst_step.max(rel_l2(&got, &want));
             Ok(Control::Continue)
         };
-        let latents = pollster::block_on(sd.denoise(&request(&case), &mut on_step)).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let latents =
+            pollster::block_on(sd.denoise(&request(&case), &mut on_step)).unwrap_or_else(|e| panic!("{label}: {e}"));
         let image = pollster::block_on(sd.decode(&latents)).unwrap();
         let rgb: Vec<u8> = image.rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
         let db = psnr(&rgb, refs.host("image").data);
