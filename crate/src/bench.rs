@@ -254,3 +254,153 @@ pub async fn bench_kernels(
     }
     Ok(records)
 }
+
+/// The architectures `bench pipeline` builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Arch {
+    /// Stable Diffusion 1.5: CLIP ViT-L/14, the 860M UNet, CFG.
+    Sd15,
+    /// SD-Turbo (SD 2.1 architecture): OpenCLIP ViT-H text tower (23 layers), linear projections.
+    SdTurbo,
+}
+
+impl std::str::FromStr for Arch {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sd15" => Ok(Arch::Sd15),
+            "sd-turbo" => Ok(Arch::SdTurbo),
+            _ => Err(crate::Error::Invalid(format!("unknown architecture {s:?}: sd15 or sd-turbo"))),
+        }
+    }
+}
+
+/// The configs of an architecture, as their repositories' config.json files give them.
+fn arch_configs(arch: Arch) -> (&'static str, &'static str) {
+    const SD15_CLIP: &str = r#"{"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "hidden_act": "quick_gelu", "max_position_embeddings": 77}"#;
+    const SD15_UNET: &str = r#"{"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+        "attention_head_dim": 8, "cross_attention_dim": 768, "sample_size": 64,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#;
+    const TURBO_CLIP: &str = r#"{"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+        "num_attention_heads": 16, "hidden_act": "gelu", "max_position_embeddings": 77}"#;
+    const TURBO_UNET: &str = r#"{"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+        "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "sample_size": 64,
+        "use_linear_projection": true,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#;
+    match arch {
+        Arch::Sd15 => (SD15_CLIP, SD15_UNET),
+        Arch::SdTurbo => (TURBO_CLIP, TURBO_UNET),
+    }
+}
+
+const VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+    "norm_num_groups": 32, "scaling_factor": 0.18215}"#;
+const TAESD: &str = r#"{"encoder_block_out_channels": [64, 64, 64, 64], "decoder_block_out_channels": [64, 64, 64, 64],
+    "num_encoder_blocks": [1, 3, 3, 3], "num_decoder_blocks": [3, 3, 3, 1]}"#;
+
+/// What `bench pipeline` measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct PipelineBench {
+    pub arch: Arch,
+    pub width: usize,
+    pub height: usize,
+    pub act: String,
+    pub weights: String,
+    pub adapter: String,
+    pub backend: String,
+    /// Building the models and uploading the (random) weights.
+    pub load_s: f64,
+    /// The text encoder on a batch of 2 (prompt and negative prompt).
+    pub clip_ms: f64,
+    /// One UNet evaluation at batch 2 (a classifier-free-guidance step).
+    pub unet_cfg_step_ms: f64,
+    pub vae_decode_ms: f64,
+    pub taesd_decode_ms: f64,
+    /// The most GPU memory the tensor pool held at once (weights and activations).
+    pub peak_gpu_bytes: u64,
+}
+
+impl std::fmt::Display for PipelineBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:?} at {}x{}, {} activations, {} weights, on {} ({})",
+            self.arch, self.width, self.height, self.act, self.weights, self.adapter, self.backend
+        )?;
+        writeln!(f, "load (random weights)    {:>10.2} s", self.load_s)?;
+        writeln!(f, "CLIP, batch 2            {:>10.2} ms", self.clip_ms)?;
+        writeln!(f, "UNet CFG step, batch 2   {:>10.2} ms", self.unet_cfg_step_ms)?;
+        writeln!(f, "VAE decode               {:>10.2} ms", self.vae_decode_ms)?;
+        writeln!(f, "TAESD decode             {:>10.2} ms", self.taesd_decode_ms)?;
+        write!(f, "peak GPU memory          {:>10.1} MiB", self.peak_gpu_bytes as f64 / (1 << 20) as f64)
+    }
+}
+
+/// Times each network of `arch` built with random weights at `size` x `size` (`repeat` runs after a warm-up,
+/// the mean reported).
+pub async fn bench_pipeline(
+    ctx: &GpuContext,
+    arch: Arch,
+    size: usize,
+    policy: crate::weights::LoadPolicy,
+    repeat: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<PipelineBench> {
+    use crate::models::{clip, parse_config, taesd, unet_2d, vae};
+    let (clip_cfg, unet_cfg) = arch_configs(arch);
+    let src = crate::weights::RandomWeights::new(7);
+    let w = crate::weights::Weights::new(ctx, &src, policy);
+    let start = Instant::now();
+    progress("building the models with random weights");
+    let clip = clip::ClipTextModel::load(&w, parse_config(clip_cfg, "clip")?)?;
+    let unet = unet_2d::UNet2DConditionModel::load(&w, parse_config(unet_cfg, "unet")?)?;
+    let vae_config: vae::VaeConfig = parse_config(VAE, "vae")?;
+    let decoder = vae::Decoder::load(&w, &vae_config)?;
+    let tiny = taesd::TinyDecoder::load(&w, &parse_config(TAESD, "taesd")?)?;
+    ctx.sync().await?;
+    let load_s = start.elapsed().as_secs_f64();
+    let act = policy.act;
+    let lat = size / 8;
+    let mut rng = Rng::new(3);
+    let mut time_it = async |name: &str, run: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+        progress(&format!("{name}: warm-up"));
+        drop(run()?);
+        ctx.sync().await?;
+        let t = Instant::now();
+        for _ in 0..repeat {
+            drop(run()?);
+        }
+        ctx.sync().await?;
+        let ms = t.elapsed().as_secs_f64() * 1e3 / repeat as f64;
+        progress(&format!("{name}: {ms:.2} ms"));
+        Ok(ms)
+    };
+    let ids: Vec<Vec<u32>> = (0..2).map(|i| (0..77).map(|t| ((t * 7919 + i) % 49406) as u32).collect()).collect();
+    let clip_ms = time_it("CLIP", &|| clip.forward(ctx, &ids)).await?;
+    let context = clip.forward(ctx, &ids)?;
+    let sample = Tensor::from_f32_as(ctx, &[2, 4, lat, lat], &rng.uniform(2 * 4 * lat * lat, -1.0, 1.0), act)?;
+    let unet_ms = time_it("UNet CFG step", &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?;
+    let z = Tensor::from_f32_as(ctx, &[1, 4, lat, lat], &rng.uniform(4 * lat * lat, -1.0, 1.0), act)?;
+    let vae_ms = time_it("VAE decode", &|| decoder.forward(ctx, &z)).await?;
+    let taesd_ms = time_it("TAESD decode", &|| tiny.forward(ctx, &z)).await?;
+    let s = ctx.summary();
+    Ok(PipelineBench {
+        arch,
+        width: size,
+        height: size,
+        act: act.name().into(),
+        weights: policy.weights.name().into(),
+        adapter: s.name.clone(),
+        backend: s.backend.clone(),
+        load_s,
+        clip_ms,
+        unet_cfg_step_ms: unet_ms,
+        vae_decode_ms: vae_ms,
+        taesd_decode_ms: taesd_ms,
+        peak_gpu_bytes: ctx.pool_stats().peak_bytes,
+    })
+}

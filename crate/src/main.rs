@@ -103,6 +103,22 @@ mod cli {
             #[arg(long)]
             only: Option<String>,
         },
+        /// Time CLIP, a UNet CFG step, VAE and TAESD decode of a real architecture (random weights, no
+        /// download) at 512x512, and the peak GPU memory.
+        Pipeline {
+            /// sd15 or sd-turbo.
+            #[arg(long, default_value = "sd15")]
+            arch: latent_gen::bench::Arch,
+            /// 128x128 and one timed run instead of 512x512 and three: minutes, not hours, on lavapipe.
+            #[arg(long)]
+            quick: bool,
+            #[arg(long, value_enum, default_value = "f32")]
+            precision: Precision,
+            #[arg(long, value_enum, default_value = "f32")]
+            weights: WeightType,
+            #[arg(long)]
+            json: Option<PathBuf>,
+        },
     }
 
     pub fn main() -> ExitCode {
@@ -132,8 +148,36 @@ mod cli {
                     println!("wrote {} records to {}", records.len(), path.display());
                 }
             }
+            Command::Bench { what: Bench::Pipeline { arch, quick, precision, weights, json } } => {
+                let policy = LoadPolicy { act: act_dtype(&ctx, precision)?, weights: weight_dtype(weights) };
+                let (size, repeat) = if quick { (128, 1) } else { (512, 3) };
+                let r =
+                    latent_gen::bench::bench_pipeline(&ctx, arch, size, policy, repeat, |m| eprintln!("{m}")).await?;
+                println!("{r}");
+                if let Some(path) = json {
+                    write_json(&path, &r)?;
+                    println!("wrote {}", path.display());
+                }
+            }
         }
         Ok(())
+    }
+
+    fn act_dtype(ctx: &GpuContext, p: Precision) -> Result<DType, Box<dyn std::error::Error>> {
+        match p {
+            Precision::F32 => Ok(DType::F32),
+            Precision::F16 if ctx.has_f16() => Ok(DType::F16),
+            Precision::F16 => Err("--precision f16 needs shader-f16, which this adapter lacks".into()),
+        }
+    }
+
+    fn weight_dtype(w: WeightType) -> DType {
+        match w {
+            WeightType::F32 => DType::F32,
+            WeightType::F16 => DType::F16,
+            WeightType::Q8_0 => DType::Q8_0,
+            WeightType::Q4_0 => DType::Q4_0,
+        }
     }
 
     fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), Box<dyn std::error::Error>> {
@@ -147,17 +191,7 @@ mod cli {
         if !model.join("model_index.json").is_file() {
             return Err(format!("{} is not a diffusers model folder (no model_index.json)", model.display()).into());
         }
-        let act = match g.precision {
-            Precision::F32 => DType::F32,
-            Precision::F16 if ctx.has_f16() => DType::F16,
-            Precision::F16 => return Err("--precision f16 needs shader-f16, which this adapter lacks".into()),
-        };
-        let weights = match g.weights {
-            WeightType::F32 => DType::F32,
-            WeightType::F16 => DType::F16,
-            WeightType::Q8_0 => DType::Q8_0,
-            WeightType::Q4_0 => DType::Q4_0,
-        };
+        let (act, weights) = (act_dtype(ctx, g.precision)?, weight_dtype(g.weights));
         let start = Instant::now();
         eprintln!("loading {}", model.display());
         let sd = StableDiffusion::load_dir(ctx, &model, LoadPolicy { act, weights })?;

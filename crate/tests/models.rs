@@ -46,7 +46,7 @@ impl Refs {
 
     fn ids(&self, name: &str) -> Vec<u32> {
         let t = self.host(name);
-        bytemuck::pod_collect_to_vec::<u8, i64>(t.data).iter().map(|&v| v as u32).collect()
+        bytemuck::pod_collect_to_vec::<u8, i64>(&t.data).iter().map(|&v| v as u32).collect()
     }
 
     fn has(&self, name: &str) -> bool {
@@ -247,7 +247,7 @@ fn run_pipelines(policy: LoadPolicy, keep: impl Fn(&str) -> bool) -> Vec<(String
             pollster::block_on(sd.denoise(&request(&case), &mut on_step)).unwrap_or_else(|e| panic!("{label}: {e}"));
         let image = pollster::block_on(sd.decode(&latents)).unwrap();
         let rgb: Vec<u8> = image.rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
-        let db = psnr(&rgb, refs.host("image").data);
+        let db = psnr(&rgb, &refs.host("image").data);
         println!("{label} ({:?}): worst step latent rel error {worst_step:.2e}, image PSNR {db:.1} dB", policy);
         results.push((label, worst_step, db));
     }

@@ -2,6 +2,7 @@
 //! shape the model expects, converted to the load policy's dtypes and uploaded. A missing or mis-shaped
 //! tensor is an error naming the tensor, the expected and the found shape.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use safetensors::{Dtype, tensor::Metadata};
@@ -57,22 +58,24 @@ impl LoadPolicy {
     }
 }
 
-/// A tensor as stored in a file.
-#[derive(Clone, Copy, Debug)]
+/// A tensor as stored in a file (or made up, for benchmarks).
+#[derive(Clone, Debug)]
 pub struct HostTensor<'a> {
     pub dtype: Dtype,
-    pub shape: &'a [usize],
-    pub data: &'a [u8],
+    pub shape: Cow<'a, [usize]>,
+    pub data: Cow<'a, [u8]>,
 }
 
 impl HostTensor<'_> {
     /// The values as f32 (f32, f16 and bf16 files).
     pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
         Ok(match self.dtype {
-            Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(self.data),
-            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(self.data).iter().map(|v| v.to_f32()).collect(),
+            Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&self.data),
+            Dtype::F16 => {
+                bytemuck::pod_collect_to_vec::<u8, half::f16>(&self.data).iter().map(|v| v.to_f32()).collect()
+            }
             Dtype::BF16 => {
-                bytemuck::pod_collect_to_vec::<u8, half::bf16>(self.data).iter().map(|v| v.to_f32()).collect()
+                bytemuck::pod_collect_to_vec::<u8, half::bf16>(&self.data).iter().map(|v| v.to_f32()).collect()
             }
             d => return Err(Error::Invalid(format!("tensor {name} is {d:?}; weights must be f32, f16 or bf16"))),
         })
@@ -83,6 +86,11 @@ impl HostTensor<'_> {
 pub trait TensorSource {
     /// The tensor called `name`, if present.
     fn tensor(&self, name: &str) -> Option<HostTensor<'_>>;
+    /// The tensor called `name` that a model expects with `shape`. Files ignore the shape (the caller checks
+    /// it); [`RandomWeights`] makes one up.
+    fn tensor_shaped(&self, name: &str, _shape: &[usize]) -> Option<HostTensor<'_>> {
+        self.tensor(name)
+    }
     /// What the source is, for error messages (e.g. the file's path).
     fn label(&self) -> String;
 }
@@ -146,8 +154,8 @@ impl TensorSource for Safetensors {
         let (a, b) = info.data_offsets;
         Some(HostTensor {
             dtype: info.dtype,
-            shape: &info.shape,
-            data: &self.bytes.as_ref()[self.data_start + a..self.data_start + b],
+            shape: Cow::Borrowed(&info.shape),
+            data: Cow::Borrowed(&self.bytes.as_ref()[self.data_start + a..self.data_start + b]),
         })
     }
 
@@ -206,10 +214,10 @@ impl<'a> Weights<'a> {
     /// The tensor `name`, which must have `shape`, uploaded for `role`.
     pub fn get(&self, name: &str, shape: &[usize], role: Role) -> Result<Tensor> {
         let full = self.full(name);
-        let host = self.src.tensor(&full).ok_or_else(|| {
+        let host = self.src.tensor_shaped(&full, shape).ok_or_else(|| {
             Error::Invalid(format!("missing tensor {full} (expected shape {shape:?}) in {}", self.src.label()))
         })?;
-        if host.shape != shape {
+        if *host.shape != *shape {
             return Err(Error::Invalid(format!(
                 "tensor {full} has shape {:?}, expected {shape:?} (in {})",
                 host.shape,
@@ -217,10 +225,19 @@ impl<'a> Weights<'a> {
             )));
         }
         let row: usize = shape.iter().skip(1).product();
-        let dtype = self.policy.dtype_for(role, row);
+        let mut dtype = self.policy.dtype_for(role, row);
+        // A weight too large for one f32 binding (CLIP's token table on 128 MiB adapters) is kept in f16,
+        // which every kernel reads without shader-f16.
+        let limits = self.ctx.summary();
+        let limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let numel: usize = shape.iter().product();
+        if dtype == DType::F32 && role != Role::Param && DType::F32.storage_bytes(numel) as u64 > limit {
+            log::warn!("{full} {shape:?} exceeds the device's {limit}-byte binding limit in f32: stored as f16");
+            dtype = DType::F16;
+        }
         // f16 on disk going to f16 on the GPU is copied as is.
         if dtype == DType::F16 && host.dtype == Dtype::F16 {
-            return Tensor::from_bytes(self.ctx, shape, dtype, host.data);
+            return Tensor::from_bytes(self.ctx, shape, dtype, &host.data);
         }
         let data = host.to_f32(&full)?;
         let gpu_shape: Vec<usize> =
@@ -236,5 +253,95 @@ impl<'a> Weights<'a> {
             .tensor(&full)
             .ok_or_else(|| Error::Invalid(format!("missing tensor {full} in {}", self.src.label())))?;
         Ok((host.shape.to_vec(), host.to_f32(&full)?))
+    }
+}
+
+/// Made-up weights of whatever shape a model asks for (benchmarks: timing does not depend on the values).
+/// Matrices are uniform in +-1/sqrt(fan_in), norm scales 1, biases 0, so activations stay finite.
+pub struct RandomWeights {
+    seed: std::cell::Cell<u64>,
+}
+
+impl RandomWeights {
+    pub fn new(seed: u64) -> Self {
+        Self { seed: std::cell::Cell::new(seed) }
+    }
+}
+
+impl TensorSource for RandomWeights {
+    fn tensor(&self, _name: &str) -> Option<HostTensor<'_>> {
+        None
+    }
+
+    fn tensor_shaped(&self, name: &str, shape: &[usize]) -> Option<HostTensor<'_>> {
+        let n: usize = shape.iter().product();
+        let data: Vec<half::f16> = if shape.len() == 1 {
+            let v = if name.ends_with("bias") { 0.0 } else { 1.0 };
+            vec![half::f16::from_f32(v); n]
+        } else {
+            let fan_in: usize = shape[1..].iter().product();
+            let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+            let seed = self.seed.get();
+            self.seed.set(seed.wrapping_add(1));
+            let mut rng = crate::selfcheck::Rng::new(seed);
+            rng.uniform(n, -bound, bound).into_iter().map(half::f16::from_f32).collect()
+        };
+        Some(HostTensor {
+            dtype: Dtype::F16,
+            shape: Cow::Owned(shape.to_vec()),
+            data: Cow::Owned(bytemuck::cast_slice(&data).to_vec()),
+        })
+    }
+
+    fn label(&self) -> String {
+        "random weights".into()
+    }
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+
+    fn file(tensors: &[(&str, Vec<usize>)]) -> Safetensors {
+        let data: Vec<Vec<f32>> = tensors.iter().map(|(_, s)| vec![0.5; s.iter().product()]).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .zip(&data)
+            .map(|((n, s), d)| {
+                (
+                    n.to_string(),
+                    safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), bytemuck::cast_slice(d)).unwrap(),
+                )
+            })
+            .collect();
+        let bytes = safetensors::serialize(views, None).unwrap();
+        Safetensors::new(Bytes::Owned(bytes), "test.safetensors").unwrap()
+    }
+
+    #[test]
+    fn missing_and_misshaped_tensors_are_named() {
+        let ctx = pollster::block_on(GpuContext::new()).expect("adapter");
+        let src = file(&[("a.weight", vec![4, 3])]);
+        let w = Weights::new(&ctx, &src, LoadPolicy::F32).pp("a");
+        let e = w.get("weight", &[4, 5], Role::Linear).unwrap_err().to_string();
+        assert!(e.contains("a.weight") && e.contains("[4, 3]") && e.contains("[4, 5]"), "{e}");
+        let e = w.get("bias", &[4], Role::Param).unwrap_err().to_string();
+        assert!(e.contains("missing tensor a.bias") && e.contains("test.safetensors"), "{e}");
+        assert!(w.get("weight", &[4, 3], Role::Linear).is_ok());
+    }
+
+    #[test]
+    fn truncated_files_are_refused() {
+        let src = file(&[("x", vec![8])]);
+        let mut bytes = src.bytes.as_ref().to_vec();
+        bytes.truncate(bytes.len() - 4);
+        let e = Safetensors::new(Bytes::Owned(bytes), "cut.safetensors")
+            .err()
+            .expect("a truncated file is refused")
+            .to_string();
+        assert!(e.contains("cut.safetensors") && e.contains("truncated"), "{e}");
+        let e =
+            Safetensors::new(Bytes::Owned(b"not a model".to_vec()), "junk").err().expect("junk is refused").to_string();
+        assert!(e.contains("junk"), "{e}");
     }
 }
