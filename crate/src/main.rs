@@ -87,6 +87,9 @@ mod cli {
         /// How linear and conv weights are stored on the GPU (quantized on load).
         #[arg(long, value_enum, default_value = "f32")]
         weights: WeightType,
+        /// Run on the CPU (candle) instead of the GPU; also the fallback when no GPU adapter is found.
+        #[arg(long)]
+        cpu: bool,
     }
 
     #[derive(Subcommand)]
@@ -133,26 +136,49 @@ mod cli {
     }
 
     async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-        let ctx = GpuContext::new().await?;
         match cli.command {
-            Command::Info => println!("{}", ctx.summary()),
-            Command::Generate(g) => generate(&ctx, g).await?,
-            Command::Bench { what: Bench::Kernels { quick, json, only } } => {
+            Command::Generate(g) => {
+                let ctx = if g.cpu { GpuContext::cpu() } else { gpu_or_cpu().await? };
+                generate(&ctx, g).await
+            }
+            Command::Info => {
+                println!("{}", GpuContext::new().await?.summary());
+                Ok(())
+            }
+            Command::Bench { what } => bench(&GpuContext::new().await?, what).await,
+        }
+    }
+
+    /// The GPU, or the CPU fallback with a warning when there is no adapter.
+    async fn gpu_or_cpu() -> Result<GpuContext, Box<dyn std::error::Error>> {
+        match GpuContext::new().await {
+            Ok(ctx) => Ok(ctx),
+            Err(e @ latent_gen::Error::NoAdapter(_)) => {
+                eprintln!("warning: {e}\nfalling back to the CPU (much slower)");
+                Ok(GpuContext::cpu())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn bench(ctx: &GpuContext, what: Bench) -> Result<(), Box<dyn std::error::Error>> {
+        match what {
+            Bench::Kernels { quick, json, only } => {
                 let s = ctx.summary();
                 println!("adapter: {} ({}, {})", s.name, s.backend, s.device_type);
                 println!("{:<14} {:<44} {:<4} {:<5} {:>13} {:>15}", "kernel", "shape", "act", "wt", "time", "rate");
                 let records =
-                    latent_gen::bench::bench_kernels(&ctx, quick, only.as_deref(), |r| println!("{r}")).await?;
+                    latent_gen::bench::bench_kernels(ctx, quick, only.as_deref(), |r| println!("{r}")).await?;
                 if let Some(path) = json {
                     write_json(&path, &records)?;
                     println!("wrote {} records to {}", records.len(), path.display());
                 }
             }
-            Command::Bench { what: Bench::Pipeline { arch, quick, precision, weights, json } } => {
-                let policy = LoadPolicy { act: act_dtype(&ctx, precision)?, weights: weight_dtype(weights) };
+            Bench::Pipeline { arch, quick, precision, weights, json } => {
+                let policy = LoadPolicy { act: act_dtype(ctx, precision)?, weights: weight_dtype(weights) };
                 let (size, repeat) = if quick { (128, 1) } else { (512, 3) };
                 let r =
-                    latent_gen::bench::bench_pipeline(&ctx, arch, size, policy, repeat, |m| eprintln!("{m}")).await?;
+                    latent_gen::bench::bench_pipeline(ctx, arch, size, policy, repeat, |m| eprintln!("{m}")).await?;
                 println!("{r}");
                 if let Some(path) = json {
                     write_json(&path, &r)?;
@@ -166,7 +192,7 @@ mod cli {
     fn act_dtype(ctx: &GpuContext, p: Precision) -> Result<DType, Box<dyn std::error::Error>> {
         match p {
             Precision::F32 => Ok(DType::F32),
-            Precision::F16 if ctx.has_f16() => Ok(DType::F16),
+            Precision::F16 if ctx.has_f16() || ctx.is_cpu() => Ok(DType::F16),
             Precision::F16 => Err("--precision f16 needs shader-f16, which this adapter lacks".into()),
         }
     }

@@ -107,3 +107,59 @@ fn bad_requests_explain_themselves() {
     }
     assert!(!out.exists());
 }
+
+/// With no GPU adapter (here: wgpu asked for a backend this platform lacks) generation falls back to the CPU
+/// and still produces diffusers' image; `--cpu` asks for it directly.
+#[test]
+fn no_adapter_falls_back_to_the_cpu() {
+    let dir = std::env::temp_dir().join(format!("latent-gen-cpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = fixtures().join("models/sd2-tiny");
+    for (i, force_cpu) in [false, true].into_iter().enumerate() {
+        let out = dir.join(format!("{i}.png"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_latent-gen"));
+        cmd.args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photograph of an astronaut riding a horse",
+        ]);
+        cmd.args([
+            "--negative",
+            "blurry, low quality",
+            "--seed",
+            "0",
+            "--steps",
+            "4",
+            "--guidance",
+            "5",
+            "--scheduler",
+            "euler",
+        ]);
+        cmd.args(["--width", "64", "--height", "64", "--out", out.to_str().unwrap()]);
+        if force_cpu {
+            cmd.arg("--cpu");
+        } else {
+            cmd.env("WGPU_BACKEND", "dx12");
+        }
+        let o = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        assert!(stderr.contains("CPU (candle)"), "did not run on the CPU: {stderr}");
+        if !force_cpu {
+            assert!(stderr.contains("falling back to the CPU"), "{stderr}");
+        }
+        let (rgba, ..) = read_png(&out);
+        let refs =
+            std::fs::read(fixtures().join("refs/pipelines/sd2-tiny_euler_s0_4steps_g5_64x64.safetensors")).unwrap();
+        let refs = safetensors::SafeTensors::deserialize(&refs).unwrap();
+        let rgb: Vec<u8> = rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
+        let want = refs.tensor("image").unwrap();
+        let mse: f64 =
+            rgb.iter().zip(want.data()).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>() / rgb.len() as f64;
+        let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();
+        assert!(psnr >= 40.0, "CPU fallback PSNR {psnr:.1} dB");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

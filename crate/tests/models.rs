@@ -223,7 +223,11 @@ fn pipeline_cases() -> Vec<serde_json::Value> {
 /// Runs the reference pipelines whose file names pass `keep` with `policy`; returns (label, worst step
 /// relative error, image PSNR) per case.
 fn run_pipelines(policy: LoadPolicy, keep: impl Fn(&str) -> bool) -> Vec<(String, f32, f64)> {
-    let ctx = context();
+    run_pipelines_on(&context(), policy, keep)
+}
+
+fn run_pipelines_on(ctx: &GpuContext, policy: LoadPolicy, keep: impl Fn(&str) -> bool) -> Vec<(String, f32, f64)> {
+    let ctx = ctx.clone();
     let mut models = std::collections::HashMap::new();
     let mut results = Vec::new();
     for case in pipeline_cases() {
@@ -277,5 +281,15 @@ fn f16_pipelines_match_diffusers() {
     assert!(results.len() >= 6, "only {} f16 cases", results.len());
     for (label, _, db) in results {
         assert!(db >= 30.0, "{label} (f16): PSNR {db:.1} dB < 30");
+    }
+}
+
+/// The CPU fallback (candle's CPU backend under the same models) on every reference pipeline: PSNR >= 40 dB.
+#[test]
+fn cpu_fallback_matches_diffusers() {
+    let results = run_pipelines_on(&GpuContext::cpu(), LoadPolicy::F32, |_| true);
+    assert_eq!(results.len(), pipeline_cases().len());
+    for (label, _, db) in results {
+        assert!(db >= 40.0, "{label} (CPU fallback): PSNR {db:.1} dB < 40");
     }
 }

@@ -84,11 +84,18 @@ pub(crate) struct Shared {
     pub uncaptured: Arc<Mutex<Option<String>>>,
 }
 
-/// A device ready for latent-gen's kernels. Cheap to clone.
+/// A device ready for latent-gen's kernels, or the CPU fallback ([`GpuContext::cpu`]) on which every op runs
+/// on candle's CPU backend. Cheap to clone.
 #[derive(Clone)]
 pub struct GpuContext {
-    pub(crate) shared: Ref<Shared>,
+    backend: Backend,
     summary: Ref<AdapterSummary>,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Gpu(Ref<Shared>),
+    Cpu,
 }
 
 impl GpuContext {
@@ -166,7 +173,42 @@ impl GpuContext {
             device,
             queue,
         };
-        Self { shared: Ref::new(shared), summary: Ref::new(summary) }
+        Self { backend: Backend::Gpu(Ref::new(shared)), summary: Ref::new(summary) }
+    }
+
+    /// The CPU fallback: tensors live in memory and ops run on candle's CPU backend (f32 throughout; f16
+    /// and quantized weights are converted on upload).
+    pub fn cpu() -> Self {
+        let summary = AdapterSummary {
+            name: "CPU (candle)".into(),
+            backend: "Cpu".into(),
+            device_type: "Cpu".into(),
+            driver: String::new(),
+            driver_info: String::new(),
+            shader_f16: false,
+            subgroups: false,
+            timestamp_query: false,
+            max_buffer_size: u64::MAX,
+            max_storage_buffer_binding_size: u64::MAX,
+            max_compute_workgroup_storage_size: 0,
+            max_compute_invocations_per_workgroup: 0,
+            max_compute_workgroups_per_dimension: u32::MAX,
+            max_storage_buffers_per_shader_stage: u32::MAX,
+        };
+        Self { backend: Backend::Cpu, summary: Ref::new(summary) }
+    }
+
+    /// Whether this is the CPU fallback.
+    pub fn is_cpu(&self) -> bool {
+        matches!(self.backend, Backend::Cpu)
+    }
+
+    /// The GPU state, or an error naming the misuse on the CPU fallback.
+    pub(crate) fn shared(&self) -> Result<&Shared> {
+        match &self.backend {
+            Backend::Gpu(s) => Ok(s),
+            Backend::Cpu => Err(Error::Invalid("a GPU-only operation was asked of the CPU fallback".into())),
+        }
     }
 
     /// The adapter, its limits and the features enabled on the device.
@@ -179,38 +221,42 @@ impl GpuContext {
         self.summary.shader_f16
     }
 
-    /// The wgpu device, for embedders that draw with it (e.g. the preview canvas).
-    pub fn device(&self) -> &wgpu::Device {
-        &self.shared.device
+    /// The wgpu device (None on the CPU fallback), for embedders that draw with it (e.g. the preview canvas).
+    pub fn device(&self) -> Option<&wgpu::Device> {
+        self.shared().ok().map(|s| &s.device)
     }
 
-    /// The wgpu queue.
-    pub fn queue(&self) -> &wgpu::Queue {
-        &self.shared.queue
+    /// The wgpu queue (None on the CPU fallback).
+    pub fn queue(&self) -> Option<&wgpu::Queue> {
+        self.shared().ok().map(|s| &s.queue)
     }
 
-    /// Bytes held in live tensors, in the pool, and the peak of the live bytes.
+    /// Bytes held in live tensors, in the pool, and the peak of the live bytes (zeros on the CPU fallback).
     pub fn pool_stats(&self) -> PoolStats {
-        self.shared.pool.stats()
+        self.shared().map(|s| s.pool.stats()).unwrap_or_default()
     }
 
     /// Returns pooled (free) buffers to the driver.
     pub fn trim_pool(&self) {
-        self.shared.pool.trim();
+        if let Ok(s) = self.shared() {
+            s.pool.trim();
+        }
     }
 
     /// Submits the recorded commands now. Ops record into one batch; reading a tensor back flushes implicitly.
     pub fn flush(&self) -> Result<()> {
-        self.lock_batch().flush(&self.shared.device, &self.shared.queue);
+        let Ok(s) = self.shared() else { return Ok(()) };
+        s.batch.lock().unwrap_or_else(|p| p.into_inner()).flush(&s.device, &s.queue);
         self.take_uncaptured()
     }
 
     /// Flushes and waits until the GPU has finished everything submitted (natively; in the browser the
-    /// returned future resolves when the queue is idle).
+    /// returned future resolves when the queue is idle). Immediate on the CPU fallback.
     pub async fn sync(&self) -> Result<()> {
+        let Ok(s) = self.shared() else { return Ok(()) };
         self.flush()?;
         let (tx, rx) = futures_channel::oneshot::channel();
-        self.shared.queue.on_submitted_work_done(move || {
+        s.queue.on_submitted_work_done(move || {
             let _ = tx.send(());
         });
         self.poll_wait()?;
@@ -221,21 +267,18 @@ impl GpuContext {
     /// Natively blocks until submitted work is done; a no-op in the browser (the event loop polls).
     pub(crate) fn poll_wait(&self) -> Result<()> {
         #[cfg(not(target_arch = "wasm32"))]
-        self.shared.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
+        self.shared()?.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
         Ok(())
     }
 
     /// Returns the first uncaptured wgpu error since the last call, as an error value.
     pub(crate) fn take_uncaptured(&self) -> Result<()> {
-        let mut slot = self.shared.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(s) = self.shared() else { return Ok(()) };
+        let mut slot = s.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
         match slot.take() {
             Some(msg) => Err(Error::Gpu(msg)),
             None => Ok(()),
         }
-    }
-
-    pub(crate) fn lock_batch(&self) -> std::sync::MutexGuard<'_, Batch> {
-        self.shared.batch.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The device's limits that ops check before dispatching.

@@ -44,10 +44,11 @@ impl GpuContext {
         if groups.contains(&0) {
             return Ok(());
         }
-        let device = self.device();
-        let pipeline = self.shared.pipelines.get(device, kernel, spec);
-        let mut batch = self.lock_batch();
-        let (arena, offset, size) = batch.push_uniform(device, self.queue(), params);
+        let shared = self.shared()?;
+        let device = &shared.device;
+        let pipeline = shared.pipelines.get(device, kernel, spec);
+        let mut batch = shared.batch.lock().unwrap_or_else(|p| p.into_inner());
+        let (arena, offset, size) = batch.push_uniform(device, &shared.queue, params);
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -60,7 +61,7 @@ impl GpuContext {
             entries.push(wgpu::BindGroupEntry {
                 binding: 1 + i as u32,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: t.buffer(),
+                    buffer: t.gpu_buffer()?,
                     offset: 0,
                     size: wgpu::BufferSize::new(t.byte_len().max(4)),
                 }),

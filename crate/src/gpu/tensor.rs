@@ -1,4 +1,5 @@
-//! The GPU tensor: a pooled buffer with a shape and a dtype. Cloning shares the buffer.
+//! The tensor: a pooled GPU buffer with a shape and a dtype, or on the CPU fallback a candle tensor.
+//! Cloning shares the data.
 
 use super::Ref;
 use super::context::GpuContext;
@@ -7,12 +8,19 @@ use super::pool::PooledBuffer;
 use super::quant;
 use crate::error::{Error, Result};
 
-/// A tensor in GPU memory, row-major (the last dimension is contiguous).
+/// A tensor in GPU memory (or CPU memory on the CPU fallback), row-major (the last dimension is contiguous).
 #[derive(Clone)]
 pub struct Tensor {
-    buf: Ref<PooledBuffer>,
+    storage: Storage,
     shape: Vec<usize>,
     dtype: DType,
+}
+
+#[derive(Clone)]
+enum Storage {
+    Gpu(Ref<PooledBuffer>),
+    /// f32, contiguous, of the tensor's shape.
+    Cpu(candle_core::Tensor),
 }
 
 impl std::fmt::Debug for Tensor {
@@ -25,6 +33,10 @@ impl Tensor {
     /// An uninitialized tensor for `op`'s output; errors if it would exceed the device's buffer limits.
     pub fn empty(ctx: &GpuContext, op: &'static str, shape: &[usize], dtype: DType) -> Result<Self> {
         let numel: usize = shape.iter().product();
+        if ctx.is_cpu() {
+            let t = candle_core::Tensor::zeros(shape, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+            return Ok(Self::from_cpu(t));
+        }
         if dtype.is_quantized() && shape.last().is_none_or(|d| d % QBLOCK != 0) {
             return Err(Error::Shape {
                 op,
@@ -43,12 +55,44 @@ impl Tensor {
                 shape: format!("{shape:?} {dtype}"),
             });
         }
-        let buf = ctx.shared.pool.alloc(&ctx.shared.device, bytes, limits.max_buffer_size);
-        Ok(Self { buf: Ref::new(buf), shape: shape.to_vec(), dtype })
+        let shared = ctx.shared()?;
+        let buf = shared.pool.alloc(&shared.device, bytes, limits.max_buffer_size);
+        Ok(Self { storage: Storage::Gpu(Ref::new(buf)), shape: shape.to_vec(), dtype })
+    }
+
+    /// Wraps an f32 candle tensor (the CPU fallback's storage).
+    pub fn from_cpu(t: candle_core::Tensor) -> Self {
+        let shape = t.dims().to_vec();
+        Self { storage: Storage::Cpu(t), shape, dtype: DType::F32 }
+    }
+
+    /// The candle tensor of a CPU-fallback tensor.
+    pub fn cpu(&self) -> Result<&candle_core::Tensor> {
+        match &self.storage {
+            Storage::Cpu(t) => Ok(t),
+            Storage::Gpu(_) => Err(Error::Invalid("a GPU tensor was given to the CPU fallback".into())),
+        }
     }
 
     /// Uploads raw bytes already in the GPU layout of `dtype`.
     pub fn from_bytes(ctx: &GpuContext, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Self> {
+        if ctx.is_cpu() {
+            let numel: usize = shape.iter().product();
+            if bytes.len().div_ceil(4) * 4 != dtype.storage_bytes(numel) {
+                return Err(Error::Invalid(format!(
+                    "upload: {shape:?} {dtype} takes {} bytes, got {}",
+                    dtype.storage_bytes(numel),
+                    bytes.len()
+                )));
+            }
+            let data = match dtype {
+                DType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(bytes),
+                DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(bytes).iter().map(|h| h.to_f32()).collect(),
+                DType::Q8_0 | DType::Q4_0 => quant::dequantize_gpu(dtype, bytes, numel),
+            };
+            let t = candle_core::Tensor::from_vec(data, shape, &candle_core::Device::Cpu)?;
+            return Ok(Self::from_cpu(t));
+        }
         let t = Self::empty(ctx, "upload", shape, dtype)?;
         let want = dtype.storage_bytes(t.numel());
         if bytes.len() != want && bytes.len().div_ceil(4) * 4 != want {
@@ -66,7 +110,7 @@ impl Tensor {
             &padded
         };
         if !data.is_empty() {
-            ctx.queue().write_buffer(t.buffer(), 0, data);
+            ctx.shared()?.queue.write_buffer(t.gpu_buffer()?, 0, data);
         }
         Ok(t)
     }
@@ -137,8 +181,16 @@ impl Tensor {
         self.dtype.storage_bytes(self.numel()) as u64
     }
 
-    pub fn buffer(&self) -> &wgpu::Buffer {
-        self.buf.buffer()
+    /// The GPU buffer (None on the CPU fallback).
+    pub fn buffer(&self) -> Option<&wgpu::Buffer> {
+        match &self.storage {
+            Storage::Gpu(b) => Some(b.buffer()),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    pub(crate) fn gpu_buffer(&self) -> Result<&wgpu::Buffer> {
+        self.buffer().ok_or_else(|| Error::Invalid("a CPU-fallback tensor was given to a GPU kernel".into()))
     }
 
     /// The same data with another shape of the same element count (no copy).
@@ -150,25 +202,33 @@ impl Tensor {
                 msg: format!("cannot view {:?} {} as {shape:?}", self.shape, self.dtype),
             });
         }
-        Ok(Self { buf: self.buf.clone(), shape: shape.to_vec(), dtype: self.dtype })
+        let storage = match &self.storage {
+            Storage::Gpu(b) => Storage::Gpu(b.clone()),
+            Storage::Cpu(t) => Storage::Cpu(t.reshape(shape)?),
+        };
+        Ok(Self { storage, shape: shape.to_vec(), dtype: self.dtype })
     }
 
     /// Copies the tensor's bytes (in the GPU layout) back to the CPU.
     pub async fn to_bytes(&self, ctx: &GpuContext) -> Result<Vec<u8>> {
+        if let Storage::Cpu(t) = &self.storage {
+            return Ok(bytemuck::cast_slice(&t.flatten_all()?.to_vec1::<f32>()?).to_vec());
+        }
         let size = self.byte_len();
         if size == 0 {
             return Ok(Vec::new());
         }
-        let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        let shared = ctx.shared()?;
+        let staging = shared.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("latent-gen readback"),
             size,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         {
-            let mut batch = ctx.lock_batch();
-            batch.encoder(ctx.device()).copy_buffer_to_buffer(self.buffer(), 0, &staging, 0, size);
-            batch.flush(ctx.device(), ctx.queue());
+            let mut batch = shared.batch.lock().unwrap_or_else(|p| p.into_inner());
+            batch.encoder(&shared.device).copy_buffer_to_buffer(self.gpu_buffer()?, 0, &staging, 0, size);
+            batch.flush(&shared.device, &shared.queue);
         }
         let (tx, rx) = futures_channel::oneshot::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {

@@ -101,6 +101,10 @@ pub fn attention(
     if d > MAX_FUSED_HEAD_DIM {
         return unfused(ctx, q, k, v, heads, scale, causal);
     }
+    if ctx.is_cpu() {
+        let o = super::cpu::attention(q.cpu()?, k.cpu()?, v.cpu()?, heads, scale as f64, causal)?;
+        return Ok(Tensor::from_cpu(o.contiguous()?));
+    }
     let out = Tensor::empty(ctx, OP, q.shape(), q.dtype())?;
     let dv = d.div_ceil(4);
     // K and V tiles of bkv keys each must fit the workgroup memory.

@@ -116,6 +116,9 @@ pub fn binary(ctx: &GpuContext, op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<
     if shape.len() > 4 {
         return shape_err(name, format!("rank {} is above 4 ({:?}, {:?})", shape.len(), a.shape(), b.shape()));
     }
+    if ctx.is_cpu() {
+        return super::cpu::binary(op, a, b);
+    }
     let out = Tensor::empty(ctx, name, &shape, a.dtype())?;
     let mut padded = [1u32; 4];
     for (i, &d) in shape.iter().enumerate() {
@@ -156,6 +159,17 @@ fn unary(
     params: UnaryParams,
 ) -> Result<Tensor> {
     check_act(name, &[x])?;
+    if ctx.is_cpu() {
+        return match code {
+            0 => super::cpu::activation(x, Activation::Silu),
+            1 => super::cpu::activation(x, Activation::Gelu),
+            2 => super::cpu::activation(x, Activation::QuickGelu),
+            3 => super::cpu::geglu(x),
+            4 => super::cpu::affine(x, params.alpha, params.beta),
+            5 => super::cpu::activation(x, Activation::Relu),
+            _ => super::cpu::soft_clamp(x, params.alpha),
+        };
+    }
     let out = Tensor::empty(ctx, name, out_shape, x.dtype())?;
     let spec = Spec::new(act_dtype(x)?).u32("OP", code);
     let groups = crate::gpu::grid_1d(ctx, params.n.div_ceil(256));
@@ -248,6 +262,9 @@ pub fn lincomb(ctx: &GpuContext, shape: &[usize], terms: &[Term<'_>]) -> Result<
             OP,
             format!("{n} elements from offset {} overrun {:?} (output {shape:?})", t.offset, t.tensor.shape()),
         );
+    }
+    if ctx.is_cpu() {
+        return super::cpu::lincomb(shape, terms);
     }
     let out = Tensor::empty(ctx, OP, shape, tensors[0].dtype())?;
     let mut params = LincombParams { n: n as u32, terms: terms.len() as u32, _pad: [0; 2], off: [0; 4], c: [0.0; 4] };

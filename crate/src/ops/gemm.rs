@@ -189,6 +189,9 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
     let batch: usize = batch_dims.iter().product();
     let mut out_shape = batch_dims.to_vec();
     out_shape.extend([m, n]);
+    if ctx.is_cpu() {
+        return super::cpu::matmul(a, b, &opts);
+    }
     let out = Tensor::empty(ctx, OP, &out_shape, a.dtype())?;
     let params = Params {
         m: m as u32,
@@ -297,6 +300,9 @@ pub fn conv2d(
     let wo = (w + pads - kw) / opts.stride + 1;
     check_bias(OP, bias, cout, x.dtype())?;
     let kind = b_kind(OP, x.dtype(), weight, true)?;
+    if ctx.is_cpu() {
+        return super::cpu::conv2d(x, weight, cout, cin, (kh, kw), bias, &opts);
+    }
     let out = Tensor::empty(ctx, OP, &[batch, cout, ho, wo], x.dtype())?;
     let m = ho * wo;
     let params = Params {

@@ -48,6 +48,9 @@ pub fn embedding(ctx: &GpuContext, table: &Tensor, ids: &Tensor, act: DType) -> 
             });
         }
     };
+    if ctx.is_cpu() {
+        return super::cpu::embedding(table, ids);
+    }
     let mut shape = ids.shape().to_vec();
     shape.push(dim);
     let out = Tensor::empty(ctx, OP, &shape, act)?;
@@ -67,6 +70,9 @@ pub fn upsample_nearest2x(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
     let &[b, c, h, w] = x.shape() else {
         return shape_err(OP, format!("input must be (batch, channels, height, width), got {:?}", x.shape()));
     };
+    if ctx.is_cpu() {
+        return super::cpu::upsample_nearest2x(x);
+    }
     let out = Tensor::empty(ctx, OP, &[b, c, 2 * h, 2 * w], x.dtype())?;
     let n = out.numel() as u32;
     let params = [n, h as u32, w as u32, 0];
@@ -87,6 +93,9 @@ pub fn concat(ctx: &GpuContext, a: &Tensor, b: &Tensor, dim: usize) -> Result<Te
     }
     let mut shape = a.shape().to_vec();
     shape[dim] += b.shape()[dim];
+    if ctx.is_cpu() {
+        return super::cpu::concat(a, b, dim);
+    }
     let out = Tensor::empty(ctx, OP, &shape, a.dtype())?;
     let n = out.numel() as u32;
     let inner: usize = a.shape()[dim + 1..].iter().product();
@@ -108,6 +117,9 @@ pub fn transpose_last2(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
     let mut shape = x.shape().to_vec();
     let r = shape.len();
     shape.swap(r - 2, r - 1);
+    if ctx.is_cpu() {
+        return super::cpu::transpose_last2(x);
+    }
     let out = Tensor::empty(ctx, OP, &shape, x.dtype())?;
     let params = [rows as u32, cols as u32, 0, 0];
     let spec = Spec::new(act_dtype(x)?);
@@ -147,6 +159,10 @@ pub fn cast(ctx: &GpuContext, x: &Tensor, dtype: DType) -> Result<Tensor> {
     }
     if !matches!(dtype, DType::F32 | DType::F16) {
         return Err(Error::DType { op: OP, dtype, detail: " (cast converts between f32 and f16)".into() });
+    }
+    if ctx.is_cpu() {
+        // The CPU fallback keeps everything in f32.
+        return Ok(x.clone());
     }
     let out = Tensor::empty(ctx, OP, x.shape(), dtype)?;
     let n = x.numel() as u32;
@@ -196,6 +212,9 @@ pub fn timestep_embedding(ctx: &GpuContext, t: &Tensor, cfg: TimestepEmbedding, 
             OP,
             format!("cannot embed into {} dimensions with shift {}", cfg.dim, cfg.downscale_freq_shift),
         );
+    }
+    if ctx.is_cpu() {
+        return super::cpu::timestep_embedding(t, &cfg);
     }
     let n = t.dim(0);
     let out = Tensor::empty(ctx, OP, &[n, cfg.dim], dtype)?;

@@ -55,6 +55,14 @@ fn norm(
         checked.extend([g, b]);
     }
     check_act(op, &checked)?;
+    if ctx.is_cpu() {
+        return match (op, affine) {
+            ("group_norm", Some((g, b))) => {
+                super::cpu::group_norm(x, params.groups as usize, g, b, params.eps, params.silu != 0)
+            }
+            _ => super::cpu::layer_norm(x, affine, params.eps),
+        };
+    }
     let out = Tensor::empty(ctx, op, x.shape(), x.dtype())?;
     let dummy;
     let (g, b) = match affine {
@@ -125,6 +133,9 @@ pub fn softmax(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
     check_act(OP, &[x])?;
     if x.rank() == 0 || x.dim(-1) == 0 {
         return shape_err(OP, format!("cannot take a softmax over {:?}", x.shape()));
+    }
+    if ctx.is_cpu() {
+        return super::cpu::softmax(x);
     }
     let out = Tensor::empty(ctx, OP, x.shape(), x.dtype())?;
     let rows = (x.numel() / x.dim(-1)) as u32;
