@@ -439,7 +439,7 @@ mod tests {
     #[test]
     fn trajectories_match_diffusers() {
         use crate::rng::TorchRng;
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/refs/schedulers.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/schedulers/trajectories.json");
         let text = std::fs::read_to_string(path).expect("scheduler fixtures");
         let fixtures: serde_json::Value = serde_json::from_str(&text).unwrap();
         let mut checked = 0;
