@@ -298,7 +298,7 @@ async fn matmul(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             if has_bias {
                 want = want.broadcast_add(&cpu(&dbias, &[n])?)?;
             }
-            want = cpu_act(&want, act)?;
+            want = crate::ops::cpu::act(&want, act)?;
             let case = format!(
                 "A {shape_a:?}{} B {shape_b:?}{}{}{} {tile:?} {dtype}",
                 if ta { "^T" } else { "" },
@@ -311,16 +311,6 @@ async fn matmul(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn cpu_act(t: &CTensor, act: Option<Activation>) -> Result<CTensor> {
-    Ok(match act {
-        None => t.clone(),
-        Some(Activation::Silu) => candle_nn::ops::silu(t)?,
-        Some(Activation::Gelu) => t.gelu_erf()?,
-        Some(Activation::QuickGelu) => (t * candle_nn::ops::sigmoid(&(t * 1.702)?)?)?,
-        Some(Activation::Relu) => t.relu()?,
-    })
 }
 
 /// Linear layers with f16, q8_0 and q4_0 weights against candle's dequantized weights.
@@ -380,7 +370,7 @@ async fn conv2d(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             // candle pads symmetrically: pad the input explicitly.
             let x = cpu(&dx, &[b, cin, h, w])?.pad_with_zeros(2, pad, pad_end)?.pad_with_zeros(3, pad, pad_end)?;
             let want = x.conv2d(&cpu(&dw, &[cout, cin, k, k])?, 0, stride, 1, 1)?;
-            let want = cpu_act(&want.broadcast_add(&cpu(&dbias, &[1, cout, 1, 1])?)?, act)?;
+            let want = crate::ops::cpu::act(&want.broadcast_add(&cpu(&dbias, &[1, cout, 1, 1])?)?, act)?;
             let case = format!(
                 "x [{b}, {cin}, {h}, {w}] w [{cout}, {cin}, {k}, {k}] stride {stride} pad ({pad}, {pad_end}){} {tile:?} {dtype}",
                 act.map(|a| format!(" {a:?}")).unwrap_or_default()
@@ -479,25 +469,6 @@ async fn softmax(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     Ok(())
 }
 
-/// softmax(Q K^T * scale) V on the CPU with candle, q (b, lq, h * d), k and v (b, lk, h * d).
-fn cpu_attention(q: &CTensor, k: &CTensor, v: &CTensor, heads: usize, scale: f64, causal: bool) -> Result<CTensor> {
-    let split = |t: &CTensor| -> Result<CTensor> {
-        let (b, l, hd) = t.dims3()?;
-        Ok(t.reshape((b, l, heads, hd / heads))?.transpose(1, 2)?.contiguous()?)
-    };
-    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if causal {
-        let (lq, lk) = (scores.dim(2)?, scores.dim(3)?);
-        let mask: Vec<f32> =
-            (0..lq).flat_map(|i| (0..lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-        scores = scores.broadcast_add(&CTensor::from_vec(mask, (lq, lk), &Device::Cpu)?)?;
-    }
-    let out = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
-    let (b, h, l, d) = out.dims4()?;
-    Ok(out.transpose(1, 2)?.reshape((b, l, h * d))?)
-}
-
 async fn attention(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     let mut rng = Rng::new(9);
     // (batch, lq, lk, heads, head dim, causal)
@@ -521,7 +492,7 @@ async fn attention(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let k = Tensor::from_f32_as(ctx, &[b, lk, hd], &dk, dtype)?;
             let v = Tensor::from_f32_as(ctx, &[b, lk, hd], &dv, dtype)?;
             let got = ops::attention(ctx, &q, &k, &v, heads, scale, causal)?.to_vec_f32(ctx).await?;
-            let want = cpu_attention(
+            let want = crate::ops::cpu::attention(
                 &cpu(&dq, &[b, lq, hd])?,
                 &cpu(&dk, &[b, lk, hd])?,
                 &cpu(&dv, &[b, lk, hd])?,

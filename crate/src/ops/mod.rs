@@ -3,7 +3,7 @@
 //! Ops never know which model calls them.
 
 pub mod attention;
-mod cpu;
+pub(crate) mod cpu;
 pub mod elementwise;
 pub mod gemm;
 pub mod layout;
