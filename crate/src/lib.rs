@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod models;
 pub mod ops;
 pub mod pipeline;
+pub mod preview;
 pub mod rng;
 pub mod schedulers;
 pub mod selfcheck;

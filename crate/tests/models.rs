@@ -293,3 +293,32 @@ fn cpu_fallback_matches_diffusers() {
         assert!(db >= 40.0, "{label} (CPU fallback): PSNR {db:.1} dB < 40");
     }
 }
+
+/// The GPU latent preview equals the CPU computation of the same projection (to 8-bit rounding), and the
+/// model folder's preview.json overrides the SD defaults.
+#[test]
+fn latent_previews_match_on_gpu_and_cpu() {
+    use latent_gen::preview::{PreviewFactors, preview};
+    let ctx = context();
+    let data: Vec<f32> = TorchRng::new(3).randn(4 * 8 * 12);
+    let factors = PreviewFactors::default();
+    let gpu =
+        pollster::block_on(preview(&ctx, &Tensor::from_f32(&ctx, &[1, 4, 8, 12], &data).unwrap(), &factors)).unwrap();
+    let cpu_ctx = GpuContext::cpu();
+    let cpu =
+        pollster::block_on(preview(&cpu_ctx, &Tensor::from_f32(&cpu_ctx, &[1, 4, 8, 12], &data).unwrap(), &factors))
+            .unwrap();
+    assert_eq!((gpu.width, gpu.height), (12, 8));
+    let worst = gpu.rgba.iter().zip(&cpu.rgba).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 1, "GPU and CPU previews differ by {worst}");
+    assert!(gpu.rgba.chunks(4).any(|p| p[0] != gpu.rgba[0]), "a flat preview");
+    let custom = PreviewFactors::from_json(
+        r#"{"latent_rgb_factors": [[1,0,0],[0,1,0],[0,0,1],[0,0,0]], "latent_rgb_bias": [0,0,0]}"#,
+    )
+    .unwrap();
+    let img =
+        pollster::block_on(preview(&ctx, &Tensor::from_f32(&ctx, &[1, 4, 8, 12], &data).unwrap(), &custom)).unwrap();
+    let want = ((data[0] * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
+    assert!(img.rgba[0].abs_diff(want) <= 1, "{} vs {want}", img.rgba[0]);
+    assert!(PreviewFactors::from_json("{}").is_err());
+}
