@@ -268,6 +268,18 @@ impl StableDiffusion {
         req: &Request,
         on_step: &mut dyn FnMut(&Step<'_>) -> Result<Control>,
     ) -> Result<Tensor> {
+        let mut run = self.start(req)?;
+        while let Some(step) = run.step().await? {
+            if on_step(&step)? == Control::Cancel {
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(run.latents)
+    }
+
+    /// Starts a generation that the caller drives one step at a time (and may await anything between steps,
+    /// e.g. a preview readback, or simply stop: that is cancelling).
+    pub fn start(&self, req: &Request) -> Result<Denoiser<'_>> {
         let ctx = &self.ctx;
         let (w, h) = self.size(req)?;
         if req.steps == 0 || req.steps > 1000 {
@@ -276,8 +288,7 @@ impl StableDiffusion {
         if !req.guidance.is_finite() {
             return Err(Error::Invalid(format!("guidance must be a number, got {}", req.guidance)));
         }
-        let kind = self.scheduler_kind(req)?;
-        let mut scheduler = kind.build(&self.scheduler_config, req.steps)?;
+        let scheduler = self.scheduler_kind(req)?.build(&self.scheduler_config, req.steps)?;
         // 1. Conditioning: CFG batches [negative, prompt]; LCM embeds the guidance scale instead.
         let cfg = req.guidance > 1.0 && !self.is_lcm();
         let context = if cfg {
@@ -292,35 +303,23 @@ impl StableDiffusion {
         };
         // 2. Initial noise from the seed, as torch.randn(generator=manual_seed(seed)) draws it.
         let shape = self.latent_shape(w, h);
-        let n: usize = shape.iter().product();
         let mut rng = TorchRng::new(req.seed);
-        let noise = Tensor::from_f32_as(ctx, &shape, &rng.randn(n), act)?;
-        let mut latents = ops::affine(ctx, &noise, scheduler.init_noise_sigma() as f32, 0.0)?;
-        let mut prev_x0: Option<Tensor> = None;
-        // 3. Denoising steps.
+        let noise = Tensor::from_f32_as(ctx, &shape, &rng.randn(shape.iter().product()), act)?;
+        let latents = ops::affine(ctx, &noise, scheduler.init_noise_sigma() as f32, 0.0)?;
         let timesteps = scheduler.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let scaled = ops::affine(ctx, &latents, scheduler.input_scale(i) as f32, 0.0)?;
-            let input = if cfg { ops::concat(ctx, &scaled, &scaled, 0)? } else { scaled };
-            let out = self.unet.forward(ctx, &input, t as f32, &context, cond.as_ref())?;
-            let guided = if cfg {
-                let g = req.guidance;
-                ops::lincomb(ctx, &shape, &[Term::part(1.0 - g, &out, 0, 2), Term::part(g, &out, 1, 2)])?
-            } else {
-                out
-            };
-            let plan = scheduler.step(i);
-            let noise =
-                if plan.needs_noise() { Some(Tensor::from_f32_as(ctx, &shape, &rng.randn(n), act)?) } else { None };
-            let (x0, prev) = apply_plan(ctx, &plan, &shape, &latents, &guided, prev_x0.as_ref(), noise.as_ref())?;
-            latents = prev;
-            prev_x0 = Some(x0);
-            ctx.sync().await?;
-            if on_step(&Step { index: i, steps: timesteps.len(), timestep: t, latents: &latents })? == Control::Cancel {
-                return Err(Error::Cancelled);
-            }
-        }
-        Ok(latents)
+        Ok(Denoiser {
+            sd: self,
+            scheduler,
+            timesteps,
+            next: 0,
+            cfg: cfg.then_some(req.guidance),
+            context,
+            cond,
+            shape,
+            rng,
+            latents,
+            prev_x0: None,
+        })
     }
 
     /// The latent's shape for a (width, height) image.
@@ -345,6 +344,58 @@ impl StableDiffusion {
         let z = ops::affine(ctx, latents, (1.0 / self.vae_config.scaling_factor) as f32, 0.0)?;
         let image = self.vae.forward(ctx, &z)?;
         to_rgba(ctx, &image).await
+    }
+}
+
+/// A generation in progress; see [`StableDiffusion::start`].
+pub struct Denoiser<'a> {
+    sd: &'a StableDiffusion,
+    scheduler: Box<dyn schedulers::Scheduler>,
+    timesteps: Vec<f64>,
+    next: usize,
+    /// The guidance scale when classifier-free guidance runs.
+    cfg: Option<f32>,
+    context: Tensor,
+    cond: Option<Tensor>,
+    shape: [usize; 4],
+    rng: TorchRng,
+    latents: Tensor,
+    prev_x0: Option<Tensor>,
+}
+
+impl Denoiser<'_> {
+    /// Runs the next denoising step; None once all are done.
+    pub async fn step(&mut self) -> Result<Option<Step<'_>>> {
+        let Some(&t) = self.timesteps.get(self.next) else { return Ok(None) };
+        let (i, sd, ctx, shape) = (self.next, self.sd, &self.sd.ctx, &self.shape);
+        let act = sd.text_encoder_dtype();
+        let scaled = ops::affine(ctx, &self.latents, self.scheduler.input_scale(i) as f32, 0.0)?;
+        let input = if self.cfg.is_some() { ops::concat(ctx, &scaled, &scaled, 0)? } else { scaled };
+        let out = sd.unet.forward(ctx, &input, t as f32, &self.context, self.cond.as_ref())?;
+        let guided = match self.cfg {
+            Some(g) => ops::lincomb(ctx, shape, &[Term::part(1.0 - g, &out, 0, 2), Term::part(g, &out, 1, 2)])?,
+            None => out,
+        };
+        let plan = self.scheduler.step(i);
+        let n: usize = shape.iter().product();
+        let noise =
+            if plan.needs_noise() { Some(Tensor::from_f32_as(ctx, shape, &self.rng.randn(n), act)?) } else { None };
+        let (x0, prev) = apply_plan(ctx, &plan, shape, &self.latents, &guided, self.prev_x0.as_ref(), noise.as_ref())?;
+        self.latents = prev;
+        self.prev_x0 = Some(x0);
+        self.next += 1;
+        ctx.sync().await?;
+        Ok(Some(Step { index: i, steps: self.timesteps.len(), timestep: t, latents: &self.latents }))
+    }
+
+    /// The current latent (the final one once every step ran).
+    pub fn latents(&self) -> &Tensor {
+        &self.latents
+    }
+
+    /// How many steps this generation has.
+    pub fn steps(&self) -> usize {
+        self.timesteps.len()
     }
 }
 
