@@ -17,7 +17,7 @@ pub mod schedulers;
 pub mod selfcheck;
 pub mod tokenizer;
 #[cfg(target_arch = "wasm32")]
-mod web;
+pub mod web;
 pub mod weights;
 
 pub use error::{Error, Result};

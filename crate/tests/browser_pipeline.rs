@@ -9,28 +9,113 @@ use wasm_bindgen_test::wasm_bindgen_test;
 
 wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
 
-macro_rules! model_file {
-    ($src:ident, $path:literal) => {
-        $src.insert($path, include_bytes!(concat!("../../tests/fixtures/models/sd1-tiny/", $path)).to_vec());
-    };
+const FILES: [(&str, &[u8]); 12] = [
+    ("model_index.json", include_bytes!("../../tests/fixtures/models/sd1-tiny/model_index.json")),
+    ("text_encoder/config.json", include_bytes!("../../tests/fixtures/models/sd1-tiny/text_encoder/config.json")),
+    (
+        "text_encoder/model.safetensors",
+        include_bytes!("../../tests/fixtures/models/sd1-tiny/text_encoder/model.safetensors"),
+    ),
+    ("tokenizer/vocab.json", include_bytes!("../../tests/fixtures/models/sd1-tiny/tokenizer/vocab.json")),
+    ("tokenizer/merges.txt", include_bytes!("../../tests/fixtures/models/sd1-tiny/tokenizer/merges.txt")),
+    (
+        "tokenizer/tokenizer_config.json",
+        include_bytes!("../../tests/fixtures/models/sd1-tiny/tokenizer/tokenizer_config.json"),
+    ),
+    (
+        "tokenizer/special_tokens_map.json",
+        include_bytes!("../../tests/fixtures/models/sd1-tiny/tokenizer/special_tokens_map.json"),
+    ),
+    ("unet/config.json", include_bytes!("../../tests/fixtures/models/sd1-tiny/unet/config.json")),
+    (
+        "unet/diffusion_pytorch_model.safetensors",
+        include_bytes!("../../tests/fixtures/models/sd1-tiny/unet/diffusion_pytorch_model.safetensors"),
+    ),
+    ("vae/config.json", include_bytes!("../../tests/fixtures/models/sd1-tiny/vae/config.json")),
+    (
+        "vae/diffusion_pytorch_model.safetensors",
+        include_bytes!("../../tests/fixtures/models/sd1-tiny/vae/diffusion_pytorch_model.safetensors"),
+    ),
+    (
+        "scheduler/scheduler_config.json",
+        include_bytes!("../../tests/fixtures/models/sd1-tiny/scheduler/scheduler_config.json"),
+    ),
+];
+
+fn psnr(rgba: &[u8], want_rgb: &[u8]) -> f64 {
+    let rgb: Vec<u8> = rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
+    let mse: f64 =
+        rgb.iter().zip(want_rgb).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>() / rgb.len() as f64;
+    10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10()
+}
+
+fn get(obj: &wasm_bindgen::JsValue, key: &str) -> wasm_bindgen::JsValue {
+    js_sys::Reflect::get(obj, &key.into()).unwrap()
+}
+
+/// The worker's API: load a model from a Map of files, generate with a preview per step, cancel.
+#[wasm_bindgen_test]
+async fn engine_generates_with_previews_and_cancels() {
+    use wasm_bindgen::JsCast;
+    use wasm_bindgen::closure::Closure;
+    let engine = latent_gen::web::Engine::create(false).await.unwrap_or_else(|_| panic!("no engine"));
+    assert!(!engine.is_cpu(), "the browser test must run on WebGPU");
+    let files = js_sys::Map::new();
+    for (path, bytes) in FILES {
+        files.set(&path.into(), &js_sys::Uint8Array::from(bytes).into());
+    }
+    let info = engine.load_model(files).unwrap_or_else(|_| panic!("loadModel failed"));
+    assert_eq!(get(&info, "sizeMultiple").as_f64(), Some(16.0));
+    let request = serde_wasm_bindgen::to_value(&Request {
+        prompt: "a red cube on a blue table, studio lighting".into(),
+        negative_prompt: "blurry, low quality".into(),
+        seed: 1,
+        steps: 6,
+        guidance: 7.5,
+        width: Some(96),
+        height: Some(64),
+        scheduler: Some("dpm++2m".parse().unwrap()),
+    })
+    .unwrap();
+    let previews = std::rc::Rc::new(std::cell::RefCell::new(Vec::<Vec<u8>>::new()));
+    let seen = previews.clone();
+    let on_step = Closure::wrap(Box::new(move |ev: wasm_bindgen::JsValue| {
+        let p = get(&ev, "preview");
+        assert_eq!((get(&p, "width").as_f64(), get(&p, "height").as_f64()), (Some(12.0), Some(8.0)));
+        seen.borrow_mut().push(js_sys::Uint8ClampedArray::new(&get(&p, "rgba")).to_vec());
+    }) as Box<dyn FnMut(wasm_bindgen::JsValue)>);
+    let fun: &js_sys::Function = on_step.as_ref().unchecked_ref();
+    let image = wasm_bindgen_futures::JsFuture::from(engine.generate(request.clone(), fun.clone())).await.unwrap();
+    let previews = previews.borrow().clone();
+    assert_eq!(previews.len(), 6, "one preview per step");
+    assert!(previews.windows(2).all(|w| w[0] != w[1]), "the preview changes after every step");
+    let rgba = js_sys::Uint8ClampedArray::new(&get(&image, "rgba")).to_vec();
+    let refs = include_bytes!("../../tests/fixtures/refs/pipelines/sd1-tiny_dpm++2m_s1_6steps_g7.5_96x64.safetensors");
+    let refs = safetensors::SafeTensors::deserialize(refs).unwrap();
+    let db = psnr(&rgba, refs.tensor("image").unwrap().data());
+    assert!(db >= 40.0, "PSNR {db:.1} dB");
+    // Cancelling from the step callback stops the run with a "cancelled" error.
+    let engine = std::rc::Rc::new(engine);
+    let handle = engine.clone();
+    let cancel = Closure::wrap(
+        Box::new(move |_: wasm_bindgen::JsValue| handle.cancel()) as Box<dyn FnMut(wasm_bindgen::JsValue)>
+    );
+    let err = wasm_bindgen_futures::JsFuture::from(
+        engine.generate(request, cancel.as_ref().unchecked_ref::<js_sys::Function>().clone()),
+    )
+    .await
+    .expect_err("a cancelled run rejects");
+    let msg = js_sys::Error::from(err).message().as_string().unwrap_or_default();
+    assert!(msg.contains("cancelled"), "{msg}");
 }
 
 #[wasm_bindgen_test]
 async fn tiny_pipeline_matches_diffusers_in_the_browser() {
     let ctx = GpuContext::new().await.unwrap_or_else(|e| panic!("the browser test needs WebGPU: {e}"));
     let mut src = MemorySource::new();
-    model_file!(src, "model_index.json");
-    model_file!(src, "text_encoder/config.json");
-    model_file!(src, "text_encoder/model.safetensors");
-    model_file!(src, "tokenizer/vocab.json");
-    model_file!(src, "tokenizer/merges.txt");
-    model_file!(src, "tokenizer/tokenizer_config.json");
-    model_file!(src, "tokenizer/special_tokens_map.json");
-    model_file!(src, "unet/config.json");
-    model_file!(src, "unet/diffusion_pytorch_model.safetensors");
-    model_file!(src, "vae/config.json");
-    model_file!(src, "vae/diffusion_pytorch_model.safetensors");
-    model_file!(src, "scheduler/scheduler_config.json");
+    for (path, bytes) in FILES {
+        src.insert(path, bytes.to_vec());
+    }
     let sd = StableDiffusion::load(&ctx, &src, LoadPolicy::F32).unwrap();
     let req = Request {
         prompt: "a red cube on a blue table, studio lighting".into(),
@@ -51,10 +136,6 @@ async fn tiny_pipeline_matches_diffusers_in_the_browser() {
     assert_eq!(steps, 6);
     let refs = include_bytes!("../../tests/fixtures/refs/pipelines/sd1-tiny_dpm++2m_s1_6steps_g7.5_96x64.safetensors");
     let refs = safetensors::SafeTensors::deserialize(refs).unwrap();
-    let want = refs.tensor("image").unwrap();
-    let rgb: Vec<u8> = image.rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
-    let mse: f64 =
-        rgb.iter().zip(want.data()).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>() / rgb.len() as f64;
-    let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();
+    let psnr = psnr(&image.rgba, refs.tensor("image").unwrap().data());
     assert!(psnr >= 40.0, "PSNR {psnr:.1} dB against diffusers");
 }
