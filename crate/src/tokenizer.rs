@@ -112,7 +112,7 @@ impl ClipTokenizer {
     /// How many tokens of `text` fit (the rest is cut): (used, total).
     pub fn count(&self, text: &str) -> Result<(usize, usize)> {
         let n = self.tokenizer.encode(clean(text), false).map_err(|e| err("encode", e))?.get_ids().len();
-        Ok((n.min(self.max_len - 2), n))
+        Ok((n.min(self.max_len.saturating_sub(2)), n))
     }
 }
 

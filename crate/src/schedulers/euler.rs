@@ -59,15 +59,15 @@ fn schedule(common: &Common, config: &SchedulerConfig, steps: usize, allow_karra
 }
 
 /// x0 = sample - sigma * eps, or the v-prediction form, for a sigma of the k-diffusion parametrization.
-fn x0_terms(prediction: Prediction, sigma: f64) -> Result<Vec<(Term, f64)>> {
-    Ok(match prediction {
+fn x0_terms(prediction: Prediction, sigma: f64) -> Vec<(Term, f64)> {
+    match prediction {
         Prediction::Epsilon => vec![(Term::Sample, 1.0), (Term::ModelOutput, -sigma)],
         Prediction::VPrediction => {
             let s2 = sigma * sigma + 1.0;
             vec![(Term::ModelOutput, -sigma / s2.sqrt()), (Term::Sample, 1.0 / s2)]
         }
         Prediction::Sample => vec![(Term::ModelOutput, 1.0)],
-    })
+    }
 }
 
 /// Euler's method on the probability-flow ODE.
@@ -99,7 +99,7 @@ impl Scheduler for EulerDiscrete {
         let (sigma, next) = (self.s.sigmas[i], self.s.sigmas[i + 1]);
         // prev = sample + (sample - x0) / sigma * (next - sigma)
         let dt = next - sigma;
-        let x0 = x0_terms(self.prediction, sigma).expect("every prediction type is handled");
+        let x0 = x0_terms(self.prediction, sigma);
         StepPlan { x0, prev: vec![(Term::Sample, 1.0 + dt / sigma), (Term::X0, -dt / sigma)] }
     }
 }
@@ -137,7 +137,7 @@ impl Scheduler for EulerAncestral {
         let up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let down = (to * to - up * up).sqrt();
         let dt = down - from;
-        let x0 = x0_terms(self.prediction, from).expect("every prediction type is handled");
+        let x0 = x0_terms(self.prediction, from);
         StepPlan { x0, prev: vec![(Term::Sample, 1.0 + dt / from), (Term::X0, -dt / from), (Term::Noise, up)] }
     }
 }
