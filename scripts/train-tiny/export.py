@@ -72,6 +72,9 @@ def export_weights(args) -> None:
     save_file(sd, os.path.join(ted, "model.safetensors"), metadata={"format": "pt"})
     for d in ("unet", "vae"):
         assert os.path.exists(os.path.join(out, d, "diffusion_pytorch_model.safetensors")), d
+    for root, _, files in os.walk(out):
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
     print(f"exported to {out}")
 
 
@@ -150,6 +153,9 @@ def write_card(args) -> None:
     ck, out = args.ckpt_dir, args.out
     load = lambda p: json.load(open(p)) if os.path.exists(p) else None  # noqa: E731
     vae_stats = load(os.path.join(ck, "vae_stats.json"))
+    with open(os.path.join(ck, "vae.log")) as f:  # the last logged training losses (means over 50 steps)
+        vl = [ln for ln in f if " mse " in ln and " step " in ln][-1].split()
+    vae_stats["final_mse"], vae_stats["final_l1"] = float(vl[vl.index("mse") + 1]), float(vl[vl.index("l1") + 1])
     hist = load(os.path.join(ck, "unet_history.json"))
     ev = load(os.path.join(ck, "eval_diffusers.json"))
     preview = load(os.path.join(out, "preview.json"))
@@ -267,8 +273,9 @@ guidance). No external data of any kind.
 
 1. Tokenizer: `tokenizer.py` (offline, from open_clip's merges file).
 2. VAE (`train_vae.py`): {vae_steps} steps, batch {vae_batch} of fresh scenes, AdamW lr {vae_lr} (100 warmup
-   steps, cosine to 10%), loss MSE + L1 + {vae_kl} x KL; final mean abs reconstruction error {vae_err:.2f}/255
-   over 4096 scenes. scaling_factor = 1 / std of the latent means of 4096 scenes = {scaling}.
+   steps, cosine to 10%), loss MSE + L1 + {vae_kl} x KL (images in [-1, 1]); final training losses MSE
+   {vae_final_mse:.4f}, L1 {vae_final_l1:.4f}; mean abs reconstruction error {vae_err:.2f}/255 over 4096 new
+   scenes. scaling_factor = 1 / std of the latent means of 4096 scenes = {scaling}.
 3. Latent cache: {cache} scenes (the held-out attribute combinations excluded), VAE latent means.
 4. Text encoder + UNet, jointly from scratch (`train_unet.py`): {steps} steps, batch {batch}, AdamW lr {lr}
    (betas 0.9/0.99, weight decay 0.01, 200 warmup steps, cosine to 10%), gradient clipping 1.0; DDPM with 1000
