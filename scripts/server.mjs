@@ -1,6 +1,13 @@
 // Static server for the app: www/ at /, pkg/ (the wasm build) at /pkg/. Serves .wasm as application/wasm,
 // answers HTTP Range requests (resumable downloads) and never caches, so a rebuilt pkg/ is picked up.
-// Usage: node scripts/server.mjs [--port N] [--host H]   (PORT and HOST in the environment work too)
+// Usage: node scripts/server.mjs [--port N] [--host H] [--faults]   (PORT and HOST in the environment work too)
+//
+// --faults (tests only) adds a control endpoint: POST /__faults with JSON
+//   { "cut": { "path": "/models/x/unet/weights.safetensors", "after": 1000000 } }  the next response for that
+//        path sends `after` bytes of its body, then the connection is destroyed (a dropped download);
+//   { "corrupt": { "path": "..." } }  every response for that path has its bytes inverted;
+//   { "reset": true }  clears the faults and the request log;
+// and GET /__requests lists the [method, path, range] of every request since the last reset.
 import { createServer } from 'node:http';
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
@@ -46,8 +53,28 @@ function resolvePath(urlPath) {
   return null;
 }
 
+const faultsEnabled = process.argv.includes('--faults');
+let faults = { cut: new Map(), corrupt: new Set() };
+let requests = [];
+
+async function control(req, res, url) {
+  if (url.pathname === '/__requests') return send(res, 200, JSON.stringify(requests), 'application/json');
+  let body = '';
+  for await (const chunk of req) body += chunk;
+  const f = JSON.parse(body || '{}');
+  if (f.reset) {
+    faults = { cut: new Map(), corrupt: new Set() };
+    requests = [];
+  }
+  if (f.cut) faults.cut.set(f.cut.path, f.cut.after);
+  if (f.corrupt) faults.corrupt.add(f.corrupt.path);
+  return send(res, 200, 'ok');
+}
+
 async function handle(req, res) {
   const url = new URL(req.url, 'http://localhost');
+  if (faultsEnabled && url.pathname.startsWith('/__')) return control(req, res, url);
+  if (faultsEnabled) requests.push([req.method, url.pathname, req.headers.range || null]);
   let file = resolvePath(url.pathname);
   if (!file) return send(res, 403, 'forbidden');
   let info = await stat(file).catch(() => null);
@@ -85,11 +112,27 @@ async function handle(req, res) {
   headers['Content-Length'] = end - start + 1;
   res.writeHead(status, headers);
   if (req.method === 'HEAD') return res.end();
-  createReadStream(file, { start, end }).pipe(res);
+  const stream = createReadStream(file, { start, end });
+  if (!faultsEnabled) return stream.pipe(res);
+  const cutAfter = faults.cut.get(url.pathname);
+  faults.cut.delete(url.pathname);
+  const corrupt = faults.corrupt.has(url.pathname);
+  let sent = 0;
+  for await (let chunk of stream) {
+    if (corrupt) chunk = Buffer.from(chunk.map((b) => 255 - b));
+    if (cutAfter != null && sent + chunk.length >= cutAfter) {
+      res.write(chunk.subarray(0, cutAfter - sent));
+      await new Promise((r) => setTimeout(r, 200));
+      return res.destroy();
+    }
+    sent += chunk.length;
+    if (!res.write(chunk)) await new Promise((r) => res.once('drain', r));
+  }
+  res.end();
 }
 
-function send(res, status, text) {
-  res.writeHead(status, { 'Content-Type': 'text/plain; charset=utf-8' });
+function send(res, status, text, type = 'text/plain; charset=utf-8') {
+  res.writeHead(status, { 'Content-Type': type });
   res.end(text);
 }
 

@@ -276,34 +276,9 @@ mod cli {
             eprintln!("wrote {} latents to {}", dump.len(), path.display());
         }
         let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let parameters = format!(
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-            req.prompt, req.negative_prompt, req.steps, kind, req.guidance, req.seed, w, h, model_name
-        );
-        write_png(&g.out, &image, &parameters)?;
+        let parameters = latent_gen::pipeline::parameters_text(&req, kind.name(), w, h, &model_name);
+        std::fs::write(&g.out, image.to_png(&parameters)?).map_err(|e| format!("writing {}: {e}", g.out.display()))?;
         eprintln!("wrote {}", g.out.display());
-        Ok(())
-    }
-
-    /// An RGBA PNG with the generation parameters in a tEXt chunk named "parameters".
-    fn write_png(
-        path: &Path,
-        image: &latent_gen::pipeline::Image,
-        parameters: &str,
-    ) -> Result<(), Box<dyn std::error::Error>> {
-        let file = std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), image.width as u32, image.height as u32);
-        enc.set_color(png::ColorType::Rgba);
-        enc.set_depth(png::BitDepth::Eight);
-        // tEXt is Latin-1: prompts outside it go in an iTXt chunk of the same name instead.
-        if parameters.chars().all(|c| (c as u32) < 256) {
-            enc.add_text_chunk("parameters".into(), parameters.into())?;
-        } else {
-            enc.add_itxt_chunk("parameters".into(), parameters.into())?;
-        }
-        let mut writer = enc.write_header()?;
-        writer.write_image_data(&image.rgba)?;
-        writer.finish()?;
         Ok(())
     }
 

@@ -51,6 +51,7 @@ impl ModelSource for DirSource {
 #[derive(Default)]
 pub struct MemorySource {
     files: std::collections::HashMap<String, Vec<u8>>,
+    ranged: std::collections::HashMap<String, (u64, crate::weights::RangeReader)>,
 }
 
 impl MemorySource {
@@ -61,6 +62,11 @@ impl MemorySource {
     /// Adds the file at `path` (e.g. `unet/config.json`).
     pub fn insert(&mut self, path: impl Into<String>, bytes: Vec<u8>) {
         self.files.insert(path.into(), bytes);
+    }
+
+    /// Adds the safetensors file at `path`, `size` bytes read through `read` one tensor at a time.
+    pub fn insert_ranged(&mut self, path: impl Into<String>, size: u64, read: crate::weights::RangeReader) {
+        self.ranged.insert(path.into(), (size, read));
     }
 
     fn get(&self, path: &str) -> Result<&Vec<u8>> {
@@ -74,10 +80,13 @@ impl ModelSource for MemorySource {
     }
 
     fn exists(&self, path: &str) -> bool {
-        self.files.contains_key(path)
+        self.files.contains_key(path) || self.ranged.contains_key(path)
     }
 
     fn tensors(&self, path: &str) -> Result<Box<dyn TensorSource + '_>> {
+        if let Some((size, read)) = self.ranged.get(path) {
+            return Ok(Box::new(crate::weights::RangedSafetensors::new(read.clone(), *size, path)?));
+        }
         let bytes = crate::weights::Bytes::Owned(self.get(path)?.clone());
         Ok(Box::new(crate::weights::Safetensors::new(bytes, path)?))
     }
@@ -132,6 +141,35 @@ pub struct Image {
     pub width: usize,
     pub height: usize,
     pub rgba: Vec<u8>,
+}
+
+impl Image {
+    /// An RGBA PNG with `parameters` (the generation settings, A1111's layout) in a text chunk named
+    /// "parameters": tEXt when it is Latin-1, iTXt (UTF-8) otherwise.
+    pub fn to_png(&self, parameters: &str) -> Result<Vec<u8>> {
+        let png_err = |e: png::EncodingError| Error::Invalid(format!("encoding the PNG: {e}"));
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
+        enc.set_color(png::ColorType::Rgba);
+        enc.set_depth(png::BitDepth::Eight);
+        if parameters.chars().all(|c| (c as u32) < 256) {
+            enc.add_text_chunk("parameters".into(), parameters.into()).map_err(png_err)?;
+        } else {
+            enc.add_itxt_chunk("parameters".into(), parameters.into()).map_err(png_err)?;
+        }
+        let mut writer = enc.write_header().map_err(png_err)?;
+        writer.write_image_data(&self.rgba).map_err(png_err)?;
+        writer.finish().map_err(png_err)?;
+        Ok(out)
+    }
+}
+
+/// The "parameters" text the CLI and the page embed in their PNGs (the layout A1111-style tools read).
+pub fn parameters_text(req: &Request, scheduler: &str, width: usize, height: usize, model: &str) -> String {
+    format!(
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        req.prompt, req.negative_prompt, req.steps, scheduler, req.guidance, req.seed, width, height, model
+    )
 }
 
 /// What the per-step callback sees.

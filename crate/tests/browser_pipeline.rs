@@ -53,6 +53,16 @@ fn get(obj: &wasm_bindgen::JsValue, key: &str) -> wasm_bindgen::JsValue {
     js_sys::Reflect::get(obj, &key.into()).unwrap()
 }
 
+/// The worker verifies downloads with this hasher: FIPS 180-2's "abc" vector, fed in two pieces.
+#[wasm_bindgen_test]
+fn sha256_hashes_incrementally() {
+    let mut h = latent_gen::web::Sha256::new();
+    h.update(b"a");
+    h.update(b"bc");
+    assert_eq!(h.hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    assert_eq!(h.hex(), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "starts over");
+}
+
 /// The worker's API: load a model from a Map of files, generate with a preview per step, cancel.
 #[wasm_bindgen_test]
 async fn engine_generates_with_previews_and_cancels() {
@@ -64,7 +74,7 @@ async fn engine_generates_with_previews_and_cancels() {
     for (path, bytes) in FILES {
         files.set(&path.into(), &js_sys::Uint8Array::from(bytes).into());
     }
-    let info = engine.load_model(files).unwrap_or_else(|_| panic!("loadModel failed"));
+    let info = engine.load_model(files, "sd1-tiny".into(), "f32".into()).unwrap_or_else(|_| panic!("loadModel failed"));
     assert_eq!(get(&info, "sizeMultiple").as_f64(), Some(16.0));
     let request = serde_wasm_bindgen::to_value(&Request {
         prompt: "a red cube on a blue table, studio lighting".into(),
@@ -90,6 +100,10 @@ async fn engine_generates_with_previews_and_cancels() {
     assert_eq!(previews.len(), 6, "one preview per step");
     assert!(previews.windows(2).all(|w| w[0] != w[1]), "the preview changes after every step");
     let rgba = js_sys::Uint8ClampedArray::new(&get(&image, "rgba")).to_vec();
+    let parameters = get(&image, "parameters").as_string().unwrap();
+    assert!(parameters.contains("Seed: 1, Size: 96x64, Model: sd1-tiny"), "{parameters}");
+    let png = js_sys::Uint8Array::new(&get(&image, "png")).to_vec();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let refs = include_bytes!("../../tests/fixtures/refs/pipelines/sd1-tiny_dpm++2m_s1_6steps_g7.5_96x64.safetensors");
     let refs = safetensors::SafeTensors::deserialize(refs).unwrap();
     let db = psnr(&rgba, refs.tensor("image").unwrap().data());

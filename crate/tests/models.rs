@@ -322,3 +322,48 @@ fn latent_previews_match_on_gpu_and_cpu() {
     assert!(img.rgba[0].abs_diff(want) <= 1, "{} vs {want}", img.rgba[0]);
     assert!(PreviewFactors::from_json("{}").is_err());
 }
+
+/// Weights read tensor by tensor through a range reader (how the browser streams them from its cache) equal
+/// the whole-file reader's, no read is larger than the largest tensor, and damaged files are refused.
+#[test]
+fn ranged_safetensors_stream_one_tensor_at_a_time() {
+    use latent_gen::weights::{RangeReader, RangedSafetensors};
+    use std::cell::Cell;
+    use std::rc::Rc;
+    let path = fixtures().join("models/sd1-tiny/unet/diffusion_pytorch_model.safetensors");
+    let bytes = Rc::new(std::fs::read(&path).unwrap());
+    let whole = load_weights("sd1-tiny/unet/diffusion_pytorch_model.safetensors");
+    let largest = Rc::new(Cell::new(0usize));
+    let reader = |bytes: Rc<Vec<u8>>, largest: Rc<Cell<usize>>| -> RangeReader {
+        Rc::new(move |offset: u64, len: usize| {
+            largest.set(largest.get().max(len));
+            let start = offset as usize;
+            bytes
+                .get(start..start + len)
+                .map(|b| b.to_vec())
+                .ok_or_else(|| latent_gen::Error::Invalid("past the end".into()))
+        })
+    };
+    let ranged = RangedSafetensors::new(reader(bytes.clone(), largest.clone()), bytes.len() as u64, "unet").unwrap();
+    let shapes = whole.shapes();
+    let mut biggest_tensor = 0;
+    for name in shapes.keys() {
+        let (a, b) = (whole.tensor(name).unwrap(), ranged.tensor(name).unwrap());
+        assert_eq!((a.dtype, &a.shape[..], &a.data[..]), (b.dtype, &b.shape[..], &b.data[..]), "{name}");
+        biggest_tensor = biggest_tensor.max(a.data.len());
+    }
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert!(largest.get() <= biggest_tensor.max(header), "read {} bytes at once", largest.get());
+
+    let truncated = Rc::new(bytes[..bytes.len() - 100].to_vec());
+    let err =
+        RangedSafetensors::new(reader(truncated.clone(), largest.clone()), truncated.len() as u64, "unet.safetensors")
+            .err()
+            .expect("a truncated file is refused");
+    assert!(err.to_string().contains("unet.safetensors is not a complete safetensors file"), "{err}");
+    let garbage = Rc::new(vec![0xffu8; 4096]);
+    let err = RangedSafetensors::new(reader(garbage.clone(), largest), 4096, "x.safetensors")
+        .err()
+        .expect("garbage is refused");
+    assert!(err.to_string().contains("truncated or corrupt"), "{err}");
+}

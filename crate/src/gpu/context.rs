@@ -179,6 +179,8 @@ impl GpuContext {
     /// The CPU fallback: tensors live in memory and ops run on candle's CPU backend (f32 throughout; f16
     /// and quantized weights are converted on upload).
     pub fn cpu() -> Self {
+        // "No limit", as the largest integer a JS number holds exactly (the summary goes to the page as JSON).
+        const UNLIMITED: u64 = (1 << 53) - 1;
         let summary = AdapterSummary {
             name: "CPU (candle)".into(),
             backend: "Cpu".into(),
@@ -188,8 +190,8 @@ impl GpuContext {
             shader_f16: false,
             subgroups: false,
             timestamp_query: false,
-            max_buffer_size: u64::MAX,
-            max_storage_buffer_binding_size: u64::MAX,
+            max_buffer_size: UNLIMITED,
+            max_storage_buffer_binding_size: UNLIMITED,
             max_compute_workgroup_storage_size: 0,
             max_compute_invocations_per_workgroup: 0,
             max_compute_workgroups_per_dimension: u32::MAX,

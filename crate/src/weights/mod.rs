@@ -164,6 +164,73 @@ impl TensorSource for Safetensors {
     }
 }
 
+/// Reads `len` bytes at `offset` of a file that is not in memory as a whole (in the browser, a Blob of cached
+/// chunks read with FileReaderSync).
+pub type RangeReader = std::rc::Rc<dyn Fn(u64, usize) -> Result<Vec<u8>>>;
+
+/// A safetensors file read tensor by tensor through a [`RangeReader`]: only its header and the tensor being
+/// uploaded are ever in memory, so a multi-gigabyte file streams from the cache to the GPU.
+pub struct RangedSafetensors {
+    read: RangeReader,
+    data_start: u64,
+    metadata: Metadata,
+    label: String,
+}
+
+impl RangedSafetensors {
+    /// Reads and checks the header of the `size`-byte file behind `read`.
+    pub fn new(read: RangeReader, size: u64, label: impl Into<String>) -> Result<Self> {
+        let label = label.into();
+        let bad = |what: String| {
+            Error::Invalid(format!("{label} is not a complete safetensors file ({what}): truncated or corrupt?"))
+        };
+        if size < 8 {
+            return Err(bad(format!("{size} bytes")));
+        }
+        let n = u64::from_le_bytes(read(0, 8)?.try_into().map_err(|_| bad("short read".into()))?);
+        if n > 100 << 20 || 8 + n > size {
+            return Err(bad(format!("a header of {n} bytes in a file of {size}")));
+        }
+        let header = read(8, n as usize)?;
+        let metadata: Metadata = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let end = 8 + n + metadata.data_len() as u64;
+        if end != size {
+            return Err(bad(format!("the header describes {end} bytes, the file has {size}")));
+        }
+        for (name, info) in metadata.tensors() {
+            let want = info.shape.iter().product::<usize>() * info.dtype.bitsize() / 8;
+            if info.data_offsets.1 - info.data_offsets.0 != want {
+                return Err(bad(format!(
+                    "{name} has {} bytes for shape {:?}",
+                    info.data_offsets.1 - info.data_offsets.0,
+                    info.shape
+                )));
+            }
+        }
+        Ok(Self { read, data_start: 8 + n, metadata, label })
+    }
+}
+
+impl TensorSource for RangedSafetensors {
+    fn tensor(&self, name: &str) -> Option<HostTensor<'_>> {
+        let info = self.metadata.info(name)?;
+        let (a, b) = info.data_offsets;
+        match (self.read)(self.data_start + a as u64, b - a) {
+            Ok(data) => {
+                Some(HostTensor { dtype: info.dtype, shape: Cow::Borrowed(&info.shape), data: Cow::Owned(data) })
+            }
+            Err(e) => {
+                log::error!("reading {name} from {}: {e}", self.label);
+                None
+            }
+        }
+    }
+
+    fn label(&self) -> String {
+        self.label.clone()
+    }
+}
+
 /// A view of a tensor source under a name prefix, uploading what models ask for.
 #[derive(Clone)]
 pub struct Weights<'a> {
