@@ -74,3 +74,13 @@ build_pkg() {
   log "building pkg/ with wasm-pack"
   (cd "$ROOT" && wasm-pack build --no-typescript --target web --release --no-pack --out-dir ../pkg crate)
 }
+
+# numpy + pillow for scripts/eval-tiny's judge (a venv inside the checkout, ignored by git).
+ensure_judge_python() {
+  local venv="$ROOT/.venv-judge"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import numpy, PIL' 2>/dev/null; then return 0; fi
+  command -v python3 >/dev/null || ensure_apt python3
+  python3 -c 'import venv' 2>/dev/null && python3 -m venv "$venv" 2>/dev/null || { ensure_apt python3-venv; python3 -m venv "$venv"; }
+  log "installing numpy and pillow for the judge"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check numpy pillow
+}

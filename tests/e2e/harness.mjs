@@ -10,14 +10,22 @@ export const root = resolve(fileURLToPath(import.meta.url), '..', '..', '..');
 
 /** Starts the app's server; resolves to { url, stop }. */
 export async function startServer() {
-  const proc = spawn(process.execPath, [resolve(root, 'scripts/server.mjs'), '--port', '0'], {
+  const proc = spawn(process.execPath, [resolve(root, 'scripts/server.mjs'), '--port', '0', '--faults'], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   let out = '';
   for await (const chunk of proc.stdout) {
     out += chunk;
     const m = /served at (http:\/\/\S+)/.exec(out);
-    if (m) return { url: m[1], stop: async () => { proc.kill(); await once(proc, 'exit').catch(() => {}); } };
+    if (m) {
+      const url = m[1];
+      const faults = async (body) => {
+        const res = await fetch(`${url}__faults`, { method: 'POST', body: JSON.stringify(body) });
+        if (!res.ok) throw new Error(`faults: ${res.status}`);
+      };
+      const requests = async () => (await fetch(`${url}__requests`)).json();
+      return { url, faults, requests, stop: async () => { proc.kill(); await once(proc, 'exit').catch(() => {}); } };
+    }
   }
   throw new Error(`the server exited without printing its address: ${out}`);
 }

@@ -1,0 +1,272 @@
+// The generator page, the weight cache and the <latent-gen> element in Chromium (WebGPU on SwiftShader),
+// with the bundled tiny-shapes model served by scripts/server.mjs (which can cut or corrupt a download).
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { readFile, mkdtemp } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { launchBrowser, recordErrors, root, startServer } from './harness.mjs';
+import { describe } from '../../scripts/update-catalog.mjs';
+
+const run = promisify(execFile);
+const MODEL = 'tiny-shapes';
+const WEIGHTS = `/models/${MODEL}/unet/diffusion_pytorch_model.safetensors`;
+const REQUEST = { prompt: 'a red square on a green background', seed: 7, steps: 20, guidance: 5 };
+
+let server;
+let browser;
+
+before(async () => {
+  server = await startServer();
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.stop();
+});
+
+/** Opens the generator in `context` and waits until it is ready. */
+async function openApp(context, query = '') {
+  const page = await context.newPage();
+  const errors = recordErrors(page);
+  await page.goto(`${server.url}index.html${query}`);
+  await page.locator('#status[data-state="idle"], #status[data-state="error"]').waitFor({ timeout: 120_000 });
+  assert.equal(await page.locator('#status').getAttribute('data-state'), 'idle',
+    `${await page.locator('#status').textContent()}\n${errors.join('\n')}`);
+  return { page, errors };
+}
+
+/** Fills the form with `req`, records the canvas after every step, generates; resolves to the final status. */
+async function generate(page, req = REQUEST) {
+  await page.selectOption('#model', MODEL);
+  await page.fill('#prompt', req.prompt);
+  await page.fill('#negative', req.negative || '');
+  await page.selectOption('#seed-mode', 'fixed');
+  await page.fill('#seed', String(req.seed));
+  await page.fill('#steps', String(req.steps));
+  await page.fill('#guidance', String(req.guidance));
+  await page.evaluate(() => {
+    const canvas = document.getElementById('canvas');
+    window.previews = [];
+    new MutationObserver(() => {
+      if (!/^\d+$/.test(canvas.dataset.step)) return;
+      const px = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+      window.previews.push({ step: Number(canvas.dataset.step), width: canvas.width, pixels: Array.from(px) });
+    }).observe(canvas, { attributes: true, attributeFilter: ['data-step'] });
+  });
+  await page.click('#generate');
+  const status = page.locator('#status');
+  await status.and(page.locator('[data-state="done"], [data-state="error"], [data-state="cancelled"]')).waitFor({ timeout: 600_000 });
+  return { state: await status.getAttribute('data-state'), text: await status.textContent() };
+}
+
+/** RGBA of the canvas. */
+const canvasPixels = (page) => page.evaluate(() => {
+  const c = document.getElementById('canvas');
+  return { width: c.width, height: c.height, rgba: Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data) };
+});
+
+/** Decodes PNG bytes (base64) in the page: RGBA without colour management. */
+const decodePng = (page, base64) => page.evaluate(async (b64) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const bmp = await createImageBitmap(new Blob([bytes], { type: 'image/png' }), { colorSpaceConversion: 'none', premultiplyAlpha: 'none' });
+  const c = new OffscreenCanvas(bmp.width, bmp.height);
+  const ctx = c.getContext('2d');
+  ctx.drawImage(bmp, 0, 0);
+  return { width: bmp.width, height: bmp.height, rgba: Array.from(ctx.getImageData(0, 0, bmp.width, bmp.height).data) };
+}, base64);
+
+/** The PNG behind the page's download link, base64. */
+const downloadedPng = (page) => page.evaluate(async () => {
+  const bytes = new Uint8Array(await (await fetch(document.getElementById('download').href)).arrayBuffer());
+  let s = '';
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+});
+
+/** Mean RGB over a region given as fractions of the image. */
+function meanRgb(img, x0, y0, x1, y1) {
+  const s = [0, 0, 0];
+  let n = 0;
+  for (let y = Math.floor(y0 * img.height); y < Math.ceil(y1 * img.height); y++) {
+    for (let x = Math.floor(x0 * img.width); x < Math.ceil(x1 * img.width); x++) {
+      const i = 4 * (y * img.width + x);
+      for (let c = 0; c < 3; c++) s[c] += img.rgba[i + c];
+      n++;
+    }
+  }
+  return s.map((v) => v / n);
+}
+
+const weightRequests = async () => (await server.requests()).filter(([, path]) => path.startsWith(`/models/${MODEL}/`));
+
+test('the catalog lists the bundled model files with their sizes and sha256', async () => {
+  const catalog = JSON.parse(await readFile(join(root, 'www/models.json'), 'utf8'));
+  const tiny = catalog.models.find((m) => m.id === MODEL);
+  assert.deepEqual(tiny.files, await describe(join(root, 'www', tiny.base)), 'stale: run node scripts/update-catalog.mjs');
+});
+
+test('generating previews every step, draws the prompt, equals the CLI, and reloads from IndexedDB', { timeout: 900_000 }, async () => {
+  const context = await browser.newContext();
+  await server.faults({ reset: true });
+  const { page, errors } = await openApp(context);
+  const result = await generate(page);
+  assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+
+  // One preview per step, each different from the one before.
+  const previews = await page.evaluate(() => window.previews);
+  assert.deepEqual(previews.map((p) => p.step), [...Array(REQUEST.steps).keys()], 'a preview after every step');
+  for (let i = 1; i < previews.length; i++) {
+    assert.notDeepEqual(previews[i].pixels, previews[i - 1].pixels, `preview ${i} equals preview ${i - 1}`);
+  }
+
+  // The final image: what the prompt asks for (green border, red centre) ...
+  const image = await canvasPixels(page);
+  assert.deepEqual([image.width, image.height], [64, 64]);
+  const border = meanRgb(image, 0, 0, 1, 0.12);
+  const centre = meanRgb(image, 0.4, 0.4, 0.6, 0.6);
+  assert.ok(border[1] > border[0] + 40 && border[1] > border[2] + 40, `border should be green: ${border}`);
+  assert.ok(centre[0] > centre[1] + 60 && centre[0] > centre[2] + 60, `centre should be red: ${centre}`);
+
+  // ... the downloadable PNG carries the parameters and the same pixels ...
+  const png = await downloadedPng(page);
+  const fromPng = await decodePng(page, png);
+  assert.deepEqual(fromPng.rgba, image.rgba, 'the PNG has the canvas pixels');
+  assert.match(await page.locator('#params').textContent(), /Steps: 20, Sampler: ddim, CFG scale: 5, Seed: 7, Size: 64x64, Model: tiny-shapes/);
+  assert.ok(Buffer.from(png, 'base64').includes('parameters\0a red square on a green background'), 'PNG text chunk');
+
+  // ... and equals the CLI's image for the same request within 8-bit rounding.
+  const bin = resolve(root, 'target/debug/latent-gen');
+  if (!existsSync(bin)) await run('cargo', ['build', '--bin', 'latent-gen'], { cwd: root });
+  const out = join(await mkdtemp(join(tmpdir(), 'latent-gen-')), 'cli.png');
+  await run(bin, ['generate', '--prompt', REQUEST.prompt, '--seed', String(REQUEST.seed), '--steps', String(REQUEST.steps),
+    '--guidance', String(REQUEST.guidance), '--out', out], { cwd: root });
+  const cli = await decodePng(page, (await readFile(out)).toString('base64'));
+  let worst = 0;
+  for (let i = 0; i < cli.rgba.length; i++) worst = Math.max(worst, Math.abs(cli.rgba[i] - image.rgba[i]));
+  assert.ok(worst <= 1, `the browser's image differs from the CLI's by up to ${worst} levels`);
+
+  // The weights were fetched once, whole; after a reload they come from IndexedDB: no weight request at all.
+  const fetched = await weightRequests();
+  assert.ok(fetched.some(([, path]) => path === WEIGHTS), 'the first visit downloads the weights');
+  await server.faults({ reset: true });
+  await page.reload();
+  await page.locator('#status[data-state="idle"]').waitFor({ timeout: 120_000 });
+  assert.equal(await page.locator(`#cached tr[data-model="${MODEL}"]`).getAttribute('data-complete'), 'true');
+  const again = await generate(page);
+  assert.equal(again.state, 'done', again.text);
+  assert.deepEqual(await weightRequests(), [], 'no model file is requested after a reload');
+  assert.deepEqual((await canvasPixels(page)).rgba, image.rgba, 'same request, same image');
+  await context.close();
+});
+
+test('a download cut off mid-file resumes with a Range request and verifies', { timeout: 600_000 }, async () => {
+  const context = await browser.newContext();
+  await server.faults({ reset: true });
+  await server.faults({ cut: { path: WEIGHTS, after: 1_000_000 } });
+  const { page, errors } = await openApp(context);
+  const result = await generate(page, { ...REQUEST, steps: 2 });
+  assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+  const gets = (await weightRequests()).filter(([, path]) => path === WEIGHTS);
+  assert.equal(gets.length, 2, `one cut request and one resumed: ${JSON.stringify(gets)}`);
+  assert.equal(gets[0][2], null);
+  const start = Number(/^bytes=(\d+)-$/.exec(gets[1][2])?.[1]);
+  assert.ok(start > 0 && start <= 1_000_000, `resumed from byte ${gets[1][2]}`);
+  assert.equal(await page.locator(`#cached tr[data-model="${MODEL}"]`).getAttribute('data-complete'), 'true');
+  await context.close();
+});
+
+test('a corrupted download fails verification clearly and nothing is marked cached', { timeout: 600_000 }, async () => {
+  const context = await browser.newContext();
+  await server.faults({ reset: true });
+  await server.faults({ corrupt: { path: WEIGHTS } });
+  const { page } = await openApp(context);
+  const result = await generate(page, { ...REQUEST, steps: 2 });
+  assert.equal(result.state, 'error');
+  assert.match(result.text, /diffusion_pytorch_model\.safetensors failed verification: its sha256 is [0-9a-f]{64}, expected [0-9a-f]{64}/);
+  const stored = await page.evaluate(async (model) => {
+    const { listFiles } = await import('./cache.js');
+    return ((await listFiles()).get(model) || []).map((f) => [f.path, f.complete]);
+  }, MODEL);
+  assert.ok(!stored.some(([path]) => path === 'unet/diffusion_pytorch_model.safetensors'), 'the corrupt file is gone');
+  assert.equal(await page.locator(`#cached tr[data-model="${MODEL}"]`).getAttribute('data-complete'), 'false');
+  // With the fault gone the same page recovers.
+  await server.faults({ reset: true });
+  const retry = await generate(page, { ...REQUEST, steps: 2 });
+  assert.equal(retry.state, 'done', retry.text);
+  await context.close();
+});
+
+test('two <latent-gen> elements on the embed page both generate', { timeout: 600_000 }, async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const errors = recordErrors(page);
+  await page.goto(`${server.url}embed.html`);
+  const results = await page.evaluate(async () => {
+    await customElements.whenDefined('latent-gen');
+    const els = [...document.querySelectorAll('latent-gen')];
+    els.forEach((el) => el.setAttribute('steps', '4'));
+    const steps = els.map(() => 0);
+    els.forEach((el, i) => el.addEventListener('step', () => { steps[i]++; }));
+    const blobs = await Promise.all(els.map((el) => el.generate()));
+    return Promise.all(blobs.map(async (b, i) => ({
+      type: b.type, size: b.size, steps: steps[i], state: els[i].dataset.state,
+      pixels: Array.from(els[i].shadowRoot.querySelector('canvas').getContext('2d').getImageData(0, 0, 64, 64).data),
+    })));
+  }).catch((e) => assert.fail(`${e.message}\n${errors.join('\n')}`));
+  assert.equal(results.length, 2);
+  for (const r of results) {
+    assert.equal(r.type, 'image/png');
+    assert.equal(r.state, 'done');
+    assert.equal(r.steps, 4);
+  }
+  assert.notDeepEqual(results[0].pixels, results[1].pixels, 'different prompts and seeds, different images');
+  // Prompt text is rendered as text only.
+  await page.evaluate(() => {
+    const el = document.querySelector('latent-gen');
+    el.setAttribute('model', '<img src=x onerror="window.pwned=1">');
+    return el.generate().catch(() => {});
+  });
+  assert.equal(await page.evaluate(() => window.pwned), undefined);
+  assert.match(await page.locator('latent-gen >> nth=0').getAttribute('data-state'), /error/);
+  await context.close();
+});
+
+test('without WebGPU the page says so and the CPU fallback generates with the tiny model', { timeout: 600_000 }, async () => {
+  const context = await browser.newContext();
+  await context.addInitScript(() => {
+    delete Object.getPrototypeOf(navigator).gpu;
+    if (self.WorkerNavigator) delete WorkerNavigator.prototype.gpu;
+  });
+  const { page, errors } = await openApp(context);
+  assert.equal(await page.locator('#device').getAttribute('data-cpu'), 'true');
+  assert.match(await page.locator('#device').textContent(), /no WebGPU.*CPU/);
+  const result = await generate(page, { ...REQUEST, steps: 4 });
+  assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+  await context.close();
+});
+
+test('a model folder imported from disk generates without any network request for weights', { timeout: 600_000 }, async () => {
+  const context = await browser.newContext();
+  await server.faults({ reset: true });
+  const { page, errors } = await openApp(context);
+  await page.locator('#import').setInputFiles(join(root, 'www/models', MODEL));
+  await page.locator('#status', { hasText: /^(Imported|Error)/ }).waitFor({ timeout: 120_000 });
+  assert.match(await page.locator('#status').textContent(), /Imported \d+ files as "local-tiny-shapes"/, errors.join('\n'));
+  assert.equal(await page.locator('#model').inputValue(), 'local-tiny-shapes');
+  assert.equal(await page.locator('#cached tr[data-model="local-tiny-shapes"]').getAttribute('data-complete'), 'true');
+  await page.fill('#steps', '2');
+  await page.click('#generate');
+  await page.locator('#status[data-state="done"], #status[data-state="error"]').waitFor({ timeout: 300_000 });
+  assert.equal(await page.locator('#status').getAttribute('data-state'), 'done', await page.locator('#status').textContent());
+  assert.deepEqual(await weightRequests(), [], 'nothing was downloaded');
+  // Deleting it from the models panel removes it from the cache and the list.
+  await page.click('#models-panel summary');
+  await page.locator('#cached tr[data-model="local-tiny-shapes"] button').click();
+  await page.locator('#cached tr[data-model="local-tiny-shapes"]').waitFor({ state: 'detached' });
+  await context.close();
+});

@@ -1,0 +1,316 @@
+// The generator page: form, progress, per-step preview, PNG download, history, models panel.
+import { client as getClient, formatBytes, paint } from './client.js';
+import { deleteModel, listFiles } from './cache.js';
+
+const $ = (id) => document.getElementById(id);
+const hasWebGpu = 'gpu' in navigator;
+const params = new URLSearchParams(location.search);
+const client = getClient({ cpu: params.has('cpu') });
+
+let catalog = [];
+let models = []; // catalog + imported models
+let lastSeed = null;
+let running = false;
+let isCpu = false;
+let abort = null;
+
+function setStatus(state, text) {
+  const el = $('status');
+  el.dataset.state = state;
+  el.textContent = text;
+}
+
+function fail(e) {
+  const cancelled = e?.message === 'cancelled';
+  setStatus(cancelled ? 'cancelled' : 'error', cancelled ? 'Cancelled.' : `Error: ${e?.message || e}`);
+  if (!cancelled) console.error(e);
+}
+
+function seconds(s) {
+  if (!isFinite(s)) return '…';
+  return s < 90 ? `${Math.ceil(s)} s` : `${Math.round(s / 60)} min`;
+}
+
+function onProgress(ev) {
+  const p = $('progress');
+  if (ev.phase === 'download') {
+    const left = ev.total - ev.received;
+    setStatus('downloading', `Downloading ${ev.file}: ${formatBytes(ev.received)} of ${formatBytes(ev.total)}, ` +
+      `${formatBytes(ev.bytesPerSec)}/s, ${seconds(left / ev.bytesPerSec)} left`);
+  } else if (ev.phase === 'import') {
+    setStatus('importing', `Importing ${ev.file}: ${formatBytes(ev.received)} of ${formatBytes(ev.total)}`);
+  } else {
+    setStatus('loading', 'Loading the model onto the device…');
+  }
+  p.max = ev.total || 1;
+  p.value = ev.received || 0;
+}
+
+function modelById(id) {
+  return models.find((m) => m.id === id);
+}
+
+function applyDefaults(m) {
+  const d = m?.defaults || {};
+  if (d.steps) $('steps').value = d.steps;
+  if (d.guidance != null) $('guidance').value = d.guidance;
+  $('scheduler').value = d.scheduler || '';
+  if (d.width) $('width').value = d.width;
+  if (d.height) $('height').value = d.height;
+}
+
+async function refreshModels() {
+  const cached = await listFiles().catch(() => new Map());
+  const local = [];
+  for (const [id, files] of cached) {
+    if (catalog.some((m) => m.id === id)) continue;
+    local.push({ id, name: `${id} (imported)`, local: true, files: files.map((f) => ({ path: f.path, size: f.size })),
+      defaults: { steps: 20, guidance: 7.5 } });
+  }
+  models = [...catalog, ...local];
+  const select = $('model');
+  const previous = select.value;
+  select.replaceChildren();
+  for (const m of models) {
+    const opt = document.createElement('option');
+    opt.value = m.id;
+    const gpuOnly = isCpu && !m.cpu;
+    opt.textContent = m.name + (gpuOnly ? ' (needs WebGPU)' : '');
+    opt.disabled = gpuOnly;
+    select.append(opt);
+  }
+  if (modelById(previous)) select.value = previous;
+  renderCached(cached);
+  renderStorage();
+}
+
+function renderCached(cached) {
+  const body = $('cached');
+  body.replaceChildren();
+  for (const m of models) {
+    const recs = cached.get(m.id) || [];
+    const total = m.files.reduce((s, f) => s + (f.size || 0), 0);
+    const stored = recs.reduce((s, r) => s + (r.received || 0), 0);
+    const complete = m.files.every((f) => recs.some((r) => r.path === f.path && r.complete));
+    const tr = document.createElement('tr');
+    tr.dataset.model = m.id;
+    tr.dataset.complete = String(complete);
+    const cells = [m.name, complete ? 'yes' : (stored ? `partly (${formatBytes(stored)})` : 'no'), formatBytes(total)];
+    for (const text of cells) {
+      const td = document.createElement('td');
+      td.textContent = text;
+      tr.append(td);
+    }
+    const td = document.createElement('td');
+    if (recs.length) {
+      const del = document.createElement('button');
+      del.type = 'button';
+      del.textContent = 'Delete';
+      del.onclick = async () => {
+        del.disabled = true;
+        await client.unload(m.id).catch(() => {});
+        await deleteModel(m.id).catch(fail);
+        await refreshModels();
+      };
+      td.append(del);
+    }
+    tr.append(td);
+    body.append(tr);
+  }
+}
+
+async function renderStorage() {
+  if (!navigator.storage?.estimate) return;
+  const { usage, quota } = await navigator.storage.estimate();
+  const persisted = await navigator.storage.persisted?.();
+  $('storage').textContent = `This site uses ${formatBytes(usage)} of the ${formatBytes(quota)} the browser allows it` +
+    (persisted ? '; the cache is kept when space runs low.' : '; the browser may evict the cache when space runs low.');
+  $('persist').hidden = !!persisted;
+}
+
+function readForm() {
+  const mode = $('seed-mode').value;
+  let seed = Number($('seed').value) >>> 0;
+  if (mode === 'random') seed = crypto.getRandomValues(new Uint32Array(1))[0];
+  else if (mode === 'reuse' && lastSeed != null) seed = lastSeed;
+  $('seed').value = seed;
+  return {
+    model: $('model').value,
+    request: {
+      prompt: $('prompt').value,
+      negative_prompt: $('negative').value,
+      seed,
+      steps: Number($('steps').value),
+      guidance: Number($('guidance').value),
+      width: Number($('width').value),
+      height: Number($('height').value),
+      scheduler: $('scheduler').value || undefined,
+    },
+  };
+}
+
+function restore(entry) {
+  const r = entry.request;
+  $('model').value = entry.model;
+  $('prompt').value = r.prompt;
+  $('negative').value = r.negative_prompt;
+  $('seed').value = r.seed;
+  $('seed-mode').value = 'fixed';
+  $('steps').value = r.steps;
+  $('guidance').value = r.guidance;
+  $('width').value = r.width;
+  $('height').value = r.height;
+  $('scheduler').value = r.scheduler || '';
+  showResult(entry);
+}
+
+function showResult(entry) {
+  paint($('canvas'), entry.image);
+  const link = $('download');
+  link.href = entry.url;
+  link.download = `latent-gen-${entry.request.seed}.png`;
+  link.hidden = false;
+  $('params').textContent = entry.image.parameters.replaceAll('\n', ' · ');
+}
+
+async function generate(ev) {
+  ev.preventDefault();
+  if (running) return;
+  const { model, request } = readForm();
+  const m = modelById(model);
+  if (!m) return fail(new Error('choose a model'));
+  running = true;
+  $('generate').disabled = true;
+  $('cancel').disabled = false;
+  const canvas = $('canvas');
+  canvas.dataset.step = '-1';
+  setStatus('starting', 'Starting…');
+  abort = new AbortController();
+  // Ask once that the cache survive storage pressure (Chromium decides without a prompt).
+  if (navigator.storage?.persist && !(await navigator.storage.persisted())) navigator.storage.persist().then(renderStorage);
+  try {
+    const image = await client.generate(m, request, (st) => {
+      paint(canvas, st.preview);
+      canvas.dataset.step = String(st.index);
+      $('progress').max = st.steps;
+      $('progress').value = st.index + 1;
+      setStatus('generating', `Step ${st.index + 1}/${st.steps}, ${st.stepsPerSec.toFixed(2)} steps/s`);
+    }, onProgress, abort.signal);
+    lastSeed = request.seed;
+    const url = URL.createObjectURL(new Blob([image.png], { type: 'image/png' }));
+    const entry = { model, request, image, url };
+    showResult(entry);
+    canvas.dataset.step = 'done';
+    addToHistory(entry);
+    setStatus('done', `Done in ${image.seconds.toFixed(1)} s (seed ${request.seed}).`);
+    refreshModels();
+  } catch (e) {
+    fail(e);
+    refreshModels();
+  } finally {
+    running = false;
+    $('generate').disabled = false;
+    $('cancel').disabled = true;
+  }
+}
+
+function addToHistory(entry) {
+  const img = document.createElement('img');
+  img.src = entry.url;
+  img.alt = entry.request.prompt;
+  img.title = entry.image.parameters;
+  const button = document.createElement('button');
+  button.type = 'button';
+  button.className = 'thumb';
+  button.append(img);
+  button.onclick = () => restore(entry);
+  $('history').prepend(button);
+}
+
+async function collectDropped(items) {
+  const out = [];
+  const walk = async (entry, prefix) => {
+    if (entry.isFile) {
+      const file = await new Promise((res, rej) => entry.file(res, rej));
+      out.push({ path: prefix + entry.name, file });
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await new Promise((res, rej) => reader.readEntries(res, rej));
+        if (!batch.length) break;
+        for (const e of batch) await walk(e, `${prefix}${entry.name}/`);
+      }
+    }
+  };
+  for (const item of items) {
+    const entry = item.webkitGetAsEntry?.();
+    if (entry) await walk(entry, '');
+  }
+  return out;
+}
+
+/** Strips a common top folder; the model is named after it. */
+function asModelFiles(files) {
+  const tops = new Set(files.map((f) => f.path.split('/')[0]));
+  let name = 'local-model';
+  if (tops.size === 1 && files.every((f) => f.path.includes('/'))) {
+    name = [...tops][0];
+    files = files.map((f) => ({ ...f, path: f.path.slice(name.length + 1) }));
+  }
+  files = files.filter((f) => !f.path.split('/').some((part) => part.startsWith('.')));
+  return { id: `local-${name.replace(/[^\w.-]+/g, '-')}`, files };
+}
+
+async function importLocal(list) {
+  const { id, files } = asModelFiles(list);
+  if (!files.some((f) => f.path.startsWith('unet/'))) {
+    return fail(new Error('that folder has no unet/ subfolder: import a diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)'));
+  }
+  try {
+    await client.ready;
+    await client.importFiles(id, files, onProgress);
+    setStatus('idle', `Imported ${files.length} files as "${id}".`);
+    await client.unload(id);
+    await refreshModels();
+    $('model').value = id;
+  } catch (e) {
+    fail(e);
+    await refreshModels();
+  }
+}
+
+async function main() {
+  $('form').addEventListener('submit', generate);
+  $('cancel').onclick = () => abort?.abort();
+  $('model').onchange = () => applyDefaults(modelById($('model').value));
+  $('persist').onclick = async () => { await navigator.storage?.persist?.(); renderStorage(); };
+  $('import').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.webkitRelativePath || file.name, file })));
+  const drop = $('drop');
+  drop.addEventListener('dragover', (e) => { e.preventDefault(); drop.classList.add('over'); });
+  drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+  drop.addEventListener('drop', async (e) => {
+    e.preventDefault();
+    drop.classList.remove('over');
+    importLocal(await collectDropped([...e.dataTransfer.items]));
+  });
+  try {
+    catalog = await client.models();
+    const device = await client.ready;
+    isCpu = device.isCpu;
+    const a = device.adapter;
+    $('device').textContent = isCpu
+      ? (hasWebGpu ? 'WebGPU gave no usable adapter' : 'This browser has no WebGPU') +
+        ': images are computed on the CPU instead, which is slow and only practical for the bundled tiny model. ' +
+        'Chrome or Edge 113+, or Firefox and Safari with WebGPU enabled, run every model on the GPU.'
+      : `Running on WebGPU${a.name ? ` (${a.name})` : ''}; shader-f16 ${a.shader_f16 ? 'available' : 'not available (f32 throughout)'}.`;
+    $('device').dataset.cpu = String(isCpu);
+    await refreshModels();
+    applyDefaults(modelById($('model').value));
+    $('generate').disabled = false;
+    setStatus('idle', 'Ready.');
+  } catch (e) {
+    fail(e);
+  }
+}
+
+main();

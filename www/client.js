@@ -1,0 +1,121 @@
+// The page side of the model worker. One worker per page: the generator page and every <latent-gen> element
+// on a page share it (and so share one device and one loaded model); requests run one after another.
+const here = import.meta.url;
+
+let shared = null;
+
+/** The page's client, created on first use. `cpu`: force the CPU fallback. */
+export function client(options = {}) {
+  if (!shared) shared = new Client(options);
+  return shared;
+}
+
+export class Client {
+  constructor({ cpu = false } = {}) {
+    this.worker = new Worker(new URL('./worker.js', here), { type: 'module' });
+    this.nextId = 1;
+    this.pending = new Map();
+    this.catalog = null;
+    this.worker.onmessage = (ev) => this.onMessage(ev.data);
+    this.worker.onerror = (ev) => this.failAll(new Error(`the model worker failed to start: ${ev.message || 'see the console'}`));
+    this.ready = this.call({ type: 'init', cpu: cpu || !('gpu' in navigator) });
+    this.current = null;
+  }
+
+  onMessage(msg) {
+    const p = this.pending.get(msg.id);
+    if (!p) return;
+    if (msg.type === 'result') {
+      this.pending.delete(msg.id);
+      p.resolve(msg.result);
+    } else if (msg.type === 'error') {
+      this.pending.delete(msg.id);
+      p.reject(Object.assign(new Error(msg.message), { name: msg.name }));
+    } else {
+      p.onEvent?.(msg);
+    }
+  }
+
+  failAll(err) {
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+  }
+
+  call(msg, onEvent, signal) {
+    const id = this.nextId++;
+    if (signal) {
+      if (signal.aborted) return Promise.reject(Object.assign(new Error('cancelled'), { name: 'AbortError' }));
+      signal.addEventListener('abort', () => this.worker.postMessage({ type: 'cancel', target: id }), { once: true });
+    }
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject, onEvent });
+      this.worker.postMessage({ ...msg, id });
+    });
+  }
+
+  /** The catalog (www/models.json), with each model's base URL resolved against it. */
+  async models() {
+    if (!this.catalog) {
+      const url = new URL('./models.json', here);
+      const res = await fetch(url, { cache: 'no-store' });
+      if (!res.ok) throw new Error(`cannot read the model catalog ${url}: ${res.status}`);
+      const json = await res.json();
+      this.catalog = json.models.map((m) => ({ ...m, catalogUrl: url.href }));
+    }
+    return this.catalog;
+  }
+
+  /** Loads a catalog model (by id) or a model object into the worker, downloading what the cache lacks. */
+  async load(model, onProgress, signal) {
+    const m = typeof model === 'string' ? (await this.models()).find((x) => x.id === model) : model;
+    if (!m) throw new Error(`unknown model "${model}": see models.json for the ones available`);
+    await this.ready;
+    if (this.loadedId === m.id && this.loadedInfo) return this.loadedInfo;
+    const info = await this.call({ type: 'load', model: m }, onProgress, signal);
+    this.loadedId = m.id;
+    this.loadedInfo = { ...info, model: m };
+    return this.loadedInfo;
+  }
+
+  /**
+   * Generates; `onStep({index, steps, stepsPerSec, preview})` after every step. Aborting `signal` cancels
+   * this request only (its download, its generation, or its place in the queue).
+   */
+  async generate(model, request, onStep, onProgress, signal) {
+    const info = await this.load(model, onProgress, signal);
+    const req = {
+      ...request,
+      width: request.width || info.defaultSize,
+      height: request.height || info.defaultSize,
+    };
+    return this.call({ type: 'generate', request: req }, onStep, signal);
+  }
+
+  /** Imports local files [{path, file}] as model `id` into the cache. */
+  importFiles(id, files, onProgress) {
+    return this.call({ type: 'import', model: id, files }, onProgress);
+  }
+
+  /** Forgets the loaded model (after its files were deleted). */
+  unload(id) {
+    if (this.loadedId === id) this.loadedId = this.loadedInfo = null;
+    return this.call({ type: 'unload', model: id });
+  }
+}
+
+/** "12.3 MB" */
+export function formatBytes(n) {
+  if (n == null) return '?';
+  const units = ['B', 'kB', 'MB', 'GB'];
+  let i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+  return `${n.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
+}
+
+/** Paints an {width, height, rgba} image on a 2D canvas, resizing the canvas to it. */
+export function paint(canvas, img) {
+  canvas.width = img.width;
+  canvas.height = img.height;
+  const data = new ImageData(new Uint8ClampedArray(img.rgba.buffer, img.rgba.byteOffset, img.width * img.height * 4), img.width, img.height);
+  canvas.getContext('2d').putImageData(data, 0, 0);
+}

@@ -1,0 +1,133 @@
+// <latent-gen>: a text-to-image generator any page embeds with one script tag:
+//
+//   <script type="module" src="https://your-host/latent-gen.js"></script>
+//   <latent-gen prompt="a red square on a green background" seed="7"></latent-gen>
+//
+// Attributes: model, prompt, negative-prompt, seed, steps, guidance, width, height, scheduler, and
+// autostart (generate once connected). Methods: generate() (resolves to the PNG Blob), cancel().
+// Events: progress (download/load progress), step (detail.preview: {width, height, rgba}), done (detail.blob,
+// detail.parameters), error (detail.message). Parts for ::part(): preview, button, status.
+// Every element on a page shares one worker and one loaded model (client.js).
+import { client, paint } from './client.js';
+
+const template = document.createElement('template');
+template.innerHTML = `
+<style>
+  :host { display: inline-block; font: 14px system-ui, sans-serif; }
+  .box { display: grid; gap: 6px; width: var(--latent-gen-size, 256px); }
+  canvas { width: 100%; aspect-ratio: 1; image-rendering: pixelated; background: #8882; border-radius: 4px; }
+  .row { display: flex; gap: 6px; align-items: center; }
+  .status { flex: 1; font-size: 12px; opacity: 0.8; overflow-wrap: anywhere; }
+  button { font: inherit; }
+</style>
+<div class="box">
+  <canvas part="preview" width="64" height="64"></canvas>
+  <div class="row">
+    <button part="button" type="button">Generate</button>
+    <span class="status" part="status" role="status"></span>
+  </div>
+</div>`;
+
+const ATTRS = ['model', 'prompt', 'negative-prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler'];
+
+export class LatentGen extends HTMLElement {
+  static observedAttributes = ATTRS;
+
+  constructor() {
+    super();
+    const root = this.attachShadow({ mode: 'open' });
+    root.append(template.content.cloneNode(true));
+    this.canvas = root.querySelector('canvas');
+    this.button = root.querySelector('button');
+    this.statusEl = root.querySelector('.status');
+    this.running = null;
+    this.button.addEventListener('click', () => (this.running ? this.cancel() : this.generate().catch(() => {})));
+  }
+
+  connectedCallback() {
+    this.setStatus('idle', '');
+    if (this.hasAttribute('autostart')) this.generate().catch(() => {});
+  }
+
+  attributeChangedCallback() {}
+
+  setStatus(state, text) {
+    this.dataset.state = state;
+    this.statusEl.textContent = text; // text only, never HTML
+  }
+
+  num(name, fallback) {
+    const v = this.getAttribute(name);
+    if (v == null || v === '') return fallback;
+    const n = Number(v);
+    if (!Number.isFinite(n)) throw new Error(`the ${name} attribute must be a number, not "${v}"`);
+    return n;
+  }
+
+  /** The request the attributes describe, with the model's defaults filling the gaps. */
+  async request() {
+    const c = client();
+    const models = await c.models();
+    const id = this.getAttribute('model') || models[0].id;
+    const model = models.find((m) => m.id === id);
+    if (!model) throw new Error(`unknown model "${id}"`);
+    const d = model.defaults || {};
+    const seedAttr = this.getAttribute('seed');
+    return {
+      model,
+      request: {
+        prompt: this.getAttribute('prompt') || '',
+        negative_prompt: this.getAttribute('negative-prompt') || '',
+        seed: seedAttr == null || seedAttr === '' ? crypto.getRandomValues(new Uint32Array(1))[0] : this.num('seed') >>> 0,
+        steps: this.num('steps', d.steps || 20),
+        guidance: this.num('guidance', d.guidance ?? 7.5),
+        width: this.num('width', d.width || 0) || undefined,
+        height: this.num('height', d.height || 0) || undefined,
+        scheduler: this.getAttribute('scheduler') || d.scheduler || undefined,
+      },
+    };
+  }
+
+  /** Generates with the current attributes; resolves to the PNG Blob (parameters embedded). */
+  async generate() {
+    if (this.running) return this.running;
+    this.button.textContent = 'Cancel';
+    this.abort = new AbortController();
+    this.running = (async () => {
+      try {
+        const { model, request } = await this.request();
+        this.setStatus('loading', 'Loading the model…');
+        const c = client();
+        const image = await c.generate(model, request, (st) => {
+          paint(this.canvas, st.preview);
+          this.setStatus('generating', `Step ${st.index + 1}/${st.steps}`);
+          this.dispatchEvent(new CustomEvent('step', { detail: { index: st.index, steps: st.steps, preview: st.preview } }));
+        }, (p) => {
+          if (p.phase === 'download') this.setStatus('downloading', `Downloading ${Math.round((100 * p.received) / (p.total || 1))}%`);
+          this.dispatchEvent(new CustomEvent('progress', { detail: p }));
+        }, this.abort.signal);
+        paint(this.canvas, image);
+        const blob = new Blob([image.png], { type: 'image/png' });
+        this.setStatus('done', `Seed ${request.seed}`);
+        this.dispatchEvent(new CustomEvent('done', { detail: { blob, parameters: image.parameters, width: image.width, height: image.height, seed: request.seed } }));
+        return blob;
+      } catch (e) {
+        const message = e?.message || String(e);
+        this.setStatus(message === 'cancelled' ? 'cancelled' : 'error', message === 'cancelled' ? 'Cancelled' : message);
+        this.dispatchEvent(new CustomEvent('error', { detail: { message } }));
+        throw e;
+      } finally {
+        this.running = null;
+        this.button.textContent = 'Generate';
+      }
+    })();
+    return this.running;
+  }
+
+  /** Cancels this element's generation (the shared worker stops after its current step). */
+  cancel() {
+    this.abort?.abort();
+  }
+}
+
+if (!customElements.get('latent-gen')) customElements.define('latent-gen', LatentGen);

@@ -1,0 +1,184 @@
+// The model worker: owns the wasm instance and the WebGPU device (or the CPU fallback), downloads and caches
+// weights, loads models and generates. The page's thread only draws and handles input.
+//
+// Messages in:  { id, type: 'init', cpu } | { id, type: 'load', model } | { id, type: 'generate', request }
+//               { id, type: 'import', model, files: [{ path, file }] } | { id, type: 'unload', model }
+//               { type: 'cancel', target: id }
+// Messages out: { id, type: 'progress' | 'step' | 'result' | 'error', ... }
+import init, { Engine, Sha256 } from './pkg/latent_gen.js';
+import { ChunkWriter, fileBlob, getFile } from './cache.js';
+
+let engine = null;
+let loaded = null; // { id, info } of the model in the engine
+let loading = null; // the promise of the load in progress
+let abort = null; // the AbortController of the current download
+const post = (msg, transfer) => self.postMessage(msg, transfer || []);
+
+async function initEngine(cpu) {
+  await init();
+  if (!engine || engine.isCpu() !== cpu) engine = await Engine.create(cpu);
+  return { adapter: engine.adapter(), isCpu: engine.isCpu() };
+}
+
+const fileUrl = (model, f) => new URL(f.url || model.base + f.path, model.catalogUrl || self.location.href).href;
+
+/**
+ * Downloads one file into the cache, resuming after whatever an earlier attempt stored. Progress goes to
+ * `onBytes(received)`.
+ */
+async function download(model, f, signal, onBytes) {
+  const label = `${model.id}/${f.path}`;
+  const writer = await ChunkWriter.open(model.id, f.path, { size: f.size, sha256: f.sha256 });
+  const url = fileUrl(model, f);
+  for (let attempt = 0; ; attempt++) {
+    const start = writer.received;
+    const headers = start > 0 ? { Range: `bytes=${start}-` } : {};
+    let res;
+    try {
+      res = await fetch(url, { headers, signal, cache: 'no-store' });
+    } catch (e) {
+      if (signal.aborted) throw cancelled();
+      throw new Error(`${label}: cannot reach ${url} (${e.message}); check the connection and try again, the download will resume`);
+    }
+    if (res.status === 416 && start > 0 && start === f.size) break;
+    if (!res.ok) throw new Error(`${label}: the server answered ${res.status} ${res.statusText} for ${url}`);
+    if (start > 0 && res.status !== 206) await writer.restart();
+    const reader = res.body.getReader();
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        await writer.append(value);
+        onBytes(writer.received);
+      }
+      break;
+    } catch (e) {
+      if (signal.aborted) throw cancelled();
+      await writer.flush();
+      // A dropped connection: resume from what was stored, a few times, then give up (keeping the prefix).
+      if (attempt >= 4) throw new Error(`${label}: the download kept failing (${e.message}); try again later, it will resume`);
+    }
+  }
+  await writer.finish(new Sha256(), label);
+}
+
+const cancelled = () => Object.assign(new Error('cancelled'), { name: 'AbortError' });
+
+/** Makes sure every file of `model` is in the cache, downloading what is missing, then loads it. */
+async function load(id, model) {
+  if (loaded?.id === model.id) return loaded.info;
+  abort = new AbortController();
+  const { signal } = abort;
+  const files = model.files;
+  const total = files.reduce((s, f) => s + (f.size || 0), 0);
+  const have = new Map();
+  for (const f of files) {
+    const rec = await getFile(model.id, f.path);
+    have.set(f.path, rec?.complete ? rec.size : (rec?.received || 0));
+  }
+  const t0 = performance.now();
+  const startBytes = [...have.values()].reduce((a, b) => a + b, 0);
+  let lastPost = 0;
+  const report = (file, force) => {
+    const now = performance.now();
+    if (!force && now - lastPost < 100) return;
+    lastPost = now;
+    const received = [...have.values()].reduce((a, b) => a + b, 0);
+    const rate = (received - startBytes) / Math.max(1e-3, (now - t0) / 1000);
+    post({ id, type: 'progress', phase: 'download', file, received, total, bytesPerSec: rate });
+  };
+  for (const f of files) {
+    const rec = await getFile(model.id, f.path);
+    if (rec?.complete) continue;
+    if (model.local) throw new Error(`${model.id}/${f.path} is missing from the cache: import the folder again`);
+    await download(model, f, signal, (n) => { have.set(f.path, n); report(f.path); });
+    report(f.path, true);
+  }
+  abort = null;
+  post({ id, type: 'progress', phase: 'load', received: total, total });
+  const map = new Map();
+  for (const f of files) {
+    const rec = await getFile(model.id, f.path);
+    if (!rec?.complete) throw new Error(`${model.id}/${f.path} is not in the cache`);
+    map.set(f.path, await fileBlob(rec));
+  }
+  loaded = null;
+  const info = engine.loadModel(map, model.id, model.weights || 'f32');
+  loaded = { id: model.id, info };
+  return info;
+}
+
+/** Stores local files (a diffusers folder picked or dropped on the page) as a model in the cache. */
+async function importFiles(id, modelId, files) {
+  const total = files.reduce((s, f) => s + f.file.size, 0);
+  let done = 0;
+  for (const { path, file } of files) {
+    const writer = await ChunkWriter.open(modelId, path, { size: file.size, sha256: null, source: 'import' });
+    const reader = file.stream().getReader();
+    for (;;) {
+      const { done: end, value } = await reader.read();
+      if (end) break;
+      await writer.append(value);
+      post({ id, type: 'progress', phase: 'import', file: path, received: done + writer.received, total });
+    }
+    await writer.finish(new Sha256(), `${modelId}/${path}`);
+    done += file.size;
+  }
+  if (loaded?.id === modelId) loaded = null;
+}
+
+async function generate(id, request) {
+  if (!loaded) throw new Error('no model is loaded');
+  const t0 = performance.now();
+  const image = await engine.generate(request, (ev) => {
+    const p = ev.preview;
+    const elapsed = (performance.now() - t0) / 1000;
+    post({ id, type: 'step', index: ev.index, steps: ev.steps, timestep: ev.timestep,
+      stepsPerSec: (ev.index + 1) / elapsed, preview: { width: p.width, height: p.height, rgba: p.rgba } },
+    [p.rgba.buffer]);
+  });
+  return { width: image.width, height: image.height, rgba: image.rgba, png: image.png,
+    parameters: image.parameters, seconds: (performance.now() - t0) / 1000 };
+}
+
+// One task at a time, in arrival order. 'cancel' (with the target task's id) acts at once: it stops the
+// running task's download or generation, or drops a queued task before it starts.
+let queue = Promise.resolve();
+let current = null;
+const dropped = new Set();
+self.onmessage = (ev) => {
+  const msg = ev.data;
+  if (msg.type === 'cancel') {
+    if (msg.target === current) {
+      abort?.abort();
+      engine?.cancel();
+    } else {
+      dropped.add(msg.target);
+    }
+    return;
+  }
+  queue = queue.then(async () => {
+    current = msg.id;
+    try {
+      if (dropped.delete(msg.id)) throw cancelled();
+      let result;
+      if (msg.type === 'init') result = await initEngine(!!msg.cpu);
+      else if (msg.type === 'load') {
+        loading = load(msg.id, msg.model);
+        result = await loading;
+      } else if (msg.type === 'generate') result = await generate(msg.id, msg.request);
+      else if (msg.type === 'import') result = await importFiles(msg.id, msg.model, msg.files);
+      else if (msg.type === 'unload') { if (loaded?.id === msg.model) loaded = null; result = null; }
+      else throw new Error(`unknown message ${msg.type}`);
+      const transfer = result?.rgba ? [result.rgba.buffer, result.png.buffer] : [];
+      post({ id: msg.id, type: 'result', result }, transfer);
+    } catch (e) {
+      abort = null;
+      const message = e?.message || String(e);
+      post({ id: msg.id, type: 'error', name: e?.name || 'Error', message });
+    } finally {
+      current = null;
+    }
+  });
+};
+post({ type: 'ready' });
