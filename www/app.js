@@ -89,13 +89,15 @@ function renderCached(cached) {
   body.replaceChildren();
   for (const m of models) {
     const recs = cached.get(m.id) || [];
-    const total = m.files.reduce((s, f) => s + (f.size || 0), 0);
+    const known = m.files.every((f) => f.size != null);
+    const total = known ? m.files.reduce((s, f) => s + f.size, 0) : m.approxBytes;
     const stored = recs.reduce((s, r) => s + (r.received || 0), 0);
     const complete = m.files.every((f) => recs.some((r) => r.path === f.path && r.complete));
     const tr = document.createElement('tr');
     tr.dataset.model = m.id;
     tr.dataset.complete = String(complete);
-    const cells = [m.name, complete ? 'yes' : (stored ? `partly (${formatBytes(stored)})` : 'no'), formatBytes(total)];
+    const cells = [m.name, complete ? 'yes' : (stored ? `partly (${formatBytes(stored)})` : 'no'),
+      `${known ? '' : 'about '}${formatBytes(total)}`];
     for (const text of cells) {
       const td = document.createElement('td');
       td.textContent = text;

@@ -163,3 +163,39 @@ fn no_adapter_falls_back_to_the_cpu() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Mean RGB of the pixels in `[x0, x1) x [y0, y1)` of a 64x64 RGBA image.
+fn mean_rgb(rgba: &[u8], (x0, y0, x1, y1): (usize, usize, usize, usize)) -> [f64; 3] {
+    let mut s = [0.0; 3];
+    for y in y0..y1 {
+        for x in x0..x1 {
+            for (c, v) in s.iter_mut().enumerate() {
+                *v += rgba[4 * (y * 64 + x) + c] as f64;
+            }
+        }
+    }
+    s.map(|v| v / ((x1 - x0) * (y1 - y0)) as f64)
+}
+
+/// Without --model the CLI uses the bundled tiny-shapes model, and it draws what it is asked.
+#[test]
+fn the_default_model_draws_the_prompted_scene() {
+    let dir = std::env::temp_dir().join(format!("latent-gen-cli-default-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (prompt, seed, bg, centre) in [
+        ("a large red square on a green background in the center", "7", [0usize, 1], [1usize, 0]),
+        ("a large yellow circle on a blue background, center", "3", [2, 0], [0, 2]),
+    ] {
+        let out = dir.join(format!("{seed}.png"));
+        let o = latent_gen(&["generate", "--prompt", prompt, "--seed", seed, "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (rgba, w, h, text) = read_png(&out);
+        assert_eq!((w, h), (64, 64));
+        assert!(text.contains("Model: tiny-shapes"), "{text}");
+        let border = mean_rgb(&rgba, (0, 0, 64, 6));
+        let middle = mean_rgb(&rgba, (26, 26, 38, 38));
+        // The named channel dominates the background (border) and the object (centre) by a wide margin.
+        assert!(border[bg[0]] > border[bg[1]] + 40.0, "{prompt}: border {border:?}");
+        assert!(middle[centre[0]] > middle[centre[1]] + 40.0, "{prompt}: centre {middle:?}");
+    }
+}

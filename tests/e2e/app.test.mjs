@@ -14,7 +14,7 @@ import { describe } from '../../scripts/update-catalog.mjs';
 const run = promisify(execFile);
 const MODEL = 'tiny-shapes';
 const WEIGHTS = `/models/${MODEL}/unet/diffusion_pytorch_model.safetensors`;
-const REQUEST = { prompt: 'a red square on a green background', seed: 7, steps: 20, guidance: 5 };
+const REQUEST = { prompt: 'a large red square on a green background in the center', seed: 7, steps: 20, guidance: 5 };
 
 let server;
 let browser;
@@ -137,7 +137,7 @@ test('generating previews every step, draws the prompt, equals the CLI, and relo
   const fromPng = await decodePng(page, png);
   assert.deepEqual(fromPng.rgba, image.rgba, 'the PNG has the canvas pixels');
   assert.match(await page.locator('#params').textContent(), /Steps: 20, Sampler: ddim, CFG scale: 5, Seed: 7, Size: 64x64, Model: tiny-shapes/);
-  assert.ok(Buffer.from(png, 'base64').includes('parameters\0a red square on a green background'), 'PNG text chunk');
+  assert.ok(Buffer.from(png, 'base64').includes('parameters\0a large red square on a green background in the center'), 'PNG text chunk');
 
   // ... and equals the CLI's image for the same request within 8-bit rounding.
   const bin = resolve(root, 'target/debug/latent-gen');
