@@ -57,8 +57,9 @@ mod cli {
         /// scheduler/). Defaults to the bundled tiny model.
         #[arg(long)]
         model: Option<PathBuf>,
-        #[arg(long)]
-        prompt: String,
+        /// Required unless --batch gives the prompts.
+        #[arg(long, required_unless_present = "batch")]
+        prompt: Option<String>,
         #[arg(long, default_value = "")]
         negative: String,
         #[arg(long, default_value_t = 0)]
@@ -75,8 +76,14 @@ mod cli {
         width: Option<usize>,
         #[arg(long)]
         height: Option<usize>,
-        #[arg(long)]
-        out: PathBuf,
+        /// The PNG to write (required unless --batch).
+        #[arg(long, required_unless_present = "batch")]
+        out: Option<PathBuf>,
+        /// Generate many images with the model loaded once: a file of JSON lines, each with "out" (the PNG)
+        /// and any of "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height",
+        /// "scheduler"; fields left out take the command line's values.
+        #[arg(long, conflicts_with = "dump_latents")]
+        batch: Option<PathBuf>,
         /// Also save the initial noise ("init"), every step's latent ("step_0"...) and the final latent
         /// ("final") as f32 tensors.
         #[arg(long)]
@@ -222,8 +229,8 @@ mod cli {
         eprintln!("loading {}", model.display());
         let sd = StableDiffusion::load_dir(ctx, &model, LoadPolicy { act, weights })?;
         eprintln!("loaded in {:.2} s on {}", start.elapsed().as_secs_f64(), ctx.summary().name);
-        let req = Request {
-            prompt: g.prompt.clone(),
+        let base = Request {
+            prompt: g.prompt.clone().unwrap_or_default(),
             negative_prompt: g.negative.clone(),
             seed: g.seed,
             steps: g.steps,
@@ -232,15 +239,51 @@ mod cli {
             height: g.height,
             scheduler: g.scheduler,
         };
-        let (w, h) = sd.size(&req)?;
-        let kind = sd.scheduler_kind(&req)?;
+        let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let Some(batch) = &g.batch else {
+            let out = g.out.clone().ok_or("--out is required")?;
+            return generate_one(ctx, &sd, &model_name, &base, &out, g.dump_latents.as_deref()).await;
+        };
+        let text = std::fs::read_to_string(batch).map_err(|e| format!("reading {}: {e}", batch.display()))?;
+        let jobs = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        for (n, line) in jobs {
+            let bad = |e: String| format!("{}:{}: {e}", batch.display(), n + 1);
+            let mut fields: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(line).map_err(|e| bad(format!("not a JSON object: {e}")))?;
+            let out = match fields.remove("out") {
+                Some(serde_json::Value::String(out)) => PathBuf::from(out),
+                _ => return Err(bad("needs \"out\": the PNG's path".into()).into()),
+            };
+            let mut merged = match serde_json::to_value(&base)? {
+                serde_json::Value::Object(m) => m,
+                _ => unreachable!("a Request serializes to an object"),
+            };
+            merged.extend(fields);
+            let req: Request =
+                serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| bad(e.to_string()))?;
+            generate_one(ctx, &sd, &model_name, &req, &out, None).await.map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// One image: progress on stderr, the PNG with its parameters, optionally the latents.
+    async fn generate_one(
+        ctx: &GpuContext,
+        sd: &StableDiffusion,
+        model_name: &str,
+        req: &Request,
+        out: &Path,
+        dump_latents: Option<&Path>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let (w, h) = sd.size(req)?;
+        let kind = sd.scheduler_kind(req)?;
         let (used, total) = sd.tokenizer.count(&req.prompt)?;
         if used < total {
             eprintln!("warning: the prompt has {total} tokens; only the first {used} are used");
         }
         let mut dump: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-        if g.dump_latents.is_some() {
-            let (shape, noise) = sd.initial_noise(&req)?;
+        if dump_latents.is_some() {
+            let (shape, noise) = sd.initial_noise(req)?;
             dump.push(("init".into(), shape, noise));
         }
         let loop_start = Instant::now();
@@ -255,13 +298,13 @@ mod cli {
                 now.duration_since(last).as_secs_f64()
             );
             last = now;
-            if g.dump_latents.is_some() {
+            if dump_latents.is_some() {
                 let data = pollster::block_on(s.latents.to_vec_f32(ctx))?;
                 dump.push((format!("step_{}", s.index), s.latents.shape().to_vec(), data));
             }
             Ok(Control::Continue)
         };
-        let latents = sd.denoise(&req, &mut on_step).await?;
+        let latents = sd.denoise(req, &mut on_step).await?;
         let steps_time = loop_start.elapsed().as_secs_f64();
         let image = sd.decode(&latents).await?;
         eprintln!(
@@ -270,15 +313,14 @@ mod cli {
             req.steps as f64 / steps_time,
             loop_start.elapsed().as_secs_f64()
         );
-        if let Some(path) = &g.dump_latents {
+        if let Some(path) = dump_latents {
             dump.push(("final".into(), latents.shape().to_vec(), latents.to_vec_f32(ctx).await?));
             write_safetensors(path, &dump)?;
             eprintln!("wrote {} latents to {}", dump.len(), path.display());
         }
-        let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let parameters = latent_gen::pipeline::parameters_text(&req, kind.name(), w, h, &model_name);
-        std::fs::write(&g.out, image.to_png(&parameters)?).map_err(|e| format!("writing {}: {e}", g.out.display()))?;
-        eprintln!("wrote {}", g.out.display());
+        let parameters = latent_gen::pipeline::parameters_text(req, kind.name(), w, h, model_name);
+        std::fs::write(out, image.to_png(&parameters)?).map_err(|e| format!("writing {}: {e}", out.display()))?;
+        eprintln!("wrote {}", out.display());
         Ok(())
     }
 

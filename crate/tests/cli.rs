@@ -199,3 +199,38 @@ fn the_default_model_draws_the_prompted_scene() {
         assert!(middle[centre[0]] > middle[centre[1]] + 40.0, "{prompt}: centre {middle:?}");
     }
 }
+
+/// --batch loads the model once and gives each line the image a single run gives; bad lines name themselves.
+#[test]
+fn batch_generation_equals_single_runs() {
+    let dir = std::env::temp_dir().join(format!("latent-gen-cli-batch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = fixtures().join("models/sd1-tiny");
+    let m = model.to_str().unwrap();
+    let single = dir.join("single.png");
+    let base = ["generate", "--model", m, "--steps", "3", "--width", "32", "--height", "32"];
+    let o = latent_gen(
+        &[&base[..], &["--prompt", "a blue cube", "--seed", "5", "--out", single.to_str().unwrap()]].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let jobs = dir.join("jobs.jsonl");
+    let (a, b) = (dir.join("a.png"), dir.join("b.png"));
+    let lines = format!(
+        "{}\n\n{}\n",
+        serde_json::json!({"prompt": "a blue cube", "seed": 5, "out": a}),
+        serde_json::json!({"prompt": "a red sphere", "seed": 6, "steps": 2, "out": b}),
+    );
+    std::fs::write(&jobs, lines).unwrap();
+    let o = latent_gen(&[&base[..], &["--batch", jobs.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (want, _, _, _) = read_png(&single);
+    let (got, w, h, text) = read_png(&a);
+    assert_eq!((w, h), (32, 32));
+    assert_eq!(got, want, "the batch's first image equals the single run");
+    assert!(read_png(&b).3.contains("a red sphere\nNegative prompt: \nSteps: 2"), "{text}");
+
+    std::fs::write(&jobs, "{\"prompt\": \"x\"}\n").unwrap();
+    let o = latent_gen(&[&base[..], &["--batch", jobs.to_str().unwrap()]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("jobs.jsonl:1: needs \"out\""), "{err}");
+}
