@@ -71,6 +71,8 @@ export class Client {
     if (!m) throw new Error(`unknown model "${model}": see models.json for the ones available`);
     await this.ready;
     if (this.loadedId === m.id && this.loadedInfo) return this.loadedInfo;
+    // The worker drops its model when a load starts; so does this side, whatever the outcome.
+    this.loadedId = this.loadedInfo = null;
     const info = await this.call({ type: 'load', model: m }, onProgress, signal);
     this.loadedId = m.id;
     this.loadedInfo = { ...info, model: m };
