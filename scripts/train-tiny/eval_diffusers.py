@@ -60,7 +60,7 @@ def main() -> None:
     s = judge.summarize(results)
     if args.result:
         with open(args.result, "w") as f:
-            json.dump({**s, "steps": args.steps, "guidance": args.guidance,
+            json.dump({**s, "by_wording": judge.by_wording(results), "steps": args.steps, "guidance": args.guidance,
                        "scheduler": pipe.scheduler.__class__.__name__}, f, indent=1)
     judge.report(items, results)  # last line: "accuracy X.XX"
 

@@ -97,6 +97,14 @@ def summarize(results: list[dict]) -> dict:
             "position": f("position_ok"), "size": f("size_ok")}
 
 
+def by_wording(results: list[dict]) -> dict:
+    """Accuracy on the items written in held-out templates (every third, see dataset.make_heldout) and on
+    the rest."""
+    unseen = [r["ok"] for i, r in enumerate(results) if i % 3 == 0]
+    seen = [r["ok"] for i, r in enumerate(results) if i % 3 != 0]
+    return {"unseen": sum(unseen) / max(1, len(unseen)), "seen": sum(seen) / max(1, len(seen))}
+
+
 def report(items: list[dict], results: list[dict], out=sys.stdout) -> float:
     for i, (it, r) in enumerate(zip(items, results)):
         print(f"{i:03d} {'OK ' if r['ok'] else 'BAD'} bg {r['bg']:>6} (want {it['bg']:>6})  object "
@@ -106,6 +114,8 @@ def report(items: list[dict], results: list[dict], out=sys.stdout) -> float:
     s = summarize(results)
     print(f"background {s['bg']:.2f}, object colour {s['object']:.2f}, position {s['position']:.2f}, "
           f"size {s['size']:.2f} over {s['n']} images", file=out)
+    w = by_wording(results)
+    print(f"held-out wordings (every third item) {w['unseen']:.2f}, training wordings {w['seen']:.2f}", file=out)
     print(f"accuracy {s['accuracy']:.2f}", file=out)
     return s["accuracy"]
 

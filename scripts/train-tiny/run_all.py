@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", default="/work/train-tiny-ckpt")
     ap.add_argument("--out", default=os.path.join(HERE, "..", "..", "www", "models", "tiny-shapes"))
     ap.add_argument("--vae-steps", default="2000")
-    ap.add_argument("--unet-steps", default="6000")
+    ap.add_argument("--unet-steps", default="7000")
     args = ap.parse_args()
     ck = args.ckpt_dir
     os.makedirs(ck, exist_ok=True)
