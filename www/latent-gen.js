@@ -28,11 +28,7 @@ template.innerHTML = `
   </div>
 </div>`;
 
-const ATTRS = ['model', 'prompt', 'negative-prompt', 'seed', 'steps', 'guidance', 'width', 'height', 'scheduler'];
-
 export class LatentGen extends HTMLElement {
-  static observedAttributes = ATTRS;
-
   constructor() {
     super();
     const root = this.attachShadow({ mode: 'open' });
@@ -48,8 +44,6 @@ export class LatentGen extends HTMLElement {
     this.setStatus('idle', '');
     if (this.hasAttribute('autostart')) this.generate().catch(() => {});
   }
-
-  attributeChangedCallback() {}
 
   setStatus(state, text) {
     this.dataset.state = state;

@@ -10,7 +10,6 @@ import { ChunkWriter, fileBlob, getFile } from './cache.js';
 
 let engine = null;
 let loaded = null; // { id, info } of the model in the engine
-let loading = null; // the promise of the load in progress
 let abort = null; // the AbortController of the current download
 const post = (msg, transfer) => self.postMessage(msg, transfer || []);
 
@@ -164,8 +163,7 @@ self.onmessage = (ev) => {
       let result;
       if (msg.type === 'init') result = await initEngine(!!msg.cpu);
       else if (msg.type === 'load') {
-        loading = load(msg.id, msg.model);
-        result = await loading;
+        result = await load(msg.id, msg.model);
       } else if (msg.type === 'generate') result = await generate(msg.id, msg.request);
       else if (msg.type === 'import') result = await importFiles(msg.id, msg.model, msg.files);
       else if (msg.type === 'unload') { if (loaded?.id === msg.model) loaded = null; result = null; }

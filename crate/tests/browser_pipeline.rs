@@ -42,6 +42,20 @@ const FILES: [(&str, &[u8]); 12] = [
     ),
 ];
 
+/// The request whose diffusers image is the reference fixture `sd1-tiny_dpm++2m_s1_6steps_g7.5_96x64`.
+fn fixture_request() -> Request {
+    Request {
+        prompt: "a red cube on a blue table, studio lighting".into(),
+        negative_prompt: "blurry, low quality".into(),
+        seed: 1,
+        steps: 6,
+        guidance: 7.5,
+        width: Some(96),
+        height: Some(64),
+        scheduler: Some("dpm++2m".parse().unwrap()),
+    }
+}
+
 fn psnr(rgba: &[u8], want_rgb: &[u8]) -> f64 {
     let rgb: Vec<u8> = rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
     let mse: f64 =
@@ -76,17 +90,7 @@ async fn engine_generates_with_previews_and_cancels() {
     }
     let info = engine.load_model(files, "sd1-tiny".into(), "f32".into()).unwrap_or_else(|_| panic!("loadModel failed"));
     assert_eq!(get(&info, "sizeMultiple").as_f64(), Some(16.0));
-    let request = serde_wasm_bindgen::to_value(&Request {
-        prompt: "a red cube on a blue table, studio lighting".into(),
-        negative_prompt: "blurry, low quality".into(),
-        seed: 1,
-        steps: 6,
-        guidance: 7.5,
-        width: Some(96),
-        height: Some(64),
-        scheduler: Some("dpm++2m".parse().unwrap()),
-    })
-    .unwrap();
+    let request = serde_wasm_bindgen::to_value(&fixture_request()).unwrap();
     let previews = std::rc::Rc::new(std::cell::RefCell::new(Vec::<Vec<u8>>::new()));
     let seen = previews.clone();
     let on_step = Closure::wrap(Box::new(move |ev: wasm_bindgen::JsValue| {
@@ -131,16 +135,7 @@ async fn tiny_pipeline_matches_diffusers_in_the_browser() {
         src.insert(path, bytes.to_vec());
     }
     let sd = StableDiffusion::load(&ctx, &src, LoadPolicy::F32).unwrap();
-    let req = Request {
-        prompt: "a red cube on a blue table, studio lighting".into(),
-        negative_prompt: "blurry, low quality".into(),
-        seed: 1,
-        steps: 6,
-        guidance: 7.5,
-        width: Some(96),
-        height: Some(64),
-        scheduler: Some("dpm++2m".parse().unwrap()),
-    };
+    let req = fixture_request();
     let mut steps = 0;
     let mut on_step = |_: &latent_gen::pipeline::Step<'_>| {
         steps += 1;
