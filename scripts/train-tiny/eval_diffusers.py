@@ -42,6 +42,7 @@ def main() -> None:
     pipe = StableDiffusionPipeline.from_pretrained(os.path.normpath(args.model), safety_checker=None,
                                                    torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(common.device())
     items = dataset.load_heldout(args.heldout)
     os.makedirs(args.out, exist_ok=True)
     imgs = []
@@ -60,7 +61,7 @@ def main() -> None:
     s = judge.summarize(results)
     if args.result:
         with open(args.result, "w") as f:
-            json.dump({**s, "by_wording": judge.by_wording(results), "steps": args.steps, "guidance": args.guidance,
+            json.dump({**s, "by_wording": judge.by_wording(results), "errors": judge.errors(results, items), "steps": args.steps, "guidance": args.guidance,
                        "scheduler": pipe.scheduler.__class__.__name__}, f, indent=1)
     judge.report(items, results)  # last line: "accuracy X.XX"
 

@@ -51,7 +51,11 @@ def export_weights(args) -> None:
     os.makedirs(out, exist_ok=True)
 
     # model_index.json exactly as the pipeline writes it.
-    tok_mod.write_tokenizer(os.path.join(out, "tokenizer"))
+    built = os.path.join(ck, "tokenizer")  # tokenizer.py's output: copy it (no open_clip needed then)
+    if os.path.exists(os.path.join(built, "merges.txt")):
+        shutil.copytree(built, os.path.join(out, "tokenizer"))
+    else:
+        tok_mod.write_tokenizer(os.path.join(out, "tokenizer"))
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -149,6 +153,52 @@ def folder_mb(path: str) -> float:
     return total / 1e6
 
 
+def eval_line(ev: dict | None) -> str:
+    if not ev or "by_wording" not in ev:
+        return "(not yet run)"
+    err = ev.get("errors")
+    why = ""
+    if err:
+        why = (f"; of the {round(ev['n'] * (1 - ev['accuracy']))} wrong images, {err['background']} have the wrong "
+               f"background, {err['no_object']} have no object in the named region (a small shape drawn in the "
+               f"wrong place, or not at all), {err['object_colour']} the wrong object colour there")
+    target = "reached" if ev["accuracy"] >= 0.9 else "not reached yet"
+    return (f"**accuracy {ev['accuracy']:.2f}** on {ev['n']} held-out captions (background colour {ev['bg']:.2f}, "
+            f"object colour {ev['object']:.2f}; not scored: position {ev['position']:.2f}, size {ev['size']:.2f}). "
+            f"By wording: {ev['by_wording']['seen']:.2f} on captions written in training templates, "
+            f"{ev['by_wording']['unseen']:.2f} on the held-out templates (every third caption). The issue's "
+            f"target is 0.90: {target}{why}")
+
+
+def _stage(h: dict, n: int, first: bool) -> str:
+    a = h["args"]
+    where = h.get("device", "cpu")
+    where = "on the development machine's CPU (2 threads)" if where == "cpu" else f"on one {where}"
+    start = ("from scratch" if first else
+             "starting from stage 1's EMA weights with a fresh optimizer and EMA")
+    return (f"   {n}. {h.get('steps_done', a['steps'])} steps, batch {a['batch']}, {start}, {where} in "
+            f"{h['minutes']:.1f} min: AdamW lr {a['lr']:g} (betas 0.9/0.99, weight decay 0.01, "
+            f"{a.get('warmup', 200)} warmup steps, cosine to 10%), EMA {a['ema']}; latent cache of "
+            f"{a['cache_size']} scenes; `train_unet.py --steps {h.get('steps_done', a['steps'])} --batch {a['batch']} "
+            f"--lr {a['lr']:g} --ema {a['ema']} --warmup {a.get('warmup', 200)} --te-layers {a.get('te_layers', 3)} "
+            f"--te-intermediate {a.get('te_intermediate', 256)}{' --init-from STAGE1' if not first else ''}`")
+
+
+def stages_text(hist: dict) -> str:
+    if hist.get("init"):
+        return "\n".join([_stage(hist["init"], 1, True), _stage(hist, 2, False)])
+    return _stage(hist, 1, True)
+
+
+def times_text(vae_stats: dict, hist: dict) -> str:
+    parts = [f"VAE {vae_stats['minutes']:.0f} min on the development machine (2-core x86 VM, no GPU)"]
+    for i, h in enumerate([hist["init"], hist] if hist.get("init") else [hist]):
+        dev = h.get("device", "cpu")
+        parts.append(f"text encoder + UNet stage {i + 1} {h['minutes']:.1f} min on "
+                     f"{'that CPU' if dev == 'cpu' else 'one ' + dev}")
+    return "; ".join(parts) + "; plus a few minutes for the latent caches and the export"
+
+
 def write_card(args) -> None:
     ck, out = args.ckpt_dir, args.out
     load = lambda p: json.load(open(p)) if os.path.exists(p) else None  # noqa: E731
@@ -185,19 +235,11 @@ def write_card(args) -> None:
         vae_steps=vae_stats["steps"], vae_batch=vae_stats["batch"], vae_lr=vae_stats["lr"], vae_kl=vae_stats["kl_weight"],
         vae_min=vae_stats["minutes"], vae_err=vae_stats["recon_mean_abs_err_0_255"],
         vae_final_mse=vae_stats.get("final_mse", float("nan")), vae_final_l1=vae_stats.get("final_l1", float("nan")),
-        steps=a["steps"], batch=a["batch"], lr=a["lr"], ema=a["ema"], min_snr=a["min_snr"], p_empty=a["p_empty"],
-        cache=a["cache_size"], unet_min=hist["minutes"], final_loss=final_loss, final_mse=final_mse,
-        total_min=vae_stats["minutes"] + hist["minutes"],
+        min_snr=a["min_snr"], p_empty=a["p_empty"], n_templates=len(dataset.TRAIN_TEMPLATES),
+        stages=stages_text(hist), final_loss=final_loss, final_mse=final_mse, times=times_text(vae_stats, hist),
         evals="\n".join(f"| {h['step']} | {h['eval']['accuracy']:.2f} | {h['eval']['bg']:.2f} | "
                         f"{h['eval']['object']:.2f} | {h['eval']['position']:.2f} |" for h in evals),
-        eval_line=(f"**accuracy {ev['accuracy']:.2f}** on {ev['n']} held-out captions (background colour "
-                   f"{ev['bg']:.2f}, object colour {ev['object']:.2f}; not scored: position {ev['position']:.2f}, "
-                   f"size {ev['size']:.2f}). By wording: {ev['by_wording']['seen']:.2f} on captions written in "
-                   f"training templates, {ev['by_wording']['unseen']:.2f} on the held-out templates (every third "
-                   f"caption). The issue's target is 0.90: not reached yet; the text encoder, trained from scratch "
-                   f"on 9 templates, generalizes poorly to new word orders (it swaps object and background colours "
-                   f"in \"on a purple background, a small green triangle\"), and position is learned last"
-                   if ev and "by_wording" in ev else "(not yet run)"),
+        eval_line=eval_line(ev),
         preview_err=preview["fit"]["mean_abs_error"] if preview else float("nan"),
         preview_err255=preview["fit"]["mean_abs_error_0_255"] if preview else float("nan"),
     )
@@ -228,7 +270,8 @@ background, top left"**, 64x64 pixels, in a few hundred milliseconds even on a C
 - **Positions**: top left, top, top right, left, center, right, bottom left, bottom, bottom right
   (also "upper left", "in the top left corner", "at the top", "on the left side", "in the middle", ...)
 - Word order varies: "blue background, a red circle in the top left", "top left: a large red circle on blue",
-  "a blue background with a big red circle at the upper left", ...
+  "a blue background with a big red circle at the upper left", "in the top left of a blue background, a red
+  circle", ...
 
 Anything outside this vocabulary gives a plain or arbitrary scene: only the tokens that occur in the
 captions were ever trained (the other rows of the 49408-token embedding table keep their random initial
@@ -270,7 +313,8 @@ Accuracy of the training-time check (24 training-distribution captions, EMA weig
 Rendered on the fly by `scripts/train-tiny/dataset.py`: 64x64 RGB, a plain background of one palette colour and
 one shape of another (anti-aliased, 4x supersampled), each colour jittered by up to +-8 per channel; small
 shapes have a radius of 6-9 px, large 13-17 px; the centre sits at the named third of the image with +-3 px of
-jitter. A caption is written fresh for each training sample from 9 templates, with synonyms for sizes and
+jitter. A caption is written fresh for each training sample from {n_templates} templates covering all six
+orders of object, background and position (none of them a held-out template), with synonyms for sizes and
 positions; 15% of captions leave out the size word, 8% the position, and 10% are empty (for classifier-free
 guidance). No external data of any kind.
 
@@ -281,13 +325,14 @@ guidance). No external data of any kind.
    steps, cosine to 10%), loss MSE + L1 + {vae_kl} x KL (images in [-1, 1]); final training losses MSE
    {vae_final_mse:.4f}, L1 {vae_final_l1:.4f}; mean abs reconstruction error {vae_err:.2f}/255 over 4096 new
    scenes. scaling_factor = 1 / std of the latent means of 4096 scenes = {scaling}.
-3. Latent cache: {cache} scenes (the held-out attribute combinations excluded), VAE latent means.
-4. Text encoder + UNet, jointly from scratch (`train_unet.py`): {steps} steps, batch {batch}, AdamW lr {lr}
-   (betas 0.9/0.99, weight decay 0.01, 200 warmup steps, cosine to 10%), gradient clipping 1.0; DDPM with 1000
-   timesteps, scaled_linear betas 0.00085..0.012, **v prediction** (SD 2.x's objective), v MSE weighted
-   min(1, (gamma + 1) / (snr + 1)) with gamma {min_snr:g} (the low-noise end capped, x0 errors at high noise
-   kept at full weight), offset noise 0.1; {p_empty:.0%} empty captions; EMA {ema} of both networks (the EMA
-   weights are exported).
+3. Latent caches (one per stage, sizes below): rendered scenes, the held-out attribute combinations excluded, VAE latent means.
+4. Text encoder + UNet, jointly (`train_unet.py`), in two stages:
+{stages}
+
+   Both stages: gradient clipping 1.0; DDPM with 1000 timesteps, scaled_linear betas 0.00085..0.012,
+   **v prediction** (SD 2.x's objective), v MSE weighted min(1, (gamma + 1) / (snr + 1)) with gamma {min_snr:g}
+   (the low-noise end capped, x0 errors at high noise kept at full weight), offset noise 0.1; {p_empty:.0%} empty
+   captions; the EMA weights of both networks are exported.
 
    Why not epsilon prediction, as SD 1.x: three epsilon runs (plain min-SNR; plus an x0-space weight at high
    noise; plus offset noise) drew clean scenes whose background colour ignored the caption (background
@@ -299,22 +344,21 @@ guidance). No external data of any kind.
 5. Export (`export.py`): float16 safetensors in the diffusers layout, preview factors, samples, this card.
 
 Final losses: VAE reconstruction see step 2; diffusion loss (weighted) {final_loss:.4f}, unweighted v MSE
-{final_mse:.4f} (means over the last 1000 steps).
+{final_mse:.4f} (means over the last 1000 steps of the last stage).
 
-Time on the development machine (2-core x86 VM shared with other work, training on two threads, no GPU): VAE
-{vae_min:.0f} min, text encoder + UNet {unet_min:.0f} min, {total_min:.0f} min in all, plus a few minutes for the latent
-cache and the export.
+Time: {times}.
 
 ## Reproduce
 
 ```sh
 python -m venv /tmp/venv && /tmp/venv/bin/pip install torch diffusers transformers safetensors open_clip_torch numpy pillow
 cd scripts/train-tiny
-/tmp/venv/bin/python run_all.py --ckpt-dir /tmp/train-tiny-ckpt   # all stages; resumable; writes www/models/tiny-shapes
+TRAIN_DEVICE=cuda /tmp/venv/bin/python run_all.py --ckpt-dir /tmp/train-tiny-ckpt   # all stages; writes www/models/tiny-shapes
 ```
 
-On a GPU machine the same scripts run unchanged (they use the CPU unless `TRAIN_DEVICE=cuda`); results then
-differ in the last bits but not in kind.
+Stage 1 wants a GPU (`TRAIN_DEVICE=cuda`; on two CPU cores it would take hours); without `TRAIN_DEVICE` everything
+runs on the CPU. Every stage resumes after an interruption and is skipped once done. Results differ in the last
+bits from run to run (GPU kernels, data-loader workers) but not in kind.
 
 ## License
 

@@ -105,6 +105,21 @@ def by_wording(results: list[dict]) -> dict:
     return {"unseen": sum(unseen) / max(1, len(unseen)), "seen": sum(seen) / max(1, len(seen))}
 
 
+def errors(results: list[dict], items: list[dict]) -> dict:
+    """How the wrong images are wrong: background, no object found in the named region, object colour."""
+    out = {"background": 0, "no_object": 0, "object_colour": 0}
+    for r, it in zip(results, items):
+        if r["ok"]:
+            continue
+        if r["bg"] != it["bg"]:
+            out["background"] += 1
+        elif r["object"] is None:
+            out["no_object"] += 1
+        else:
+            out["object_colour"] += 1
+    return out
+
+
 def report(items: list[dict], results: list[dict], out=sys.stdout) -> float:
     for i, (it, r) in enumerate(zip(items, results)):
         print(f"{i:03d} {'OK ' if r['ok'] else 'BAD'} bg {r['bg']:>6} (want {it['bg']:>6})  object "
