@@ -170,6 +170,14 @@ def eval_line(ev: dict | None) -> str:
             f"target is 0.90: {target}{why}")
 
 
+def cli_line(runs: list | None) -> str:
+    """eval_cli.json: [{"path": "GPU (wgpu on lavapipe)", "accuracy": 0.83, "n": 120, "note": "..."}, ...]"""
+    if not runs:
+        return "not yet run on this version of the model"
+    return "; ".join(f"{r['path']}: accuracy {r['accuracy']:.2f} over {r['n']} captions"
+                     + (f" ({r['note']})" if r.get("note") else "") for r in runs)
+
+
 def _stage(h: dict, n: int, first: bool) -> str:
     a = h["args"]
     where = h.get("device", "cpu")
@@ -240,6 +248,7 @@ def write_card(args) -> None:
         evals="\n".join(f"| {h['step']} | {h['eval']['accuracy']:.2f} | {h['eval']['bg']:.2f} | "
                         f"{h['eval']['object']:.2f} | {h['eval']['position']:.2f} |" for h in evals),
         eval_line=eval_line(ev),
+        cli_line=cli_line(load(os.path.join(ck, "eval_cli.json"))),
         preview_err=preview["fit"]["mean_abs_error"] if preview else float("nan"),
         preview_err255=preview["fit"]["mean_abs_error_0_255"] if preview else float("nan"),
     )
@@ -301,6 +310,9 @@ diffusers on this folder (DDIM, 20 steps, guidance 5, each item's own seed) and 
 statistics against the renderer's palette (`judge.py`: background colour = nearest palette colour of the border
 pixels' median; object colour = nearest palette colour of the median of the pixels in the object's expected
 region that differ from the background): {eval_line}.
+
+Through our own CLI (`scripts/eval-tiny`: the same captions, seeds, sampler and judge; `latent-gen generate
+--batch`): {cli_line}.
 
 Accuracy of the training-time check (24 training-distribution captions, EMA weights, same sampler):
 

@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "..", "..", "www", "models", "tiny-shapes"))
     ap.add_argument("--vae-steps", default="2000")
     ap.add_argument("--stage1-steps", default="1209", help="batch 768 from scratch (on a GPU)")
-    ap.add_argument("--stage2-steps", default="1750", help="batch 64 fine-tuning (the CPU is enough)")
+    ap.add_argument("--stage2-steps", default="1738", help="batch 64 fine-tuning (the CPU is enough)")
     ap.add_argument("--workers", default="12", help="caption-writing DataLoader workers in stage 1")
     args = ap.parse_args()
     ck = args.ckpt_dir

@@ -1,6 +1,6 @@
 // The generator page, the weight cache and the <latent-gen> element in Chromium (WebGPU on SwiftShader),
 // with the bundled tiny-shapes model served by scripts/server.mjs (which can cut or corrupt a download).
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
@@ -8,7 +8,7 @@ import { readFile, mkdtemp } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { launchBrowser, recordErrors, root, startServer } from './harness.mjs';
+import { recordErrors, root, serverAndBrowser } from './harness.mjs';
 import { describe } from '../../scripts/update-catalog.mjs';
 
 const run = promisify(execFile);
@@ -16,24 +16,13 @@ const MODEL = 'tiny-shapes';
 const WEIGHTS = `/models/${MODEL}/unet/diffusion_pytorch_model.safetensors`;
 const REQUEST = { prompt: 'a large red square on a green background in the center', seed: 7, steps: 20, guidance: 5 };
 
-let server;
-let browser;
-
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = serverAndBrowser();
 
 /** Opens the generator in `context` and waits until it is ready. */
 async function openApp(context, query = '') {
   const page = await context.newPage();
   const errors = recordErrors(page);
-  await page.goto(`${server.url}index.html${query}`);
+  await page.goto(`${env.server.url}index.html${query}`);
   await page.locator('#status[data-state="idle"], #status[data-state="error"]').waitFor({ timeout: 120_000 });
   assert.equal(await page.locator('#status').getAttribute('data-state'), 'idle',
     `${await page.locator('#status').textContent()}\n${errors.join('\n')}`);
@@ -103,7 +92,7 @@ function scene(img) {
   return { bg, obj: far.length ? mean(far) : [0, 0, 0], count: far.length };
 }
 
-const weightRequests = async () => (await server.requests()).filter(([, path]) => path.startsWith(`/models/${MODEL}/`));
+const weightRequests = async () => (await env.server.requests()).filter(([, path]) => path.startsWith(`/models/${MODEL}/`));
 
 test('the catalog lists the bundled model files with their sizes and sha256', async () => {
   const catalog = JSON.parse(await readFile(join(root, 'www/models.json'), 'utf8'));
@@ -112,8 +101,8 @@ test('the catalog lists the bundled model files with their sizes and sha256', as
 });
 
 test('generating previews every step, draws the prompt, equals the CLI, and reloads from IndexedDB', { timeout: 900_000 }, async () => {
-  const context = await browser.newContext();
-  await server.faults({ reset: true });
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
   const { page, errors } = await openApp(context);
   const result = await generate(page);
   assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
@@ -154,7 +143,7 @@ test('generating previews every step, draws the prompt, equals the CLI, and relo
   // The weights were fetched once, whole; after a reload they come from IndexedDB: no weight request at all.
   const fetched = await weightRequests();
   assert.ok(fetched.some(([, path]) => path === WEIGHTS), 'the first visit downloads the weights');
-  await server.faults({ reset: true });
+  await env.server.faults({ reset: true });
   await page.reload();
   await page.locator('#status[data-state="idle"]').waitFor({ timeout: 120_000 });
   assert.equal(await page.locator(`#cached tr[data-model="${MODEL}"]`).getAttribute('data-complete'), 'true');
@@ -166,9 +155,9 @@ test('generating previews every step, draws the prompt, equals the CLI, and relo
 });
 
 test('a download cut off mid-file resumes with a Range request and verifies', { timeout: 600_000 }, async () => {
-  const context = await browser.newContext();
-  await server.faults({ reset: true });
-  await server.faults({ cut: { path: WEIGHTS, after: 1_000_000 } });
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
+  await env.server.faults({ cut: { path: WEIGHTS, after: 1_000_000 } });
   const { page, errors } = await openApp(context);
   const result = await generate(page, { ...REQUEST, steps: 2 });
   assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
@@ -182,9 +171,9 @@ test('a download cut off mid-file resumes with a Range request and verifies', { 
 });
 
 test('a corrupted download fails verification clearly and nothing is marked cached', { timeout: 600_000 }, async () => {
-  const context = await browser.newContext();
-  await server.faults({ reset: true });
-  await server.faults({ corrupt: { path: WEIGHTS } });
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
+  await env.server.faults({ corrupt: { path: WEIGHTS } });
   const { page } = await openApp(context);
   const result = await generate(page, { ...REQUEST, steps: 2 });
   assert.equal(result.state, 'error');
@@ -196,17 +185,17 @@ test('a corrupted download fails verification clearly and nothing is marked cach
   assert.ok(!stored.some(([path]) => path === 'unet/diffusion_pytorch_model.safetensors'), 'the corrupt file is gone');
   assert.equal(await page.locator(`#cached tr[data-model="${MODEL}"]`).getAttribute('data-complete'), 'false');
   // With the fault gone the same page recovers.
-  await server.faults({ reset: true });
+  await env.server.faults({ reset: true });
   const retry = await generate(page, { ...REQUEST, steps: 2 });
   assert.equal(retry.state, 'done', retry.text);
   await context.close();
 });
 
 test('two <latent-gen> elements on the embed page both generate', { timeout: 600_000 }, async () => {
-  const context = await browser.newContext();
+  const context = await env.browser.newContext();
   const page = await context.newPage();
   const errors = recordErrors(page);
-  await page.goto(`${server.url}embed.html`);
+  await page.goto(`${env.server.url}embed.html`);
   const results = await page.evaluate(async () => {
     await customElements.whenDefined('latent-gen');
     const els = [...document.querySelectorAll('latent-gen')];
@@ -238,7 +227,7 @@ test('two <latent-gen> elements on the embed page both generate', { timeout: 600
 });
 
 test('without WebGPU the page says so and the CPU fallback generates with the tiny model', { timeout: 600_000 }, async () => {
-  const context = await browser.newContext();
+  const context = await env.browser.newContext();
   await context.addInitScript(() => {
     delete Object.getPrototypeOf(navigator).gpu;
     if (self.WorkerNavigator) delete WorkerNavigator.prototype.gpu;
@@ -252,8 +241,8 @@ test('without WebGPU the page says so and the CPU fallback generates with the ti
 });
 
 test('a model folder imported from disk generates without any network request for weights', { timeout: 600_000 }, async () => {
-  const context = await browser.newContext();
-  await server.faults({ reset: true });
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
   const { page, errors } = await openApp(context);
   await page.locator('#import').setInputFiles(join(root, 'www/models', MODEL));
   await page.locator('#status', { hasText: /^(Imported|Error)/ }).waitFor({ timeout: 120_000 });

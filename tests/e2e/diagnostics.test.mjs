@@ -1,26 +1,15 @@
 // The diagnostics page in headless Chromium: every kernel self-check passes on WebGPU (SwiftShader), and a
 // browser without WebGPU gets a plain explanation.
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { launchBrowser, recordErrors, startServer } from './harness.mjs';
+import { recordErrors, serverAndBrowser } from './harness.mjs';
 
-let server;
-let browser;
-
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = serverAndBrowser();
 
 test('every kernel passes its self-check in the browser', { timeout: 600_000 }, async () => {
-  const page = await browser.newPage();
+  const page = await env.browser.newPage();
   const errors = recordErrors(page);
-  await page.goto(`${server.url}diagnostics.html`);
+  await page.goto(`${env.server.url}diagnostics.html`);
   const summary = page.locator('#summary');
   await summary.and(page.locator('[data-state="done"], [data-state="error"], [data-state="no-webgpu"], [data-state="no-device"]'))
     .waitFor({ timeout: 540_000 });
@@ -37,9 +26,9 @@ test('every kernel passes its self-check in the browser', { timeout: 600_000 }, 
 });
 
 test('without WebGPU the page says so plainly', { timeout: 60_000 }, async () => {
-  const page = await browser.newPage();
+  const page = await env.browser.newPage();
   await page.addInitScript(() => { delete Object.getPrototypeOf(navigator).gpu; });
-  await page.goto(`${server.url}diagnostics.html`);
+  await page.goto(`${env.server.url}diagnostics.html`);
   await page.locator('#summary[data-state="no-webgpu"]').waitFor({ timeout: 30_000 });
   assert.match(await page.locator('#adapter').textContent(), /no WebGPU adapter/);
   await page.close();

@@ -1,6 +1,7 @@
 // Shared by the end-to-end tests: starts scripts/server.mjs on a free port and launches Debian's Chromium
 // (through playwright-core, never a downloaded browser) with WebGPU on SwiftShader.
 import { spawn } from 'node:child_process';
+import { after, before } from 'node:test';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { resolve } from 'node:path';
@@ -49,6 +50,21 @@ export async function launchBrowser() {
     headless: true,
     args: FLAGS,
   });
+}
+
+/** Registers this test file's before/after hooks: one server and one browser for all its tests, stopped at the
+ * end. Resolves nothing itself: the returned object's `server` and `browser` are set once `before` has run. */
+export function serverAndBrowser() {
+  const env = { server: null, browser: null };
+  before(async () => {
+    env.server = await startServer();
+    env.browser = await launchBrowser();
+  });
+  after(async () => {
+    await env.browser?.close();
+    await env.server?.stop();
+  });
+  return env;
 }
 
 /** Collects the page's console errors and uncaught exceptions, for failure messages. */
