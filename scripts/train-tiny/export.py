@@ -159,9 +159,9 @@ def eval_line(ev: dict | None) -> str:
     err = ev.get("errors")
     why = ""
     if err:
-        why = (f"; of the {round(ev['n'] * (1 - ev['accuracy']))} wrong images, {err['background']} have the wrong "
-               f"background, {err['no_object']} have no object in the named region (a small shape drawn in the "
-               f"wrong place, or not at all), {err['object_colour']} the wrong object colour there")
+        why = (f"; the {round(ev['n'] * (1 - ev['accuracy']))} wrong images: wrong background {err['background']}, "
+               f"no object in the named region (a small shape drawn elsewhere or not at all) {err['no_object']}, "
+               f"wrong object colour there {err['object_colour']}")
     target = "reached" if ev["accuracy"] >= 0.9 else "not reached yet"
     return (f"**accuracy {ev['accuracy']:.2f}** on {ev['n']} held-out captions (background colour {ev['bg']:.2f}, "
             f"object colour {ev['object']:.2f}; not scored: position {ev['position']:.2f}, size {ev['size']:.2f}). "
@@ -314,7 +314,8 @@ region that differ from the background): {eval_line}.
 Through our own CLI (`scripts/eval-tiny`: the same captions, seeds, sampler and judge; `latent-gen generate
 --batch`): {cli_line}.
 
-Accuracy of the training-time check (24 training-distribution captions, EMA weights, same sampler):
+Accuracy of the training-time check during the last stage (24 training-distribution captions, EMA weights, same
+sampler):
 
 | step | accuracy | background | object | position |
 |---|---|---|---|---|
