@@ -244,7 +244,7 @@ def write_card(args) -> None:
         vae_min=vae_stats["minutes"], vae_err=vae_stats["recon_mean_abs_err_0_255"],
         vae_final_mse=vae_stats.get("final_mse", float("nan")), vae_final_l1=vae_stats.get("final_l1", float("nan")),
         min_snr=a["min_snr"], p_empty=a["p_empty"], n_templates=len(dataset.TRAIN_TEMPLATES),
-        stages=stages_text(hist), final_loss=final_loss, final_mse=final_mse, times=times_text(vae_stats, hist),
+        stages=stages_text(hist), n_stages="two stages" if hist.get("init") else "one stage", final_loss=final_loss, final_mse=final_mse, times=times_text(vae_stats, hist),
         evals="\n".join(f"| {h['step']} | {h['eval']['accuracy']:.2f} | {h['eval']['bg']:.2f} | "
                         f"{h['eval']['object']:.2f} | {h['eval']['position']:.2f} |" for h in evals),
         eval_line=eval_line(ev),
@@ -339,10 +339,10 @@ guidance). No external data of any kind.
    {vae_final_mse:.4f}, L1 {vae_final_l1:.4f}; mean abs reconstruction error {vae_err:.2f}/255 over 4096 new
    scenes. scaling_factor = 1 / std of the latent means of 4096 scenes = {scaling}.
 3. Latent caches (one per stage, sizes below): rendered scenes, the held-out attribute combinations excluded, VAE latent means.
-4. Text encoder + UNet, jointly (`train_unet.py`), in two stages:
+4. Text encoder + UNet, jointly (`train_unet.py`), in {n_stages}:
 {stages}
 
-   Both stages: gradient clipping 1.0; DDPM with 1000 timesteps, scaled_linear betas 0.00085..0.012,
+   Every stage: gradient clipping 1.0; DDPM with 1000 timesteps, scaled_linear betas 0.00085..0.012,
    **v prediction** (SD 2.x's objective), v MSE weighted min(1, (gamma + 1) / (snr + 1)) with gamma {min_snr:g}
    (the low-noise end capped, x0 errors at high noise kept at full weight), offset noise 0.1; {p_empty:.0%} empty
    captions; the EMA weights of both networks are exported.
