@@ -64,8 +64,11 @@ async function refreshModels() {
   const local = [];
   for (const [id, files] of cached) {
     if (catalog.some((m) => m.id === id)) continue;
+    const size = files.reduce((s, f) => s + f.size, 0);
+    // Big models (a real SD checkpoint) are held in f16 on the GPU; GGUF files keep their quantized blocks.
+    const big = size > 256 * 2 ** 20 || files.some((f) => f.path.endsWith('.gguf'));
     local.push({ id, name: `${id} (imported)`, local: true, files: files.map((f) => ({ path: f.path, size: f.size })),
-      defaults: { steps: 20, guidance: 7.5 } });
+      weights: big ? 'f16' : 'f32', defaults: { steps: 20, guidance: 7.5 } });
   }
   models = [...catalog, ...local];
   const select = $('model');
@@ -251,8 +254,15 @@ async function collectDropped(items) {
   return out;
 }
 
-/** Strips a common top folder; the model is named after it. */
+/** A single-file checkpoint (original SD names in .safetensors, or a stable-diffusion.cpp .gguf). */
+const isCheckpointFile = (path) => !path.includes('/') && /\.(safetensors|gguf)$/i.test(path);
+
+/** Strips a common top folder (the model is named after it); a single checkpoint is named after its file. */
 function asModelFiles(files) {
+  if (files.length === 1 && isCheckpointFile(files[0].path)) {
+    const name = files[0].path.replace(/\.(safetensors|gguf)$/i, '');
+    return { id: `local-${name.replace(/[^\w.-]+/g, '-')}`, files };
+  }
   const tops = new Set(files.map((f) => f.path.split('/')[0]));
   let name = 'local-model';
   if (tops.size === 1 && files.every((f) => f.path.includes('/'))) {
@@ -265,8 +275,9 @@ function asModelFiles(files) {
 
 async function importLocal(list) {
   const { id, files } = asModelFiles(list);
-  if (!files.some((f) => f.path.startsWith('unet/'))) {
-    return fail(new Error('that folder has no unet/ subfolder: import a diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)'));
+  const single = files.length === 1 && isCheckpointFile(files[0].path);
+  if (!single && !files.some((f) => f.path.startsWith('unet/'))) {
+    return fail(new Error('import a diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or one checkpoint file (.safetensors with the original Stable Diffusion names, or a .gguf)'));
   }
   try {
     await client.ready;
@@ -287,6 +298,7 @@ async function main() {
   $('model').onchange = () => applyDefaults(modelById($('model').value));
   $('persist').onclick = async () => { await navigator.storage?.persist?.(); renderStorage(); };
   $('import').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.webkitRelativePath || file.name, file })));
+  $('import-file').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.name, file })));
   const drop = $('drop');
   drop.addEventListener('dragover', (e) => { e.preventDefault(); drop.classList.add('over'); });
   drop.addEventListener('dragleave', () => drop.classList.remove('over'));

@@ -6,6 +6,7 @@
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
+pub mod checkpoint;
 pub mod error;
 pub mod gpu;
 pub mod models;

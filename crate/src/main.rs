@@ -42,6 +42,21 @@ mod cli {
     }
 
     #[derive(Clone, Copy, ValueEnum)]
+    enum Prediction {
+        Epsilon,
+        V,
+    }
+
+    impl Prediction {
+        fn config_name(self) -> &'static str {
+            match self {
+                Prediction::Epsilon => "epsilon",
+                Prediction::V => "v_prediction",
+            }
+        }
+    }
+
+    #[derive(Clone, Copy, ValueEnum)]
     enum WeightType {
         F32,
         F16,
@@ -54,9 +69,17 @@ mod cli {
     #[derive(clap::Args)]
     struct Generate {
         /// A diffusers-layout model folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/,
-        /// scheduler/). Defaults to the bundled tiny model.
+        /// scheduler/) or a single-file checkpoint (.safetensors with the original SD 1.x / 2.x names).
+        /// Defaults to the bundled tiny model.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// For a single-file model: a diffusers folder whose configs, tokenizer and scheduler to use instead
+        /// of those read off the file (as diffusers' from_single_file(config=...)).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override the scheduler's prediction type (SD 2.x single files default to v, for the 768 models).
+        #[arg(long, value_enum)]
+        prediction: Option<Prediction>,
         /// Required unless --batch gives the prompts.
         #[arg(long, required_unless_present = "batch")]
         prompt: Option<String>,
@@ -221,13 +244,13 @@ mod cli {
 
     async fn generate(ctx: &GpuContext, g: Generate) -> Result<(), Box<dyn std::error::Error>> {
         let model = g.model.clone().unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL));
-        if !model.join("model_index.json").is_file() {
-            return Err(format!("{} is not a diffusers model folder (no model_index.json)", model.display()).into());
-        }
         let (act, weights) = (act_dtype(ctx, g.precision)?, weight_dtype(g.weights));
         let start = Instant::now();
         eprintln!("loading {}", model.display());
-        let sd = StableDiffusion::load_dir(ctx, &model, LoadPolicy { act, weights })?;
+        let mut sd = StableDiffusion::load_path(ctx, &model, g.config.as_deref(), LoadPolicy { act, weights })?;
+        if let Some(p) = g.prediction {
+            sd.scheduler_config.prediction_type = Some(p.config_name().into());
+        }
         eprintln!("loaded in {:.2} s on {}", start.elapsed().as_secs_f64(), ctx.summary().name);
         let base = Request {
             prompt: g.prompt.clone().unwrap_or_default(),

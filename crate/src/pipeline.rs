@@ -47,6 +47,36 @@ impl ModelSource for DirSource {
     }
 }
 
+/// The model at `path`: a diffusers folder, or a single-file checkpoint (`.safetensors` or stable-diffusion.cpp
+/// `.gguf`, original SD names) with `config` supplying any config, tokenizer or scheduler file.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn open_model(path: &std::path::Path, config: Option<&std::path::Path>) -> Result<Box<dyn ModelSource>> {
+    let shown = path.display();
+    if path.is_dir() {
+        if config.is_some() {
+            return Err(Error::Invalid(format!("{shown} is a diffusers folder: --config is for single-file models")));
+        }
+        if !path.join("model_index.json").is_file() && !path.join("unet").is_dir() {
+            return Err(Error::Invalid(format!("{shown} is not a diffusers model folder (no model_index.json)")));
+        }
+        return Ok(Box::new(DirSource(path.to_path_buf())));
+    }
+    if !path.is_file() {
+        return Err(Error::Invalid(format!("{shown}: no such file or folder")));
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    match ext.as_str() {
+        "safetensors" | "gguf" => Ok(Box::new(crate::checkpoint::Checkpoint::open(path, config)?)),
+        "ckpt" | "pt" | "pth" | "bin" => Err(Error::Invalid(format!(
+            "{shown} is a pickle file, which can run code when read: latent-gen reads .safetensors and .gguf \
+             (convert it with a trusted tool first)"
+        ))),
+        _ => Err(Error::Invalid(format!(
+            "{shown}: unknown model file type (expected a diffusers folder, a .safetensors checkpoint or a .gguf)"
+        ))),
+    }
+}
+
 /// Model files held in memory, by their path in the diffusers layout (small models handed over whole).
 #[derive(Default)]
 pub struct MemorySource {
@@ -236,6 +266,18 @@ impl StableDiffusion {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load_dir(ctx: &GpuContext, dir: &std::path::Path, policy: LoadPolicy) -> Result<Self> {
         Self::load(ctx, &DirSource(dir.to_path_buf()), policy)
+    }
+
+    /// Loads whatever `path` holds: a diffusers folder, or a single-file checkpoint (`.safetensors`) whose
+    /// configs come from `config` (a diffusers folder) where given, else from the file's tensor shapes.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load_path(
+        ctx: &GpuContext,
+        path: &std::path::Path,
+        config: Option<&std::path::Path>,
+        policy: LoadPolicy,
+    ) -> Result<Self> {
+        Self::load(ctx, open_model(path, config)?.as_ref(), policy)
     }
 
     /// Pixels per latent along a side.

@@ -230,6 +230,39 @@ pub fn pad_token(config: Option<&str>, special: Option<&str>) -> Result<String> 
     Ok(EOS.to_string())
 }
 
+/// CLIP's BPE merges (OpenAI CLIP and OpenCLIP share them), shipped so that single-file checkpoints, which
+/// carry no tokenizer, need no download: the 48,894 merges of `bpe_simple_vocab_16e6.txt` that CLIP uses.
+pub const CLIP_MERGES: &str = include_str!("../assets/clip/merges.txt");
+
+/// CLIP's `vocab.json` built from its merges as CLIP builds it: the 256 byte symbols (GPT-2's byte-to-unicode
+/// order), the same with `</w>`, one token per merge, then the start and end tokens (49,408 for CLIP's merges).
+pub fn clip_vocab_json(merges_txt: &str) -> String {
+    let mut bytes: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut chars = bytes.clone();
+    let mut next = 256;
+    for b in 0..256u32 {
+        if !bytes.contains(&b) {
+            bytes.push(b);
+            chars.push(next);
+            next += 1;
+        }
+    }
+    let symbols: Vec<String> = chars.iter().map(|&c| char::from_u32(c).expect("below 0x200").to_string()).collect();
+    let mut tokens: Vec<String> = symbols.clone();
+    tokens.extend(symbols.iter().map(|s| format!("{s}</w>")));
+    tokens.extend(
+        merges_txt
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .map(|l| l.split_whitespace().collect::<String>()),
+    );
+    tokens.push(BOS.into());
+    tokens.push(EOS.into());
+    let map: serde_json::Map<String, serde_json::Value> =
+        tokens.into_iter().enumerate().map(|(i, t)| (t, serde_json::Value::from(i))).collect();
+    serde_json::Value::Object(map).to_string()
+}
+
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
@@ -237,6 +270,16 @@ mod tests {
     fn fixture(path: &str) -> String {
         let p = format!("{}/../tests/fixtures/tokenizer/{path}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+
+    /// The shipped merges rebuild the vocabulary transformers' CLIP tokenizer files hold.
+    #[test]
+    fn shipped_vocabulary_is_clips() {
+        assert_eq!(CLIP_MERGES, fixture("merges.txt"));
+        let ours: HashMap<String, u32> = serde_json::from_str(&clip_vocab_json(CLIP_MERGES)).unwrap();
+        let theirs: HashMap<String, u32> = serde_json::from_str(&fixture("vocab.json")).unwrap();
+        assert_eq!(ours.len(), 49408);
+        assert_eq!(ours, theirs);
     }
 
     /// Ids equal transformers' CLIPTokenizer (the slow, ftfy-cleaning one) for SD1's and SD2's pad tokens.

@@ -7,11 +7,14 @@ use std::rc::Rc;
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 
+use crate::checkpoint::Checkpoint;
 use crate::gpu::{DType, GpuContext};
 use crate::pipeline::{Image, MemorySource, ModelSource, Request, StableDiffusion, parameters_text};
 use crate::preview::PreviewFactors;
 use crate::selfcheck;
 use crate::weights::LoadPolicy;
+use crate::weights::gguf::Gguf;
+use crate::weights::{RangedSafetensors, TensorSource};
 
 #[wasm_bindgen(start)]
 fn start() {
@@ -169,7 +172,9 @@ impl Engine {
         self.inner.ctx.is_cpu()
     }
 
-    /// Loads a model from its files: a `Map` from diffusers-layout paths (`unet/config.json`, ...) to
+    /// Loads a model from its files: a `Map` from diffusers-layout paths (`unet/config.json`, ...), or from
+    /// the name of one single-file checkpoint (`model.safetensors` with the original SD names, or a
+    /// stable-diffusion.cpp `.gguf`; configs in the map override those read off its tensors), to
     /// `Uint8Array`s or `Blob`s (in a worker, `.safetensors` Blobs are read one tensor at a time with
     /// FileReaderSync, so weights go from the cache to the GPU without ever being whole in memory) (an optional `preview.json` sets the preview factors); `name` goes into the PNG
     /// parameters. `weights` ("f32", "f16", "q8_0" or "q4_0") is how linear and conv weights are held on the
@@ -201,6 +206,8 @@ impl Engine {
                     let size = blob.size() as u64;
                     src.insert_ranged(path, size, blob_reader(blob));
                 }
+                // A single-file GGUF model, read below.
+                Ok(_) if path.ends_with(".gguf") => {}
                 Ok(blob) => match blob_reader(blob.clone())(0, blob.size() as usize) {
                     Ok(bytes) => src.insert(path, bytes),
                     Err(e) => failure = Some(e.to_string()),
@@ -211,7 +218,35 @@ impl Engine {
         if let Some(msg) = failure {
             return Err(JsError::new(&msg));
         }
-        let sd = StableDiffusion::load(&self.inner.ctx, &src, LoadPolicy { act, weights }).map_err(js_err)?;
+        // One checkpoint file at the top level (no unet/ folder): a single-file model, its configs read off
+        // its tensors unless the map has them.
+        let mut single = None;
+        files.for_each(&mut |value, key| {
+            let path = key.as_string().unwrap_or_default();
+            let top = !path.contains('/') && (path.ends_with(".safetensors") || path.ends_with(".gguf"));
+            if let (true, Ok(blob)) = (top, value.dyn_into::<web_sys::Blob>()) {
+                single = Some((path, blob));
+            }
+        });
+        let policy = LoadPolicy { act, weights };
+        let sd = match single.filter(|_| !src.exists("unet/config.json")) {
+            Some((path, blob)) => {
+                let (size, read) = (blob.size() as u64, blob_reader(blob));
+                let file: Box<dyn TensorSource> = if path.ends_with(".gguf") {
+                    Box::new(Gguf::ranged(read, size, path).map_err(js_err)?)
+                } else {
+                    Box::new(RangedSafetensors::new(read, size, path).map_err(js_err)?)
+                };
+                let ck = Checkpoint::new(file, Some(Box::new(src))).map_err(js_err)?;
+                let sd = StableDiffusion::load(&self.inner.ctx, &ck, policy).map_err(js_err)?;
+                src = MemorySource::new();
+                if let Ok(text) = ck.text("preview.json") {
+                    src.insert("preview.json", text.into_bytes());
+                }
+                sd
+            }
+            None => StableDiffusion::load(&self.inner.ctx, &src, policy).map_err(js_err)?,
+        };
         let factors = match src.text("preview.json") {
             Ok(text) => PreviewFactors::from_json(&text).map_err(js_err)?,
             Err(_) => PreviewFactors::default(),

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use latent_gen::checkpoint::{Checkpoint, Family};
 use latent_gen::gpu::{GpuContext, Tensor};
 use latent_gen::models::clip::ClipTextModel;
 use latent_gen::models::parse_config;
@@ -12,8 +13,9 @@ use latent_gen::models::taesd::{TinyConfig, TinyDecoder, TinyEncoder};
 use latent_gen::models::unet_2d::UNet2DConditionModel;
 use latent_gen::models::vae::{Decoder, Encoder, VaeConfig};
 use latent_gen::pipeline::{Control, Request, StableDiffusion};
+use latent_gen::pipeline::{DirSource, ModelSource};
 use latent_gen::rng::TorchRng;
-use latent_gen::weights::{HostTensor, LoadPolicy, Safetensors, TensorSource, Weights};
+use latent_gen::weights::{HostDType, HostTensor, LoadPolicy, Safetensors, TensorSource, Weights};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -126,6 +128,37 @@ fn text_encoders_match_transformers() {
     }
 }
 
+/// A text encoder file as transformers 5 saves `CLIPTextModel`: the same tensors without `text_model.`.
+struct Unprefixed(Safetensors);
+
+impl TensorSource for Unprefixed {
+    fn tensor(&self, name: &str) -> Option<HostTensor<'_>> {
+        self.0.tensor(&format!("text_model.{name}"))
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0.names().into_iter().filter_map(|n| n.strip_prefix("text_model.").map(String::from)).collect()
+    }
+
+    fn label(&self) -> String {
+        "unprefixed text encoder".into()
+    }
+}
+
+#[test]
+fn text_encoders_without_the_text_model_prefix_load() {
+    let ctx = context();
+    let src = Unprefixed(load_weights("sd1-tiny/text_encoder/model.safetensors"));
+    assert!(src.tensor("text_model.embeddings.token_embedding.weight").is_none());
+    let te =
+        ClipTextModel::load(&Weights::new(&ctx, &src, LoadPolicy::F32), config("sd1-tiny/text_encoder/config.json"))
+            .unwrap();
+    let refs = Refs::open("sd1-tiny/text_encoder.safetensors");
+    let got = pollster::block_on(te.forward(&ctx, &[refs.ids("ids_0")]).unwrap().to_vec_f32(&ctx)).unwrap();
+    let err = max_abs(&got, &refs.f32("emb_0").1);
+    assert!(err <= 1e-4, "max abs error {err}");
+}
+
 #[test]
 fn unets_match_diffusers() {
     let ctx = context();
@@ -227,6 +260,18 @@ fn run_pipelines(policy: LoadPolicy, keep: impl Fn(&str) -> bool) -> Vec<(String
 }
 
 fn run_pipelines_on(ctx: &GpuContext, policy: LoadPolicy, keep: impl Fn(&str) -> bool) -> Vec<(String, f32, f64)> {
+    let load = |ctx: &GpuContext, model: &str| {
+        StableDiffusion::load_dir(ctx, &fixtures().join("models").join(model), policy).unwrap()
+    };
+    run_pipelines_with(ctx, load, keep)
+}
+
+/// As [`run_pipelines_on`], with the models loaded by `load` (from another file format).
+fn run_pipelines_with(
+    ctx: &GpuContext,
+    load: impl Fn(&GpuContext, &str) -> StableDiffusion,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<(String, f32, f64)> {
     let ctx = ctx.clone();
     let mut models = std::collections::HashMap::new();
     let mut results = Vec::new();
@@ -236,9 +281,7 @@ fn run_pipelines_on(ctx: &GpuContext, policy: LoadPolicy, keep: impl Fn(&str) ->
             continue;
         }
         let model = case["model"].as_str().unwrap();
-        let sd = models.entry(model.to_string()).or_insert_with(|| {
-            StableDiffusion::load_dir(&ctx, &fixtures().join("models").join(model), policy).unwrap()
-        });
+        let sd = models.entry(model.to_string()).or_insert_with(|| load(&ctx, model));
         let refs = Refs::open(&label);
         let mut worst_step = 0f32;
         let mut on_step = |s: &latent_gen::pipeline::Step<'_>| {
@@ -252,7 +295,7 @@ fn run_pipelines_on(ctx: &GpuContext, policy: LoadPolicy, keep: impl Fn(&str) ->
         let image = pollster::block_on(sd.decode(&latents)).unwrap();
         let rgb: Vec<u8> = image.rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
         let db = psnr(&rgb, &refs.host("image").data);
-        println!("{label} ({:?}): worst step latent rel error {worst_step:.2e}, image PSNR {db:.1} dB", policy);
+        println!("{label}: worst step latent rel error {worst_step:.2e}, image PSNR {db:.1} dB");
         results.push((label, worst_step, db));
     }
     results
@@ -267,6 +310,168 @@ fn pipelines_match_diffusers() {
     for (label, worst_step, db) in results {
         assert!(db >= 40.0, "{label}: PSNR {db:.1} dB < 40");
         assert!(worst_step <= 1e-2, "{label}: a step latent is off by {worst_step} (relative)");
+    }
+}
+
+/// Single-file checkpoints (original SD names; tests/fixtures/formats/, made by scripts/make-format-fixtures)
+/// with the folders' configs give exactly the folders' results: the same step latents and images as the
+/// diffusers references, for SD 1.x (CLIP-L names) and SD 2.x (OpenCLIP names, fused q/k/v, one extra layer).
+#[test]
+fn single_file_checkpoints_match_their_folders() {
+    let ctx = context();
+    let keep = |l: &str| l.contains("_s0_") && (l.contains("sd1-tiny") || l.contains("sd2-tiny"));
+    let folder = run_pipelines_on(&ctx, LoadPolicy::F32, keep);
+    let single = run_pipelines_with(
+        &ctx,
+        |ctx, model| {
+            let file = fixtures().join("formats").join(format!("{model}.safetensors"));
+            let config = fixtures().join("models").join(model);
+            StableDiffusion::load_path(ctx, &file, Some(&config), LoadPolicy::F32)
+                .unwrap_or_else(|e| panic!("{model}: {e}"))
+        },
+        keep,
+    );
+    assert!(folder.len() >= 2, "{folder:?}");
+    assert!(folder.iter().any(|c| c.0.contains("sd2-tiny")));
+    assert_eq!(single, folder, "a single-file checkpoint differs from its folder");
+    for (label, _, db) in single {
+        assert!(db >= 40.0, "{label}: PSNR {db:.1} dB < 40");
+    }
+}
+
+/// A GGUF's tensors with every GGML block dequantized to f32 by candle: the reference for the quantized path.
+struct Dequantized(latent_gen::weights::gguf::Gguf);
+
+impl TensorSource for Dequantized {
+    fn tensor(&self, name: &str) -> Option<HostTensor<'_>> {
+        let t = self.0.tensor(name)?;
+        let values = t.to_f32(name).ok()?;
+        Some(HostTensor {
+            dtype: HostDType::F32,
+            shape: t.shape.clone(),
+            data: std::borrow::Cow::Owned(bytemuck::cast_slice(&values).to_vec()),
+        })
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.0.shape(name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0.names()
+    }
+
+    fn label(&self) -> String {
+        format!("{} (dequantized)", self.0.label())
+    }
+}
+
+/// The image a request makes.
+fn image(sd: &StableDiffusion, case: &serde_json::Value) -> Vec<u8> {
+    let mut go = |_: &latent_gen::pipeline::Step<'_>| Ok(Control::Continue);
+    pollster::block_on(sd.generate(&request(case), &mut go)).unwrap().rgba
+}
+
+/// GGUF files as stable-diffusion.cpp writes them (original names; quantized matrices, f16 and f32 others;
+/// written by gguf-py): q8_0 and q4_0 blocks go to the GPU as they are, q4_1 / q5_0 / q5_1 become q8_0, and
+/// the images equal the f32 pipeline on the same weights dequantized by candle. The quantized load takes less
+/// GPU memory than the f32 one.
+#[test]
+fn gguf_checkpoints_match_their_dequantized_weights() {
+    use latent_gen::weights::gguf::Gguf;
+    for (file, model, min_db) in [("sd1-tiny-q8_0.gguf", "sd1-tiny", 40.0), ("sd2-tiny-mixed.gguf", "sd2-tiny", 30.0)] {
+        // A context of its own, so that its memory counter sees this test's models only.
+        let ctx = pollster::block_on(GpuContext::new()).unwrap();
+        let path = fixtures().join("formats").join(file);
+        let config = || Some(Box::new(DirSource(fixtures().join("models").join(model))) as Box<dyn ModelSource>);
+        let case = pipeline_cases()
+            .into_iter()
+            .find(|c| c["model"] == model && c["file"].as_str().unwrap().contains("_s0_"))
+            .unwrap();
+        let before = ctx.pool_stats().live_bytes;
+        let quantized = Checkpoint::new(Box::new(Gguf::open(&path).unwrap()), config()).unwrap();
+        let sd = StableDiffusion::load(&ctx, &quantized, LoadPolicy::F32).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let q_bytes = ctx.pool_stats().live_bytes - before;
+        let got = image(&sd, &case);
+        drop(sd);
+        let before = ctx.pool_stats().live_bytes;
+        let reference = Checkpoint::new(Box::new(Dequantized(Gguf::open(&path).unwrap())), config()).unwrap();
+        let sd = StableDiffusion::load(&ctx, &reference, LoadPolicy::F32).unwrap();
+        let f_bytes = ctx.pool_stats().live_bytes - before;
+        let want = image(&sd, &case);
+        let db = psnr(&got, &want);
+        println!("{file}: PSNR {db:.1} dB against its dequantized weights; GPU weights {q_bytes} vs {f_bytes} bytes");
+        assert!(db >= min_db, "{file}: PSNR {db:.1} dB < {min_db}");
+        assert!(q_bytes < f_bytes, "{file}: the quantized model takes {q_bytes} bytes, f32 {f_bytes}");
+    }
+}
+
+/// Without --config, a single file's configs are read off its tensor shapes: everything but what shapes can't
+/// tell (heads, group counts) equals the folder's config.
+#[test]
+fn single_file_configs_are_read_off_the_shapes() {
+    for (model, family) in [("sd1-tiny", Family::Sd1), ("sd2-tiny", Family::Sd2)] {
+        let file = fixtures().join("formats").join(format!("{model}.safetensors"));
+        let ck = Checkpoint::open(&file, None).unwrap();
+        assert_eq!(ck.family(), family);
+        let derived = |part: &str| -> serde_json::Value {
+            serde_json::from_str(&ck.text(&format!("{part}/config.json")).unwrap()).unwrap()
+        };
+        let folder = |part: &str| -> serde_json::Value {
+            serde_json::from_str(
+                &std::fs::read_to_string(fixtures().join("models").join(model).join(part).join("config.json")).unwrap(),
+            )
+            .unwrap()
+        };
+        let (du, fu) = (derived("unet"), folder("unet"));
+        for key in [
+            "in_channels",
+            "out_channels",
+            "block_out_channels",
+            "down_block_types",
+            "up_block_types",
+            "layers_per_block",
+            "cross_attention_dim",
+            "use_linear_projection",
+            "transformer_layers_per_block",
+        ] {
+            assert_eq!(du[key], fu[key], "{model} unet {key}");
+        }
+        let (dv, fv) = (derived("vae"), folder("vae"));
+        for key in ["in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels"] {
+            assert_eq!(dv[key], fv[key], "{model} vae {key}");
+        }
+        // The tiny text encoders are 16 wide: no CLIP or OpenCLIP head layout fits, so --config is required.
+        let e = ck.text("text_encoder/config.json").unwrap_err().to_string();
+        assert!(e.contains("--config"), "{e}");
+        let sched: serde_json::Value =
+            serde_json::from_str(&ck.text("scheduler/scheduler_config.json").unwrap()).unwrap();
+        let want = if family == Family::Sd2 { "v_prediction" } else { "epsilon" };
+        assert_eq!(sched["prediction_type"], want);
+    }
+}
+
+/// Files we don't run are refused with what they are.
+#[test]
+fn foreign_checkpoints_are_named() {
+    let names = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+    let cases = [
+        (
+            names(&[
+                "conditioner.embedders.0.transformer.text_model.x",
+                "model.diffusion_model.input_blocks.0.0.weight",
+            ]),
+            "SDXL",
+        ),
+        (names(&["model.diffusion_model.joint_blocks.0.x"]), "Stable Diffusion 3"),
+        (names(&["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"]), "Flux"),
+        (names(&["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]), "LoRA"),
+        (names(&["foo.weight"]), "not a Stable Diffusion checkpoint"),
+        (names(&["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.x"]), "no VAE"),
+    ];
+    for (keys, want) in cases {
+        let e = latent_gen::checkpoint::refuse_foreign(&keys, "x.safetensors").unwrap_err().to_string();
+        assert!(e.contains(want), "{keys:?}: {e}");
     }
 }
 

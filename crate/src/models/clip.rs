@@ -63,7 +63,8 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Loads `text_model.*` from a transformers checkpoint.
+    /// Loads `text_model.*` from a transformers checkpoint, or the same names without the `text_model.`
+    /// prefix (as transformers 5 saves a `CLIPTextModel`; it loads both).
     pub fn load(w: &Weights, config: ClipConfig) -> Result<Self> {
         let act = match config.hidden_act.as_str() {
             "quick_gelu" => Activation::QuickGelu,
@@ -74,7 +75,9 @@ impl ClipTextModel {
         if heads == 0 || !d.is_multiple_of(heads) {
             return Err(Error::Invalid(format!("text encoder: {heads} heads do not divide hidden size {d}")));
         }
-        let w = w.pp("text_model");
+        let unprefixed = !w.contains("text_model.embeddings.token_embedding.weight")
+            && w.contains("embeddings.token_embedding.weight");
+        let w = if unprefixed { w.clone() } else { w.pp("text_model") };
         let emb = w.pp("embeddings");
         let layers = (0..config.num_hidden_layers)
             .map(|i| {

@@ -2,9 +2,13 @@
 //! shape the model expects, converted to the load policy's dtypes and uploaded. A missing or mis-shaped
 //! tensor is an error naming the tensor, the expected and the found shape.
 
+pub mod gguf;
+pub mod original;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use candle_core::quantized::GgmlDType;
 use safetensors::{Dtype, tensor::Metadata};
 
 use crate::error::{Error, Result};
@@ -58,26 +62,58 @@ impl LoadPolicy {
     }
 }
 
+/// How a file stores a tensor's values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostDType {
+    F32,
+    F16,
+    BF16,
+    /// GGML blocks (GGUF files): q8_0, q4_0, q4_1, q5_0, q5_1 ...
+    Ggml(GgmlDType),
+    /// Anything else a safetensors file may hold (integers, f64 ...): not a weight we load.
+    Other(Dtype),
+}
+
+impl From<Dtype> for HostDType {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => HostDType::F32,
+            Dtype::F16 => HostDType::F16,
+            Dtype::BF16 => HostDType::BF16,
+            d => HostDType::Other(d),
+        }
+    }
+}
+
 /// A tensor as stored in a file (or made up, for benchmarks).
 #[derive(Clone, Debug)]
 pub struct HostTensor<'a> {
-    pub dtype: Dtype,
+    pub dtype: HostDType,
     pub shape: Cow<'a, [usize]>,
     pub data: Cow<'a, [u8]>,
 }
 
 impl HostTensor<'_> {
-    /// The values as f32 (f32, f16 and bf16 files).
+    /// The values as f32 (f32, f16 and bf16 files; GGML blocks dequantized by candle).
     pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
         Ok(match self.dtype {
-            Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&self.data),
-            Dtype::F16 => {
+            HostDType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&self.data),
+            HostDType::F16 => {
                 bytemuck::pod_collect_to_vec::<u8, half::f16>(&self.data).iter().map(|v| v.to_f32()).collect()
             }
-            Dtype::BF16 => {
+            HostDType::BF16 => {
                 bytemuck::pod_collect_to_vec::<u8, half::bf16>(&self.data).iter().map(|v| v.to_f32()).collect()
             }
-            d => return Err(Error::Invalid(format!("tensor {name} is {d:?}; weights must be f32, f16 or bf16"))),
+            HostDType::Ggml(g) => {
+                let bad = |e: candle_core::Error| Error::Invalid(format!("tensor {name} ({g:?} blocks): {e}"));
+                let cpu = candle_core::Device::Cpu;
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(g, &self.data, self.shape.to_vec(), &cpu)
+                    .map_err(bad)?;
+                q.dequantize(&cpu).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).map_err(bad)?
+            }
+            HostDType::Other(d) => {
+                return Err(Error::Invalid(format!("tensor {name} is {d:?}; weights must be f32, f16 or bf16")));
+            }
         })
     }
 }
@@ -93,6 +129,14 @@ pub trait TensorSource {
     }
     /// What the source is, for error messages (e.g. the file's path).
     fn label(&self) -> String;
+    /// The shape of `name`, if present, without reading its data.
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensor(name).map(|t| t.shape.to_vec())
+    }
+    /// Every tensor's name (empty for sources that make tensors up).
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The bytes of a safetensors file, memory-mapped or owned.
@@ -153,7 +197,7 @@ impl TensorSource for Safetensors {
         let info = self.metadata.info(name)?;
         let (a, b) = info.data_offsets;
         Some(HostTensor {
-            dtype: info.dtype,
+            dtype: info.dtype.into(),
             shape: Cow::Borrowed(&info.shape),
             data: Cow::Borrowed(&self.bytes.as_ref()[self.data_start + a..self.data_start + b]),
         })
@@ -161,6 +205,14 @@ impl TensorSource for Safetensors {
 
     fn label(&self) -> String {
         self.label.clone()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.metadata.info(name).map(|i| i.shape.clone())
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.metadata.tensors().into_keys().collect()
     }
 }
 
@@ -217,7 +269,7 @@ impl TensorSource for RangedSafetensors {
         let (a, b) = info.data_offsets;
         match (self.read)(self.data_start + a as u64, b - a) {
             Ok(data) => {
-                Some(HostTensor { dtype: info.dtype, shape: Cow::Borrowed(&info.shape), data: Cow::Owned(data) })
+                Some(HostTensor { dtype: info.dtype.into(), shape: Cow::Borrowed(&info.shape), data: Cow::Owned(data) })
             }
             Err(e) => {
                 log::error!("reading {name} from {}: {e}", self.label);
@@ -228,6 +280,14 @@ impl TensorSource for RangedSafetensors {
 
     fn label(&self) -> String {
         self.label.clone()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.metadata.info(name).map(|i| i.shape.clone())
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.metadata.tensors().into_keys().collect()
     }
 }
 
@@ -270,12 +330,12 @@ impl<'a> Weights<'a> {
 
     /// Whether the tensor `name` exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.src.tensor(&self.full(name)).is_some()
+        self.src.shape(&self.full(name)).is_some()
     }
 
     /// The shape of `name` in the file, if present.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        self.src.tensor(&self.full(name)).map(|t| t.shape.to_vec())
+        self.src.shape(&self.full(name))
     }
 
     /// The tensor `name`, which must have `shape`, uploaded for `role`.
@@ -292,7 +352,27 @@ impl<'a> Weights<'a> {
             )));
         }
         let row: usize = shape.iter().skip(1).product();
+        let matrix = matches!(role, Role::Linear | Role::Conv);
+        let gpu_shape = |dtype: DType| -> Vec<usize> {
+            if role == Role::Conv && dtype.is_quantized() { vec![shape[0], row] } else { shape.to_vec() }
+        };
+        // GGML blocks our kernels read (q8_0, q4_0) go to the GPU as they are, whatever the policy says.
+        if let HostDType::Ggml(g) = host.dtype {
+            let native = match g {
+                GgmlDType::Q8_0 => Some(DType::Q8_0),
+                GgmlDType::Q4_0 => Some(DType::Q4_0),
+                _ => None,
+            };
+            if let Some(q) = native.filter(|_| matrix && row.is_multiple_of(QBLOCK)) {
+                return Tensor::from_ggml(self.ctx, &gpu_shape(q), q, &host.data);
+            }
+        }
         let mut dtype = self.policy.dtype_for(role, row);
+        // Other block types (q4_1, q5_0, q5_1 ...) become q8_0, which keeps their precision, unless the
+        // policy asks for a quantized dtype of its own.
+        if matches!(host.dtype, HostDType::Ggml(_)) && matrix && !dtype.is_quantized() && row.is_multiple_of(QBLOCK) {
+            dtype = DType::Q8_0;
+        }
         // A weight too large for one f32 binding (CLIP's token table on 128 MiB adapters) is kept in f16,
         // which every kernel reads without shader-f16.
         let limits = self.ctx.summary();
@@ -303,13 +383,11 @@ impl<'a> Weights<'a> {
             dtype = DType::F16;
         }
         // f16 on disk going to f16 on the GPU is copied as is.
-        if dtype == DType::F16 && host.dtype == Dtype::F16 {
+        if dtype == DType::F16 && host.dtype == HostDType::F16 {
             return Tensor::from_bytes(self.ctx, shape, dtype, &host.data);
         }
         let data = host.to_f32(&full)?;
-        let gpu_shape: Vec<usize> =
-            if role == Role::Conv && dtype.is_quantized() { vec![shape[0], row] } else { shape.to_vec() };
-        Tensor::from_f32_as(self.ctx, &gpu_shape, &data, dtype)
+        Tensor::from_f32_as(self.ctx, &gpu_shape(dtype), &data, dtype)
     }
 
     /// The tensor `name` as f32 on the CPU (small tensors the CPU side needs, e.g. to check a config).
@@ -354,7 +432,7 @@ impl TensorSource for RandomWeights {
             rng.uniform(n, -bound, bound).into_iter().map(half::f16::from_f32).collect()
         };
         Some(HostTensor {
-            dtype: Dtype::F16,
+            dtype: HostDType::F16,
             shape: Cow::Owned(shape.to_vec()),
             data: Cow::Owned(bytemuck::cast_slice(&data).to_vec()),
         })
