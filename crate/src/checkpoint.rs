@@ -4,6 +4,8 @@
 //! (SD 1.x or SD 2.x, block widths, layer counts ...) or taken from a diffusers folder (`--config`, as
 //! diffusers' `from_single_file(config=...)`). The CLIP BPE vocabulary ships with us.
 
+use std::collections::HashMap;
+
 use serde_json::json;
 
 use crate::error::{Error, Result};
@@ -43,6 +45,8 @@ pub struct Checkpoint {
     mapping: Mapping,
     family: Family,
     config: Option<Box<dyn ModelSource>>,
+    /// Files a converted GGUF carries in its metadata (`latent_gen.file.*`), used where `config` has none.
+    embedded: HashMap<String, String>,
 }
 
 impl Checkpoint {
@@ -65,7 +69,13 @@ impl Checkpoint {
             let some: Vec<&str> = mapping.unknown.iter().take(5).map(String::as_str).collect();
             log::warn!("{label}: {n} tensors have no diffusers name and are not loaded, e.g. {}", some.join(", "));
         }
-        Ok(Self { file, mapping, family, config })
+        Ok(Self { file, mapping, family, config, embedded: HashMap::new() })
+    }
+
+    /// The same with the diffusers files a converted GGUF carries (see [`crate::weights::gguf::Gguf::embedded_files`]).
+    pub fn with_embedded(mut self, files: HashMap<String, String>) -> Self {
+        self.embedded = files;
+        self
     }
 
     /// A file the checkpoint lacks, read off its tensors: configs, the shipped CLIP tokenizer, the scheduler.
@@ -90,13 +100,13 @@ impl Checkpoint {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn open(path: &std::path::Path, config: Option<&std::path::Path>) -> Result<Self> {
         let gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-        let file: Box<dyn TensorSource> = if gguf {
-            Box::new(crate::weights::gguf::Gguf::open(path)?)
-        } else {
-            Box::new(crate::weights::Safetensors::open(path)?)
-        };
         let config = config.map(|c| Box::new(crate::pipeline::DirSource(c.to_path_buf())) as Box<dyn ModelSource>);
-        Self::new(file, config)
+        if gguf {
+            let file = crate::weights::gguf::Gguf::open(path)?;
+            let embedded = file.embedded_files();
+            return Ok(Self::new(Box::new(file), config)?.with_embedded(embedded));
+        }
+        Self::new(Box::new(crate::weights::Safetensors::open(path)?), config)
     }
 
     pub fn family(&self) -> Family {
@@ -296,11 +306,15 @@ impl ModelSource for Checkpoint {
         if let Some(c) = self.config.as_ref().filter(|c| c.exists(path)) {
             return c.text(path);
         }
+        if let Some(text) = self.embedded.get(path) {
+            return Ok(text.clone());
+        }
         self.derived(path).unwrap_or_else(|| Err(Error::Invalid(format!("the checkpoint has no {path}"))))
     }
 
     fn exists(&self, path: &str) -> bool {
         WEIGHT_FILES.iter().any(|(p, _)| *p == path)
+            || self.embedded.contains_key(path)
             || self.derived(path).is_some()
             || self.config.as_ref().is_some_and(|c| c.exists(path))
     }

@@ -26,6 +26,9 @@ mod cli {
     enum Command {
         /// Generate an image from a prompt.
         Generate(Generate),
+        /// Write a model (diffusers folder, single file or GGUF) as one GGUF file in stable-diffusion.cpp's
+        /// layout and names, quantized, with our configs in its metadata.
+        Convert(Convert),
         /// Print the GPU adapter, its limits and features.
         Info,
         /// Benchmarks.
@@ -122,6 +125,23 @@ mod cli {
         cpu: bool,
     }
 
+    #[derive(clap::Args)]
+    struct Convert {
+        /// A diffusers folder, a single-file .safetensors checkpoint or a .gguf.
+        #[arg(long)]
+        model: PathBuf,
+        /// For a single-file model: a diffusers folder with its configs, tokenizer and scheduler.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Linear weights (matrices whose rows are multiples of 32) in q8_0 or q4_0; other matrices are f16,
+        /// vectors f32. f16 writes every matrix in f16.
+        #[arg(long, value_enum)]
+        weights: WeightType,
+        /// The .gguf to write (written next to it as .partial first, renamed when complete).
+        #[arg(long)]
+        out: PathBuf,
+    }
+
     #[derive(Subcommand)]
     enum Bench {
         /// Time each kernel at Stable Diffusion 1.5's shapes (512x512, CFG batch 2).
@@ -171,6 +191,7 @@ mod cli {
                 let ctx = if g.cpu { GpuContext::cpu() } else { gpu_or_cpu().await? };
                 generate(&ctx, g).await
             }
+            Command::Convert(c) => convert(c),
             Command::Info => {
                 println!("{}", GpuContext::new().await?.summary());
                 Ok(())
@@ -227,6 +248,50 @@ mod cli {
         }
     }
 
+    fn convert(c: Convert) -> Result<(), Box<dyn std::error::Error>> {
+        let src = latent_gen::pipeline::open_model(&c.model, c.config.as_deref())?;
+        let partial = c.out.with_extension("gguf.partial");
+        let file = std::fs::File::create(&partial).map_err(|e| format!("creating {}: {e}", partial.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        let start = Instant::now();
+        let mut last = Instant::now();
+        let mut progress = |done: usize, total: usize| {
+            if last.elapsed().as_millis() > 500 || done == total {
+                eprint!("\rconverting: {done}/{total} tensors");
+                last = Instant::now();
+            }
+        };
+        let result = latent_gen::convert::convert(src.as_ref(), weight_dtype(c.weights), &mut out, &mut progress)
+            .and_then(|r| {
+                use std::io::Write;
+                out.flush().map_err(|e| latent_gen::Error::Invalid(format!("writing {}: {e}", partial.display())))?;
+                Ok(r)
+            });
+        eprintln!();
+        let report = match result {
+            Ok(r) => r,
+            Err(e) => {
+                drop(out);
+                let _ = std::fs::remove_file(&partial);
+                return Err(e.into());
+            }
+        };
+        std::fs::rename(&partial, &c.out).map_err(|e| format!("renaming to {}: {e}", c.out.display()))?;
+        let kinds: Vec<String> = report.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
+        println!(
+            "wrote {} ({} tensors: {}; {:.1} MB) in {:.1} s",
+            c.out.display(),
+            report.tensors,
+            kinds.join(", "),
+            report.bytes as f64 / 1e6,
+            start.elapsed().as_secs_f64()
+        );
+        if !report.skipped.is_empty() {
+            println!("left out (not weights): {}", report.skipped.join(", "));
+        }
+        Ok(())
+    }
+
     fn weight_dtype(w: WeightType) -> DType {
         match w {
             WeightType::F32 => DType::F32,
@@ -262,7 +327,9 @@ mod cli {
             height: g.height,
             scheduler: g.scheduler,
         };
-        let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        // A folder's name, or a checkpoint file's without its extension.
+        let name = if model.is_file() { model.file_stem() } else { model.file_name() };
+        let model_name = name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let Some(batch) = &g.batch else {
             let out = g.out.clone().ok_or("--out is required")?;
             return generate_one(ctx, &sd, &model_name, &base, &out, g.dump_latents.as_deref()).await;

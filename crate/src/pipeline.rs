@@ -123,7 +123,7 @@ impl ModelSource for MemorySource {
 }
 
 /// The weights file of a component: the full-precision name, or the `.fp16` variant repositories ship.
-fn weights_file(src: &dyn ModelSource, dir: &str, stem: &str) -> Result<String> {
+pub(crate) fn weights_file(src: &dyn ModelSource, dir: &str, stem: &str) -> Result<String> {
     for name in [format!("{dir}/{stem}.safetensors"), format!("{dir}/{stem}.fp16.safetensors")] {
         if src.exists(&name) {
             return Ok(name);

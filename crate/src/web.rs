@@ -13,8 +13,8 @@ use crate::pipeline::{Image, MemorySource, ModelSource, Request, StableDiffusion
 use crate::preview::PreviewFactors;
 use crate::selfcheck;
 use crate::weights::LoadPolicy;
+use crate::weights::RangedSafetensors;
 use crate::weights::gguf::Gguf;
-use crate::weights::{RangedSafetensors, TensorSource};
 
 #[wasm_bindgen(start)]
 fn start() {
@@ -232,12 +232,14 @@ impl Engine {
         let sd = match single.filter(|_| !src.exists("unet/config.json")) {
             Some((path, blob)) => {
                 let (size, read) = (blob.size() as u64, blob_reader(blob));
-                let file: Box<dyn TensorSource> = if path.ends_with(".gguf") {
-                    Box::new(Gguf::ranged(read, size, path).map_err(js_err)?)
+                let ck = if path.ends_with(".gguf") {
+                    let file = Gguf::ranged(read, size, path).map_err(js_err)?;
+                    let embedded = file.embedded_files();
+                    Checkpoint::new(Box::new(file), Some(Box::new(src))).map_err(js_err)?.with_embedded(embedded)
                 } else {
-                    Box::new(RangedSafetensors::new(read, size, path).map_err(js_err)?)
+                    let file = RangedSafetensors::new(read, size, path).map_err(js_err)?;
+                    Checkpoint::new(Box::new(file), Some(Box::new(src))).map_err(js_err)?
                 };
-                let ck = Checkpoint::new(file, Some(Box::new(src))).map_err(js_err)?;
                 let sd = StableDiffusion::load(&self.inner.ctx, &ck, policy).map_err(js_err)?;
                 src = MemorySource::new();
                 if let Ok(text) = ck.text("preview.json") {

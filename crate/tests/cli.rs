@@ -206,6 +206,68 @@ fn the_default_model_draws_the_prompted_scene() {
     }
 }
 
+/// `convert` writes the bundled model as one q4_0 GGUF (stable-diffusion.cpp's names, our configs in its
+/// metadata), about half the folder's size, that generates on its own and still draws what it is asked.
+#[test]
+fn converted_gguf_models_draw_the_prompted_scene() {
+    let dir = std::env::temp_dir().join(format!("latent-gen-cli-convert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gguf = dir.join("tiny-shapes-q4_0.gguf");
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../www/models/tiny-shapes");
+    let o = latent_gen(&[
+        "convert",
+        "--model",
+        model.to_str().unwrap(),
+        "--weights",
+        "q4_0",
+        "--out",
+        gguf.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("Q4_0") && stdout.contains("F16"), "{stdout}");
+    let size = std::fs::metadata(&gguf).unwrap().len();
+    let folder: u64 = [
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    .iter()
+    .map(|f| std::fs::metadata(model.join(f)).unwrap().len())
+    .sum();
+    assert!(size * 10 < folder * 6, "{size} bytes for a {folder}-byte f16 model");
+    assert!(!dir.join("tiny-shapes-q4_0.gguf.partial").exists());
+
+    let out = dir.join("q4.png");
+    let prompt = "a large yellow circle on a blue background";
+    let o = latent_gen(&[
+        "generate",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--seed",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (rgba, _, _, text) = read_png(&out);
+    assert!(text.contains("Model: tiny-shapes-q4_0"), "{text}");
+    let (bg, obj, n) = scene(&rgba);
+    assert!(bg[2] > bg[0] + 60.0, "background {bg:?}");
+    assert!(n >= 100 && obj[0] > obj[2] + 60.0, "object {obj:?} ({n} pixels)");
+
+    // A failed conversion leaves nothing behind.
+    let bad = dir.join("bad.gguf");
+    let o =
+        latent_gen(&["convert", "--model", dir.to_str().unwrap(), "--weights", "q8_0", "--out", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a diffusers model folder"));
+    assert!(!bad.exists() && !dir.join("bad.gguf.partial").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// --batch loads the model once and gives each line the image a single run gives; bad lines name themselves.
 #[test]
 fn batch_generation_equals_single_runs() {

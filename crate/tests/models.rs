@@ -406,6 +406,53 @@ fn gguf_checkpoints_match_their_dequantized_weights() {
     }
 }
 
+/// `convert` writes whole models: a GGUF converted from a folder or a single file loads with no --config (its
+/// configs travel in the metadata) and gives exactly what the source gives with the same weight types (f16
+/// matrices, f32 vectors); q8_0 stays close to diffusers' f32 images.
+#[test]
+fn converted_gguf_files_equal_their_sources() {
+    use latent_gen::convert::convert;
+    use latent_gen::gpu::DType;
+    let ctx = context();
+    let dir = std::env::temp_dir().join(format!("latent-gen-convert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f16 = LoadPolicy { act: DType::F32, weights: DType::F16 };
+    let case = |model: &str| {
+        pipeline_cases()
+            .into_iter()
+            .find(|c| c["model"] == model && c["file"].as_str().unwrap().contains("_s0_"))
+            .unwrap()
+    };
+    for (model, source) in [
+        ("sd1-tiny", fixtures().join("models/sd1-tiny")),
+        ("sd2-tiny", fixtures().join("formats/sd2-tiny.safetensors")),
+    ] {
+        let config = fixtures().join("models").join(model);
+        let src = latent_gen::pipeline::open_model(&source, source.is_file().then_some(config.as_path())).unwrap();
+        for weights in [DType::F16, DType::Q8_0] {
+            let path = dir.join(format!("{model}-{weights}.gguf"));
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+            let report = convert(src.as_ref(), weights, &mut out, &mut |_, _| {}).unwrap();
+            drop(out);
+            assert!(report.tensors > 300, "{report:?}");
+            let sd = StableDiffusion::load_path(&ctx, &path, None, LoadPolicy::F32)
+                .unwrap_or_else(|e| panic!("{model}: {e}"));
+            let got = image(&sd, &case(model));
+            if weights == DType::F16 {
+                let reference = StableDiffusion::load(&ctx, src.as_ref(), f16).unwrap();
+                assert!(got == image(&reference, &case(model)), "{model}: the f16 GGUF differs from its source");
+            } else {
+                let refs = Refs::open(case(model)["file"].as_str().unwrap());
+                let rgb: Vec<u8> = got.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
+                let db = psnr(&rgb, &refs.host("image").data);
+                println!("{model} q8_0 GGUF: PSNR {db:.1} dB against diffusers (f32)");
+                assert!(db >= 30.0, "{model} q8_0: PSNR {db:.1} dB");
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Without --config, a single file's configs are read off its tensor shapes: everything but what shapes can't
 /// tell (heads, group counts) equals the folder's config.
 #[test]

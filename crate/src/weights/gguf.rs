@@ -190,3 +190,150 @@ impl TensorSource for Gguf {
         self.label.clone()
     }
 }
+
+/// GGUF's type ids (ggml.h's `ggml_type`) for the block types we write.
+fn ggml_type_id(d: GgmlDType) -> Result<u32> {
+    Ok(match d {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::BF16 => 30,
+        d => return Err(Error::Invalid(format!("writing {d:?} tensors to GGUF is not supported"))),
+    })
+}
+
+/// The metadata key under which a converted model keeps one of its diffusers files (configs, tokenizer,
+/// scheduler, preview factors), e.g. `latent_gen.file.unet/config.json`.
+pub const EMBEDDED_FILE: &str = "latent_gen.file.";
+
+/// One tensor a [`write`] call lays out: its name, row-major shape and block type.
+pub struct TensorPlan {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: GgmlDType,
+}
+
+impl TensorPlan {
+    /// Bytes of its data.
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() / self.dtype.block_size() * self.dtype.type_size()
+    }
+}
+
+const ALIGNMENT: usize = 32;
+
+/// Writes a GGUF v3 file: string metadata, then every tensor's data as `data(i)` produces it, one tensor at a
+/// time (candle's writer holds every tensor in memory at once; this one holds one). Returns the bytes written.
+pub fn write(
+    w: &mut impl std::io::Write,
+    metadata: &[(String, String)],
+    tensors: &[TensorPlan],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<u64> {
+    let io = |e: std::io::Error| Error::Invalid(format!("writing the GGUF file: {e}"));
+    let mut head: Vec<u8> = Vec::new();
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    head.extend(b"GGUF");
+    head.extend(3u32.to_le_bytes());
+    head.extend((tensors.len() as u64).to_le_bytes());
+    head.extend((metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        string(&mut head, k);
+        head.extend(8u32.to_le_bytes()); // GGUF_TYPE_STRING
+        string(&mut head, v);
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        let block = t.dtype.block_size();
+        if t.shape.last().is_none_or(|d| d % block != 0) {
+            return Err(Error::Invalid(format!(
+                "{}: rows of {:?} are not whole {:?} blocks",
+                t.name, t.shape, t.dtype
+            )));
+        }
+        string(&mut head, &t.name);
+        head.extend((t.shape.len() as u32).to_le_bytes());
+        for d in t.shape.iter().rev() {
+            head.extend((*d as u64).to_le_bytes());
+        }
+        head.extend(ggml_type_id(t.dtype)?.to_le_bytes());
+        head.extend((offset as u64).to_le_bytes());
+        offset += t.bytes().div_ceil(ALIGNMENT) * ALIGNMENT;
+    }
+    head.resize(head.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+    w.write_all(&head).map_err(io)?;
+    let mut written = head.len() as u64;
+    for (i, t) in tensors.iter().enumerate() {
+        let mut bytes = data(i)?;
+        if bytes.len() != t.bytes() {
+            return Err(Error::Invalid(format!(
+                "{}: {} bytes of data for {} in {:?}",
+                t.name,
+                bytes.len(),
+                t.bytes(),
+                t.dtype
+            )));
+        }
+        bytes.resize(bytes.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+        w.write_all(&bytes).map_err(io)?;
+        written += bytes.len() as u64;
+    }
+    Ok(written)
+}
+
+impl Gguf {
+    /// The diffusers files a converted model carries in its metadata ([`EMBEDDED_FILE`]), by path.
+    pub fn embedded_files(&self) -> HashMap<String, String> {
+        self.metadata
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(EMBEDDED_FILE)?.to_string(), v.to_string().ok()?.clone())))
+            .collect()
+    }
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+
+    /// What `write` writes, candle's reader reads: metadata, shapes (row-major), types, offsets, bytes.
+    #[test]
+    fn written_files_read_back_with_candle() {
+        let tensors = vec![
+            TensorPlan { name: "a".into(), shape: vec![2, 32], dtype: GgmlDType::Q8_0 },
+            TensorPlan { name: "b".into(), shape: vec![3], dtype: GgmlDType::F32 },
+            TensorPlan { name: "c".into(), shape: vec![4, 2, 3, 3], dtype: GgmlDType::F16 },
+        ];
+        let payload = |i: usize| -> Vec<u8> { (0..tensors[i].bytes()).map(|b| (b * 7 + i) as u8).collect() };
+        let meta = vec![(format!("{EMBEDDED_FILE}unet/config.json"), "{\"x\": 1}".to_string())];
+        let mut out = Vec::new();
+        let n = write(&mut out, &meta, &tensors, |i| Ok(payload(i))).unwrap();
+        assert_eq!(n as usize, out.len());
+        let g = Gguf::new(Bytes::Owned(out), "t.gguf").unwrap();
+        assert_eq!(g.embedded_files().get("unet/config.json").map(String::as_str), Some("{\"x\": 1}"));
+        for (i, t) in tensors.iter().enumerate() {
+            let h = g.tensor(&t.name).unwrap();
+            assert_eq!(*h.shape, t.shape[..], "{}", t.name);
+            assert_eq!(h.dtype, host_dtype(t.dtype));
+            assert_eq!(*h.data, payload(i)[..], "{}", t.name);
+        }
+        let bad = [TensorPlan { name: "q".into(), shape: vec![3, 3], dtype: GgmlDType::Q4_0 }];
+        assert!(write(&mut Vec::new(), &[], &bad, |_| Ok(vec![])).is_err());
+    }
+
+    #[test]
+    fn truncated_files_are_refused() {
+        let tensors = vec![TensorPlan { name: "a".into(), shape: vec![64], dtype: GgmlDType::F32 }];
+        let mut out = Vec::new();
+        write(&mut out, &[], &tensors, |_| Ok(vec![0; 256])).unwrap();
+        out.truncate(out.len() - 100);
+        let e = Gguf::new(Bytes::Owned(out), "cut.gguf").err().unwrap().to_string();
+        assert!(e.contains("cut.gguf") && e.contains("truncated"), "{e}");
+    }
+}
