@@ -72,7 +72,8 @@ impl Checkpoint {
         Ok(Self { file, mapping, family, config, embedded: HashMap::new() })
     }
 
-    /// The same with the diffusers files a converted GGUF carries (see [`crate::weights::gguf::Gguf::embedded_files`]).
+    /// The same with the diffusers files a converted file carries in its metadata
+    /// ([`crate::weights::EMBEDDED_FILE`]).
     pub fn with_embedded(mut self, files: HashMap<String, String>) -> Self {
         self.embedded = files;
         self
@@ -106,7 +107,9 @@ impl Checkpoint {
             let embedded = file.embedded_files();
             return Ok(Self::new(Box::new(file), config)?.with_embedded(embedded));
         }
-        Self::new(Box::new(crate::weights::Safetensors::open(path)?), config)
+        let file = crate::weights::Safetensors::open(path)?;
+        let embedded = file.embedded_files();
+        Ok(Self::new(Box::new(file), config)?.with_embedded(embedded))
     }
 
     pub fn family(&self) -> Family {

@@ -1,5 +1,5 @@
 //! `latent-gen convert`: any model we load (diffusers folder, single file, GGUF) written as one GGUF file in
-//! stable-diffusion.cpp's layout and names: the original SD tensor names (CLIP names under
+//! stable-diffusion.cpp's layout and names (or as a single-file `.safetensors` checkpoint with the same names): the original SD tensor names (CLIP names under
 //! `cond_stage_model.transformer.`, as sd.cpp keeps them for SD 1.x and 2.x), matrices whose rows are whole
 //! blocks of 32 quantized, other matrices f16, vectors f32. Our configs, scheduler, preview factors (and a
 //! tokenizer that differs from CLIP's) go into the metadata, so the file alone is a whole model for us.
@@ -15,7 +15,8 @@ use crate::models::vae::VaeConfig;
 use crate::pipeline::{ModelSource, weights_file};
 use crate::weights::gguf::{self, EMBEDDED_FILE, TensorPlan};
 use crate::weights::original::{Layout, Op, Part, original_name};
-use crate::weights::{HostDType, TensorSource};
+use crate::weights::{HostDType, SafetensorsPlan, TensorSource, write_safetensors};
+use safetensors::Dtype;
 
 /// The diffusers files a converted model carries in its metadata (when the source has them).
 const EMBEDDED: [&str; 8] = [
@@ -74,16 +75,38 @@ fn layout(src: &dyn ModelSource) -> Result<Layout> {
     })
 }
 
-/// Writes `src` as a GGUF file with linear weights in `weights` (q8_0, q4_0 or f16). `progress(done, total)`
-/// runs after each tensor.
+/// The file a conversion writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// stable-diffusion.cpp's GGUF.
+    Gguf,
+    /// A single-file checkpoint as A1111 and ComfyUI read it (f16 matrices, f32 vectors).
+    Safetensors,
+}
+
+impl Format {
+    /// The format a file name asks for.
+    pub fn from_path(path: &std::path::Path) -> Result<Self> {
+        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("gguf") => Ok(Format::Gguf),
+            Some("safetensors") => Ok(Format::Safetensors),
+            _ => Err(Error::Invalid(format!("{}: write a .gguf or a .safetensors file", path.display()))),
+        }
+    }
+}
+
+/// Writes `src` in `format` with linear weights in `weights` (q8_0, q4_0 or f16; safetensors: f16).
+/// `progress(done, total)` runs after each tensor.
 pub fn convert(
     src: &dyn ModelSource,
+    format: Format,
     weights: DType,
     out: &mut impl std::io::Write,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Report> {
-    if weights == DType::F32 {
-        return Err(Error::Invalid("convert writes q8_0, q4_0 or f16 weights".into()));
+    if weights == DType::F32 || (format == Format::Safetensors && weights != DType::F16) {
+        let allowed = if format == Format::Gguf { "q8_0, q4_0 or f16" } else { "f16" };
+        return Err(Error::Invalid(format!("{format:?} files are written with {allowed} weights")));
     }
     let layout = layout(src)?;
     let parts = [
@@ -126,7 +149,7 @@ pub fn convert(
     }
     embed_tokenizer(src, &mut metadata)?;
     let total = tensors.len();
-    report.bytes = gguf::write(out, &metadata, &tensors, |k| {
+    let mut tensor_data = |k: usize| -> Result<Vec<u8>> {
         let (i, d, _) = &plan[k];
         let t = &tensors[k];
         let host = sources[*i].tensor(d).ok_or_else(|| Error::Invalid(format!("{d} could not be read")))?;
@@ -143,7 +166,23 @@ pub fn convert(
         };
         progress(k + 1, total);
         Ok(bytes)
-    })?;
+    };
+    report.bytes = match format {
+        Format::Gguf => gguf::write(out, &metadata, &tensors, tensor_data)?,
+        Format::Safetensors => {
+            let plans: Vec<SafetensorsPlan> = tensors
+                .iter()
+                .map(|t| SafetensorsPlan {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    dtype: if t.dtype == GgmlDType::F32 { Dtype::F32 } else { Dtype::F16 },
+                })
+                .collect();
+            let metadata: std::collections::HashMap<String, String> =
+                [("format".to_string(), "pt".to_string())].into_iter().chain(metadata).collect();
+            write_safetensors(out, &metadata, &plans, &mut tensor_data)?
+        }
+    };
     report.tensors = total;
     for t in &tensors {
         let name = format!("{:?}", t.dtype).to_uppercase();

@@ -27,7 +27,7 @@ mod cli {
         /// Generate an image from a prompt.
         Generate(Generate),
         /// Write a model (diffusers folder, single file or GGUF) as one GGUF file in stable-diffusion.cpp's
-        /// layout and names, quantized, with our configs in its metadata.
+        /// layout and names, quantized, with our configs in its metadata (or as a single-file .safetensors).
         Convert(Convert),
         /// Print the GPU adapter, its limits and features.
         Info,
@@ -137,7 +137,8 @@ mod cli {
         /// vectors f32. f16 writes every matrix in f16.
         #[arg(long, value_enum)]
         weights: WeightType,
-        /// The .gguf to write (written next to it as .partial first, renamed when complete).
+        /// The .gguf (or single-file .safetensors, f16) to write; written as FILE.partial first, renamed when
+        /// complete.
         #[arg(long)]
         out: PathBuf,
     }
@@ -172,6 +173,14 @@ mod cli {
             #[arg(long)]
             json: Option<PathBuf>,
         },
+        /// Write a real-size model with random weights (sd15 or sd-turbo) as an f16 diffusers folder: for
+        /// loading tests at real size without a download.
+        WriteModel {
+            #[arg(long, default_value = "sd15")]
+            arch: latent_gen::bench::Arch,
+            #[arg(long)]
+            out: PathBuf,
+        },
     }
 
     pub fn main() -> ExitCode {
@@ -196,6 +205,7 @@ mod cli {
                 println!("{}", GpuContext::new().await?.summary());
                 Ok(())
             }
+            Command::Bench { what: what @ Bench::WriteModel { .. } } => bench(&GpuContext::cpu(), what).await,
             Command::Bench { what } => bench(&GpuContext::new().await?, what).await,
         }
     }
@@ -214,6 +224,16 @@ mod cli {
 
     async fn bench(ctx: &GpuContext, what: Bench) -> Result<(), Box<dyn std::error::Error>> {
         match what {
+            Bench::WriteModel { arch, out } => {
+                let start = Instant::now();
+                let bytes = latent_gen::bench::write_random_model(arch, &out, |m| eprintln!("{m}"))?;
+                println!(
+                    "wrote {} ({:.2} GB of weights) in {:.1} s",
+                    out.display(),
+                    bytes as f64 / 1e9,
+                    start.elapsed().as_secs_f64()
+                );
+            }
             Bench::Kernels { quick, json, only } => {
                 let s = ctx.summary();
                 println!("adapter: {} ({}, {})", s.name, s.backend, s.device_type);
@@ -249,8 +269,11 @@ mod cli {
     }
 
     fn convert(c: Convert) -> Result<(), Box<dyn std::error::Error>> {
+        let format = latent_gen::convert::Format::from_path(&c.out)?;
         let src = latent_gen::pipeline::open_model(&c.model, c.config.as_deref())?;
-        let partial = c.out.with_extension("gguf.partial");
+        let mut partial = c.out.clone().into_os_string();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
         let file = std::fs::File::create(&partial).map_err(|e| format!("creating {}: {e}", partial.display()))?;
         let mut out = std::io::BufWriter::new(file);
         let start = Instant::now();
@@ -261,12 +284,14 @@ mod cli {
                 last = Instant::now();
             }
         };
-        let result = latent_gen::convert::convert(src.as_ref(), weight_dtype(c.weights), &mut out, &mut progress)
-            .and_then(|r| {
-                use std::io::Write;
-                out.flush().map_err(|e| latent_gen::Error::Invalid(format!("writing {}: {e}", partial.display())))?;
-                Ok(r)
-            });
+        let result =
+            latent_gen::convert::convert(src.as_ref(), format, weight_dtype(c.weights), &mut out, &mut progress)
+                .and_then(|r| {
+                    use std::io::Write;
+                    out.flush()
+                        .map_err(|e| latent_gen::Error::Invalid(format!("writing {}: {e}", partial.display())))?;
+                    Ok(r)
+                });
         eprintln!();
         let report = match result {
             Ok(r) => r,

@@ -238,7 +238,8 @@ impl Engine {
                     Checkpoint::new(Box::new(file), Some(Box::new(src))).map_err(js_err)?.with_embedded(embedded)
                 } else {
                     let file = RangedSafetensors::new(read, size, path).map_err(js_err)?;
-                    Checkpoint::new(Box::new(file), Some(Box::new(src))).map_err(js_err)?
+                    let embedded = file.embedded_files();
+                    Checkpoint::new(Box::new(file), Some(Box::new(src))).map_err(js_err)?.with_embedded(embedded)
                 };
                 let sd = StableDiffusion::load(&self.inner.ctx, &ck, policy).map_err(js_err)?;
                 src = MemorySource::new();

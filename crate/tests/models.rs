@@ -411,7 +411,7 @@ fn gguf_checkpoints_match_their_dequantized_weights() {
 /// matrices, f32 vectors); q8_0 stays close to diffusers' f32 images.
 #[test]
 fn converted_gguf_files_equal_their_sources() {
-    use latent_gen::convert::convert;
+    use latent_gen::convert::{Format, convert};
     use latent_gen::gpu::DType;
     let ctx = context();
     let dir = std::env::temp_dir().join(format!("latent-gen-convert-{}", std::process::id()));
@@ -432,7 +432,7 @@ fn converted_gguf_files_equal_their_sources() {
         for weights in [DType::F16, DType::Q8_0] {
             let path = dir.join(format!("{model}-{weights}.gguf"));
             let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-            let report = convert(src.as_ref(), weights, &mut out, &mut |_, _| {}).unwrap();
+            let report = convert(src.as_ref(), Format::Gguf, weights, &mut out, &mut |_, _| {}).unwrap();
             drop(out);
             assert!(report.tensors > 300, "{report:?}");
             let sd = StableDiffusion::load_path(&ctx, &path, None, LoadPolicy::F32)

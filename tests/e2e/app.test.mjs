@@ -260,3 +260,30 @@ test('a model folder imported from disk generates without any network request fo
   await page.locator('#cached tr[data-model="local-tiny-shapes"]').waitFor({ state: 'detached' });
   await context.close();
 });
+
+test('a checkpoint file (GGUF made by latent-gen convert) imported from disk draws the prompt', { timeout: 600_000 }, async () => {
+  const bin = resolve(root, 'target/debug/latent-gen');
+  if (!existsSync(bin)) await run('cargo', ['build', '--bin', 'latent-gen'], { cwd: root });
+  const gguf = join(await mkdtemp(join(tmpdir(), 'latent-gen-')), 'shapes-q8.gguf');
+  await run(bin, ['convert', '--model', join(root, 'www/models', MODEL), '--weights', 'q8_0', '--out', gguf]);
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
+  const { page, errors } = await openApp(context);
+  await page.locator('#import-file').setInputFiles(gguf);
+  await page.locator('#status', { hasText: /^(Imported|Error)/ }).waitFor({ timeout: 120_000 });
+  assert.match(await page.locator('#status').textContent(), /Imported 1 files as "local-shapes-q8"/, errors.join('\n'));
+  assert.equal(await page.locator('#model').inputValue(), 'local-shapes-q8');
+  await page.fill('#prompt', REQUEST.prompt);
+  await page.selectOption('#seed-mode', 'fixed');
+  await page.fill('#seed', String(REQUEST.seed));
+  await page.fill('#steps', '10');
+  await page.fill('#guidance', String(REQUEST.guidance));
+  await page.click('#generate');
+  await page.locator('#status[data-state="done"], #status[data-state="error"]').waitFor({ timeout: 300_000 });
+  assert.equal(await page.locator('#status').getAttribute('data-state'), 'done', `${await page.locator('#status').textContent()}\n${errors.join('\n')}`);
+  const { bg, obj, count } = scene(await canvasPixels(page));
+  assert.ok(bg[1] > bg[0] + 60 && bg[1] > bg[2] + 60, `green background: ${bg}`);
+  assert.ok(count >= 100 && obj[0] > obj[1] + 60, `red object: ${obj} (${count} pixels)`);
+  assert.deepEqual(await weightRequests(), [], 'nothing was downloaded');
+  await context.close();
+});

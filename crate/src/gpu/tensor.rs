@@ -115,6 +115,32 @@ impl Tensor {
         Ok(t)
     }
 
+    /// Writes `bytes` (already in this tensor's GPU layout) at byte `offset` of its buffer: large weights are
+    /// uploaded in pieces. `offset` must be a multiple of 4; `bytes` is zero-padded to one.
+    pub fn write_at(&self, ctx: &GpuContext, offset: usize, bytes: &[u8]) -> Result<()> {
+        let end = offset + bytes.len().div_ceil(4) * 4;
+        if !offset.is_multiple_of(4) || end as u64 > self.byte_len() {
+            return Err(Error::Invalid(format!(
+                "upload: {} bytes at offset {offset} do not fit a {:?} {} buffer of {} bytes",
+                bytes.len(),
+                self.shape,
+                self.dtype,
+                self.byte_len()
+            )));
+        }
+        // As in from_bytes: commands already recorded may still read this pooled buffer.
+        ctx.flush()?;
+        let queue = &ctx.shared()?.queue;
+        if bytes.len().is_multiple_of(4) {
+            queue.write_buffer(self.gpu_buffer()?, offset as u64, bytes);
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4) * 4, 0);
+            queue.write_buffer(self.gpu_buffer()?, offset as u64, &padded);
+        }
+        Ok(())
+    }
+
     /// Uploads f32 data, converting to `dtype` (f16, or quantized to q8_0/q4_0 blocks with candle).
     pub fn from_f32_as(ctx: &GpuContext, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
         let numel: usize = shape.iter().product();

@@ -186,6 +186,28 @@ impl TensorSource for Gguf {
         self.infos.keys().cloned().collect()
     }
 
+    fn dtype(&self, name: &str) -> Option<HostDType> {
+        self.infos.get(name).map(|i| host_dtype(i.dtype))
+    }
+
+    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
+        let i = self.infos.get(name)?;
+        if range.end > i.len || range.start > range.end {
+            return None;
+        }
+        let start = i.start as usize + range.start;
+        match &self.data {
+            Data::Whole(b) => Some(Cow::Borrowed(&b.as_ref()[start..start + range.len()])),
+            Data::Ranged(read) => match read(start as u64, range.len()) {
+                Ok(d) if d.len() == range.len() => Some(Cow::Owned(d)),
+                _ => {
+                    log::error!("reading {name} from {}: a short or failed read", self.label);
+                    None
+                }
+            },
+        }
+    }
+
     fn label(&self) -> String {
         self.label.clone()
     }
@@ -206,9 +228,7 @@ fn ggml_type_id(d: GgmlDType) -> Result<u32> {
     })
 }
 
-/// The metadata key under which a converted model keeps one of its diffusers files (configs, tokenizer,
-/// scheduler, preview factors), e.g. `latent_gen.file.unet/config.json`.
-pub const EMBEDDED_FILE: &str = "latent_gen.file.";
+pub use super::EMBEDDED_FILE;
 
 /// One tensor a [`write`] call lays out: its name, row-major shape and block type.
 pub struct TensorPlan {

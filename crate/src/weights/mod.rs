@@ -137,6 +137,29 @@ pub trait TensorSource {
     fn names(&self) -> Vec<String> {
         Vec::new()
     }
+    /// How `name` is stored, if present, without reading its data.
+    fn dtype(&self, name: &str) -> Option<HostDType> {
+        self.tensor(name).map(|t| t.dtype)
+    }
+    /// Bytes `range` of `name`'s stored data, for reading a large tensor in pieces (files read only those
+    /// bytes; the default reads the whole tensor).
+    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
+        let t = self.tensor(name)?;
+        let bytes = t.data.get(range)?.to_vec();
+        Some(Cow::Owned(bytes))
+    }
+}
+
+impl HostDType {
+    /// Bytes that `numel` elements take in this storage (GGML types: whole blocks only).
+    pub fn bytes(self, numel: usize) -> Option<usize> {
+        match self {
+            HostDType::F32 => Some(numel * 4),
+            HostDType::F16 | HostDType::BF16 => Some(numel * 2),
+            HostDType::Ggml(g) => numel.is_multiple_of(g.block_size()).then(|| numel / g.block_size() * g.type_size()),
+            HostDType::Other(d) => Some(numel * d.bitsize() / 8),
+        }
+    }
 }
 
 /// The bytes of a safetensors file, memory-mapped or owned.
@@ -214,6 +237,15 @@ impl TensorSource for Safetensors {
     fn names(&self) -> Vec<String> {
         self.metadata.tensors().into_keys().collect()
     }
+
+    fn dtype(&self, name: &str) -> Option<HostDType> {
+        self.metadata.info(name).map(|i| i.dtype.into())
+    }
+
+    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
+        let (a, b) = self.metadata.info(name)?.data_offsets;
+        (range.end <= b - a).then(|| Cow::Borrowed(&self.bytes.as_ref()[self.data_start + a..][range]))
+    }
 }
 
 /// Reads `len` bytes at `offset` of a file that is not in memory as a whole (in the browser, a Blob of cached
@@ -289,6 +321,28 @@ impl TensorSource for RangedSafetensors {
     fn names(&self) -> Vec<String> {
         self.metadata.tensors().into_keys().collect()
     }
+
+    fn dtype(&self, name: &str) -> Option<HostDType> {
+        self.metadata.info(name).map(|i| i.dtype.into())
+    }
+
+    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
+        let (a, b) = self.metadata.info(name)?.data_offsets;
+        if range.end > b - a || range.start > range.end {
+            return None;
+        }
+        match (self.read)(self.data_start + (a + range.start) as u64, range.len()) {
+            Ok(data) if data.len() == range.len() => Some(Cow::Owned(data)),
+            Ok(data) => {
+                log::error!("reading {name} from {}: {} of {} bytes", self.label, data.len(), range.len());
+                None
+            }
+            Err(e) => {
+                log::error!("reading {name} from {}: {e}", self.label);
+                None
+            }
+        }
+    }
 }
 
 /// A view of a tensor source under a name prefix, uploading what models ask for.
@@ -338,39 +392,86 @@ impl<'a> Weights<'a> {
         self.src.shape(&self.full(name))
     }
 
-    /// The tensor `name`, which must have `shape`, uploaded for `role`.
+    /// The tensor `name`, which must have `shape`, uploaded for `role`. Tensors over [`UPLOAD_CHUNK`] bytes
+    /// are read, converted and written in row blocks, so memory holds one block, never the whole tensor.
     pub fn get(&self, name: &str, shape: &[usize], role: Role) -> Result<Tensor> {
         let full = self.full(name);
-        let host = self.src.tensor_shaped(&full, shape).ok_or_else(|| {
-            Error::Invalid(format!("missing tensor {full} (expected shape {shape:?}) in {}", self.src.label()))
-        })?;
-        if *host.shape != *shape {
-            return Err(Error::Invalid(format!(
-                "tensor {full} has shape {:?}, expected {shape:?} (in {})",
-                host.shape,
-                self.src.label()
-            )));
+        let missing =
+            || Error::Invalid(format!("missing tensor {full} (expected shape {shape:?}) in {}", self.src.label()));
+        let check = |found: &[usize]| {
+            if found != shape {
+                return Err(Error::Invalid(format!(
+                    "tensor {full} has shape {found:?}, expected {shape:?} (in {})",
+                    self.src.label()
+                )));
+            }
+            Ok(())
+        };
+        let numel: usize = shape.iter().product();
+        // A file says shape and dtype without reading data; sources that make tensors up do not.
+        let meta = self.src.shape(&full).zip(self.src.dtype(&full));
+        let stored = meta.as_ref().and_then(|(_, d)| d.bytes(numel)).unwrap_or(0);
+        if self.ctx.is_cpu() || stored <= UPLOAD_CHUNK || shape.len() < 2 {
+            let host = self.src.tensor_shaped(&full, shape).ok_or_else(missing)?;
+            check(&host.shape)?;
+            let (dtype, gpu_shape) = self.target(&full, host.dtype, shape, role);
+            let bytes = gpu_bytes(&host, dtype, &full)?;
+            return Tensor::from_bytes(self.ctx, &gpu_shape, dtype, &bytes);
         }
+        let (found, host_dtype) = meta.ok_or_else(missing)?;
+        check(&found)?;
+        let (dtype, gpu_shape) = self.target(&full, host_dtype, shape, role);
+        let t = Tensor::empty(self.ctx, "upload", &gpu_shape, dtype)?;
+        let (rows, row) = (shape[0], numel / shape[0]);
+        let row_stored = stored / rows;
+        // An even number of rows per block keeps every write offset (f16 rows, q8_0/q4_0 scales) 4-aligned.
+        let per = (UPLOAD_CHUNK / row_stored.max(1)).max(2) & !1;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + per).min(rows);
+            let data = self.src.tensor_bytes(&full, r0 * row_stored..r1 * row_stored).ok_or_else(|| {
+                Error::Invalid(format!("could not read rows {r0}..{r1} of {full} from {}", self.src.label()))
+            })?;
+            let block_shape: Vec<usize> = [&[r1 - r0], &shape[1..]].concat();
+            let host = HostTensor { dtype: host_dtype, shape: Cow::Owned(block_shape), data };
+            let bytes = gpu_bytes(&host, dtype, &full)?;
+            if dtype.is_quantized() {
+                let n = (r1 - r0) * row;
+                let (quants, scales) = bytes.split_at(dtype.scales_offset(n));
+                let blocks_before = r0 * row / QBLOCK;
+                t.write_at(self.ctx, blocks_before * dtype.quant_bytes_per_block(), quants)?;
+                t.write_at(self.ctx, dtype.scales_offset(numel) + blocks_before * 2, &scales[..n / QBLOCK * 2])?;
+            } else {
+                let elem = if dtype == DType::F32 { 4 } else { 2 };
+                t.write_at(self.ctx, r0 * row * elem, &bytes)?;
+            }
+            r0 = r1;
+        }
+        Ok(t)
+    }
+
+    /// The GPU dtype and shape a tensor stored as `host` gets for `role`.
+    fn target(&self, full: &str, host: HostDType, shape: &[usize], role: Role) -> (DType, Vec<usize>) {
         let row: usize = shape.iter().skip(1).product();
         let matrix = matches!(role, Role::Linear | Role::Conv);
         let gpu_shape = |dtype: DType| -> Vec<usize> {
             if role == Role::Conv && dtype.is_quantized() { vec![shape[0], row] } else { shape.to_vec() }
         };
         // GGML blocks our kernels read (q8_0, q4_0) go to the GPU as they are, whatever the policy says.
-        if let HostDType::Ggml(g) = host.dtype {
+        if let HostDType::Ggml(g) = host {
             let native = match g {
                 GgmlDType::Q8_0 => Some(DType::Q8_0),
                 GgmlDType::Q4_0 => Some(DType::Q4_0),
                 _ => None,
             };
             if let Some(q) = native.filter(|_| matrix && row.is_multiple_of(QBLOCK)) {
-                return Tensor::from_ggml(self.ctx, &gpu_shape(q), q, &host.data);
+                return (q, gpu_shape(q));
             }
         }
         let mut dtype = self.policy.dtype_for(role, row);
         // Other block types (q4_1, q5_0, q5_1 ...) become q8_0, which keeps their precision, unless the
         // policy asks for a quantized dtype of its own.
-        if matches!(host.dtype, HostDType::Ggml(_)) && matrix && !dtype.is_quantized() && row.is_multiple_of(QBLOCK) {
+        if matches!(host, HostDType::Ggml(_)) && matrix && !dtype.is_quantized() && row.is_multiple_of(QBLOCK) {
             dtype = DType::Q8_0;
         }
         // A weight too large for one f32 binding (CLIP's token table on 128 MiB adapters) is kept in f16,
@@ -382,12 +483,7 @@ impl<'a> Weights<'a> {
             log::warn!("{full} {shape:?} exceeds the device's {limit}-byte binding limit in f32: stored as f16");
             dtype = DType::F16;
         }
-        // f16 on disk going to f16 on the GPU is copied as is.
-        if dtype == DType::F16 && host.dtype == HostDType::F16 {
-            return Tensor::from_bytes(self.ctx, shape, dtype, &host.data);
-        }
-        let data = host.to_f32(&full)?;
-        Tensor::from_f32_as(self.ctx, &gpu_shape(dtype), &data, dtype)
+        (dtype, gpu_shape(dtype))
     }
 
     /// The tensor `name` as f32 on the CPU (small tensors the CPU side needs, e.g. to check a config).
@@ -399,6 +495,115 @@ impl<'a> Weights<'a> {
             .ok_or_else(|| Error::Invalid(format!("missing tensor {full} in {}", self.src.label())))?;
         Ok((host.shape.to_vec(), host.to_f32(&full)?))
     }
+}
+
+/// One tensor a [`write_safetensors`] call lays out: name, row-major shape, dtype (F16, F32 or BF16).
+pub struct SafetensorsPlan {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: Dtype,
+}
+
+/// Writes a safetensors file (header, then every tensor's bytes as `data(i)` produces them, one at a time:
+/// the safetensors crate serializes from views of all tensors at once). Returns the bytes written.
+pub fn write_safetensors(
+    w: &mut impl std::io::Write,
+    metadata: &HashMap<String, String>,
+    tensors: &[SafetensorsPlan],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<u64> {
+    let io = |e: std::io::Error| Error::Invalid(format!("writing the safetensors file: {e}"));
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings"));
+    }
+    let mut offset = 0usize;
+    let mut sizes = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let n = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
+        let info = serde_json::json!({ "dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + n] });
+        if header.insert(t.name.clone(), info).is_some() {
+            return Err(Error::Invalid(format!("two tensors are named {}", t.name)));
+        }
+        offset += n;
+        sizes.push(n);
+    }
+    let mut text = serde_json::Value::Object(header).to_string().into_bytes();
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    w.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&text).map_err(io)?;
+    for (i, (t, n)) in tensors.iter().zip(&sizes).enumerate() {
+        let bytes = data(i)?;
+        if bytes.len() != *n {
+            return Err(Error::Invalid(format!("{}: {} bytes of data for {n}", t.name, bytes.len())));
+        }
+        w.write_all(&bytes).map_err(io)?;
+    }
+    Ok(8 + text.len() as u64 + offset as u64)
+}
+
+/// The metadata key under which a converted model keeps one of its diffusers files (configs, tokenizer,
+/// scheduler, preview factors), e.g. `latent_gen.file.unet/config.json`, in GGUF and safetensors files alike.
+pub const EMBEDDED_FILE: &str = "latent_gen.file.";
+
+/// The diffusers files in a safetensors header's `__metadata__` (see [`EMBEDDED_FILE`]).
+fn embedded_in(metadata: &Metadata) -> HashMap<String, String> {
+    metadata
+        .metadata()
+        .iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.strip_prefix(EMBEDDED_FILE)?.to_string(), v.clone())))
+        .collect()
+}
+
+impl Safetensors {
+    /// The diffusers files a converted checkpoint carries in its metadata.
+    pub fn embedded_files(&self) -> HashMap<String, String> {
+        embedded_in(&self.metadata)
+    }
+}
+
+impl RangedSafetensors {
+    /// The diffusers files a converted checkpoint carries in its metadata.
+    pub fn embedded_files(&self) -> HashMap<String, String> {
+        embedded_in(&self.metadata)
+    }
+}
+
+/// Tensors stored in more bytes than this are uploaded in row blocks of about this size.
+pub const UPLOAD_CHUNK: usize = 4 << 20;
+
+/// A stored tensor (or a block of its rows) in the GPU layout of `dtype`.
+fn gpu_bytes(host: &HostTensor<'_>, dtype: DType, name: &str) -> Result<Vec<u8>> {
+    let numel: usize = host.shape.iter().product();
+    let native = match host.dtype {
+        HostDType::Ggml(GgmlDType::Q8_0) => Some(DType::Q8_0),
+        HostDType::Ggml(GgmlDType::Q4_0) => Some(DType::Q4_0),
+        _ => None,
+    };
+    if native == Some(dtype) {
+        return crate::gpu::quant::ggml_to_gpu(dtype, &host.data, numel);
+    }
+    // f16 on disk going to f16 on the GPU is copied as is.
+    if dtype == DType::F16 && host.dtype == HostDType::F16 {
+        return Ok(host.data.to_vec());
+    }
+    let data = host.to_f32(name)?;
+    Ok(match dtype {
+        DType::F32 => bytemuck::cast_slice(&data).to_vec(),
+        DType::F16 => {
+            let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+            bytemuck::cast_slice(&h).to_vec()
+        }
+        DType::Q8_0 | DType::Q4_0 => {
+            let row: usize = host.shape.iter().skip(1).product();
+            if host.shape.len() < 2 || !row.is_multiple_of(QBLOCK) {
+                return Err(Error::Invalid(format!("{name}: rows of {row} cannot be stored as {dtype}")));
+            }
+            let ggml = crate::gpu::quant::quantize_ggml(dtype, &data)?;
+            crate::gpu::quant::ggml_to_gpu(dtype, &ggml, numel)?
+        }
+    })
 }
 
 /// Made-up weights of whatever shape a model asks for (benchmarks: timing does not depend on the values).
@@ -473,6 +678,52 @@ mod tests {
         let e = w.get("bias", &[4], Role::Param).unwrap_err().to_string();
         assert!(e.contains("missing tensor a.bias") && e.contains("test.safetensors"), "{e}");
         assert!(w.get("weight", &[4, 3], Role::Linear).is_ok());
+    }
+
+    /// Tensors larger than UPLOAD_CHUNK go up in row blocks (odd row counts, conv shapes, every target dtype)
+    /// and equal a whole upload; no read is larger than a block.
+    #[test]
+    fn large_tensors_upload_in_row_blocks() {
+        let ctx = pollster::block_on(GpuContext::new()).expect("adapter");
+        let mut rng = crate::selfcheck::Rng::new(3);
+        let (lin, conv) = (vec![1001usize, 2560], vec![513usize, 256, 3, 3]);
+        let (a, b) = (rng.uniform(lin.iter().product(), -1.0, 1.0), rng.uniform(conv.iter().product(), -1.0, 1.0));
+        let h: Vec<half::f16> = a.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let views = vec![
+            ("lin32", safetensors::tensor::TensorView::new(Dtype::F32, lin.clone(), bytemuck::cast_slice(&a)).unwrap()),
+            ("lin16", safetensors::tensor::TensorView::new(Dtype::F16, lin.clone(), bytemuck::cast_slice(&h)).unwrap()),
+            ("conv", safetensors::tensor::TensorView::new(Dtype::F32, conv.clone(), bytemuck::cast_slice(&b)).unwrap()),
+        ];
+        let bytes = std::rc::Rc::new(safetensors::serialize(views, None).unwrap());
+        let biggest = std::rc::Rc::new(std::cell::Cell::new(0usize));
+        let (file, seen) = (bytes.clone(), biggest.clone());
+        let read: RangeReader = std::rc::Rc::new(move |offset, len| {
+            seen.set(seen.get().max(len));
+            Ok(file[offset as usize..offset as usize + len].to_vec())
+        });
+        let src = RangedSafetensors::new(read, bytes.len() as u64, "big.safetensors").unwrap();
+        assert!(src.dtype("lin32").unwrap().bytes(a.len()).unwrap() > 2 * UPLOAD_CHUNK);
+        let cases = [
+            ("lin32", &lin, &a, Role::Linear, DType::F32),
+            ("lin32", &lin, &a, Role::Linear, DType::Q8_0),
+            ("lin16", &lin, &a, Role::Linear, DType::F16),
+            ("lin32", &lin, &a, Role::Linear, DType::Q4_0),
+            ("conv", &conv, &b, Role::Conv, DType::Q8_0),
+            ("conv", &conv, &b, Role::Conv, DType::F16),
+        ];
+        for (name, shape, data, role, weights) in cases {
+            let w = Weights::new(&ctx, &src, LoadPolicy { act: DType::F32, weights });
+            let got = w.get(name, shape, role).unwrap();
+            let gpu_shape =
+                if role == Role::Conv && weights.is_quantized() { vec![shape[0], 2304] } else { shape.to_vec() };
+            let values = if name == "lin16" { h.iter().map(|v| v.to_f32()).collect() } else { data.clone() };
+            let want = Tensor::from_f32_as(&ctx, &gpu_shape, &values, weights).unwrap();
+            assert_eq!(got.shape(), want.shape(), "{name} {weights}");
+            let (g, e) =
+                (pollster::block_on(got.to_vec_f32(&ctx)).unwrap(), pollster::block_on(want.to_vec_f32(&ctx)).unwrap());
+            assert!(g == e, "{name} as {weights}: the block-wise upload differs from a whole one");
+        }
+        assert!(biggest.get() <= UPLOAD_CHUNK, "a read of {} bytes", biggest.get());
     }
 
     #[test]

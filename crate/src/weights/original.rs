@@ -483,6 +483,26 @@ impl TensorSource for Remapped<'_> {
         self.map.keys().cloned().collect()
     }
 
+    fn dtype(&self, name: &str) -> Option<super::HostDType> {
+        self.file.dtype(&self.map.get(name)?.0)
+    }
+
+    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
+        let (orig, op) = self.map.get(name)?;
+        match *op {
+            Op::Same | Op::Squeeze | Op::Unsqueeze => self.file.tensor_bytes(orig, range),
+            Op::Chunk { index, of } => {
+                let shape = self.file.shape(orig)?;
+                let total = self.file.dtype(orig)?.bytes(shape.iter().product())?;
+                let part = total / of;
+                if range.end > part {
+                    return None;
+                }
+                self.file.tensor_bytes(orig, index * part + range.start..index * part + range.end)
+            }
+        }
+    }
+
     fn label(&self) -> String {
         self.label.clone()
     }
