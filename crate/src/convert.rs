@@ -41,6 +41,20 @@ pub struct Report {
     pub skipped: Vec<String>,
 }
 
+/// The block type a tensor of `shape` gets when the model is converted to `weights` (q8_0, q4_0 or f16),
+/// and the shape it is stored in: with `flat_convs`, a convolution whose (in * kh * kw) rows are whole blocks
+/// is quantized as that (out, in * kh * kw) matrix (our kernels read it so; stable-diffusion.cpp keeps
+/// convolutions in f16, GGML's blocks running along kw).
+pub fn target(weights: DType, shape: &[usize], flat_convs: bool) -> (GgmlDType, Vec<usize>) {
+    if flat_convs && shape.len() == 4 && weights.is_quantized() {
+        let row: usize = shape[1..].iter().product();
+        if row.is_multiple_of(32) {
+            return (target_dtype(weights, &[shape[0], row]), vec![shape[0], row]);
+        }
+    }
+    (target_dtype(weights, shape), shape.to_vec())
+}
+
 /// The block type a tensor of `shape` gets when the model is converted to `weights` (q8_0, q4_0 or f16).
 pub fn target_dtype(weights: DType, shape: &[usize]) -> GgmlDType {
     let quantized = match weights {
@@ -95,12 +109,14 @@ impl Format {
     }
 }
 
-/// Writes `src` in `format` with linear weights in `weights` (q8_0, q4_0 or f16; safetensors: f16).
-/// `progress(done, total)` runs after each tensor.
+/// Writes `src` in `format` with linear weights in `weights` (q8_0, q4_0 or f16; safetensors: f16), and
+/// with `flat_convs` convolutions quantized too (see [`target`]). `progress(done, total)` runs after each
+/// tensor.
 pub fn convert(
     src: &dyn ModelSource,
     format: Format,
     weights: DType,
+    flat_convs: bool,
     out: &mut impl std::io::Write,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Report> {
@@ -136,7 +152,9 @@ pub fn convert(
                 Op::Unsqueeze => [host.shape.as_ref(), &[1, 1]].concat(),
                 _ => host.shape.to_vec(),
             };
-            tensors.push(TensorPlan { name, dtype: target_dtype(weights, &shape), shape });
+            let flat = format == Format::Gguf && flat_convs;
+            let (dtype, shape) = target(weights, &shape, flat);
+            tensors.push(TensorPlan { name, dtype, shape });
             plan.push((i, d, op));
         }
     }

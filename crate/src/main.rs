@@ -137,6 +137,10 @@ mod cli {
         /// vectors f32. f16 writes every matrix in f16.
         #[arg(long, value_enum)]
         weights: WeightType,
+        /// Also quantize 3x3 and 1x1 convolutions, as (out, in * kh * kw) matrices: about half the size of
+        /// a q4_0 SD 1.5, read by latent-gen but not by stable-diffusion.cpp (which keeps them f16).
+        #[arg(long)]
+        quantize_convs: bool,
         /// The .gguf (or single-file .safetensors, f16) to write; written as FILE.partial first, renamed when
         /// complete.
         #[arg(long)]
@@ -284,14 +288,19 @@ mod cli {
                 last = Instant::now();
             }
         };
-        let result =
-            latent_gen::convert::convert(src.as_ref(), format, weight_dtype(c.weights), &mut out, &mut progress)
-                .and_then(|r| {
-                    use std::io::Write;
-                    out.flush()
-                        .map_err(|e| latent_gen::Error::Invalid(format!("writing {}: {e}", partial.display())))?;
-                    Ok(r)
-                });
+        let result = latent_gen::convert::convert(
+            src.as_ref(),
+            format,
+            weight_dtype(c.weights),
+            c.quantize_convs,
+            &mut out,
+            &mut progress,
+        )
+        .and_then(|r| {
+            use std::io::Write;
+            out.flush().map_err(|e| latent_gen::Error::Invalid(format!("writing {}: {e}", partial.display())))?;
+            Ok(r)
+        });
         eprintln!();
         let report = match result {
             Ok(r) => r,

@@ -408,7 +408,7 @@ fn gguf_checkpoints_match_their_dequantized_weights() {
 
 /// `convert` writes whole models: a GGUF converted from a folder or a single file loads with no --config (its
 /// configs travel in the metadata) and gives exactly what the source gives with the same weight types (f16
-/// matrices, f32 vectors); q8_0 stays close to diffusers' f32 images.
+/// matrices, f32 vectors); q8_0 stays close to diffusers' f32 images, with convolutions quantized too.
 #[test]
 fn converted_gguf_files_equal_their_sources() {
     use latent_gen::convert::{Format, convert};
@@ -429,12 +429,14 @@ fn converted_gguf_files_equal_their_sources() {
     ] {
         let config = fixtures().join("models").join(model);
         let src = latent_gen::pipeline::open_model(&source, source.is_file().then_some(config.as_path())).unwrap();
-        for weights in [DType::F16, DType::Q8_0] {
-            let path = dir.join(format!("{model}-{weights}.gguf"));
+        let mut quantized = Vec::new();
+        for (weights, flat_convs) in [(DType::F16, false), (DType::Q8_0, false), (DType::Q8_0, true)] {
+            let path = dir.join(format!("{model}-{weights}-{flat_convs}.gguf"));
             let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-            let report = convert(src.as_ref(), Format::Gguf, weights, &mut out, &mut |_, _| {}).unwrap();
+            let report = convert(src.as_ref(), Format::Gguf, weights, flat_convs, &mut out, &mut |_, _| {}).unwrap();
             drop(out);
             assert!(report.tensors > 300, "{report:?}");
+            quantized.push(report.dtypes.iter().find(|(d, _)| d == "Q8_0").map_or(0, |(_, n)| *n));
             let sd = StableDiffusion::load_path(&ctx, &path, None, LoadPolicy::F32)
                 .unwrap_or_else(|e| panic!("{model}: {e}"));
             let got = image(&sd, &case(model));
@@ -445,10 +447,11 @@ fn converted_gguf_files_equal_their_sources() {
                 let refs = Refs::open(case(model)["file"].as_str().unwrap());
                 let rgb: Vec<u8> = got.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
                 let db = psnr(&rgb, &refs.host("image").data);
-                println!("{model} q8_0 GGUF: PSNR {db:.1} dB against diffusers (f32)");
+                println!("{model} q8_0 GGUF (convolutions quantized: {flat_convs}): PSNR {db:.1} dB against diffusers");
                 assert!(db >= 30.0, "{model} q8_0: PSNR {db:.1} dB");
             }
         }
+        assert!(quantized[2] > quantized[1], "{model}: --quantize-convs quantized no convolution ({quantized:?})");
     }
     std::fs::remove_dir_all(&dir).ok();
 }

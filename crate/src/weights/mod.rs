@@ -398,8 +398,17 @@ impl<'a> Weights<'a> {
         let full = self.full(name);
         let missing =
             || Error::Invalid(format!("missing tensor {full} (expected shape {shape:?}) in {}", self.src.label()));
-        let check = |found: &[usize]| {
-            if found != shape {
+        // Convolutions quantized by `convert --quantize-convs` are stored as the (out, in * kh * kw) matrix
+        // the GPU keeps them as.
+        let flat_conv = |found: &[usize], dtype: HostDType| {
+            role == Role::Conv
+                && matches!(dtype, HostDType::Ggml(_))
+                && found.len() == 2
+                && found[0] == shape[0]
+                && found[1] == shape[1..].iter().product::<usize>()
+        };
+        let check = |found: &[usize], dtype: HostDType| {
+            if found != shape && !flat_conv(found, dtype) {
                 return Err(Error::Invalid(format!(
                     "tensor {full} has shape {found:?}, expected {shape:?} (in {})",
                     self.src.label()
@@ -413,13 +422,13 @@ impl<'a> Weights<'a> {
         let stored = meta.as_ref().and_then(|(_, d)| d.bytes(numel)).unwrap_or(0);
         if self.ctx.is_cpu() || stored <= UPLOAD_CHUNK || shape.len() < 2 {
             let host = self.src.tensor_shaped(&full, shape).ok_or_else(missing)?;
-            check(&host.shape)?;
+            check(&host.shape, host.dtype)?;
             let (dtype, gpu_shape) = self.target(&full, host.dtype, shape, role);
             let bytes = gpu_bytes(&host, dtype, &full)?;
             return Tensor::from_bytes(self.ctx, &gpu_shape, dtype, &bytes);
         }
         let (found, host_dtype) = meta.ok_or_else(missing)?;
-        check(&found)?;
+        check(&found, host_dtype)?;
         let (dtype, gpu_shape) = self.target(&full, host_dtype, shape, role);
         let t = Tensor::empty(self.ctx, "upload", &gpu_shape, dtype)?;
         let (rows, row) = (shape[0], numel / shape[0]);
@@ -432,7 +441,7 @@ impl<'a> Weights<'a> {
             let data = self.src.tensor_bytes(&full, r0 * row_stored..r1 * row_stored).ok_or_else(|| {
                 Error::Invalid(format!("could not read rows {r0}..{r1} of {full} from {}", self.src.label()))
             })?;
-            let block_shape: Vec<usize> = [&[r1 - r0], &shape[1..]].concat();
+            let block_shape: Vec<usize> = [&[r1 - r0], &found[1..]].concat();
             let host = HostTensor { dtype: host_dtype, shape: Cow::Owned(block_shape), data };
             let bytes = gpu_bytes(&host, dtype, &full)?;
             if dtype.is_quantized() {
