@@ -16,6 +16,12 @@ import { fileURLToPath } from 'node:url';
 
 const root = resolve(fileURLToPath(import.meta.url), '..', '..');
 const mounts = [['/pkg/', join(root, 'pkg')], ['/', join(root, 'www')]];
+// --mount /prefix/=DIR serves another folder (the large-model tests' generated models), before the rest.
+for (let i = 0; i < process.argv.length; i++) {
+  if (process.argv[i] !== '--mount') continue;
+  const [prefix, dir] = process.argv[i + 1].split('=');
+  mounts.unshift([prefix, resolve(dir)]);
+}
 
 const types = {
   '.html': 'text/html; charset=utf-8',
@@ -29,6 +35,7 @@ const types = {
   '.txt': 'text/plain; charset=utf-8',
   '.md': 'text/markdown; charset=utf-8',
   '.safetensors': 'application/octet-stream',
+  '.gguf': 'application/octet-stream',
 };
 
 function arg(name, fallback) {

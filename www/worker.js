@@ -13,8 +13,10 @@ let loaded = null; // { id, info } of the model in the engine
 let abort = null; // the AbortController of the current download
 const post = (msg, transfer) => self.postMessage(msg, transfer || []);
 
+let wasm = null; // the module's exports (its memory)
+
 async function initEngine(cpu) {
-  await init();
+  wasm = await init();
   if (!engine || engine.isCpu() !== cpu) engine = await Engine.create(cpu);
   return { adapter: engine.adapter(), isCpu: engine.isCpu() };
 }
@@ -102,7 +104,12 @@ async function load(id, model) {
     map.set(f.path, await fileBlob(rec));
   }
   loaded = null;
+  const loadStart = performance.now();
   const info = engine.loadModel(map, model.id, model.weights || 'f32');
+  // What loading cost: a wasm memory never shrinks, so its size now is its peak so far.
+  const gpu = engine.gpuMemory();
+  Object.assign(info, { loadSeconds: (performance.now() - loadStart) / 1000, wasmBytes: wasm.memory.buffer.byteLength,
+    gpuBytes: gpu.live, gpuPeakBytes: gpu.peak });
   loaded = { id: model.id, info };
   return info;
 }

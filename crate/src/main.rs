@@ -278,6 +278,9 @@ mod cli {
         let mut partial = c.out.clone().into_os_string();
         partial.push(".partial");
         let partial = PathBuf::from(partial);
+        if let Some(parent) = c.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
         let file = std::fs::File::create(&partial).map_err(|e| format!("creating {}: {e}", partial.display()))?;
         let mut out = std::io::BufWriter::new(file);
         let start = Instant::now();

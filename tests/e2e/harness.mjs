@@ -10,8 +10,8 @@ import { chromium } from 'playwright-core';
 export const root = resolve(fileURLToPath(import.meta.url), '..', '..', '..');
 
 /** Starts the app's server; resolves to { url, stop }. */
-export async function startServer() {
-  const proc = spawn(process.execPath, [resolve(root, 'scripts/server.mjs'), '--port', '0', '--faults'], {
+export async function startServer(extraArgs = []) {
+  const proc = spawn(process.execPath, [resolve(root, 'scripts/server.mjs'), '--port', '0', '--faults', ...extraArgs], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   let out = '';
