@@ -369,6 +369,7 @@ impl StableDiffusion {
             return Err(Error::Invalid(format!("guidance must be a number, got {}", req.guidance)));
         }
         let scheduler = self.scheduler_kind(req)?.build(&self.scheduler_config, req.steps)?;
+        self.check_limits(w, h, req.guidance > 1.0 && !self.is_lcm())?;
         // 1. Conditioning: CFG batches [negative, prompt]; LCM embeds the guidance scale instead.
         let cfg = req.guidance > 1.0 && !self.is_lcm();
         let context = if cfg {
@@ -402,6 +403,33 @@ impl StableDiffusion {
         })
     }
 
+    /// Refuses, before any work, a size whose UNet activations would not fit one of the device's buffer
+    /// bindings (the VAE decodes in tiles; the UNet cannot), naming the limit and what helps.
+    pub fn check_limits(&self, width: usize, height: usize, cfg: bool) -> Result<()> {
+        if self.ctx.is_cpu() {
+            return Ok(());
+        }
+        let act = self.text_encoder_dtype();
+        let (lh, lw) = (height / self.vae_factor(), width / self.vae_factor());
+        let elements = self.unet.config.largest_activation(if cfg { 2 } else { 1 }, lh, lw);
+        let needed = act.storage_bytes(elements) as u64;
+        let limit = binding_limit(&self.ctx);
+        if needed > limit {
+            let hint = if act == crate::gpu::DType::F32 && self.ctx.has_f16() {
+                "f16 activations (--precision f16) halve it, or make a smaller image"
+            } else {
+                "make a smaller image"
+            };
+            return Err(Error::Invalid(format!(
+                "a {width}x{height} image needs {:.0} MiB in one GPU buffer for the UNet, but this device allows \
+                 {:.0} MiB (maxStorageBufferBindingSize / maxBufferSize): {hint}",
+                needed as f64 / (1 << 20) as f64,
+                limit as f64 / (1 << 20) as f64
+            )));
+        }
+        self.decode_tile(act).map(drop)
+    }
+
     /// The latent's shape for a (width, height) image.
     pub fn latent_shape(&self, width: usize, height: usize) -> [usize; 4] {
         [1, self.unet.config.in_channels, height / self.vae_factor(), width / self.vae_factor()]
@@ -418,12 +446,113 @@ impl StableDiffusion {
         self.text_encoder.dtype()
     }
 
-    /// Decodes UNet-space latents to an RGBA image.
+    /// Decodes UNet-space latents to an RGBA image; in overlapping tiles when the whole decode would not fit
+    /// the device's buffer limits.
     pub async fn decode(&self, latents: &Tensor) -> Result<Image> {
         let ctx = &self.ctx;
         let z = ops::affine(ctx, latents, (1.0 / self.vae_config.scaling_factor) as f32, 0.0)?;
-        let image = self.vae.forward(ctx, &z)?;
-        to_rgba(ctx, &image).await
+        let (h, w) = (z.dim(2), z.dim(3));
+        if ctx.is_cpu() || self.vae.largest_activation_bytes(h, w, z.dtype()) <= binding_limit(ctx) {
+            let image = self.vae.forward(ctx, &z)?;
+            return to_rgba(ctx, &image).await;
+        }
+        self.decode_tiled(&z).await
+    }
+
+    /// The latent tile side a tiled decode uses: the largest that fits the device's limits.
+    pub fn decode_tile(&self, act: crate::gpu::DType) -> Result<usize> {
+        let limit = binding_limit(&self.ctx);
+        let fits = |t: usize| self.vae.largest_activation_bytes(t, t, act) <= limit;
+        [64, 48, 32, 24, 16, 8].into_iter().find(|&t| fits(t)).ok_or_else(|| Error::Limit {
+            op: "vae decode",
+            what: "the VAE decoder's largest activation, even in 8x8-latent tiles",
+            needed: self.vae.largest_activation_bytes(8, 8, act),
+            limit,
+            shape: format!("{act} activations"),
+        })
+    }
+
+    /// diffusers' `AutoencoderKL.tiled_decode`: latent tiles of side T at a stride of 3/4 T, decoded one at a
+    /// time, each blended linearly into its upper and left neighbours over a quarter tile, then cropped.
+    async fn decode_tiled(&self, z: &Tensor) -> Result<Image> {
+        let ctx = &self.ctx;
+        let (c, h, w) = (z.dim(1), z.dim(2), z.dim(3));
+        let f = self.vae_factor();
+        let t = self.decode_tile(z.dtype())?;
+        let (stride, blend, keep) = (t * 3 / 4, t * f / 4, t * f - t * f / 4);
+        let latent = z.to_vec_f32(ctx).await?;
+        log::info!("decoding {w}x{h} latents in {t}x{t} tiles (the device's buffer limits)");
+        // rows[i][j]: (height, width, 3 planes) of the decoded tile.
+        let mut rows: Vec<Vec<(usize, usize, Vec<f32>)>> = Vec::new();
+        for i in (0..h).step_by(stride) {
+            let mut row = Vec::new();
+            for j in (0..w).step_by(stride) {
+                let (th, tw) = (t.min(h - i), t.min(w - j));
+                let mut tile = Vec::with_capacity(c * th * tw);
+                for ch in 0..c {
+                    for y in i..i + th {
+                        tile.extend_from_slice(&latent[(ch * h + y) * w + j..][..tw]);
+                    }
+                }
+                let zt = Tensor::from_f32_as(ctx, &[1, c, th, tw], &tile, z.dtype())?;
+                let image = self.vae.forward(ctx, &zt)?;
+                row.push((th * f, tw * f, image.to_vec_f32(ctx).await?));
+            }
+            rows.push(row);
+        }
+        let (height, width) = (h * f, w * f);
+        let mut out = vec![0f32; 3 * height * width];
+        let mut y0 = 0;
+        for i in 0..rows.len() {
+            let mut x0 = 0;
+            let mut row_height = 0;
+            for j in 0..rows[i].len() {
+                let (th, tw) = (rows[i][j].0, rows[i][j].1);
+                if i > 0 {
+                    let (above, here) = (rows[i - 1][j].clone(), &mut rows[i][j]);
+                    let e = blend.min(above.0).min(th);
+                    for p in 0..3 {
+                        for y in 0..e {
+                            let a = y as f32 / e as f32;
+                            for x in 0..tw.min(above.1) {
+                                let up = above.2[(p * above.0 + above.0 - e + y) * above.1 + x];
+                                let v = &mut here.2[(p * th + y) * tw + x];
+                                *v = up * (1.0 - a) + *v * a;
+                            }
+                        }
+                    }
+                }
+                if j > 0 {
+                    let (left, here) = {
+                        let (l, r) = rows[i].split_at_mut(j);
+                        (&l[j - 1], &mut r[0])
+                    };
+                    let e = blend.min(left.1).min(tw);
+                    for p in 0..3 {
+                        for y in 0..th.min(left.0) {
+                            for x in 0..e {
+                                let a = x as f32 / e as f32;
+                                let l = left.2[(p * left.0 + y) * left.1 + left.1 - e + x];
+                                let v = &mut here.2[(p * th + y) * tw + x];
+                                *v = l * (1.0 - a) + *v * a;
+                            }
+                        }
+                    }
+                }
+                let tile = &rows[i][j];
+                let (kh, kw) = (th.min(keep), tw.min(keep));
+                for p in 0..3 {
+                    for y in 0..kh {
+                        let src = &tile.2[(p * th + y) * tw..][..kw];
+                        out[(p * height + y0 + y) * width + x0..][..kw].copy_from_slice(src);
+                    }
+                }
+                x0 += kw;
+                row_height = kh;
+            }
+            y0 += row_height;
+        }
+        Ok(rgba_from_planes(&out, height, width))
     }
 }
 
@@ -517,12 +646,22 @@ pub fn apply_plan(
     Ok((x0, prev))
 }
 
+/// The most bytes one buffer binding may hold on this device.
+fn binding_limit(ctx: &GpuContext) -> u64 {
+    let s = ctx.summary();
+    s.max_storage_buffer_binding_size.min(s.max_buffer_size)
+}
+
 /// (batch 1, 3, h, w) in [-1, 1] to RGBA bytes, rounding as diffusers does: round((x / 2 + 0.5).clamp(0, 1) * 255).
 pub async fn to_rgba(ctx: &GpuContext, image: &Tensor) -> Result<Image> {
     let &[1, 3, h, w] = image.shape() else {
         return Err(Error::Invalid(format!("expected one RGB image, got {:?}", image.shape())));
     };
-    let data = image.to_vec_f32(ctx).await?;
+    Ok(rgba_from_planes(&image.to_vec_f32(ctx).await?, h, w))
+}
+
+/// Three (h, w) planes in [-1, 1] to RGBA bytes, rounded as [`to_rgba`] does.
+fn rgba_from_planes(data: &[f32], h: usize, w: usize) -> Image {
     let plane = h * w;
     let mut rgba = vec![255u8; plane * 4];
     for i in 0..plane {
@@ -531,5 +670,5 @@ pub async fn to_rgba(ctx: &GpuContext, image: &Tensor) -> Result<Image> {
             rgba[i * 4 + c] = (v * 255.0).round() as u8;
         }
     }
-    Ok(Image { width: w, height: h, rgba })
+    Image { width: w, height: h, rgba }
 }

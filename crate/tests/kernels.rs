@@ -80,7 +80,8 @@ kernel_tests!(
 #[test]
 fn without_shader_f16() {
     use latent_gen::gpu::ContextOptions;
-    let ctx = pollster::block_on(GpuContext::with_options(ContextOptions { f16: false })).expect("adapter");
+    let ctx = pollster::block_on(GpuContext::with_options(ContextOptions { f16: false, ..Default::default() }))
+        .expect("adapter");
     assert!(!ctx.has_f16());
     pollster::block_on(check(&ctx, "errors"));
     pollster::block_on(check(&ctx, "matmul"));

@@ -525,6 +525,43 @@ fn foreign_checkpoints_are_named() {
     }
 }
 
+/// Under lowered limits (an engine option: 2 MiB bindings and buffers, which are to these tiny models what
+/// WebGPU's 128 MiB defaults are to SD 1.5 at 512x512) a 256x256 generation still runs: the token table is kept
+/// in f16, the VAE decodes in 16x16-latent tiles blended as diffusers' tiled_decode, and the image stays close
+/// to the unlimited one. A size whose UNet cannot fit is refused before any work, naming the limit.
+#[test]
+fn lowered_device_limits_still_generate() {
+    use latent_gen::gpu::{ContextOptions, DType};
+    let cap = 2 << 20;
+    let options = ContextOptions { max_binding: Some(cap), max_buffer: Some(cap), ..Default::default() };
+    let limited = pollster::block_on(GpuContext::with_options(options)).unwrap();
+    assert_eq!(limited.summary().max_storage_buffer_binding_size, cap);
+    let dir = fixtures().join("models/sd1-tiny");
+    let req = Request {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        seed: 3,
+        steps: 4,
+        width: Some(256),
+        height: Some(256),
+        scheduler: Some("ddim".parse().unwrap()),
+        ..Default::default()
+    };
+    let mut go = |_: &latent_gen::pipeline::Step<'_>| Ok(Control::Continue);
+    let sd = StableDiffusion::load_dir(&context(), &dir, LoadPolicy::F32).unwrap();
+    let want = pollster::block_on(sd.generate(&req, &mut go)).unwrap();
+    let small = StableDiffusion::load_dir(&limited, &dir, LoadPolicy::F32).unwrap();
+    assert!(small.vae.largest_activation_bytes(32, 32, DType::F32) > cap, "the whole decode would fit");
+    assert_eq!(small.decode_tile(DType::F32).unwrap(), 16);
+    let got = pollster::block_on(small.generate(&req, &mut go)).unwrap_or_else(|e| panic!("under 2 MiB limits: {e}"));
+    assert_eq!((got.width, got.height), (256, 256));
+    let db = psnr(&got.rgba, &want.rgba);
+    println!("256x256 under 2 MiB limits (tiled decode): PSNR {db:.1} dB against the unlimited image");
+    assert!(db >= 25.0, "PSNR {db:.1} dB");
+    let huge = Request { width: Some(1024), height: Some(1024), ..req };
+    let e = small.start(&huge).err().expect("refused").to_string();
+    assert!(e.contains("1024x1024") && e.contains("maxStorageBufferBindingSize") && e.contains("2 MiB"), "{e}");
+}
+
 /// The f16 path (f16 activations and weights, where the adapter has shader-f16): PSNR >= 30 dB.
 #[test]
 fn f16_pipelines_match_diffusers() {

@@ -22,11 +22,16 @@ pub struct ContextOptions {
     /// Enable shader-f16 where the adapter has it (default). Off, the device behaves like one without it:
     /// every kernel runs its f32 path.
     pub f16: bool,
+    /// Caps on the adapter's maxStorageBufferBindingSize and maxBufferSize: the device is created as a
+    /// smaller GPU's would be (e.g. 128 MiB / 256 MiB, WebGPU's defaults and many phones'), so that every
+    /// code path for small limits runs, and is validated, on any machine.
+    pub max_binding: Option<u64>,
+    pub max_buffer: Option<u64>,
 }
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        Self { f16: true }
+        Self { f16: true, max_binding: None, max_buffer: None }
     }
 }
 
@@ -124,7 +129,13 @@ impl GpuContext {
         if !options.f16 {
             features.remove(wgpu::Features::SHADER_F16);
         }
-        let limits = adapter.limits();
+        let mut limits = adapter.limits();
+        if let Some(cap) = options.max_binding {
+            limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
+        }
+        if let Some(cap) = options.max_buffer {
+            limits.max_buffer_size = limits.max_buffer_size.min(cap);
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("latent-gen"),

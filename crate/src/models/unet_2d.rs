@@ -164,6 +164,21 @@ impl UNetConfig {
         1 << (self.block_out_channels.len() - 1)
     }
 
+    /// Elements of the largest activation a UNet evaluation at batch `batch` on an (h, w) latent makes: a
+    /// level's feature map, the skip concatenation of the up path, or the GEGLU projection (8 x channels per
+    /// token) of its transformer blocks. What must fit one buffer binding.
+    pub fn largest_activation(&self, batch: usize, h: usize, w: usize) -> usize {
+        let c = &self.block_out_channels;
+        let mut max = 0;
+        for (l, &ch) in c.iter().enumerate() {
+            let hw = h.div_ceil(1 << l) * w.div_ceil(1 << l);
+            let next = c[(l + 1).min(c.len() - 1)];
+            let attention = self.down_block_types.get(l).is_some_and(|t| t.contains("CrossAttn"));
+            max = max.max(batch * hw * (ch + next)).max(if attention { batch * hw * 8 * ch } else { 0 });
+        }
+        max
+    }
+
     fn attn(kind: &str, heads: usize, layers: usize) -> Result<Option<CrossAttn>> {
         match kind {
             "CrossAttnDownBlock2D" | "CrossAttnUpBlock2D" => Ok(Some(CrossAttn { heads, layers })),

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::nn::{Conv2d, GroupNorm, Linear};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::{DType, GpuContext, Tensor};
 use crate::ops;
 use crate::weights::Weights;
 
@@ -142,6 +142,8 @@ impl Mid {
 }
 
 struct Stage {
+    /// Output channels.
+    out: usize,
     resnets: Vec<ResnetBlock2D>,
     /// Encoder: stride-2 conv padded (0, 1); decoder: nearest 2x then conv.
     sampler: Option<Conv2d>,
@@ -152,6 +154,7 @@ pub struct Decoder {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
     mid: Mid,
+    mid_channels: usize,
     up: Vec<Stage>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -197,7 +200,7 @@ impl Decoder {
                 .collect::<Result<_>>()?;
             let sampler =
                 (i + 1 < n).then(|| Conv2d::load(&b.pp("upsamplers.0.conv"), out, out, 3, 1, 1, true)).transpose()?;
-            up.push(Stage { resnets, sampler });
+            up.push(Stage { out, resnets, sampler });
             prev = out;
         }
         Ok(Self {
@@ -207,10 +210,26 @@ impl Decoder {
                 .transpose()?,
             conv_in: Conv2d::load(&d.pp("conv_in"), l, ch[n - 1], 3, 1, 1, true)?,
             mid: Mid::load(&d.pp("mid_block"), ch[n - 1], cfg)?,
+            mid_channels: ch[n - 1],
             up,
             norm_out: GroupNorm::load(&d.pp("conv_norm_out"), g, ch[0], EPS)?,
             conv_out: Conv2d::load(&d.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1, true)?,
         })
+    }
+
+    /// Bytes of the largest activation decoding an (h, w) latent makes (one image): what must fit one buffer
+    /// binding. SD's VAE at 512x512 needs 256 MiB in f32, over many devices' 128 MiB binding limit.
+    pub fn largest_activation_bytes(&self, h: usize, w: usize, act: DType) -> u64 {
+        let mut res = h * w;
+        let mut max = self.mid_channels * res;
+        for stage in &self.up {
+            max = max.max(stage.out * res);
+            if stage.sampler.is_some() {
+                res *= 4;
+                max = max.max(stage.out * res);
+            }
+        }
+        DType::storage_bytes(act, max) as u64
     }
 
     /// Decodes VAE latents (already divided by `scaling_factor`).
@@ -258,7 +277,7 @@ impl Encoder {
                     )
                 })
                 .transpose()?;
-            down.push(Stage { resnets, sampler });
+            down.push(Stage { out, resnets, sampler });
             prev = out;
         }
         Ok(Self {

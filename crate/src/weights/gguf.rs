@@ -190,21 +190,23 @@ impl TensorSource for Gguf {
         self.infos.get(name).map(|i| host_dtype(i.dtype))
     }
 
-    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
-        let i = self.infos.get(name)?;
+    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Result<Cow<'_, [u8]>> {
+        let bad = || Error::Invalid(format!("bytes {range:?} are outside tensor {name}"));
+        let i = self.infos.get(name).ok_or_else(bad)?;
         if range.end > i.len || range.start > range.end {
-            return None;
+            return Err(bad());
         }
         let start = i.start as usize + range.start;
         match &self.data {
-            Data::Whole(b) => Some(Cow::Borrowed(&b.as_ref()[start..start + range.len()])),
-            Data::Ranged(read) => match read(start as u64, range.len()) {
-                Ok(d) if d.len() == range.len() => Some(Cow::Owned(d)),
-                _ => {
-                    log::error!("reading {name} from {}: a short or failed read", self.label);
-                    None
+            Data::Whole(b) => Ok(Cow::Borrowed(&b.as_ref()[start..start + range.len()])),
+            Data::Ranged(read) => {
+                let d = read(start as u64, range.len())
+                    .map_err(|e| Error::Invalid(format!("reading {name} from {}: {e}", self.label)))?;
+                if d.len() != range.len() {
+                    return Err(Error::Invalid(format!("reading {name} from {}: a short read", self.label)));
                 }
-            },
+                Ok(Cow::Owned(d))
+            }
         }
     }
 

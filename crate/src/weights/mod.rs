@@ -143,11 +143,15 @@ pub trait TensorSource {
     }
     /// Bytes `range` of `name`'s stored data, for reading a large tensor in pieces (files read only those
     /// bytes; the default reads the whole tensor).
-    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
-        let t = self.tensor(name)?;
-        let bytes = t.data.get(range)?.to_vec();
-        Some(Cow::Owned(bytes))
+    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Result<Cow<'_, [u8]>> {
+        let t = self.tensor(name).ok_or_else(|| Error::Invalid(format!("{name} could not be read")))?;
+        let bytes = t.data.get(range.clone()).ok_or_else(|| out_of_range(name, &range))?.to_vec();
+        Ok(Cow::Owned(bytes))
     }
+}
+
+fn out_of_range(name: &str, range: &std::ops::Range<usize>) -> Error {
+    Error::Invalid(format!("bytes {range:?} are outside tensor {name}"))
 }
 
 impl HostDType {
@@ -242,9 +246,12 @@ impl TensorSource for Safetensors {
         self.metadata.info(name).map(|i| i.dtype.into())
     }
 
-    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
-        let (a, b) = self.metadata.info(name)?.data_offsets;
-        (range.end <= b - a).then(|| Cow::Borrowed(&self.bytes.as_ref()[self.data_start + a..][range]))
+    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Result<Cow<'_, [u8]>> {
+        let (a, b) = self.metadata.info(name).ok_or_else(|| out_of_range(name, &range))?.data_offsets;
+        if range.end > b - a || range.start > range.end {
+            return Err(out_of_range(name, &range));
+        }
+        Ok(Cow::Borrowed(&self.bytes.as_ref()[self.data_start + a..][range]))
     }
 }
 
@@ -326,22 +333,22 @@ impl TensorSource for RangedSafetensors {
         self.metadata.info(name).map(|i| i.dtype.into())
     }
 
-    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
-        let (a, b) = self.metadata.info(name)?.data_offsets;
+    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Result<Cow<'_, [u8]>> {
+        let (a, b) = self.metadata.info(name).ok_or_else(|| out_of_range(name, &range))?.data_offsets;
         if range.end > b - a || range.start > range.end {
-            return None;
+            return Err(out_of_range(name, &range));
         }
-        match (self.read)(self.data_start + (a + range.start) as u64, range.len()) {
-            Ok(data) if data.len() == range.len() => Some(Cow::Owned(data)),
-            Ok(data) => {
-                log::error!("reading {name} from {}: {} of {} bytes", self.label, data.len(), range.len());
-                None
-            }
-            Err(e) => {
-                log::error!("reading {name} from {}: {e}", self.label);
-                None
-            }
+        let data = (self.read)(self.data_start + (a + range.start) as u64, range.len())
+            .map_err(|e| Error::Invalid(format!("reading {name} from {}: {e}", self.label)))?;
+        if data.len() != range.len() {
+            return Err(Error::Invalid(format!(
+                "reading {name} from {}: {} of {} bytes",
+                self.label,
+                data.len(),
+                range.len()
+            )));
         }
+        Ok(Cow::Owned(data))
     }
 }
 
@@ -438,9 +445,10 @@ impl<'a> Weights<'a> {
         let mut r0 = 0;
         while r0 < rows {
             let r1 = (r0 + per).min(rows);
-            let data = self.src.tensor_bytes(&full, r0 * row_stored..r1 * row_stored).ok_or_else(|| {
-                Error::Invalid(format!("could not read rows {r0}..{r1} of {full} from {}", self.src.label()))
-            })?;
+            let data = self
+                .src
+                .tensor_bytes(&full, r0 * row_stored..r1 * row_stored)
+                .map_err(|e| Error::Invalid(format!("rows {r0}..{r1} of {full} from {}: {e}", self.src.label())))?;
             let block_shape: Vec<usize> = [&[r1 - r0], &found[1..]].concat();
             let host = HostTensor { dtype: host_dtype, shape: Cow::Owned(block_shape), data };
             let bytes = gpu_bytes(&host, dtype, &full)?;

@@ -487,16 +487,17 @@ impl TensorSource for Remapped<'_> {
         self.file.dtype(&self.map.get(name)?.0)
     }
 
-    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Option<Cow<'_, [u8]>> {
-        let (orig, op) = self.map.get(name)?;
+    fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> crate::Result<Cow<'_, [u8]>> {
+        let unknown = || Error::Invalid(format!("no tensor {name} in {}", self.label));
+        let (orig, op) = self.map.get(name).ok_or_else(unknown)?;
         match *op {
             Op::Same | Op::Squeeze | Op::Unsqueeze => self.file.tensor_bytes(orig, range),
             Op::Chunk { index, of } => {
-                let shape = self.file.shape(orig)?;
-                let total = self.file.dtype(orig)?.bytes(shape.iter().product())?;
-                let part = total / of;
+                let shape = self.file.shape(orig).ok_or_else(unknown)?;
+                let dtype = self.file.dtype(orig).ok_or_else(unknown)?;
+                let part = dtype.bytes(shape.iter().product()).ok_or_else(unknown)? / of;
                 if range.end > part {
-                    return None;
+                    return Err(Error::Invalid(format!("bytes {range:?} are outside {name}")));
                 }
                 self.file.tensor_bytes(orig, index * part + range.start..index * part + range.end)
             }
