@@ -92,9 +92,19 @@ fn bad_requests_explain_themselves() {
     let m = model.to_str().unwrap();
     let out = std::env::temp_dir().join("latent-gen-never-written.png");
     let o = out.to_str().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let dir = std::env::temp_dir().join(format!("latent-gen-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = dir.join("model.ckpt");
+    std::fs::write(&ckpt, b"PK\x03\x04 a pickle").unwrap();
+    let (d, c) = (dir.to_str().unwrap(), ckpt.to_str().unwrap());
+    let foreign = fixtures().join("refs/rng.safetensors");
+    let f = foreign.to_str().unwrap();
+    let cases: [(&[&str], &str); 7] = [
         (&["generate", "--model", m, "--prompt", "x", "--width", "70", "--out", o], "multiples of 16"),
-        (&["generate", "--model", "/nonexistent", "--prompt", "x", "--out", o], "not a diffusers model folder"),
+        (&["generate", "--model", "/nonexistent", "--prompt", "x", "--out", o], "no such file or folder"),
+        (&["generate", "--model", d, "--prompt", "x", "--out", o], "not a diffusers model folder"),
+        (&["generate", "--model", c, "--prompt", "x", "--out", o], "pickle file"),
+        (&["generate", "--model", f, "--prompt", "x", "--out", o], "not a Stable Diffusion checkpoint"),
         (&["generate", "--model", m, "--prompt", "x", "--scheduler", "plms", "--out", o], "dpm++2m-karras"),
         (&["generate", "--model", m, "--prompt", "x", "--steps", "0", "--out", o], "steps must be between 1"),
     ];
@@ -106,6 +116,7 @@ fn bad_requests_explain_themselves() {
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     }
     assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// With no GPU adapter (here: wgpu asked for a backend this platform lacks) generation falls back to the CPU
