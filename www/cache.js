@@ -1,13 +1,16 @@
-// The weight cache: model files in IndexedDB, stored in chunks so that no multi-gigabyte file is ever one
-// ArrayBuffer. Used by the worker (downloads, imports, loading) and by the page (listing, deleting).
+// The weight cache: model files in the origin private file system (OPFS), one file per model file, with their
+// records in IndexedDB. Used by the worker (downloads, imports, loading) and by the page (listing, deleting).
 //
-// Stores:
-//   files  key "<model>/<path>": { key, model, path, size, sha256, received, chunks, complete, source }
-//          `received` and `chunks` only count chunks already written, so a download resumes at `received` with
-//          a Range request after a reload or a dropped connection. `complete` is set only after the size (and the
-//          sha256, where the catalog has one) was verified.
-//   chunks key "<model>/<path>#<index>": Blob of at most CHUNK bytes (shorter where a dropped connection
-//          or the end of the file flushed early)
+// Records (IndexedDB store "files", key "<model>/<path>"):
+//   { key, model, path, size, sha256, received, complete, source, store: 'opfs' }
+//   `received` counts only bytes already flushed to the file, so a download resumes at `received` with a Range
+//   request after a reload or a dropped connection (the file is cut back to it first). `complete` is set only
+//   after the size (and the sha256, where the catalog has one) was verified.
+// Data: OPFS file latent-gen/<encodeURIComponent(key)>, written in place through a sync access handle (the
+//   worker only), read back as the File OPFS hands out: disk-backed, so the wasm side reads the byte ranges it
+//   needs without the browser holding the file in memory. (Earlier versions kept 8 MiB Blob chunks in an
+//   IndexedDB store "chunks"; Chromium caps in-memory Blob data near 512 MiB and collects the chunk Blobs a
+//   download creates too late, which left large downloads unreadable. Such records are ignored and removed.)
 
 const DB_NAME = 'latent-gen';
 const DB_VERSION = 1;
@@ -63,18 +66,31 @@ function request(req) {
 }
 
 export const fileKey = (model, path) => `${model}/${path}`;
-const chunkKey = (key, i) => `${key}#${i}`;
+
+/** The OPFS folder holding the cached files. */
+async function opfsDir() {
+  if (!navigator.storage?.getDirectory) {
+    throw new Error('this browser has no origin private file system (navigator.storage.getDirectory), which the model cache needs');
+  }
+  return (await navigator.storage.getDirectory()).getDirectoryHandle('latent-gen', { create: true });
+}
+
+const opfsName = (key) => encodeURIComponent(key);
+
+/** A record written by this version (data in OPFS); older ones are not used. */
+const current = (rec) => rec && rec.store === 'opfs';
 
 /** The record of one file, or undefined. */
 export async function getFile(model, path) {
   const db = await openDb();
-  return request(db.transaction('files').objectStore('files').get(fileKey(model, path)));
+  const rec = await request(db.transaction('files').objectStore('files').get(fileKey(model, path)));
+  return current(rec) ? rec : undefined;
 }
 
 /** Every file record, grouped by model: Map model -> records. */
 export async function listFiles() {
   const db = await openDb();
-  const all = await request(db.transaction('files').objectStore('files').getAll());
+  const all = (await request(db.transaction('files').objectStore('files').getAll())).filter(current);
   const models = new Map();
   for (const rec of all) {
     if (!models.has(rec.model)) models.set(rec.model, []);
@@ -83,7 +99,7 @@ export async function listFiles() {
   return models;
 }
 
-/** Deletes a file's record and chunks. */
+/** Deletes a file's record and data (and any chunks an earlier version stored). */
 export async function deleteFile(model, path) {
   const db = await openDb();
   const key = fileKey(model, path);
@@ -91,6 +107,11 @@ export async function deleteFile(model, path) {
   tx.objectStore('files').delete(key);
   tx.objectStore('chunks').delete(IDBKeyRange.bound(`${key}#`, `${key}#\uffff`));
   await txDone(tx, `deleting ${key}`);
+  try {
+    await (await opfsDir()).removeEntry(opfsName(key));
+  } catch (e) {
+    if (e?.name !== 'NotFoundError') throw storageError(e, `deleting ${key}`);
+  }
 }
 
 /** Deletes every file of a model. */
@@ -100,69 +121,89 @@ export async function deleteModel(model) {
 }
 
 /**
- * Writes files chunk by chunk. `append(bytes)` buffers and stores each full chunk together with the new
- * `received` count (one transaction), so what is stored is always a prefix of the file that a resume can
- * continue from.
+ * Writes a file in place (worker only: OPFS sync access handles). `append(bytes)` writes at once and records
+ * the new `received` count every CHUNK bytes, so what the record counts is always a prefix of the file that a
+ * resume can continue from. `close()` releases the file (also done by `finish()`).
  */
 export class ChunkWriter {
-  constructor(record) {
+  constructor(record, handle) {
     this.rec = record;
-    this.buf = new Uint8Array(CHUNK);
-    this.fill = 0;
+    this.handle = handle;
+    this.fill = 0; // bytes written past rec.received, not yet recorded
   }
 
   static async open(model, path, meta) {
     const db = await openDb();
     let rec = await getFile(model, path);
-    const fresh = !rec || rec.complete || rec.size !== meta.size || rec.sha256 !== meta.sha256;
+    const fresh = !rec || rec.complete || rec.size !== meta.size || rec.sha256 !== (meta.sha256 || null);
     if (fresh) {
-      if (rec) await deleteFile(model, path);
+      await deleteFile(model, path);
       rec = { key: fileKey(model, path), model, path, size: meta.size, sha256: meta.sha256 || null,
-        received: 0, chunks: 0, complete: false, source: meta.source || 'download' };
+        received: 0, complete: false, source: meta.source || 'download', store: 'opfs' };
       const tx = db.transaction('files', 'readwrite');
       tx.objectStore('files').put(rec);
       await txDone(tx, `starting ${rec.key}`);
     }
-    return new ChunkWriter(rec);
+    let handle;
+    try {
+      const fh = await (await opfsDir()).getFileHandle(opfsName(rec.key), { create: true });
+      handle = await fh.createSyncAccessHandle();
+      handle.truncate(rec.received); // drop what was written but never recorded
+    } catch (e) {
+      handle?.close();
+      throw storageError(e, `opening ${rec.key} for writing`);
+    }
+    return new ChunkWriter(rec, handle);
   }
 
   get received() { return this.rec.received + this.fill; }
 
   /** Drops everything stored so far (the server ignored a Range request). */
   async restart() {
-    const { model, path } = this.rec;
-    await deleteFile(model, path);
-    this.rec = { ...this.rec, received: 0, chunks: 0, complete: false };
+    this.handle.truncate(0);
+    this.rec = { ...this.rec, received: 0, complete: false };
     this.fill = 0;
-    const db = await openDb();
-    const tx = db.transaction('files', 'readwrite');
-    tx.objectStore('files').put(this.rec);
-    await txDone(tx, `restarting ${this.rec.key}`);
+    await this.record(`restarting ${this.rec.key}`);
   }
 
   async append(bytes) {
-    let off = 0;
-    while (off < bytes.length) {
-      const n = Math.min(CHUNK - this.fill, bytes.length - off);
-      this.buf.set(bytes.subarray(off, off + n), this.fill);
-      this.fill += n;
-      off += n;
-      if (this.fill === CHUNK) await this.flush();
+    let written;
+    try {
+      written = this.handle.write(bytes, { at: this.received });
+    } catch (e) {
+      throw storageError(e, `saving ${this.rec.key}`);
     }
+    // A short (or, in Chromium, a wrapped negative) count means the disk or the quota is full.
+    if (written !== bytes.length) {
+      throw storageError(Object.assign(new Error('no space left'), { name: 'QuotaExceededError' }), `saving ${this.rec.key}`);
+    }
+    this.fill += written;
+    if (this.fill >= CHUNK) await this.flush();
   }
 
-  /** Stores the buffered bytes as the next chunk. */
+  /** Makes the written bytes durable and records them. */
   async flush() {
     if (this.fill === 0) return;
-    const db = await openDb();
-    const index = this.rec.chunks;
-    const rec = { ...this.rec, received: this.rec.received + this.fill, chunks: index + 1 };
-    const tx = db.transaction(['files', 'chunks'], 'readwrite');
-    tx.objectStore('chunks').put(new Blob([this.buf.slice(0, this.fill)]), chunkKey(rec.key, index));
-    tx.objectStore('files').put(rec);
-    await txDone(tx, `saving ${rec.key}`);
-    this.rec = rec;
+    try {
+      this.handle.flush();
+    } catch (e) {
+      throw storageError(e, `saving ${this.rec.key}`);
+    }
+    this.rec = { ...this.rec, received: this.rec.received + this.fill };
     this.fill = 0;
+    await this.record(`saving ${this.rec.key}`);
+  }
+
+  async record(what) {
+    const db = await openDb();
+    const tx = db.transaction('files', 'readwrite');
+    tx.objectStore('files').put(this.rec);
+    await txDone(tx, what);
+  }
+
+  close() {
+    try { this.handle?.close(); } catch { /* already closed */ }
+    this.handle = null;
   }
 
   /**
@@ -172,48 +213,51 @@ export class ChunkWriter {
   async finish(hasher, label) {
     await this.flush();
     const { rec } = this;
-    if (rec.size != null && rec.received !== rec.size) {
-      throw new Error(`${label}: received ${rec.received} bytes, expected ${rec.size}; the download will resume`);
-    }
-    if (rec.sha256) {
-      for await (const bytes of readChunks(rec)) hasher.update(bytes);
-      const got = hasher.hex();
-      if (got !== rec.sha256) {
-        await deleteFile(rec.model, rec.path);
-        throw new Error(`${label} failed verification: its sha256 is ${got}, expected ${rec.sha256}. ` +
-          'The file was discarded and nothing was cached; the source may have changed or the data was corrupted.');
+    try {
+      if (rec.size != null && rec.received !== rec.size) {
+        throw new Error(`${label}: received ${rec.received} bytes, expected ${rec.size}; the download will resume`);
       }
+      if (rec.sha256) {
+        const buf = new Uint8Array(CHUNK);
+        for (let at = 0; at < rec.received; at += CHUNK) {
+          const n = this.handle.read(buf.subarray(0, Math.min(CHUNK, rec.received - at)), { at });
+          hasher.update(buf.subarray(0, n));
+        }
+        const got = hasher.hex();
+        if (got !== rec.sha256) {
+          this.close();
+          await deleteFile(rec.model, rec.path);
+          throw new Error(`${label} failed verification: its sha256 is ${got}, expected ${rec.sha256}. ` +
+            'The file was discarded and nothing was cached; the source may have changed or the data was corrupted.');
+        }
+      }
+    } finally {
+      this.close();
     }
-    const db = await openDb();
-    const done = { ...rec, size: rec.received, complete: true };
-    const tx = db.transaction('files', 'readwrite');
-    tx.objectStore('files').put(done);
-    await txDone(tx, `finishing ${rec.key}`);
-    this.rec = done;
+    this.rec = { ...rec, size: rec.received, complete: true };
+    await this.record(`finishing ${rec.key}`);
   }
 }
 
-/** Yields a stored file's chunks in order, as Uint8Arrays. */
+/** Yields a stored file's bytes in CHUNK pieces, as Uint8Arrays. */
 export async function* readChunks(rec) {
-  const db = await openDb();
-  for (let i = 0; i < rec.chunks; i++) {
-    const blob = await request(db.transaction('chunks').objectStore('chunks').get(chunkKey(rec.key, i)));
-    if (!blob) throw new Error(`${rec.key}: chunk ${i} is missing from the cache; delete the model and download it again`);
-    yield new Uint8Array(await blob.arrayBuffer());
+  const file = await fileBlob(rec);
+  for (let at = 0; at < file.size; at += CHUNK) {
+    yield new Uint8Array(await file.slice(at, at + CHUNK).arrayBuffer());
   }
 }
 
 /**
- * A complete file as one Blob made of its stored chunks: nothing is read yet (the wasm side reads the
- * byte ranges it needs, one tensor at a time).
+ * A complete file as the disk-backed File OPFS hands out: nothing is read yet (the wasm side reads the byte
+ * ranges it needs, one block of a tensor at a time).
  */
 export async function fileBlob(rec) {
-  const db = await openDb();
-  const store = db.transaction('chunks').objectStore('chunks');
-  const parts = await Promise.all([...Array(rec.chunks).keys()].map((i) => request(store.get(chunkKey(rec.key, i)))));
-  const missing = parts.findIndex((p) => !p);
-  if (missing >= 0) throw new Error(`${rec.key}: chunk ${missing} is missing from the cache; delete the model and download it again`);
-  const blob = new Blob(parts);
-  if (blob.size !== rec.received) throw new Error(`${rec.key}: the cache holds ${blob.size} bytes, expected ${rec.received}`);
-  return blob;
+  let file;
+  try {
+    file = await (await (await opfsDir()).getFileHandle(opfsName(rec.key))).getFile();
+  } catch (e) {
+    throw new Error(`${rec.key} is missing from the cache (${e?.name || e}); delete the model and download it again`);
+  }
+  if (file.size !== rec.received) throw new Error(`${rec.key}: the cache holds ${file.size} bytes, expected ${rec.received}`);
+  return file;
 }

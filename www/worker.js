@@ -30,6 +30,16 @@ const fileUrl = (model, f) => new URL(f.url || model.base + f.path, model.catalo
 async function download(model, f, signal, onBytes) {
   const label = `${model.id}/${f.path}`;
   const writer = await ChunkWriter.open(model.id, f.path, { size: f.size, sha256: f.sha256 });
+  try {
+    await fetchInto(writer, model, f, label, signal, onBytes);
+    await writer.finish(new Sha256(), label);
+  } finally {
+    writer.close();
+  }
+}
+
+/** Fetches `f` into `writer` from where it stopped, resuming a few times over dropped connections. */
+async function fetchInto(writer, model, f, label, signal, onBytes) {
   const url = fileUrl(model, f);
   for (let attempt = 0; ; attempt++) {
     const start = writer.received;
@@ -60,7 +70,6 @@ async function download(model, f, signal, onBytes) {
       if (attempt >= 4) throw new Error(`${label}: the download kept failing (${e.message}); try again later, it will resume`);
     }
   }
-  await writer.finish(new Sha256(), label);
 }
 
 const cancelled = () => Object.assign(new Error('cancelled'), { name: 'AbortError' });
@@ -120,14 +129,18 @@ async function importFiles(id, modelId, files) {
   let done = 0;
   for (const { path, file } of files) {
     const writer = await ChunkWriter.open(modelId, path, { size: file.size, sha256: null, source: 'import' });
-    const reader = file.stream().getReader();
-    for (;;) {
-      const { done: end, value } = await reader.read();
-      if (end) break;
-      await writer.append(value);
-      post({ id, type: 'progress', phase: 'import', file: path, received: done + writer.received, total });
+    try {
+      const reader = file.stream().getReader();
+      for (;;) {
+        const { done: end, value } = await reader.read();
+        if (end) break;
+        await writer.append(value);
+        post({ id, type: 'progress', phase: 'import', file: path, received: done + writer.received, total });
+      }
+      await writer.finish(new Sha256(), `${modelId}/${path}`);
+    } finally {
+      writer.close();
     }
-    await writer.finish(new Sha256(), `${modelId}/${path}`);
     done += file.size;
   }
   if (loaded?.id === modelId) loaded = null;

@@ -52,6 +52,15 @@ export async function launchBrowser() {
   });
 }
 
+/** Chromium with a profile on disk at `dir` (storage as a user's browser keeps it), WebGPU on SwiftShader. */
+export async function launchPersistent(dir) {
+  return chromium.launchPersistentContext(dir, {
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: FLAGS,
+  });
+}
+
 /** Registers this test file's before/after hooks: one server and one browser for all its tests, stopped at the
  * end. Resolves nothing itself: the returned object's `server` and `browser` are set once `before` has run. */
 export function serverAndBrowser() {
