@@ -100,7 +100,7 @@ test('the catalog lists the bundled model files with their sizes and sha256', as
   assert.deepEqual(tiny.files, await describe(join(root, 'www', tiny.base)), 'stale: run node scripts/update-catalog.mjs');
 });
 
-test('generating previews every step, draws the prompt, equals the CLI, and reloads from IndexedDB', { timeout: 900_000 }, async () => {
+test('generating previews every step, draws the prompt, equals the CLI, and reloads from the cache', { timeout: 900_000 }, async () => {
   const context = await env.browser.newContext();
   await env.server.faults({ reset: true });
   const { page, errors } = await openApp(context);

@@ -130,23 +130,6 @@ impl Gguf {
             unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Invalid(format!("cannot map {label}: {e}")))?;
         Self::new(Bytes::Mapped(map), label)
     }
-
-    /// A metadata string, if present.
-    pub fn meta_str(&self, key: &str) -> Option<&str> {
-        self.metadata.get(key).and_then(|v| v.to_string().ok()).map(String::as_str)
-    }
-
-    /// The file's block types and how many tensors use each (for messages and benchmarks).
-    pub fn dtypes(&self) -> Vec<(GgmlDType, usize)> {
-        let mut counts: Vec<(GgmlDType, usize)> = Vec::new();
-        for i in self.infos.values() {
-            match counts.iter_mut().find(|(d, _)| *d == i.dtype) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((i.dtype, 1)),
-            }
-        }
-        counts
-    }
 }
 
 fn host_dtype(g: GgmlDType) -> HostDType {
