@@ -32,6 +32,17 @@ impl Family {
     }
 }
 
+/// The diffusers files a [`Checkpoint`] can make up when neither `--config` nor the file has them.
+const DERIVED: [&str; 7] = [
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer_config.json",
+    "scheduler/scheduler_config.json",
+];
+
 /// The diffusers paths a [`Checkpoint`] answers with tensors.
 const WEIGHT_FILES: [(&str, Part); 3] = [
     ("text_encoder/model.safetensors", Part::TextEncoder),
@@ -79,7 +90,8 @@ impl Checkpoint {
         self
     }
 
-    /// A file the checkpoint lacks, read off its tensors: configs, the shipped CLIP tokenizer, the scheduler.
+    /// A file the checkpoint lacks, read off its tensors: configs, the shipped CLIP tokenizer, the scheduler
+    /// (one of [`DERIVED`]).
     fn derived(&self, path: &str) -> Option<Result<String>> {
         Some(match path {
             "unet/config.json" => self.unet_config().map(|v| v.to_string()),
@@ -318,7 +330,7 @@ impl ModelSource for Checkpoint {
     fn exists(&self, path: &str) -> bool {
         WEIGHT_FILES.iter().any(|(p, _)| *p == path)
             || self.embedded.contains_key(path)
-            || self.derived(path).is_some()
+            || DERIVED.contains(&path)
             || self.config.as_ref().is_some_and(|c| c.exists(path))
     }
 

@@ -140,8 +140,9 @@ pub fn convert(
         let mut names = s.names();
         names.sort();
         for d in names {
-            let Some(host) = s.tensor(&d) else { continue };
-            if matches!(host.dtype, HostDType::Other(_)) {
+            // Shapes and dtypes from the header: the data is read once, when it is written.
+            let (Some(found), Some(dtype)) = (s.shape(&d), s.dtype(&d)) else { continue };
+            if matches!(dtype, HostDType::Other(_)) {
                 report.skipped.push(d);
                 continue;
             }
@@ -149,8 +150,8 @@ pub fn convert(
                 Error::Invalid(format!("{}: {d} has no name in a Stable Diffusion checkpoint", s.label()))
             })?;
             let shape = match op {
-                Op::Unsqueeze => [host.shape.as_ref(), &[1, 1]].concat(),
-                _ => host.shape.to_vec(),
+                Op::Unsqueeze => [found.as_slice(), &[1, 1]].concat(),
+                _ => found,
             };
             let flat = format == Format::Gguf && flat_convs;
             let (dtype, shape) = target(weights, &shape, flat);

@@ -509,7 +509,8 @@ impl StableDiffusion {
             for j in 0..rows[i].len() {
                 let (th, tw) = (rows[i][j].0, rows[i][j].1);
                 if i > 0 {
-                    let (above, here) = (rows[i - 1][j].clone(), &mut rows[i][j]);
+                    let (done, todo) = rows.split_at_mut(i);
+                    let (above, here) = (&done[i - 1][j], &mut todo[0][j]);
                     let e = blend.min(above.0).min(th);
                     for p in 0..3 {
                         for y in 0..e {

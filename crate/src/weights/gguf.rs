@@ -123,12 +123,8 @@ impl Gguf {
     /// Memory-maps the file at `path`.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn open(path: &std::path::Path) -> Result<Self> {
-        let label = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|e| Error::Invalid(format!("cannot open {label}: {e}")))?;
-        // SAFETY: as in Safetensors::open: read-only, every slice bounds-checked against the parsed header.
-        let map =
-            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Invalid(format!("cannot map {label}: {e}")))?;
-        Self::new(Bytes::Mapped(map), label)
+        let (bytes, label) = Bytes::map(path)?;
+        Self::new(bytes, label)
     }
 }
 
@@ -144,21 +140,13 @@ fn host_dtype(g: GgmlDType) -> HostDType {
 impl TensorSource for Gguf {
     fn tensor(&self, name: &str) -> Option<HostTensor<'_>> {
         let i = self.infos.get(name)?;
-        let data = match &self.data {
-            Data::Whole(b) => Cow::Borrowed(&b.as_ref()[i.start as usize..i.start as usize + i.len]),
-            Data::Ranged(read) => match read(i.start, i.len) {
-                Ok(d) if d.len() == i.len => Cow::Owned(d),
-                Ok(d) => {
-                    log::error!("reading {name} from {}: {} of {} bytes", self.label, d.len(), i.len);
-                    return None;
-                }
-                Err(e) => {
-                    log::error!("reading {name} from {}: {e}", self.label);
-                    return None;
-                }
-            },
-        };
-        Some(HostTensor { dtype: host_dtype(i.dtype), shape: Cow::Borrowed(&i.shape), data })
+        match self.tensor_bytes(name, 0..i.len) {
+            Ok(data) => Some(HostTensor { dtype: host_dtype(i.dtype), shape: Cow::Borrowed(&i.shape), data }),
+            Err(e) => {
+                log::error!("{e}");
+                None
+            }
+        }
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {

@@ -173,6 +173,20 @@ pub enum Bytes {
     Mapped(memmap2::Mmap),
 }
 
+impl Bytes {
+    /// Memory-maps the file at `path`; also returns its path for messages.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn map(path: &std::path::Path) -> Result<(Self, String)> {
+        let label = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|e| Error::Invalid(format!("cannot open {label}: {e}")))?;
+        // SAFETY: the map is read-only; a file changed underneath us gives wrong weights, not unsoundness we
+        // act on (every read is bounds-checked against the header parsed from it).
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Invalid(format!("cannot map {label}: {e}")))?;
+        Ok((Bytes::Mapped(map), label))
+    }
+}
+
 impl AsRef<[u8]> for Bytes {
     fn as_ref(&self) -> &[u8] {
         match self {
@@ -204,13 +218,8 @@ impl Safetensors {
     /// Memory-maps the file at `path`.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn open(path: &std::path::Path) -> Result<Self> {
-        let label = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|e| Error::Invalid(format!("cannot open {label}: {e}")))?;
-        // SAFETY: the map is read-only; a file changed underneath us gives wrong weights, not unsoundness we
-        // act on (every read is bounds-checked against the header parsed here).
-        let map =
-            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Invalid(format!("cannot map {label}: {e}")))?;
-        Self::new(Bytes::Mapped(map), label)
+        let (bytes, label) = Bytes::map(path)?;
+        Self::new(bytes, label)
     }
 
     /// Names and shapes of every tensor.
@@ -306,12 +315,10 @@ impl TensorSource for RangedSafetensors {
     fn tensor(&self, name: &str) -> Option<HostTensor<'_>> {
         let info = self.metadata.info(name)?;
         let (a, b) = info.data_offsets;
-        match (self.read)(self.data_start + a as u64, b - a) {
-            Ok(data) => {
-                Some(HostTensor { dtype: info.dtype.into(), shape: Cow::Borrowed(&info.shape), data: Cow::Owned(data) })
-            }
+        match self.tensor_bytes(name, 0..b - a) {
+            Ok(data) => Some(HostTensor { dtype: info.dtype.into(), shape: Cow::Borrowed(&info.shape), data }),
             Err(e) => {
-                log::error!("reading {name} from {}: {e}", self.label);
+                log::error!("{e}");
                 None
             }
         }

@@ -352,39 +352,39 @@ fn is_projection(inner: Inner, rest: &str) -> bool {
 
 /// An ldm name (under its network's prefix) as diffusers names it, with the reshape it needs.
 fn to_diffusers(table: &Table, k: &str) -> Option<(String, Op)> {
-    let (o, d, inner) = table.iter().filter(|(o, _, _)| k.starts_with(o.as_str())).max_by_key(|(o, _, _)| o.len())?;
-    let rest = &k[o.len()..];
-    let pairs = inner_pairs(*inner);
-    let rest = if pairs.is_empty() {
-        rest.to_string()
-    } else {
-        match pairs.iter().find_map(|(lo, ld)| rest.strip_prefix(lo).map(|r| format!("{ld}{r}"))) {
-            Some(r) => r,
-            None if *inner == Inner::Resnet => return None,
-            None => rest.to_string(),
-        }
-    };
-    let op = if is_projection(*inner, &rest) { Op::Squeeze } else { Op::Same };
-    Some((format!("{d}{rest}"), op))
+    rename(table, k, true)
 }
 
 /// A diffusers name as ldm names it (under its network's prefix), with the reshape it needs.
 fn to_original(table: &Table, d: &str) -> Option<(String, Op)> {
-    let (o, dp, inner) =
-        table.iter().filter(|(_, dp, _)| d.starts_with(dp.as_str())).max_by_key(|(_, dp, _)| dp.len())?;
-    let rest = &d[dp.len()..];
-    let pairs = inner_pairs(*inner);
-    let rest = if pairs.is_empty() {
-        rest.to_string()
-    } else {
-        match pairs.iter().find_map(|(lo, ld)| rest.strip_prefix(ld).map(|r| format!("{lo}{r}"))) {
-            Some(r) => r,
-            None if *inner == Inner::Resnet => return None,
-            None => rest.to_string(),
-        }
+    rename(table, d, false)
+}
+
+/// `name` through `table`: the block with the longest matching prefix, then the renames inside it, from
+/// ldm's names to diffusers' (`forward`) or back.
+fn rename(table: &Table, name: &str, forward: bool) -> Option<(String, Op)> {
+    fn ends(e: &(String, String, Inner), forward: bool) -> (&str, &str) {
+        if forward { (&e.0, &e.1) } else { (&e.1, &e.0) }
+    }
+    let entry =
+        table.iter().filter(|e| name.starts_with(ends(e, forward).0)).max_by_key(|e| ends(e, forward).0.len())?;
+    let ((from, to), inner) = (ends(entry, forward), entry.2);
+    let rest = &name[from.len()..];
+    let renamed = inner_pairs(inner).iter().find_map(|&(lo, ld)| {
+        let (a, b) = if forward { (lo, ld) } else { (ld, lo) };
+        rest.strip_prefix(a).map(|r| format!("{b}{r}"))
+    });
+    let rest = match renamed {
+        Some(r) => r,
+        None if inner == Inner::Resnet => return None,
+        None => rest.to_string(),
     };
-    let op = if is_projection(*inner, &rest) { Op::Unsqueeze } else { Op::Same };
-    Some((format!("{o}{rest}"), op))
+    let op = match (is_projection(inner, &rest), forward) {
+        (false, _) => Op::Same,
+        (true, true) => Op::Squeeze,
+        (true, false) => Op::Unsqueeze,
+    };
+    Some((format!("{to}{rest}"), op))
 }
 
 /// The ldm name a diffusers-named tensor of `part` gets in a single-file checkpoint (as stable-diffusion.cpp
