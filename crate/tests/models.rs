@@ -406,7 +406,8 @@ fn gguf_checkpoints_match_their_dequantized_weights() {
     }
 }
 
-/// `convert` writes whole models: a GGUF converted from a folder or a single file loads with no --config (its
+/// `convert` writes whole models: a GGUF (or single-file .safetensors) converted from a folder or a single file
+/// loads with no --config (its
 /// configs travel in the metadata) and gives exactly what the source gives with the same weight types (f16
 /// matrices, f32 vectors); q8_0 stays close to diffusers' f32 images, with convolutions quantized too.
 #[test]
@@ -452,6 +453,17 @@ fn converted_gguf_files_equal_their_sources() {
             }
         }
         assert!(quantized[2] > quantized[1], "{model}: --quantize-convs quantized no convolution ({quantized:?})");
+        // A single-file .safetensors (f16 matrices, f32 vectors, configs in __metadata__) loads alone too, and
+        // gives what the f16 GGUF gives.
+        let path = dir.join(format!("{model}.safetensors"));
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        convert(src.as_ref(), Format::Safetensors, DType::F16, false, &mut out, &mut |_, _| {}).unwrap();
+        drop(out);
+        let sd = StableDiffusion::load_path(&ctx, &path, None, LoadPolicy::F32).unwrap_or_else(|e| panic!("{e}"));
+        let reference = StableDiffusion::load(&ctx, src.as_ref(), f16).unwrap();
+        assert!(image(&sd, &case(model)) == image(&reference, &case(model)), "{model}: the single file differs");
+        let q8 = convert(src.as_ref(), Format::Safetensors, DType::Q8_0, false, &mut Vec::new(), &mut |_, _| {});
+        assert!(q8.unwrap_err().to_string().contains("f16"), "safetensors output takes f16 weights only");
     }
     std::fs::remove_dir_all(&dir).ok();
 }
