@@ -407,8 +407,7 @@ fn gguf_checkpoints_match_their_dequantized_weights() {
 }
 
 /// `convert` writes whole models: a GGUF (or single-file .safetensors) converted from a folder or a single file
-/// loads with no --config (its
-/// configs travel in the metadata) and gives exactly what the source gives with the same weight types (f16
+/// loads with no --config (its configs travel in the metadata) and gives exactly what the source gives with the same weight types (f16
 /// matrices, f32 vectors); q8_0 stays close to diffusers' f32 images, with convolutions quantized too.
 #[test]
 fn converted_gguf_files_equal_their_sources() {
