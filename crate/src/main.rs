@@ -174,6 +174,10 @@ mod cli {
             precision: Precision,
             #[arg(long, value_enum, default_value = "f32")]
             weights: WeightType,
+            /// Timed runs of each part after its warm-up (default 3; 1 with --quick). One is enough for the
+            /// peak GPU memory.
+            #[arg(long)]
+            repeat: Option<usize>,
             #[arg(long)]
             json: Option<PathBuf>,
         },
@@ -249,9 +253,10 @@ mod cli {
                     println!("wrote {} records to {}", records.len(), path.display());
                 }
             }
-            Bench::Pipeline { arch, quick, precision, weights, json } => {
+            Bench::Pipeline { arch, quick, precision, weights, repeat, json } => {
                 let policy = LoadPolicy { act: act_dtype(ctx, precision)?, weights: weight_dtype(weights) };
-                let (size, repeat) = if quick { (128, 1) } else { (512, 3) };
+                let (size, default_repeat) = if quick { (128, 1) } else { (512, 3) };
+                let repeat = repeat.unwrap_or(default_repeat).max(1);
                 let r =
                     latent_gen::bench::bench_pipeline(ctx, arch, size, policy, repeat, |m| eprintln!("{m}")).await?;
                 println!("{r}");

@@ -217,17 +217,12 @@ impl TensorPlan {
     }
 }
 
-const ALIGNMENT: usize = 32;
+/// Tensor data in a GGUF file starts at, and is padded to, multiples of this.
+pub const ALIGNMENT: usize = 32;
 
-/// Writes a GGUF v3 file: string metadata, then every tensor's data as `data(i)` produces it, one tensor at a
-/// time (candle's writer holds every tensor in memory at once; this one holds one). Returns the bytes written.
-pub fn write(
-    w: &mut impl std::io::Write,
-    metadata: &[(String, String)],
-    tensors: &[TensorPlan],
-    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
-) -> Result<u64> {
-    let io = |e: std::io::Error| Error::Invalid(format!("writing the GGUF file: {e}"));
+/// A GGUF v3 file's header for `tensors` (string metadata, tensor infos, padding): the tensors' data follows
+/// it in order, each padded to [`ALIGNMENT`].
+pub fn header(metadata: &[(String, String)], tensors: &[TensorPlan]) -> Result<Vec<u8>> {
     let mut head: Vec<u8> = Vec::new();
     let string = |b: &mut Vec<u8>, s: &str| {
         b.extend((s.len() as u64).to_le_bytes());
@@ -261,6 +256,19 @@ pub fn write(
         offset += t.bytes().div_ceil(ALIGNMENT) * ALIGNMENT;
     }
     head.resize(head.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+    Ok(head)
+}
+
+/// Writes a GGUF v3 file: string metadata, then every tensor's data as `data(i)` produces it, one tensor at a
+/// time (candle's writer holds every tensor in memory at once; this one holds one). Returns the bytes written.
+pub fn write(
+    w: &mut impl std::io::Write,
+    metadata: &[(String, String)],
+    tensors: &[TensorPlan],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<u64> {
+    let io = |e: std::io::Error| Error::Invalid(format!("writing the GGUF file: {e}"));
+    let head = header(metadata, tensors)?;
     w.write_all(&head).map_err(io)?;
     let mut written = head.len() as u64;
     for (i, t) in tensors.iter().enumerate() {

@@ -528,6 +528,36 @@ pub struct SafetensorsPlan {
     pub dtype: Dtype,
 }
 
+/// A safetensors file's first bytes for `tensors` (the header's length, the JSON header padded to 8 bytes):
+/// the tensors' data follows in order, unpadded.
+pub fn safetensors_header(metadata: &HashMap<String, String>, tensors: &[SafetensorsPlan]) -> Result<Vec<u8>> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings"));
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        let n = t.bytes();
+        let info = serde_json::json!({ "dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + n] });
+        if header.insert(t.name.clone(), info).is_some() {
+            return Err(Error::Invalid(format!("two tensors are named {}", t.name)));
+        }
+        offset += n;
+    }
+    let mut text = serde_json::Value::Object(header).to_string().into_bytes();
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    Ok(out)
+}
+
+impl SafetensorsPlan {
+    /// Bytes of its data.
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
 /// Writes a safetensors file (header, then every tensor's bytes as `data(i)` produces them, one at a time:
 /// the safetensors crate serializes from views of all tensors at once). Returns the bytes written.
 pub fn write_safetensors(
@@ -537,33 +567,18 @@ pub fn write_safetensors(
     mut data: impl FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<u64> {
     let io = |e: std::io::Error| Error::Invalid(format!("writing the safetensors file: {e}"));
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings"));
-    }
-    let mut offset = 0usize;
-    let mut sizes = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        let n = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
-        let info = serde_json::json!({ "dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + n] });
-        if header.insert(t.name.clone(), info).is_some() {
-            return Err(Error::Invalid(format!("two tensors are named {}", t.name)));
-        }
-        offset += n;
-        sizes.push(n);
-    }
-    let mut text = serde_json::Value::Object(header).to_string().into_bytes();
-    text.resize(text.len().div_ceil(8) * 8, b' ');
-    w.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&text).map_err(io)?;
-    for (i, (t, n)) in tensors.iter().zip(&sizes).enumerate() {
+    let head = safetensors_header(metadata, tensors)?;
+    w.write_all(&head).map_err(io)?;
+    let mut written = head.len() as u64;
+    for (i, t) in tensors.iter().enumerate() {
         let bytes = data(i)?;
-        if bytes.len() != *n {
-            return Err(Error::Invalid(format!("{}: {} bytes of data for {n}", t.name, bytes.len())));
+        if bytes.len() != t.bytes() {
+            return Err(Error::Invalid(format!("{}: {} bytes of data for {}", t.name, bytes.len(), t.bytes())));
         }
         w.write_all(&bytes).map_err(io)?;
+        written += bytes.len() as u64;
     }
-    Ok(8 + text.len() as u64 + offset as u64)
+    Ok(written)
 }
 
 /// The metadata key under which a converted model keeps one of its diffusers files (configs, tokenizer,
