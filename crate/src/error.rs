@@ -31,6 +31,10 @@ pub enum Error {
     /// An error from candle (the CPU side: reference computations, weight formats, CPU fallback).
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A model produced NaN or infinite values (damaged weights, f16 overflow, an extreme guidance): the
+    /// message names where and what usually helps.
+    #[error("{0}")]
+    NonFinite(String),
     /// The caller cancelled (between denoising steps).
     #[error("cancelled")]
     Cancelled,

@@ -11,6 +11,7 @@ use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::parse_config;
 use crate::models::unet_2d::{UNet2DConditionModel, UNetConfig, guidance_embedding};
 use crate::models::vae::{Decoder, VaeConfig};
+use crate::ops::FiniteCheck;
 use crate::ops::{self, Term};
 use crate::rng::TorchRng;
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind, StepPlan};
@@ -365,8 +366,11 @@ impl StableDiffusion {
         if req.steps == 0 || req.steps > 1000 {
             return Err(Error::Invalid(format!("steps must be between 1 and 1000, got {}", req.steps)));
         }
-        if !req.guidance.is_finite() {
-            return Err(Error::Invalid(format!("guidance must be a number, got {}", req.guidance)));
+        if !(0.0..=MAX_GUIDANCE).contains(&req.guidance) {
+            return Err(Error::Invalid(format!(
+                "guidance must be between 0 and {MAX_GUIDANCE} (usually 1 to 15), got {}",
+                req.guidance
+            )));
         }
         let scheduler = self.scheduler_kind(req)?.build(&self.scheduler_config, req.steps)?;
         self.check_limits(w, h, req.guidance > 1.0 && !self.is_lcm())?;
@@ -454,7 +458,9 @@ impl StableDiffusion {
         let (h, w) = (z.dim(2), z.dim(3));
         if ctx.is_cpu() || self.vae.largest_activation_bytes(h, w, z.dtype()) <= binding_limit(ctx) {
             let image = self.vae.forward(ctx, &z)?;
-            return to_rgba(ctx, &image).await;
+            let data = image.to_vec_f32(ctx).await?;
+            check_image(&data, z.dtype())?;
+            return Ok(rgba_from_planes(&data, image.dim(2), image.dim(3)));
         }
         self.decode_tiled(&z).await
     }
@@ -553,8 +559,37 @@ impl StableDiffusion {
             }
             y0 += row_height;
         }
+        check_image(&out, z.dtype())?;
         Ok(rgba_from_planes(&out, height, width))
     }
+}
+
+/// The largest guidance scale a request may ask for (diffusers sets none; past a few dozen every model
+/// only saturates or overflows).
+pub const MAX_GUIDANCE: f32 = 100.0;
+
+/// What usually helps when a model produces NaN or infinite values.
+fn non_finite_hint(act: crate::gpu::DType) -> &'static str {
+    if act == crate::gpu::DType::F16 {
+        "f16 activations can overflow: try f32 (--precision f32; in the page, f32 weights); a damaged weight file \
+         does this too"
+    } else {
+        "the weight file may be damaged (a NaN or an infinity in a tensor)"
+    }
+}
+
+/// Refuses a decoded image holding NaN or infinite values (instead of writing a black or noisy PNG).
+fn check_image(data: &[f32], act: crate::gpu::DType) -> Result<()> {
+    if data.iter().all(|v| v.is_finite()) {
+        return Ok(());
+    }
+    let hint = if act == crate::gpu::DType::F16 {
+        "Stable Diffusion VAEs overflow in f16: use f32 activations (--precision f32), or the model's fp16-fix VAE; \
+         a damaged weight file does this too"
+    } else {
+        non_finite_hint(act)
+    };
+    Err(Error::NonFinite(format!("the VAE decoder produced NaN or infinite values: {hint}")))
 }
 
 /// A generation in progress; see [`StableDiffusion::start`].
@@ -594,7 +629,27 @@ impl Denoiser<'_> {
         self.latents = prev;
         self.prev_x0 = Some(x0);
         self.next += 1;
-        ctx.sync().await?;
+        // One 4-byte readback per step (it is the step's sync point): the text embeddings (first step) and
+        // the new latent are checked for NaN and infinity on the GPU.
+        let mut check = FiniteCheck::new(ctx)?;
+        if i == 0 {
+            check.check(ctx, &self.context, 0)?;
+        }
+        check.check(ctx, &self.latents, 1)?;
+        let bad = check.bad_bits(ctx).await?;
+        let hint = non_finite_hint(act);
+        if bad & 1 != 0 {
+            return Err(Error::NonFinite(format!("the text encoder produced NaN or infinite values: {hint}")));
+        }
+        if bad & 2 != 0 {
+            let guidance = self.cfg.map(|g| format!(" at guidance {g}")).unwrap_or_default();
+            return Err(Error::NonFinite(format!(
+                "the UNet produced NaN or infinite values at step {} of {}{guidance}: {hint}; a lower guidance \
+                 helps when the values overflow",
+                i + 1,
+                self.timesteps.len()
+            )));
+        }
         Ok(Some(Step { index: i, steps: self.timesteps.len(), timestep: t, latents: &self.latents }))
     }
 

@@ -56,6 +56,7 @@ pub const CHECKS: &[&str] = &[
     "attention",
     "layout",
     "timestep_embedding",
+    "finite",
     "errors",
 ];
 
@@ -78,6 +79,7 @@ pub async fn run(ctx: &GpuContext, name: &str) -> Result<Vec<CheckReport>> {
         "attention" => attention(ctx, &mut r).await?,
         "layout" => layout(ctx, &mut r).await?,
         "timestep_embedding" => timestep_embedding(ctx, &mut r).await?,
+        "finite" => finite(ctx, &mut r).await?,
         "errors" => errors(ctx, &mut r)?,
         _ => return Err(crate::Error::Invalid(format!("no self-check named {name}"))),
     }
@@ -630,6 +632,64 @@ async fn timestep_embedding(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Resul
 }
 
 /// Reports whether `result` is an error whose message contains every one of `needles`.
+/// The non-finite check (the pipeline's NaN guard) against Rust's `is_finite` on the same values: clean
+/// tensors, a NaN, +-infinity and f16 overflow, anywhere (first, last, the high half of an f16 word, past the
+/// first pass of the grid-stride loop), f32 and f16 layouts (f16 needs no shader-f16: words are read raw).
+async fn finite(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(31);
+    let cases: [(usize, Option<(usize, f32)>); 7] = [
+        (1000, None),
+        (1000, Some((777, f32::NAN))),
+        (1000, Some((0, f32::INFINITY))),
+        (1001, Some((1000, f32::NEG_INFINITY))),
+        (1001, Some((999, f32::NAN))),
+        (300_001, Some((300_000, f32::NAN))),
+        (300_001, None),
+    ];
+    for dtype in [DType::F32, DType::F16] {
+        for (n, bad) in cases {
+            let mut data = rng.uniform(n, -60000.0, 60000.0);
+            if let Some((at, v)) = bad {
+                data[at] = v;
+            }
+            let bytes: Vec<u8> = match dtype {
+                DType::F16 => data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+                _ => bytemuck::cast_slice(&data).to_vec(),
+            };
+            // What the tensor holds, as the CPU sees it (f16: after rounding).
+            let want = match dtype {
+                DType::F16 => data.iter().all(|v| half::f16::from_f32(*v).is_finite()),
+                _ => data.iter().all(|v| v.is_finite()),
+            };
+            let x = Tensor::from_bytes(ctx, &[n], dtype, &bytes)?;
+            let got = ops::all_finite(ctx, &x).await?;
+            let case = format!("{dtype} n={n} {}", bad.map_or("clean".to_string(), |(at, v)| format!("{v} at {at}")));
+            r.push(CheckReport {
+                check: "finite",
+                case,
+                passed: got == want,
+                max_abs_err: 0.0,
+                worst: format!("gpu says finite: {got}, cpu: {want}"),
+                tolerance: "exact".into(),
+                skipped: None,
+            });
+        }
+    }
+    // f16 overflow: 70000 has no f16, so the stored value is infinite.
+    let x = Tensor::from_f32_as(ctx, &[3], &[1.0, 70000.0, 2.0], DType::F16)?;
+    let got = ops::all_finite(ctx, &x).await?;
+    r.push(CheckReport {
+        check: "finite",
+        case: "f16 overflow from f32 70000".into(),
+        passed: !got,
+        max_abs_err: 0.0,
+        worst: format!("gpu says finite: {got}"),
+        tolerance: "exact".into(),
+        skipped: None,
+    });
+    Ok(())
+}
+
 fn expect_error<T>(case: &str, result: Result<T>, needles: &[&str]) -> CheckReport {
     let (passed, worst) = match result {
         Ok(_) => (false, "no error was returned".to_string()),

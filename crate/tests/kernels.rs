@@ -71,6 +71,7 @@ kernel_tests!(
     attention,
     layout,
     timestep_embedding,
+    finite,
     errors,
 );
 

@@ -3,6 +3,7 @@
 //! Ops never know which model calls them.
 
 pub mod attention;
+pub mod check;
 pub(crate) mod cpu;
 pub mod elementwise;
 pub mod gemm;
@@ -10,6 +11,7 @@ pub mod layout;
 pub mod norm;
 
 pub use attention::attention;
+pub use check::{FiniteCheck, all_finite};
 pub use elementwise::{
     Activation, BinaryOp, Term, add, affine, geglu, gelu, lincomb, mul, quick_gelu, relu, silu, soft_clamp, sub,
 };
