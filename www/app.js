@@ -7,7 +7,8 @@ const hasWebGpu = 'gpu' in navigator;
 const params = new URLSearchParams(location.search);
 const client = getClient({ cpu: params.has('cpu') });
 
-let catalog = [];
+let catalog = []; // the models one generates with
+let decoders = []; // the catalog's preview decoders (TAESD)
 let models = []; // catalog + imported models
 let lastSeed = null;
 let running = false;
@@ -37,6 +38,10 @@ function onProgress(ev) {
     const left = ev.total - ev.received;
     setStatus('downloading', `Downloading ${ev.file}: ${formatBytes(ev.received)} of ${formatBytes(ev.total)}, ` +
       `${formatBytes(ev.bytesPerSec)}/s, ${seconds(left / ev.bytesPerSec)} left`);
+  } else if (ev.phase === 'convert') {
+    const left = ev.total - ev.received;
+    setStatus('converting', `Converting to ${ev.weights} for storage (once): tensor ${ev.done} of ${ev.tensors}, ` +
+      `${formatBytes(ev.received)} of ${formatBytes(ev.total)}, ${seconds(left / ev.bytesPerSec)} left`);
   } else if (ev.phase === 'import') {
     setStatus('importing', `Importing ${ev.file}: ${formatBytes(ev.received)} of ${formatBytes(ev.total)}`);
   } else {
@@ -50,7 +55,41 @@ function modelById(id) {
   return models.find((m) => m.id === id);
 }
 
+const KEEP_LABELS = { original: 'as downloaded', q4_0: 'q4_0 (smallest)', q8_0: 'q8_0', f16: 'f16' };
+const CONVERTED = /^model\.(q4_0|q8_0|f16)\.gguf$/;
+
+/** The "keep weights as" choices of model `m` (the catalog's `store`, first is the default). */
+function renderKeep(m) {
+  const select = $('keep');
+  const options = m?.store?.length ? m.store : ['original'];
+  select.replaceChildren();
+  for (const value of options) {
+    const opt = document.createElement('option');
+    opt.value = value;
+    opt.textContent = KEEP_LABELS[value] || value;
+    select.append(opt);
+  }
+  select.disabled = options.length < 2;
+}
+
+/** The preview choices of model `m`: TAESD (the default) where it names a preview decoder, else the latent
+ * projection only (the tiny model's VAE is not SD's, so TAESD does not fit it). */
+function renderPreview(m) {
+  const select = $('preview');
+  select.replaceChildren();
+  const options = m?.previewDecoder ? [['taesd', 'TAESD (full size)'], ['latent', 'latent projection']] : [['latent', 'latent projection']];
+  for (const [value, label] of options) {
+    const opt = document.createElement('option');
+    opt.value = value;
+    opt.textContent = label;
+    select.append(opt);
+  }
+  select.disabled = options.length < 2;
+}
+
 function applyDefaults(m) {
+  renderKeep(m);
+  renderPreview(m);
   const d = m?.defaults || {};
   if (d.steps) $('steps').value = d.steps;
   if (d.guidance != null) $('guidance').value = d.guidance;
@@ -63,7 +102,7 @@ async function refreshModels() {
   const cached = await listFiles().catch(() => new Map());
   const local = [];
   for (const [id, files] of cached) {
-    if (catalog.some((m) => m.id === id)) continue;
+    if (catalog.some((m) => m.id === id) || decoders.some((m) => m.id === id)) continue;
     const size = files.reduce((s, f) => s + f.size, 0);
     // Big models (a real SD checkpoint) are held in f16 on the GPU; GGUF files keep their quantized blocks.
     const big = size > 256 * 2 ** 20 || files.some((f) => f.path.endsWith('.gguf'));
@@ -90,16 +129,19 @@ async function refreshModels() {
 function renderCached(cached) {
   const body = $('cached');
   body.replaceChildren();
-  for (const m of models) {
+  // Preview decoders are listed once downloaded, to be deleted like the rest.
+  for (const m of [...models, ...decoders.filter((d) => cached.has(d.id))]) {
     const recs = cached.get(m.id) || [];
     const known = m.files.every((f) => f.size != null);
     const total = known ? m.files.reduce((s, f) => s + f.size, 0) : m.approxBytes;
     const stored = recs.reduce((s, r) => s + (r.received || 0), 0);
-    const complete = m.files.every((f) => recs.some((r) => r.path === f.path && r.complete));
+    const conv = recs.find((r) => r.complete && CONVERTED.test(r.path));
+    const complete = !!conv || m.files.every((f) => recs.some((r) => r.path === f.path && r.complete));
+    const kept = conv && !m.local ? `yes, as ${conv.path.match(CONVERTED)[1]}` : 'yes';
     const tr = document.createElement('tr');
     tr.dataset.model = m.id;
     tr.dataset.complete = String(complete);
-    const cells = [m.name, complete ? 'yes' : (stored ? `partly (${formatBytes(stored)})` : 'no'),
+    const cells = [m.name, complete ? `${kept} (${formatBytes(stored)})` : (stored ? `partly (${formatBytes(stored)})` : 'no'),
       `${known ? '' : 'about '}${formatBytes(total)}`];
     for (const text of cells) {
       const td = document.createElement('td');
@@ -150,6 +192,7 @@ function readForm() {
       width: Number($('width').value),
       height: Number($('height').value),
       scheduler: $('scheduler').value || undefined,
+      preview: $('preview').value || undefined,
     },
   };
 }
@@ -157,6 +200,9 @@ function readForm() {
 function restore(entry) {
   const r = entry.request;
   $('model').value = entry.model;
+  renderKeep(modelById(entry.model));
+  renderPreview(modelById(entry.model));
+  $('preview').value = entry.request.preview || 'latent';
   $('prompt').value = r.prompt;
   $('negative').value = r.negative_prompt;
   $('seed').value = r.seed;
@@ -182,8 +228,9 @@ async function generate(ev) {
   ev.preventDefault();
   if (running) return;
   const { model, request } = readForm();
-  const m = modelById(model);
-  if (!m) return fail(new Error('choose a model'));
+  const found = modelById(model);
+  if (!found) return fail(new Error('choose a model'));
+  const m = { ...found, keep: $('keep').value || undefined };
   running = true;
   $('generate').disabled = true;
   $('cancel').disabled = false;
@@ -308,7 +355,8 @@ async function main() {
     importLocal(await collectDropped([...e.dataTransfer.items]));
   });
   try {
-    catalog = await client.models();
+    catalog = await client.generators();
+    decoders = (await client.models()).filter((m) => m.kind === 'preview-decoder');
     const device = await client.ready;
     isCpu = device.isCpu;
     const a = device.adapter;

@@ -166,7 +166,8 @@ export class ChunkWriter {
     await this.record(`restarting ${this.rec.key}`);
   }
 
-  async append(bytes) {
+  /** Writes `bytes` at the end without recording them: call `flush()` after (the conversion's writes). */
+  writeSync(bytes) {
     let written;
     try {
       written = this.handle.write(bytes, { at: this.received });
@@ -178,6 +179,10 @@ export class ChunkWriter {
       throw storageError(Object.assign(new Error('no space left'), { name: 'QuotaExceededError' }), `saving ${this.rec.key}`);
     }
     this.fill += written;
+  }
+
+  async append(bytes) {
+    this.writeSync(bytes);
     if (this.fill >= CHUNK) await this.flush();
   }
 

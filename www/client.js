@@ -70,11 +70,13 @@ export class Client {
     const m = typeof model === 'string' ? (await this.models()).find((x) => x.id === model) : model;
     if (!m) throw new Error(`unknown model "${model}": see models.json for the ones available`);
     await this.ready;
-    if (this.loadedId === m.id && this.loadedInfo) return this.loadedInfo;
+    const key = `${m.id}:${m.keep || ''}`;
+    if (this.loadedKey === key && this.loadedInfo) return this.loadedInfo;
     // The worker drops its model when a load starts; so does this side, whatever the outcome.
-    this.loadedId = this.loadedInfo = null;
+    this.loadedId = this.loadedKey = this.loadedInfo = null;
     const info = await this.call({ type: 'load', model: m }, onProgress, signal);
     this.loadedId = m.id;
+    this.loadedKey = key;
     this.loadedInfo = { ...info, model: m };
     return this.loadedInfo;
   }
@@ -85,12 +87,26 @@ export class Client {
    */
   async generate(model, request, onStep, onProgress, signal) {
     const info = await this.load(model, onProgress, signal);
+    if (request.preview === 'taesd') await this.loadPreview(model, onProgress, signal);
     const req = {
       ...request,
       width: request.width || info.defaultSize,
       height: request.height || info.defaultSize,
     };
     return this.call({ type: 'generate', request: req }, onStep, signal);
+  }
+
+  /** Downloads and loads the TAESD decoder of `model` (its `previewDecoder`: a catalog id or an entry). */
+  async loadPreview(model, onProgress, signal) {
+    const ref = model.previewDecoder;
+    const decoder = typeof ref === 'string' ? (await this.models()).find((m) => m.id === ref) : ref;
+    if (!decoder) throw new Error(`model "${model.id}" has no TAESD preview decoder: use the latent projection`);
+    return this.call({ type: 'load-preview', model: decoder }, onProgress, signal);
+  }
+
+  /** The models one can generate with (the catalog without its preview decoders). */
+  async generators() {
+    return (await this.models()).filter((m) => m.kind !== 'preview-decoder');
   }
 
   /** Imports local files [{path, file}] as model `id` into the cache. */
@@ -100,7 +116,7 @@ export class Client {
 
   /** Forgets the loaded model (after its files were deleted). */
   unload(id) {
-    if (this.loadedId === id) this.loadedId = this.loadedInfo = null;
+    if (this.loadedId === id) this.loadedId = this.loadedKey = this.loadedInfo = null;
     return this.call({ type: 'unload', model: id });
   }
 }

@@ -3,8 +3,9 @@
 //   <script type="module" src="https://your-host/latent-gen.js"></script>
 //   <latent-gen prompt="a red square on a green background" seed="7"></latent-gen>
 //
-// Attributes: model, prompt, negative-prompt, seed, steps, guidance, width, height, scheduler, and
-// autostart (generate once connected). Methods: generate() (resolves to the PNG Blob), cancel().
+// Attributes: model, keep (how its weights are kept in the cache: one of the catalog entry's "store", e.g.
+// q4_0; the first is the default), preview ("latent", or "taesd" for models with a previewDecoder), prompt,
+// negative-prompt, seed, steps, guidance, width, height, scheduler, and autostart (generate once connected). Methods: generate() (resolves to the PNG Blob), cancel().
 // Events: progress (download/load progress), step (detail.preview: {width, height, rgba}), done (detail.blob,
 // detail.parameters), error (detail.message). Parts for ::part(): preview, button, status.
 // Every element on a page shares one worker and one loaded model (client.js).
@@ -61,14 +62,19 @@ export class LatentGen extends HTMLElement {
   /** The request the attributes describe, with the model's defaults filling the gaps. */
   async request() {
     const c = client();
-    const models = await c.models();
+    const models = await c.generators();
     const id = this.getAttribute('model') || models[0].id;
     const model = models.find((m) => m.id === id);
     if (!model) throw new Error(`unknown model "${id}"`);
+    const keep = this.getAttribute('keep') || undefined;
+    const choices = model.store?.length ? model.store : ['original'];
+    if (keep && !choices.includes(keep)) {
+      throw new Error(`the keep attribute of model "${id}" must be one of ${choices.join(', ')}, not "${keep}"`);
+    }
     const d = model.defaults || {};
     const seedAttr = this.getAttribute('seed');
     return {
-      model,
+      model: { ...model, keep },
       request: {
         prompt: this.getAttribute('prompt') || '',
         negative_prompt: this.getAttribute('negative-prompt') || '',
@@ -78,6 +84,7 @@ export class LatentGen extends HTMLElement {
         width: this.num('width', d.width || 0) || undefined,
         height: this.num('height', d.height || 0) || undefined,
         scheduler: this.getAttribute('scheduler') || d.scheduler || undefined,
+        preview: this.getAttribute('preview') || undefined,
       },
     };
   }

@@ -2,14 +2,16 @@
 // weights, loads models and generates. The page's thread only draws and handles input.
 //
 // Messages in:  { id, type: 'init', cpu } | { id, type: 'load', model } | { id, type: 'generate', request }
+//               { id, type: 'load-preview', model } (a TAESD catalog entry, for request.preview 'taesd')
 //               { id, type: 'import', model, files: [{ path, file }] } | { id, type: 'unload', model }
 //               { type: 'cancel', target: id }
 // Messages out: { id, type: 'progress' | 'step' | 'result' | 'error', ... }
-import init, { Engine, Sha256 } from './pkg/latent_gen.js';
-import { ChunkWriter, fileBlob, getFile } from './cache.js';
+import init, { Converter, Engine, Sha256 } from './pkg/latent_gen.js';
+import { ChunkWriter, deleteFile, fileBlob, getFile, listFiles } from './cache.js';
 
 let engine = null;
-let loaded = null; // { id, info } of the model in the engine
+let previewLoaded = null; // the id of the preview decoder in the engine
+let loaded = null; // { key, id, info } of the model in the engine (key: id and the weight type kept)
 let abort = null; // the AbortController of the current download
 const post = (msg, transfer) => self.postMessage(msg, transfer || []);
 
@@ -74,11 +76,71 @@ async function fetchInto(writer, model, f, label, signal, onBytes) {
 
 const cancelled = () => Object.assign(new Error('cancelled'), { name: 'AbortError' });
 
+/** The weight type `model` is kept in ('q4_0', 'q8_0', 'f16' or 'original'): the page's choice, else the
+ * catalog's first. */
+const keepAs = (model) => model.keep || model.store?.[0] || 'original';
+
+/** The name of the one-file GGUF a model is kept in as `type`. */
+const convertedPath = (type) => `model.${type}.gguf`;
+const CONVERTED = /^model\.(q4_0|q8_0|f16)\.gguf$/;
+
+/** The complete converted file of `model` (the one asked for first, else any), or undefined. */
+async function converted(model, keep) {
+  const recs = (await listFiles()).get(model.id) || [];
+  const done = recs.filter((r) => r.complete && CONVERTED.test(r.path));
+  return done.find((r) => r.path === convertedPath(keep)) || done[0];
+}
+
 /** Makes sure every file of `model` is in the cache, downloading what is missing, then loads it. */
 async function load(id, model) {
-  if (loaded?.id === model.id) return loaded.info;
+  const keep = keepAs(model);
+  const key = `${model.id}:${keep}`;
+  if (loaded?.key === key) return loaded.info;
   abort = new AbortController();
   const { signal } = abort;
+  // What the cache holds wins over a fresh download: the converted file asked for, else another one (its
+  // originals are gone), unless the originals are asked for and all there.
+  let stored = await converted(model, keep);
+  if (keep === 'original' && stored && await haveAll(model)) stored = undefined;
+  if (!stored) {
+    await fetchAll(id, model, signal);
+    if (keep !== 'original') stored = await convertInCache(id, model, keep, signal);
+  }
+  abort = null;
+  const files = model.files;
+  const total = files.reduce((s, f) => s + (f.size || 0), 0);
+  post({ id, type: 'progress', phase: 'load', received: total, total });
+  const map = new Map();
+  if (stored) {
+    map.set(stored.path, await fileBlob(stored));
+  } else {
+    for (const f of files) {
+      const rec = await getFile(model.id, f.path);
+      if (!rec?.complete) throw new Error(`${model.id}/${f.path} is not in the cache`);
+      map.set(f.path, await fileBlob(rec));
+    }
+  }
+  loaded = null;
+  const loadStart = performance.now();
+  const weights = stored ? stored.path.match(CONVERTED)[1] : (model.weights || 'f32');
+  const info = engine.loadModel(map, model.id, weights);
+  // What loading cost: a wasm memory never shrinks, so its size now is its peak so far.
+  const gpu = engine.gpuMemory();
+  Object.assign(info, { loadSeconds: (performance.now() - loadStart) / 1000, wasmBytes: wasm.memory.buffer.byteLength,
+    gpuBytes: gpu.live, gpuPeakBytes: gpu.peak, stored: stored ? weights : 'original',
+    storedBytes: stored ? stored.size : undefined });
+  loaded = { key, id: model.id, info };
+  return info;
+}
+
+/** Whether every file of `model` is complete in the cache. */
+async function haveAll(model) {
+  for (const f of model.files) if (!(await getFile(model.id, f.path))?.complete) return false;
+  return true;
+}
+
+/** Downloads whatever files of `model` the cache lacks, with progress. */
+async function fetchAll(id, model, signal) {
   const files = model.files;
   const total = files.reduce((s, f) => s + (f.size || 0), 0);
   const have = new Map();
@@ -104,23 +166,58 @@ async function load(id, model) {
     await download(model, f, signal, (n) => { have.set(f.path, n); report(f.path); });
     report(f.path, true);
   }
-  abort = null;
-  post({ id, type: 'progress', phase: 'load', received: total, total });
+}
+
+/** Resolves after one turn of the event loop, so a 'cancel' message gets through. */
+const turn = () => new Promise((resolve) => setTimeout(resolve, 0));
+
+/**
+ * Converts the cached files of `model` once into one GGUF with `type` weights (engine's Converter, a few
+ * tensors at a time, written straight into the cache), then deletes the originals; returns the new record.
+ * A failed or cancelled conversion deletes its partial file and keeps the originals.
+ */
+async function convertInCache(id, model, type, signal) {
   const map = new Map();
-  for (const f of files) {
-    const rec = await getFile(model.id, f.path);
-    if (!rec?.complete) throw new Error(`${model.id}/${f.path} is not in the cache`);
-    map.set(f.path, await fileBlob(rec));
+  for (const f of model.files) map.set(f.path, await fileBlob(await getFile(model.id, f.path)));
+  const conv = new Converter(map, type);
+  const path = convertedPath(type);
+  await deleteFile(model.id, path);
+  const writer = await ChunkWriter.open(model.id, path, { size: conv.bytes(), sha256: null, source: 'convert' });
+  const t0 = performance.now();
+  try {
+    let more = true;
+    while (more) {
+      more = conv.step(32 << 20, (bytes) => writer.writeSync(bytes));
+      await writer.flush();
+      const elapsed = (performance.now() - t0) / 1000;
+      post({ id, type: 'progress', phase: 'convert', file: path, weights: type, tensors: conv.tensors(), done: conv.done(),
+        received: writer.received, total: conv.bytes(), bytesPerSec: writer.received / Math.max(1e-3, elapsed) });
+      await turn();
+      if (signal.aborted) throw cancelled();
+    }
+    await writer.finish(new Sha256(), `${model.id}/${path}`);
+  } catch (e) {
+    writer.close();
+    await deleteFile(model.id, path).catch(() => {});
+    throw e;
+  } finally {
+    conv.free();
   }
-  loaded = null;
-  const loadStart = performance.now();
-  const info = engine.loadModel(map, model.id, model.weights || 'f32');
-  // What loading cost: a wasm memory never shrinks, so its size now is its peak so far.
-  const gpu = engine.gpuMemory();
-  Object.assign(info, { loadSeconds: (performance.now() - loadStart) / 1000, wasmBytes: wasm.memory.buffer.byteLength,
-    gpuBytes: gpu.live, gpuPeakBytes: gpu.peak });
-  loaded = { id: model.id, info };
-  return info;
+  for (const f of model.files) await deleteFile(model.id, f.path);
+  return getFile(model.id, path);
+}
+
+/** Downloads (once) and loads the TAESD preview decoder `decoder` (a catalog entry of kind preview-decoder). */
+async function loadPreview(id, decoder) {
+  if (previewLoaded === decoder.id) return null;
+  abort = new AbortController();
+  await fetchAll(id, decoder, abort.signal);
+  abort = null;
+  const map = new Map();
+  for (const f of decoder.files) map.set(f.path, await fileBlob(await getFile(decoder.id, f.path)));
+  engine.loadPreviewDecoder(map);
+  previewLoaded = decoder.id;
+  return null;
 }
 
 /** Stores local files (a diffusers folder picked or dropped on the page) as a model in the cache. */
@@ -185,6 +282,7 @@ self.onmessage = (ev) => {
       else if (msg.type === 'load') {
         result = await load(msg.id, msg.model);
       } else if (msg.type === 'generate') result = await generate(msg.id, msg.request);
+      else if (msg.type === 'load-preview') result = await loadPreview(msg.id, msg.model);
       else if (msg.type === 'import') result = await importFiles(msg.id, msg.model, msg.files);
       else if (msg.type === 'unload') { if (loaded?.id === msg.model) loaded = null; result = null; }
       else throw new Error(`unknown message ${msg.type}`);

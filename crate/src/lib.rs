@@ -7,7 +7,6 @@
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod checkpoint;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod convert;
 pub mod error;
 pub mod gpu;

@@ -85,3 +85,42 @@ pub async fn preview(ctx: &GpuContext, latents: &Tensor, factors: &PreviewFactor
     let rgba = out.to_bytes(ctx).await?;
     Ok(Image { width: w, height: h, rgba })
 }
+
+/// Previews through TAESD (diffusers' `AutoencoderTiny` decoder): each step's latent decoded at full image
+/// resolution on the GPU, a few percent of a VAE decode, for SD 1.x/2.x latents.
+pub struct TinyPreview {
+    decoder: crate::models::taesd::TinyDecoder,
+    latent_channels: usize,
+    act: DType,
+}
+
+impl TinyPreview {
+    /// Loads `config.json` and `diffusion_pytorch_model.safetensors` (a diffusers AutoencoderTiny folder)
+    /// with its parameters in `act` (f32, or f16 with shader-f16) and its convolutions in f16 or `act`.
+    pub fn load(ctx: &GpuContext, src: &dyn crate::pipeline::ModelSource, act: DType) -> Result<Self> {
+        use crate::models::taesd::{TinyConfig, TinyDecoder};
+        let cfg: TinyConfig = crate::models::parse_config(&src.text("config.json")?, "taesd")?;
+        let tensors = src.tensors("diffusion_pytorch_model.safetensors")?;
+        let policy = crate::weights::LoadPolicy { act, weights: act };
+        let w = crate::weights::Weights::new(ctx, tensors.as_ref(), policy);
+        let decoder = TinyDecoder::load(&w, &cfg)?;
+        Ok(Self { decoder, latent_channels: cfg.latent_channels, act })
+    }
+
+    /// The RGBA image (8x the latent's size) of UNet-space latents (1, channels, h, w).
+    pub async fn preview(&self, ctx: &GpuContext, latents: &Tensor) -> Result<Image> {
+        let c = latents.shape().get(1).copied().unwrap_or(0);
+        if c != self.latent_channels {
+            return Err(Error::Invalid(format!(
+                "the TAESD preview decodes {}-channel latents; this model's have {c}: use the latent projection",
+                self.latent_channels
+            )));
+        }
+        let image = if latents.dtype() == self.act || ctx.is_cpu() {
+            self.decoder.forward(ctx, latents)?
+        } else {
+            self.decoder.forward(ctx, &crate::ops::cast(ctx, latents, self.act)?)?
+        };
+        crate::pipeline::to_rgba(ctx, &image).await
+    }
+}

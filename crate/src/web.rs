@@ -8,9 +8,10 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 
 use crate::checkpoint::Checkpoint;
+use crate::convert::{Conversion, Format};
 use crate::gpu::{DType, GpuContext};
 use crate::pipeline::{Image, MemorySource, ModelSource, Request, StableDiffusion, parameters_text};
-use crate::preview::PreviewFactors;
+use crate::preview::{PreviewFactors, TinyPreview};
 use crate::selfcheck;
 use crate::weights::LoadPolicy;
 use crate::weights::RangedSafetensors;
@@ -78,6 +79,8 @@ struct EngineInner {
     model: RefCell<Option<Rc<StableDiffusion>>>,
     model_name: RefCell<String>,
     preview: RefCell<PreviewFactors>,
+    /// The TAESD decoder for `preview: "taesd"` requests, once loaded.
+    taesd: RefCell<Option<Rc<TinyPreview>>>,
     cancel: Cell<bool>,
 }
 
@@ -156,6 +159,7 @@ impl Engine {
             model: Default::default(),
             model_name: Default::default(),
             preview: Default::default(),
+            taesd: Default::default(),
             cancel: Default::default(),
         };
         Ok(Engine { inner: Rc::new(inner) })
@@ -182,84 +186,16 @@ impl Engine {
         self.inner.ctx.is_cpu()
     }
 
-    /// Loads a model from its files: a `Map` from diffusers-layout paths (`unet/config.json`, ...), or from
-    /// the name of one single-file checkpoint (`model.safetensors` with the original SD names, or a
-    /// stable-diffusion.cpp `.gguf`; configs in the map override those read off its tensors), to
-    /// `Uint8Array`s or `Blob`s (in a worker, `.safetensors` Blobs are read one tensor at a time with
-    /// FileReaderSync, so weights go from the cache to the GPU without ever being whole in memory) (an optional `preview.json` sets the preview factors); `name` goes into the PNG
-    /// parameters. `weights` ("f32", "f16", "q8_0" or "q4_0") is how linear and conv weights are held on the
-    /// device; anything but f32 also runs activations in f16 where the adapter has shader-f16. Returns the
-    /// model's defaults.
+    /// Loads a model from its files (see [`model_source`]; an optional `preview.json` sets the preview
+    /// factors); `name` goes into the PNG parameters. `weights` ("f32", "f16", "q8_0" or "q4_0") is how linear
+    /// and conv weights are held on the device (GGUF q8_0/q4_0 blocks stay as they are); anything but f32
+    /// also runs activations in f16 where the adapter has shader-f16. Returns the model's defaults.
     #[wasm_bindgen(js_name = loadModel)]
     pub fn load_model(&self, files: js_sys::Map, name: String, weights: String) -> Result<JsValue, JsError> {
-        let weights = match weights.as_str() {
-            "f32" | "" => DType::F32,
-            "f16" => DType::F16,
-            "q8_0" => DType::Q8_0,
-            "q4_0" => DType::Q4_0,
-            other => return Err(JsError::new(&format!("unknown weight type \"{other}\": use f32, f16, q8_0 or q4_0"))),
-        };
+        let weights = weight_type(&weights)?;
         let act = if weights != DType::F32 && self.inner.ctx.has_f16() { DType::F16 } else { DType::F32 };
-        let mut src = MemorySource::new();
-        let mut failure = None;
-        files.for_each(&mut |value, key| {
-            if failure.is_some() {
-                return;
-            }
-            let Some(path) = key.as_string() else {
-                failure = Some("model file names must be strings".to_string());
-                return;
-            };
-            match value.dyn_into::<web_sys::Blob>() {
-                // Weights stay in the cache: read one tensor at a time.
-                Ok(blob) if path.ends_with(".safetensors") => {
-                    let size = blob.size() as u64;
-                    src.insert_ranged(path, size, blob_reader(blob));
-                }
-                // A single-file GGUF model, read below.
-                Ok(_) if path.ends_with(".gguf") => {}
-                Ok(blob) => match blob_reader(blob.clone())(0, blob.size() as usize) {
-                    Ok(bytes) => src.insert(path, bytes),
-                    Err(e) => failure = Some(e.to_string()),
-                },
-                Err(value) => src.insert(path, js_sys::Uint8Array::new(&value).to_vec()),
-            }
-        });
-        if let Some(msg) = failure {
-            return Err(JsError::new(&msg));
-        }
-        // One checkpoint file at the top level (no unet/ folder): a single-file model, its configs read off
-        // its tensors unless the map has them.
-        let mut single = None;
-        files.for_each(&mut |value, key| {
-            let path = key.as_string().unwrap_or_default();
-            let top = !path.contains('/') && (path.ends_with(".safetensors") || path.ends_with(".gguf"));
-            if let (true, Ok(blob)) = (top, value.dyn_into::<web_sys::Blob>()) {
-                single = Some((path, blob));
-            }
-        });
-        let policy = LoadPolicy { act, weights };
-        let sd = match single.filter(|_| !src.exists("unet/config.json")) {
-            Some((path, blob)) => {
-                let (size, read) = (blob.size() as u64, blob_reader(blob));
-                let ck = if path.ends_with(".gguf") {
-                    let file = Gguf::ranged(read, size, path).map_err(js_err)?;
-                    let embedded = file.embedded_files();
-                    Checkpoint::new(Box::new(file), Some(Box::new(src))).map_err(js_err)?.with_embedded(embedded)
-                } else {
-                    let file = RangedSafetensors::new(read, size, path).map_err(js_err)?;
-                    let embedded = file.embedded_files();
-                    Checkpoint::new(Box::new(file), Some(Box::new(src))).map_err(js_err)?.with_embedded(embedded)
-                };
-                let sd = StableDiffusion::load(&self.inner.ctx, &ck, policy).map_err(js_err)?;
-                src = MemorySource::new();
-                if let Ok(text) = ck.text("preview.json") {
-                    src.insert("preview.json", text.into_bytes());
-                }
-                sd
-            }
-            None => StableDiffusion::load(&self.inner.ctx, &src, policy).map_err(js_err)?,
-        };
+        let src = model_source(&files)?;
+        let sd = StableDiffusion::load(&self.inner.ctx, src.as_ref(), LoadPolicy { act, weights }).map_err(js_err)?;
         let factors = match src.text("preview.json") {
             Ok(text) => PreviewFactors::from_json(&text).map_err(js_err)?,
             Err(_) => PreviewFactors::default(),
@@ -275,7 +211,20 @@ impl Engine {
         Ok(info.into())
     }
 
-    /// Generates `request` ({prompt, negative_prompt, seed, steps, guidance, width, height, scheduler}).
+    /// Loads the TAESD decoder that `preview: "taesd"` requests use, from a diffusers AutoencoderTiny folder's
+    /// files (`config.json`, `diffusion_pytorch_model.safetensors`) as `loadModel` takes them.
+    #[wasm_bindgen(js_name = loadPreviewDecoder)]
+    pub fn load_preview_decoder(&self, files: js_sys::Map) -> Result<(), JsError> {
+        let (src, _) = file_source(&files, false)?;
+        let act = if self.inner.ctx.has_f16() { DType::F16 } else { DType::F32 };
+        let taesd = TinyPreview::load(&self.inner.ctx, &src, act).map_err(js_err)?;
+        *self.inner.taesd.borrow_mut() = Some(Rc::new(taesd));
+        Ok(())
+    }
+
+    /// Generates `request` ({prompt, negative_prompt, seed, steps, guidance, width, height, scheduler,
+    /// preview}; preview: "latent" (the default: the latent projected to RGB at latent resolution) or "taesd"
+    /// (decoded by TAESD at full resolution; `loadPreviewDecoder` first)).
     /// `on_step({index, steps, timestep, preview: {width, height, rgba}})` runs after every step. Resolves to
     /// `{width, height, rgba, parameters, png}` (`png`: the image with `parameters` embedded, as the CLI
     /// writes it); rejects with "cancelled" after `cancel()`.
@@ -283,6 +232,16 @@ impl Engine {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let e = |e: JsError| JsValue::from(e);
+            let mode = js_sys::Reflect::get(&request, &"preview".into()).ok().and_then(|v| v.as_string());
+            let taesd = match mode.as_deref() {
+                None | Some("" | "latent") => None,
+                Some("taesd") => Some(inner.taesd.borrow().clone().ok_or_else(|| {
+                    e(JsError::new("the TAESD preview decoder is not loaded (Engine.loadPreviewDecoder)"))
+                })?),
+                Some(other) => {
+                    return Err(e(JsError::new(&format!("unknown preview \"{other}\": use \"latent\" or \"taesd\""))));
+                }
+            };
             let req: Request =
                 serde_wasm_bindgen::from_value(request).map_err(|er| e(JsError::new(&format!("bad request: {er}"))))?;
             let sd = inner.model.borrow().clone().ok_or_else(|| e(JsError::new("no model is loaded")))?;
@@ -295,8 +254,11 @@ impl Engine {
                 set(&event, "index", step.index as u32).map_err(e)?;
                 set(&event, "steps", step.steps as u32).map_err(e)?;
                 set(&event, "timestep", step.timestep).map_err(e)?;
-                let preview =
-                    crate::preview::preview(&inner.ctx, step.latents, &factors).await.map_err(|er| e(js_err(er)))?;
+                let preview = match &taesd {
+                    Some(t) => t.preview(&inner.ctx, step.latents).await,
+                    None => crate::preview::preview(&inner.ctx, step.latents, &factors).await,
+                }
+                .map_err(|er| e(js_err(er)))?;
                 set(&event, "preview", image_to_js(&preview).map_err(e)?).map_err(e)?;
                 on_step.call1(&JsValue::NULL, &event)?;
                 // Lets the worker's event loop run, so a "cancel" message is seen between steps even when a
@@ -319,6 +281,147 @@ impl Engine {
     /// Stops the running generation after its current step.
     pub fn cancel(&self) {
         self.inner.cancel.set(true);
+    }
+}
+
+/// A weight type's name as the page says it ("f32", "f16", "q8_0", "q4_0"; "" is f32).
+fn weight_type(name: &str) -> Result<DType, JsError> {
+    Ok(match name {
+        "f32" | "" => DType::F32,
+        "f16" => DType::F16,
+        "q8_0" => DType::Q8_0,
+        "q4_0" => DType::Q4_0,
+        other => return Err(JsError::new(&format!("unknown weight type \"{other}\": use f32, f16, q8_0 or q4_0"))),
+    })
+}
+
+/// The model in `files`: a `Map` from diffusers-layout paths (`unet/config.json`, ...) to `Uint8Array`s or
+/// `Blob`s, or holding one single-file checkpoint at the top level (`model.safetensors` with the original SD
+/// names, or a stable-diffusion.cpp `.gguf`; configs in the map override those read off its tensors). In a
+/// worker, `.safetensors` and `.gguf` Blobs are read a tensor (or a block of rows) at a time with
+/// FileReaderSync, so weights are never whole in memory.
+fn model_source(files: &js_sys::Map) -> Result<Box<dyn ModelSource>, JsError> {
+    let (src, single) = file_source(files, true)?;
+    let Some((path, blob)) = single.filter(|_| !src.exists("unet/config.json")) else {
+        return Ok(Box::new(src));
+    };
+    let (size, read) = (blob.size() as u64, blob_reader(blob));
+    let ck = if path.ends_with(".gguf") {
+        let file = Gguf::ranged(read, size, path).map_err(js_err)?;
+        let embedded = file.embedded_files();
+        Checkpoint::new(Box::new(file), Some(Box::new(src))).map_err(js_err)?.with_embedded(embedded)
+    } else {
+        let file = RangedSafetensors::new(read, size, path).map_err(js_err)?;
+        let embedded = file.embedded_files();
+        Checkpoint::new(Box::new(file), Some(Box::new(src))).map_err(js_err)?.with_embedded(embedded)
+    };
+    Ok(Box::new(ck))
+}
+
+/// The files of `files` as a [`MemorySource`] (`.safetensors` Blobs read in ranges), and, with `checkpoints`,
+/// the one top-level checkpoint file (`.safetensors` or `.gguf`) set apart.
+fn file_source(
+    files: &js_sys::Map,
+    checkpoints: bool,
+) -> Result<(MemorySource, Option<(String, web_sys::Blob)>), JsError> {
+    let mut src = MemorySource::new();
+    let mut failure = None;
+    // One checkpoint file at the top level: a single-file model.
+    let mut single = None;
+    files.for_each(&mut |value, key| {
+        if failure.is_some() {
+            return;
+        }
+        let Some(path) = key.as_string() else {
+            failure = Some("model file names must be strings".to_string());
+            return;
+        };
+        let top = checkpoints && !path.contains('/') && (path.ends_with(".safetensors") || path.ends_with(".gguf"));
+        match value.dyn_into::<web_sys::Blob>() {
+            Ok(blob) if top => single = Some((path, blob)),
+            // Weights stay in the cache: read one tensor at a time.
+            Ok(blob) if path.ends_with(".safetensors") => {
+                let size = blob.size() as u64;
+                src.insert_ranged(path, size, blob_reader(blob));
+            }
+            Ok(blob) => match blob_reader(blob.clone())(0, blob.size() as usize) {
+                Ok(bytes) => src.insert(path, bytes),
+                Err(e) => failure = Some(e.to_string()),
+            },
+            Err(value) => src.insert(path, js_sys::Uint8Array::new(&value).to_vec()),
+        }
+    });
+    if let Some(msg) = failure {
+        return Err(JsError::new(&msg));
+    }
+    Ok((src, single))
+}
+
+/// Converts a model (as `Engine.loadModel` takes it) into one GGUF file with quantized weights, a few tensors
+/// per `step`, so the worker can report progress and cancel between steps: how the page keeps a downloaded
+/// f16 model as q4_0 or q8_0. Convolutions are quantized too (as `latent-gen convert --quantize-convs`: the
+/// file is for us; stable-diffusion.cpp keeps them f16).
+#[wasm_bindgen]
+pub struct Converter {
+    src: Box<dyn ModelSource>,
+    conversion: Conversion,
+    /// Tensors written; `None` before the header.
+    next: Option<usize>,
+}
+
+#[wasm_bindgen]
+impl Converter {
+    /// Plans the conversion of `files` to `weights` ("q8_0", "q4_0" or "f16"); reads only headers.
+    #[wasm_bindgen(constructor)]
+    pub fn new(files: js_sys::Map, weights: String) -> Result<Converter, JsError> {
+        let src = model_source(&files)?;
+        let dtype = weight_type(&weights)?;
+        let conversion = Conversion::new(src.as_ref(), Format::Gguf, dtype, dtype.is_quantized()).map_err(js_err)?;
+        Ok(Converter { src, conversion, next: None })
+    }
+
+    /// The size of the finished file in bytes.
+    pub fn bytes(&self) -> f64 {
+        self.conversion.report().bytes as f64
+    }
+
+    /// Tensors in the file.
+    pub fn tensors(&self) -> usize {
+        self.conversion.len()
+    }
+
+    /// Tensors written so far.
+    pub fn done(&self) -> usize {
+        self.next.unwrap_or(0)
+    }
+
+    /// Writes the file's next bytes, in order, through `write(Uint8Array)` (which must store them all or
+    /// throw): the header on the first call, then whole tensors until about `budget` bytes went out. Returns
+    /// whether anything is left.
+    pub fn step(&mut self, budget: f64, write: &js_sys::Function) -> Result<bool, JsError> {
+        let mut sink = |bytes: &[u8]| -> crate::Result<()> {
+            write.call1(&JsValue::NULL, &js_sys::Uint8Array::from(bytes)).map(|_| ()).map_err(|e| {
+                let msg = e
+                    .dyn_ref::<js_sys::Error>()
+                    .map(|e| String::from(e.message()))
+                    .or_else(|| e.as_string())
+                    .unwrap_or_else(|| "the write failed".into());
+                crate::Error::Invalid(msg)
+            })
+        };
+        let Some(mut k) = self.next else {
+            sink(&self.conversion.header().map_err(js_err)?).map_err(js_err)?;
+            self.next = Some(0);
+            return Ok(!self.conversion.is_empty());
+        };
+        let sources = self.conversion.open(self.src.as_ref()).map_err(js_err)?;
+        let mut sent = 0.0;
+        while k < self.conversion.len() && sent < budget {
+            sent += self.conversion.write_tensor(&sources, k, &mut sink).map_err(js_err)? as f64;
+            k += 1;
+        }
+        self.next = Some(k);
+        Ok(k < self.conversion.len())
     }
 }
 

@@ -148,3 +148,40 @@ async fn tiny_pipeline_matches_diffusers_in_the_browser() {
     let psnr = psnr(&image.rgba, refs.tensor("image").unwrap().data());
     assert!(psnr >= 40.0, "PSNR {psnr:.1} dB against diffusers");
 }
+
+/// Under artificially lowered WebGPU limits (2 MiB bindings and buffers, as `ContextOptions` caps them) the
+/// browser still generates at 192x192: weights go up in blocks, the VAE decodes in blended tiles, and the
+/// image stays close to the unlimited one; a size whose UNet cannot fit is refused up front, naming the limit.
+#[wasm_bindgen_test]
+async fn lowered_limits_still_generate_in_the_browser() {
+    use latent_gen::gpu::ContextOptions;
+    let cap = 2 << 20;
+    let options = ContextOptions { max_binding: Some(cap), max_buffer: Some(cap), ..Default::default() };
+    let limited = GpuContext::with_options(options).await.unwrap_or_else(|e| panic!("capped limits: {e}"));
+    assert_eq!(limited.summary().max_storage_buffer_binding_size, cap);
+    let full = GpuContext::new().await.unwrap_or_else(|e| panic!("the browser test needs WebGPU: {e}"));
+    let mut src = MemorySource::new();
+    for (path, bytes) in FILES {
+        src.insert(path, bytes.to_vec());
+    }
+    let req = Request {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        seed: 3,
+        steps: 2,
+        width: Some(192),
+        height: Some(192),
+        scheduler: Some("ddim".parse().unwrap()),
+        ..Default::default()
+    };
+    let mut go = |_: &latent_gen::pipeline::Step<'_>| Ok(Control::Continue);
+    let want = StableDiffusion::load(&full, &src, LoadPolicy::F32).unwrap().generate(&req, &mut go).await.unwrap();
+    let small = StableDiffusion::load(&limited, &src, LoadPolicy::F32).unwrap();
+    assert_eq!(small.decode_tile(latent_gen::gpu::DType::F32).unwrap(), 16, "the decode is tiled");
+    let got = small.generate(&req, &mut go).await.unwrap_or_else(|e| panic!("under 2 MiB limits: {e}"));
+    let rgb: Vec<u8> = want.rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
+    let db = psnr(&got.rgba, &rgb);
+    assert!(db >= 25.0, "PSNR {db:.1} dB against the unlimited image");
+    let huge = Request { width: Some(1024), height: Some(1024), ..req };
+    let e = small.start(&huge).err().expect("refused").to_string();
+    assert!(e.contains("maxStorageBufferBindingSize") && e.contains("2 MiB"), "{e}");
+}

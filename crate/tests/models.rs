@@ -229,6 +229,107 @@ fn autoencoders_match_diffusers() {
     assert!(rel <= 1e-3, "taesd encode: relative error {rel}");
 }
 
+/// The page's TAESD preview (`TinyPreview`, loaded from an AutoencoderTiny folder) draws what diffusers'
+/// AutoencoderTiny decodes, as 8-bit RGBA, in f32 and with f16 parameters; latents with other channel counts
+/// are refused by name.
+#[test]
+fn taesd_previews_equal_diffusers_decodes() {
+    use latent_gen::gpu::{DType, Tensor};
+    use latent_gen::preview::TinyPreview;
+    let ctx = context();
+    let folder = latent_gen::pipeline::DirSource(fixtures().join("models/taesd-tiny"));
+    let refs = Refs::open("taesd-tiny/taesd.safetensors");
+    let (shape, decoded) = refs.f32("decoded");
+    let plane = shape[2] * shape[3];
+    let want: Vec<u8> = (0..plane * 4)
+        .map(|i| {
+            if i % 4 == 3 {
+                255
+            } else {
+                ((decoded[(i % 4) * plane + i / 4] / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8
+            }
+        })
+        .collect();
+    let acts = if ctx.has_f16() { vec![DType::F32, DType::F16] } else { vec![DType::F32] };
+    for act in acts {
+        let taesd = TinyPreview::load(&ctx, &folder, act).unwrap();
+        let img = pollster::block_on(taesd.preview(&ctx, &refs.gpu(&ctx, "latent"))).unwrap();
+        assert_eq!((img.width, img.height), (shape[3], shape[2]));
+        let worst = img.rgba.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        println!("taesd preview ({act} parameters): worst {worst} levels from diffusers");
+        assert!(worst <= if act == DType::F32 { 1 } else { 4 }, "taesd preview ({act}): {worst} levels off");
+        let three = Tensor::from_f32(&ctx, &[1, 3, 8, 8], &[0.0; 192]).unwrap();
+        let e = pollster::block_on(taesd.preview(&ctx, &three)).err().unwrap().to_string();
+        assert!(e.contains("4-channel") && e.contains("latent projection"), "{e}");
+    }
+}
+
+/// A NaN in a weight file stops the generation with a message naming the part that produced it (the text
+/// encoder, the UNet at step 1, the VAE decoder) instead of writing a black image; a guidance outside
+/// [0, 100] is refused before any work.
+#[test]
+fn non_finite_values_stop_a_generation_with_a_reason() {
+    use latent_gen::pipeline::MemorySource;
+    let dir = fixtures().join("models/sd1-tiny");
+    let read_folder = || {
+        let mut src = MemorySource::new();
+        for sub in std::fs::read_dir(&dir).unwrap() {
+            let path = sub.unwrap().path();
+            let files: Vec<PathBuf> = if path.is_dir() {
+                std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()).collect()
+            } else {
+                vec![path]
+            };
+            for f in files {
+                let rel = f.strip_prefix(&dir).unwrap().to_string_lossy().replace('\\', "/");
+                src.insert(rel, std::fs::read(&f).unwrap());
+            }
+        }
+        src
+    };
+    let req = Request {
+        prompt: "a red cube".into(),
+        seed: 1,
+        steps: 3,
+        guidance: 7.5,
+        width: Some(64),
+        height: Some(64),
+        scheduler: Some("ddim".parse().unwrap()),
+        ..Default::default()
+    };
+    let ctx = context();
+    for (file, tensor, needle) in [
+        ("text_encoder/model.safetensors", "text_model.final_layer_norm.bias", "the text encoder produced NaN"),
+        (
+            "unet/diffusion_pytorch_model.safetensors",
+            "conv_out.bias",
+            "the UNet produced NaN or infinite values at step 1 of 3",
+        ),
+        ("vae/diffusion_pytorch_model.safetensors", "decoder.conv_out.bias", "the VAE decoder produced NaN"),
+    ] {
+        let mut bytes = std::fs::read(dir.join(file)).unwrap();
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let info = meta.info(tensor).unwrap();
+        let at = 8 + n + info.data_offsets.0;
+        match info.dtype {
+            safetensors::Dtype::F16 => bytes[at..at + 2].copy_from_slice(&0x7e00u16.to_le_bytes()),
+            _ => bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes()),
+        }
+        let mut src = read_folder();
+        src.insert(file, bytes);
+        let sd = StableDiffusion::load(&ctx, &src, LoadPolicy::F32).unwrap();
+        let mut go = |_: &latent_gen::pipeline::Step<'_>| Ok(Control::Continue);
+        let e = pollster::block_on(sd.generate(&req, &mut go)).err().unwrap_or_else(|| panic!("{tensor}: no error"));
+        assert!(matches!(e, latent_gen::Error::NonFinite(_)), "{tensor}: {e}");
+        assert!(e.to_string().contains(needle), "{tensor}: {e}");
+    }
+    let sd = StableDiffusion::load(&ctx, &read_folder(), LoadPolicy::F32).unwrap();
+    for guidance in [1e30, -1.0, f32::NAN] {
+        let e = sd.start(&Request { guidance, ..req.clone() }).err().expect("refused").to_string();
+        assert!(e.contains("guidance must be between 0 and 100"), "{e}");
+    }
+}
+
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
     let mse: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / a.len() as f64;
     if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() }
@@ -465,6 +566,46 @@ fn converted_gguf_files_equal_their_sources() {
         assert!(q8.unwrap_err().to_string().contains("f16"), "safetensors output takes f16 weights only");
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A conversion reads and converts each tensor in blocks of rows: with blocks of one row it writes the same
+/// bytes as with whole tensors, from f32 folders, f16 single files and GGUF blocks alike, and `convert` writes
+/// what the step-wise `Conversion` (the page's) writes.
+#[test]
+fn conversions_in_row_blocks_equal_whole_tensors() {
+    use latent_gen::convert::{Conversion, Format, convert};
+    use latent_gen::gpu::DType;
+    let write = |c: &Conversion, src: &dyn latent_gen::pipeline::ModelSource| {
+        let mut out = c.header().unwrap();
+        let sources = c.open(src).unwrap();
+        for k in 0..c.len() {
+            let mut sink = |b: &[u8]| {
+                out.extend_from_slice(b);
+                Ok(())
+            };
+            let n = c.write_tensor(&sources, k, &mut sink).unwrap();
+            assert!(n.is_multiple_of(32), "tensor {k}: {n} bytes, not padded");
+        }
+        assert_eq!(out.len() as u64, c.report().bytes);
+        out
+    };
+    for (model, source) in [
+        ("sd1-tiny", fixtures().join("models/sd1-tiny")),
+        ("sd2-tiny", fixtures().join("formats/sd2-tiny.safetensors")),
+        ("sd2-tiny", fixtures().join("formats/sd2-tiny-mixed.gguf")),
+    ] {
+        let config = fixtures().join("models").join(model);
+        let src = latent_gen::pipeline::open_model(&source, source.is_file().then_some(config.as_path())).unwrap();
+        for weights in [DType::Q4_0, DType::F16] {
+            let whole = Conversion::new(src.as_ref(), Format::Gguf, weights, true).unwrap();
+            let rows = Conversion::new(src.as_ref(), Format::Gguf, weights, true).unwrap().block_bytes(1);
+            let a = write(&whole, src.as_ref());
+            assert!(a == write(&rows, src.as_ref()), "{}: row blocks differ ({weights})", source.display());
+            let mut b = Vec::new();
+            convert(src.as_ref(), Format::Gguf, weights, true, &mut b, &mut |_, _| {}).unwrap();
+            assert!(a == b, "{}: convert differs from Conversion ({weights})", source.display());
+        }
+    }
 }
 
 /// Without --config, a single file's configs are read off its tensor shapes: everything but what shapes can't

@@ -32,6 +32,7 @@ async function openApp(context, query = '') {
 /** Fills the form with `req`, records the canvas after every step, generates; resolves to the final status. */
 async function generate(page, req = REQUEST) {
   await page.selectOption('#model', MODEL);
+  if (req.keep) await page.selectOption('#keep', req.keep);
   await page.fill('#prompt', req.prompt);
   await page.fill('#negative', req.negative || '');
   await page.selectOption('#seed-mode', 'fixed');
@@ -285,5 +286,72 @@ test('a checkpoint file (GGUF made by latent-gen convert) imported from disk dra
   assert.ok(bg[1] > bg[0] + 60 && bg[1] > bg[2] + 60, `green background: ${bg}`);
   assert.ok(count >= 100 && obj[0] > obj[1] + 60, `red object: ${obj} (${count} pixels)`);
   assert.deepEqual(await weightRequests(), [], 'nothing was downloaded');
+  await context.close();
+});
+
+test('a model kept as q4_0 is converted once in the cache, drops its originals, draws the prompt and reloads without a download', { timeout: 600_000 }, async () => {
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
+  const { page, errors } = await openApp(context);
+  const phases = [];
+  page.on('console', (m) => { if (m.text().startsWith('phase:')) phases.push(m.text()); });
+  await page.evaluate(() => new MutationObserver(() => {
+    const s = document.getElementById('status');
+    if (s.dataset.state === 'converting') console.log(`phase:${s.textContent}`);
+  }).observe(document.getElementById('status'), { attributes: true, childList: true, subtree: true }));
+  const result = await generate(page, { ...REQUEST, steps: 10, keep: 'q4_0' });
+  assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+  assert.ok(phases.some((p) => /Converting to q4_0 for storage \(once\): tensor \d+ of \d+/.test(p)), `conversion progress: ${phases}`);
+  const { bg, obj, count } = scene(await canvasPixels(page));
+  assert.ok(bg[1] > bg[0] + 60 && bg[1] > bg[2] + 60, `green background: ${bg}`);
+  assert.ok(count >= 100 && obj[0] > obj[1] + 60, `red object: ${obj} (${count} pixels)`);
+
+  // The cache holds the one GGUF, much smaller than the f32 download; the models panel says so.
+  const files = await page.evaluate(async (id) => {
+    const { listFiles } = await import('./cache.js');
+    return ((await listFiles()).get(id) || []).map((r) => ({ path: r.path, size: r.size, complete: r.complete }));
+  }, MODEL);
+  assert.deepEqual(files.map((f) => [f.path, f.complete]), [['model.q4_0.gguf', true]]);
+  const catalog = JSON.parse(await readFile(join(root, 'www/models.json'), 'utf8'));
+  const original = catalog.models.find((m) => m.id === MODEL).files.reduce((s, f) => s + f.size, 0);
+  assert.ok(files[0].size < 0.7 * original, `stored ${files[0].size} bytes of ${original}`);
+  await page.click('#models-panel summary');
+  assert.match(await page.locator(`#cached tr[data-model="${MODEL}"] td:nth-child(2)`).textContent(), /^yes, as q4_0 \(\d/);
+
+  // After a reload: no download, no second conversion.
+  await env.server.faults({ reset: true });
+  await page.reload();
+  await page.locator('#status[data-state="idle"]').waitFor({ timeout: 120_000 });
+  phases.length = 0;
+  const again = await generate(page, { ...REQUEST, steps: 2, keep: 'q4_0' });
+  assert.equal(again.state, 'done', again.text);
+  assert.deepEqual(await weightRequests(), [], 'no model file is requested after a reload');
+  assert.deepEqual(phases, [], 'converted once');
+  await context.close();
+});
+
+test('an SD-family model previews every step through TAESD at full size, or by latent projection', { timeout: 600_000 }, async () => {
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
+  const { page, errors } = await openApp(context);
+  const fixture = async (id) => ({ id: `fixture-${id}`, base: `/fixtures/${id}/`,
+    files: await describe(join(root, 'tests/fixtures/models', id)) });
+  const decoder = { ...(await fixture('taesd-tiny')), kind: 'preview-decoder' };
+  const model = { ...(await fixture('sd1-tiny')), weights: 'f32', previewDecoder: decoder };
+  const shots = await page.evaluate(async (m) => {
+    const { client } = await import('./client.js');
+    const out = {};
+    for (const preview of ['latent', 'taesd']) {
+      out[preview] = [];
+      await client().generate(m, { prompt: 'a red square', seed: 3, steps: 3, guidance: 5, width: 64, height: 64, preview },
+        (st) => out[preview].push({ width: st.preview.width, height: st.preview.height, rgba: Array.from(st.preview.rgba) }));
+    }
+    return out;
+  }, model).catch((e) => { throw new Error(`${e.message}\n${errors.join('\n')}`); });
+  assert.deepEqual(shots.latent.map((p) => [p.width, p.height]), [[8, 8], [8, 8], [8, 8]], 'latent projection: latent size');
+  assert.deepEqual(shots.taesd.map((p) => [p.width, p.height]), [[64, 64], [64, 64], [64, 64]], 'TAESD: image size');
+  for (let i = 1; i < 3; i++) assert.notDeepEqual(shots.taesd[i].rgba, shots.taesd[i - 1].rgba, `TAESD preview ${i} repeats`);
+  const spread = (px) => Math.max(...px.filter((_, i) => i % 4 < 3)) - Math.min(...px.filter((_, i) => i % 4 < 3));
+  assert.ok(spread(shots.taesd[2].rgba) > 10, 'the TAESD preview is not flat');
   await context.close();
 });

@@ -66,7 +66,8 @@ export async function launchPersistent(dir) {
 export function serverAndBrowser() {
   const env = { server: null, browser: null };
   before(async () => {
-    env.server = await startServer();
+    // The fixture models (SD-family, TAESD) under /fixtures/, for tests that need SD's latent space.
+    env.server = await startServer(['--mount', `/fixtures/=${resolve(root, 'tests/fixtures/models')}`]);
     env.browser = await launchBrowser();
   });
   after(async () => {

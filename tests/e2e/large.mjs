@@ -63,12 +63,13 @@ after(() => {
 const cases = [
   { id: 'large-sd15-gguf', what: 'SD 1.5 q4_0 GGUF (latent-gen convert --quantize-convs)', folder: 'gguf' },
   { id: 'large-sd15-f16', what: 'SD 1.5 f16 diffusers folder, quantized to q4_0 while loading', folder: 'sd15' },
+  { id: 'large-sd15-keep-q4_0', what: 'SD 1.5 f16 diffusers folder, kept as q4_0 (converted once in the cache)', folder: 'sd15', keep: 'q4_0' },
 ];
 
 for (const c of cases) {
   test(`real size in the browser: ${c.what}`, { timeout: 3_600_000 }, async () => {
     const files = listFiles(join(dir, c.folder));
-    const model = { id: c.id, name: c.what, base: `/large/${c.folder}/`, weights: 'q4_0', files,
+    const model = { id: c.id, name: c.what, base: `/large/${c.folder}/`, weights: 'q4_0', files, keep: c.keep,
       defaults: { steps: 1, guidance: 1, width: 64, height: 64 } };
     // A profile on disk, as a user's: an incognito context keeps OPFS in memory under a small quota.
     const profile = mkdtempSync(join(tmpdir(), 'latent-gen-profile-'));
@@ -82,7 +83,13 @@ for (const c of cases) {
       const { listFiles: cached } = await import('./cache.js');
       const cl = client();
       const progress = { download: 0, load: 0 };
-      const onProgress = (ev) => { progress[ev.phase] = (progress[ev.phase] || 0) + 1; };
+      let convertStart = null;
+      let convertSeconds = null;
+      const onProgress = (ev) => {
+        progress[ev.phase] = (progress[ev.phase] || 0) + 1;
+        if (ev.phase === 'convert') convertStart ??= performance.now();
+        if (ev.phase === 'load' && convertStart != null) convertSeconds = (performance.now() - convertStart) / 1000;
+      };
       const t = performance.now();
       const info = await cl.load(m, onProgress);
       const loadWall = (performance.now() - t) / 1000;
@@ -91,12 +98,13 @@ for (const c of cases) {
       const stored = ((await cached()).get(m.id) || []).reduce((s, f) => s + f.size, 0);
       let sum = 0;
       for (let i = 0; i < img.rgba.length; i += 4) sum += img.rgba[i] + img.rgba[i + 1] + img.rgba[i + 2];
-      return { info: { ...info, model: undefined }, loadWall, stored, progress, image: { width: img.width, mean: sum / (img.rgba.length * 0.75) } };
+      return { info: { ...info, model: undefined }, loadWall, stored, progress, convertSeconds, image: { width: img.width, mean: sum / (img.rgba.length * 0.75) } };
     }, model).catch((e) => { throw new Error(`${e.message}\n${errors.join('\n')}`); });
     const r = {
       case: c.what,
       downloadedBytes: files.reduce((s, f) => s + f.size, 0),
       storedBytes: result.stored,
+      convertSeconds: result.convertSeconds,
       wasmMemoryBytes: result.info.wasmBytes,
       gpuBytes: result.info.gpuBytes,
       gpuPeakBytes: result.info.gpuPeakBytes,
@@ -110,7 +118,13 @@ for (const c of cases) {
     console.log(JSON.stringify(r));
     assert.equal(result.image.width, 64);
     assert.ok(result.progress.download > 0, 'download progress was reported');
-    assert.equal(r.storedBytes, r.downloadedBytes, 'every byte is in IndexedDB');
+    if (c.keep) {
+      assert.ok(result.progress.convert > 0, 'conversion progress was reported');
+      assert.equal(result.info.stored, c.keep);
+      assert.ok(r.storedBytes <= 0.8e9, `stored ${r.storedBytes} bytes as ${c.keep}`);
+    } else {
+      assert.equal(r.storedBytes, r.downloadedBytes, 'every byte is in the cache');
+    }
     assert.ok(r.wasmMemoryBytes <= WASM_LIMIT, `wasm memory ${r.wasmMemoryBytes} > ${WASM_LIMIT}`);
     assert.ok(r.gpuBytes > 400e6, `the weights are on the GPU (${r.gpuBytes} bytes)`);
     await context.close();
