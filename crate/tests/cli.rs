@@ -313,3 +313,27 @@ fn batch_generation_equals_single_runs() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("jobs.jsonl:1: needs \"out\""), "{err}");
 }
+
+/// `--prediction` sets what the UNet predicts over the scheduler config: for an SD 2.x single file whose
+/// config says v-prediction, `--prediction v` changes nothing and `--prediction epsilon` gives another image.
+#[test]
+fn prediction_overrides_the_scheduler_config() {
+    let dir = std::env::temp_dir().join(format!("latent-gen-cli-prediction-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = fixtures().join("formats/sd2-tiny.safetensors");
+    let config = fixtures().join("models/sd2-tiny");
+    let run = |extra: &[&str], name: &str| {
+        let out = dir.join(name);
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--config", config.to_str().unwrap()];
+        args.extend(["--prompt", "a red cube", "--seed", "2"]);
+        args.extend(["--steps", "3", "--width", "64", "--height", "64", "--out", out.to_str().unwrap()]);
+        args.extend(extra);
+        let o = latent_gen(&args);
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        read_png(&out).0
+    };
+    let default = run(&[], "default.png");
+    assert!(default == run(&["--prediction", "v"], "v.png"), "the config's v-prediction is the default");
+    assert!(default != run(&["--prediction", "epsilon"], "eps.png"), "--prediction epsilon changed nothing");
+    std::fs::remove_dir_all(&dir).ok();
+}
