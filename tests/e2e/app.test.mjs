@@ -262,7 +262,7 @@ test('a model folder imported from disk generates without any network request fo
   await context.close();
 });
 
-test('a checkpoint file (GGUF made by latent-gen convert) imported from disk draws the prompt', { timeout: 600_000 }, async () => {
+test('checkpoint files (a GGUF and a single .safetensors made by latent-gen convert) imported from disk draw the prompt', { timeout: 600_000 }, async () => {
   const bin = resolve(root, 'target/debug/latent-gen');
   if (!existsSync(bin)) await run('cargo', ['build', '--bin', 'latent-gen'], { cwd: root });
   const gguf = join(await mkdtemp(join(tmpdir(), 'latent-gen-')), 'shapes-q8.gguf');
@@ -286,6 +286,18 @@ test('a checkpoint file (GGUF made by latent-gen convert) imported from disk dra
   assert.ok(bg[1] > bg[0] + 60 && bg[1] > bg[2] + 60, `green background: ${bg}`);
   assert.ok(count >= 100 && obj[0] > obj[1] + 60, `red object: ${obj} (${count} pixels)`);
   assert.deepEqual(await weightRequests(), [], 'nothing was downloaded');
+
+  // A single-file .safetensors checkpoint (original SD names, configs in its metadata) imports and runs too.
+  const single = join(await mkdtemp(join(tmpdir(), 'latent-gen-')), 'shapes-single.safetensors');
+  await run(bin, ['convert', '--model', join(root, 'www/models', MODEL), '--weights', 'f16', '--out', single]);
+  await page.locator('#import-file').setInputFiles(single);
+  await page.locator('#status', { hasText: /^(Imported 1 files as "local-shapes-single"|Error)/ }).waitFor({ timeout: 120_000 });
+  assert.match(await page.locator('#status').textContent(), /Imported 1 files as "local-shapes-single"/, errors.join('\n'));
+  await page.fill('#steps', '2');
+  await page.click('#generate');
+  await page.locator('#status[data-state="done"], #status[data-state="error"]').waitFor({ timeout: 300_000 });
+  assert.equal(await page.locator('#status').getAttribute('data-state'), 'done', `${await page.locator('#status').textContent()}\n${errors.join('\n')}`);
+  assert.match(await page.locator('#params').textContent(), /Model: local-shapes-single/);
   await context.close();
 });
 
