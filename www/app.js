@@ -175,6 +175,14 @@ async function renderStorage() {
   $('persist').hidden = !!persisted;
 }
 
+/** The variation fields: {subseed, subseed_strength} when a strength above 0 is set. */
+function variation() {
+  const strength = Number($('subseed-strength').value) || 0;
+  if (strength <= 0) return {};
+  const sub = $('subseed').value;
+  return { subseed: sub === '' ? 0 : Number(sub) >>> 0, subseed_strength: strength };
+}
+
 function readForm() {
   const mode = $('seed-mode').value;
   let seed = Number($('seed').value) >>> 0;
@@ -193,6 +201,7 @@ function readForm() {
       height: Number($('height').value),
       scheduler: $('scheduler').value || undefined,
       preview: $('preview').value || undefined,
+      ...variation(),
     },
   };
 }
@@ -212,6 +221,8 @@ function restore(entry) {
   $('width').value = r.width;
   $('height').value = r.height;
   $('scheduler').value = r.scheduler || '';
+  $('subseed').value = r.subseed ?? '';
+  $('subseed-strength').value = r.subseed_strength || 0;
   showResult(entry);
 }
 

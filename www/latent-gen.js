@@ -5,7 +5,8 @@
 //
 // Attributes: model, keep (how its weights are kept in the cache: one of the catalog entry's "store", e.g.
 // q4_0; the first is the default), preview ("latent", or "taesd" for models with a previewDecoder), prompt,
-// negative-prompt, seed, steps, guidance, width, height, scheduler, and autostart (generate once connected). Methods: generate() (resolves to the PNG Blob), cancel().
+// negative-prompt, seed, subseed and subseed-strength (a variation), steps, guidance, width, height, scheduler,
+// and autostart (generate once connected). Methods: generate() (resolves to the PNG Blob), cancel().
 // Events: progress (download/load progress), step (detail.preview: {width, height, rgba}), done (detail.blob,
 // detail.parameters), error (detail.message). Parts for ::part(): preview, button, status.
 // Every element on a page shares one worker and one loaded model (client.js).
@@ -85,6 +86,8 @@ export class LatentGen extends HTMLElement {
         height: this.num('height', d.height || 0) || undefined,
         scheduler: this.getAttribute('scheduler') || d.scheduler || undefined,
         preview: this.getAttribute('preview') || undefined,
+        subseed: this.hasAttribute('subseed') ? this.num('subseed') >>> 0 : undefined,
+        subseed_strength: this.num('subseed-strength', 0),
       },
     };
   }

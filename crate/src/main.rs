@@ -94,6 +94,12 @@ mod cli {
         steps: usize,
         #[arg(long, default_value_t = 7.5)]
         guidance: f32,
+        /// A variation: the initial noise is slerped toward this seed's (A1111's "variation seed").
+        #[arg(long)]
+        subseed: Option<u64>,
+        /// How far toward --subseed's noise (0: the seed's image, 1: the subseed's).
+        #[arg(long, default_value_t = 0.0, requires = "subseed")]
+        subseed_strength: f32,
         /// ddim, euler, euler-a, dpm++2m, dpm++2m-karras or lcm; defaults to the model's scheduler config.
         #[arg(long)]
         scheduler: Option<SchedulerKind>,
@@ -107,7 +113,7 @@ mod cli {
         out: Option<PathBuf>,
         /// Generate many images with the model loaded once: a file of JSON lines, each with "out" (the PNG)
         /// and any of "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height",
-        /// "scheduler"; fields left out take the command line's values.
+        /// "scheduler", "subseed", "subseed_strength"; fields left out take the command line's values.
         #[arg(long, conflicts_with = "dump_latents")]
         batch: Option<PathBuf>,
         /// Also save the initial noise ("init"), every step's latent ("step_0"...) and the final latent
@@ -368,6 +374,8 @@ mod cli {
             width: g.width,
             height: g.height,
             scheduler: g.scheduler,
+            subseed: g.subseed,
+            subseed_strength: g.subseed_strength,
         };
         // A folder's name, or a checkpoint file's without its extension.
         let name = if model.is_file() { model.file_stem() } else { model.file_name() };

@@ -149,6 +149,10 @@ pub struct Request {
     pub height: Option<usize>,
     /// Defaults to the model's scheduler config.
     pub scheduler: Option<SchedulerKind>,
+    /// Variations (A1111's): the initial noise is slerped from the seed's toward this seed's by
+    /// `subseed_strength` (0: the seed's image exactly, 1: the subseed's).
+    pub subseed: Option<u64>,
+    pub subseed_strength: f32,
 }
 
 impl Default for Request {
@@ -162,8 +166,47 @@ impl Default for Request {
             width: None,
             height: None,
             scheduler: None,
+            subseed: None,
+            subseed_strength: 0.0,
         }
     }
+}
+
+/// A1111's `slerp(val, low, high)` on noise shaped (channels, h, w) (its `create_random_tensors`): spherical
+/// interpolation of each (channel, column) vector along h, with its fallback to a (weight-swapped) lerp when the
+/// two are nearly parallel. `val` 0 gives `low`, 1 gives `high`.
+pub fn slerp_noise(val: f32, low: &[f32], high: &[f32], shape: [usize; 3]) -> Vec<f32> {
+    let [c, h, w] = shape;
+    let at = |ch: usize, y: usize, x: usize| (ch * h + y) * w + x;
+    let mut dots = vec![0f32; c * w];
+    for ch in 0..c {
+        for x in 0..w {
+            let (mut nl, mut nh, mut d) = (0f32, 0f32, 0f32);
+            for y in 0..h {
+                let (a, b) = (low[at(ch, y, x)], high[at(ch, y, x)]);
+                nl += a * a;
+                nh += b * b;
+                d += a * b;
+            }
+            dots[ch * w + x] = d / (nl.sqrt() * nh.sqrt());
+        }
+    }
+    if dots.iter().sum::<f32>() / dots.len() as f32 > 0.9995 {
+        return low.iter().zip(high).map(|(a, b)| a * val + b * (1.0 - val)).collect();
+    }
+    let mut out = vec![0f32; low.len()];
+    for ch in 0..c {
+        for x in 0..w {
+            let omega = dots[ch * w + x].clamp(-1.0, 1.0).acos();
+            let so = omega.sin();
+            let (kl, kh) = (((1.0 - val) * omega).sin() / so, (val * omega).sin() / so);
+            for y in 0..h {
+                let i = at(ch, y, x);
+                out[i] = kl * low[i] + kh * high[i];
+            }
+        }
+    }
+    out
 }
 
 /// A generated image, RGBA 8-bit, row-major.
@@ -197,8 +240,14 @@ impl Image {
 
 /// The "parameters" text the CLI and the page embed in their PNGs (the layout A1111-style tools read).
 pub fn parameters_text(req: &Request, scheduler: &str, width: usize, height: usize, model: &str) -> String {
+    let variation = match req.subseed {
+        Some(sub) if req.subseed_strength > 0.0 => {
+            format!(", Variation seed: {sub}, Variation seed strength: {}", req.subseed_strength)
+        }
+        _ => String::new(),
+    };
     format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}{variation}",
         req.prompt, req.negative_prompt, req.steps, scheduler, req.guidance, req.seed, width, height, model
     )
 }
@@ -389,7 +438,7 @@ impl StableDiffusion {
         // 2. Initial noise from the seed, as torch.randn(generator=manual_seed(seed)) draws it.
         let shape = self.latent_shape(w, h);
         let mut rng = TorchRng::new(req.seed);
-        let noise = Tensor::from_f32_as(ctx, &shape, &rng.randn(shape.iter().product()), act)?;
+        let noise = Tensor::from_f32_as(ctx, &shape, &noise(req, &shape, &mut rng)?, act)?;
         let latents = ops::affine(ctx, &noise, scheduler.init_noise_sigma() as f32, 0.0)?;
         let timesteps = scheduler.timesteps().to_vec();
         Ok(Denoiser {
@@ -443,7 +492,7 @@ impl StableDiffusion {
     pub fn initial_noise(&self, req: &Request) -> Result<(Vec<usize>, Vec<f32>)> {
         let (w, h) = self.size(req)?;
         let shape = self.latent_shape(w, h);
-        Ok((shape.to_vec(), TorchRng::new(req.seed).randn(shape.iter().product())))
+        Ok((shape.to_vec(), noise(req, &shape, &mut TorchRng::new(req.seed))?))
     }
 
     fn text_encoder_dtype(&self) -> crate::gpu::DType {
@@ -561,6 +610,27 @@ impl StableDiffusion {
         }
         check_image(&out, z.dtype())?;
         Ok(rgba_from_planes(&out, height, width))
+    }
+}
+
+/// The request's initial noise (before the scheduler's scaling) drawn from `rng` (the seed's, which the
+/// ancestral noise then continues), slerped toward the subseed's for a variation.
+fn noise(req: &Request, shape: &[usize; 4], rng: &mut TorchRng) -> Result<Vec<f32>> {
+    let n: usize = shape.iter().product();
+    let base = rng.randn(n);
+    let s = req.subseed_strength;
+    if !(0.0..=1.0).contains(&s) {
+        return Err(Error::Invalid(format!(
+            "the variation strength (subseed strength) must be between 0 and 1, got {s}"
+        )));
+    }
+    match req.subseed {
+        None if s > 0.0 => Err(Error::Invalid("a variation strength needs a variation seed (subseed)".into())),
+        Some(sub) if s > 0.0 => {
+            let other = TorchRng::new(sub).randn(n);
+            Ok(slerp_noise(s, &base, &other, [shape[1], shape[2], shape[3]]))
+        }
+        _ => Ok(base),
     }
 }
 

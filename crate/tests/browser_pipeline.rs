@@ -53,6 +53,7 @@ fn fixture_request() -> Request {
         width: Some(96),
         height: Some(64),
         scheduler: Some("dpm++2m".parse().unwrap()),
+        ..Default::default()
     }
 }
 

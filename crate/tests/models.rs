@@ -330,6 +330,59 @@ fn non_finite_values_stop_a_generation_with_a_reason() {
     }
 }
 
+/// Variations (A1111's subseed): strength 0 is the seed's image bit for bit, strength 1 (a deterministic
+/// scheduler) the subseed's, anything between a third image; the PNG parameters name the variation; A1111's
+/// per-column slerp keeps unit columns unit; strengths outside [0, 1], or without a subseed, are refused.
+#[test]
+fn variations_slerp_the_initial_noise() {
+    use latent_gen::pipeline::slerp_noise;
+    let ctx = context();
+    let sd = StableDiffusion::load_dir(&ctx, &fixtures().join("models/sd1-tiny"), LoadPolicy::F32).unwrap();
+    let req = Request {
+        prompt: "a red cube".into(),
+        seed: 4,
+        steps: 3,
+        guidance: 7.5,
+        width: Some(64),
+        height: Some(64),
+        scheduler: Some("ddim".parse().unwrap()),
+        ..Default::default()
+    };
+    let mut go = |_: &latent_gen::pipeline::Step<'_>| Ok(Control::Continue);
+    let mut run = |r: &Request| pollster::block_on(sd.generate(r, &mut go)).unwrap().rgba;
+    let plain = run(&req);
+    let with = |s: f32| Request { subseed: Some(9), subseed_strength: s, ..req.clone() };
+    assert!(run(&with(0.0)) == plain, "strength 0 is the seed's image");
+    assert!(run(&with(1.0)) == run(&Request { seed: 9, ..req.clone() }), "strength 1 is the subseed's image");
+    let half = run(&with(0.5));
+    assert!(half != plain && half != run(&with(1.0)), "strength 0.5 is a third image");
+    let text = latent_gen::pipeline::parameters_text(&with(0.5), "ddim", 64, 64, "m");
+    assert!(text.ends_with("Variation seed: 9, Variation seed strength: 0.5"), "{text}");
+    for bad in [with(1.5), with(-0.1), Request { subseed_strength: 0.5, ..req.clone() }] {
+        let e = sd.start(&bad).err().expect("refused").to_string();
+        assert!(e.contains("variation"), "{e}");
+    }
+    // Unit (channel, column) vectors along h stay unit under the per-column slerp.
+    let (c, h, w) = (4, 8, 6);
+    let unit = |seed: u64| {
+        let mut v = TorchRng::new(seed).randn(c * h * w);
+        for ch in 0..c {
+            for x in 0..w {
+                let n = (0..h).map(|y| v[(ch * h + y) * w + x].powi(2)).sum::<f32>().sqrt();
+                (0..h).for_each(|y| v[(ch * h + y) * w + x] /= n);
+            }
+        }
+        v
+    };
+    let out = slerp_noise(0.3, &unit(1), &unit(2), [c, h, w]);
+    for ch in 0..c {
+        for x in 0..w {
+            let n = (0..h).map(|y| out[(ch * h + y) * w + x].powi(2)).sum::<f32>().sqrt();
+            assert!((n - 1.0).abs() < 1e-4, "column ({ch}, {x}) has norm {n}");
+        }
+    }
+}
+
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
     let mse: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / a.len() as f64;
     if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() }
@@ -345,6 +398,7 @@ fn request(case: &serde_json::Value) -> Request {
         width: Some(case["width"].as_u64().unwrap() as usize),
         height: Some(case["height"].as_u64().unwrap() as usize),
         scheduler: Some(case["scheduler"].as_str().unwrap().parse().unwrap()),
+        ..Default::default()
     }
 }
 
