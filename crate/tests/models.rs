@@ -768,6 +768,25 @@ fn lowered_device_limits_still_generate() {
     assert!(e.contains("1024x1024") && e.contains("maxStorageBufferBindingSize") && e.contains("2 MiB"), "{e}");
 }
 
+/// Quantized weights (quantized on load, convolutions too; f32 activations) against diffusers' f32 images on
+/// the fixture models: the PSNR of q8_0 and q4_0, printed for the model card and bounded below.
+#[test]
+fn quantized_pipelines_stay_close_to_f32() {
+    use latent_gen::gpu::DType;
+    // Measured on lavapipe over the 7 seed-0 cases: q8_0 54.9 dB, q4_0 36.1 dB (mean). One case per model here.
+    let keep = |l: &str| l.contains("sd1-tiny_ddim_s0") || l.contains("sd2-tiny_euler_s0") || l.contains("lcm-tiny");
+    for (weights, min_db) in [(DType::Q8_0, 45.0), (DType::Q4_0, 28.0)] {
+        let policy = LoadPolicy { act: DType::F32, weights };
+        let results = run_pipelines(policy, |l| keep(l) && l.contains("_s0_"));
+        assert_eq!(results.len(), 3, "one case per fixture model");
+        let mean = results.iter().map(|r| r.2).sum::<f64>() / results.len() as f64;
+        println!("{weights} weights: mean image PSNR {mean:.1} dB against diffusers' f32 over {} cases", results.len());
+        for (label, _, db) in results {
+            assert!(db >= min_db, "{label} ({weights}): PSNR {db:.1} dB < {min_db}");
+        }
+    }
+}
+
 /// The f16 path (f16 activations and weights, where the adapter has shader-f16): PSNR >= 30 dB.
 #[test]
 fn f16_pipelines_match_diffusers() {
