@@ -5,7 +5,7 @@ import { deleteModel, listFiles } from './cache.js';
 const $ = (id) => document.getElementById(id);
 const hasWebGpu = 'gpu' in navigator;
 const params = new URLSearchParams(location.search);
-const client = getClient({ cpu: params.has('cpu') });
+const client = getClient({ cpu: params.has('cpu'), gpu: params.has('gpu') });
 
 let catalog = []; // the models one generates with
 let decoders = []; // the catalog's preview decoders (TAESD)
@@ -107,7 +107,7 @@ async function refreshModels() {
     // Big models (a real SD checkpoint) are held in f16 on the GPU; GGUF files keep their quantized blocks.
     const big = size > 256 * 2 ** 20 || files.some((f) => f.path.endsWith('.gguf'));
     local.push({ id, name: `${id} (imported)`, local: true, files: files.map((f) => ({ path: f.path, size: f.size })),
-      weights: big ? 'f16' : 'f32', defaults: { steps: 20, guidance: 7.5 } });
+      weights: big ? 'f16' : 'f32', cpu: size <= 256 * 2 ** 20, defaults: { steps: 20, guidance: 7.5 } });
   }
   models = [...catalog, ...local];
   const select = $('model');
@@ -371,12 +371,17 @@ async function main() {
     const device = await client.ready;
     isCpu = device.isCpu;
     const a = device.adapter;
-    $('device').textContent = isCpu
+    const software = device.reason === 'software-adapter';
+    $('device').textContent = isCpu && software
+      ? 'WebGPU here is a software renderer (no GPU driver in use): images are computed on the CPU instead, ' +
+        'which is many times faster than it. Add ?gpu to the address to use WebGPU anyway.'
+      : isCpu
       ? (hasWebGpu ? 'WebGPU gave no usable adapter' : 'This browser has no WebGPU') +
         ': images are computed on the CPU instead, which is slow and only practical for the bundled tiny model. ' +
         'Chrome or Edge 113+, or Firefox and Safari with WebGPU enabled, run every model on the GPU.'
       : `Running on WebGPU${a.name ? ` (${a.name})` : ''}; shader-f16 ${a.shader_f16 ? 'available' : 'not available (f32 throughout)'}.`;
     $('device').dataset.cpu = String(isCpu);
+    $('device').dataset.reason = device.reason || '';
     await refreshModels();
     applyDefaults(modelById($('model').value));
     $('generate').disabled = false;

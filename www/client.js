@@ -4,21 +4,22 @@ const here = import.meta.url;
 
 let shared = null;
 
-/** The page's client, created on first use. `cpu`: force the CPU fallback. */
+/** The page's client, created on first use. `cpu`: force the CPU fallback; `gpu`: use WebGPU even on a
+ * software adapter (SwiftShader and the like run far slower than the CPU path, so by default they don't). */
 export function client(options = {}) {
   if (!shared) shared = new Client(options);
   return shared;
 }
 
 export class Client {
-  constructor({ cpu = false } = {}) {
+  constructor({ cpu = false, gpu = false } = {}) {
     this.worker = new Worker(new URL('./worker.js', here), { type: 'module' });
     this.nextId = 1;
     this.pending = new Map();
     this.catalog = null;
     this.worker.onmessage = (ev) => this.onMessage(ev.data);
     this.worker.onerror = (ev) => this.failAll(new Error(`the model worker failed to start: ${ev.message || 'see the console'}`));
-    this.ready = this.call({ type: 'init', cpu: cpu || !('gpu' in navigator) });
+    this.ready = this.call({ type: 'init', cpu: cpu || !('gpu' in navigator), gpu });
     this.current = null;
   }
 

@@ -1,7 +1,7 @@
 // The model worker: owns the wasm instance and the WebGPU device (or the CPU fallback), downloads and caches
 // weights, loads models and generates. The page's thread only draws and handles input.
 //
-// Messages in:  { id, type: 'init', cpu } | { id, type: 'load', model } | { id, type: 'generate', request }
+// Messages in:  { id, type: 'init', cpu, gpu } | { id, type: 'load', model } | { id, type: 'generate', request }
 //               { id, type: 'load-preview', model } (a TAESD catalog entry, for request.preview 'taesd')
 //               { id, type: 'import', model, files: [{ path, file }] } | { id, type: 'unload', model }
 //               { type: 'cancel', target: id }
@@ -17,10 +17,17 @@ const post = (msg, transfer) => self.postMessage(msg, transfer || []);
 
 let wasm = null; // the module's exports (its memory)
 
-async function initEngine(cpu) {
+let engineKey = null;
+
+/** `cpu`: the CPU path only; `gpu`: WebGPU even on a software adapter (which is slower than the CPU path). */
+async function initEngine(cpu, gpu) {
   wasm = await init();
-  if (!engine || engine.isCpu() !== cpu) engine = await Engine.create(cpu);
-  return { adapter: engine.adapter(), isCpu: engine.isCpu() };
+  const key = `${cpu}:${gpu}`;
+  if (!engine || engineKey !== key) {
+    engine = await Engine.create(cpu, gpu);
+    engineKey = key;
+  }
+  return { adapter: engine.adapter(), isCpu: engine.isCpu(), reason: engine.fallbackReason() };
 }
 
 const fileUrl = (model, f) => new URL(f.url || model.base + f.path, model.catalogUrl || self.location.href).href;
@@ -278,7 +285,7 @@ self.onmessage = (ev) => {
     try {
       if (dropped.delete(msg.id)) throw cancelled();
       let result;
-      if (msg.type === 'init') result = await initEngine(!!msg.cpu);
+      if (msg.type === 'init') result = await initEngine(!!msg.cpu, !!msg.gpu);
       else if (msg.type === 'load') {
         result = await load(msg.id, msg.model);
       } else if (msg.type === 'generate') result = await generate(msg.id, msg.request);

@@ -72,6 +72,7 @@ impl Diagnostics {
 #[wasm_bindgen]
 pub struct Engine {
     inner: Rc<EngineInner>,
+    reason: Option<String>,
 }
 
 struct EngineInner {
@@ -143,14 +144,25 @@ fn image_to_js(img: &Image) -> Result<js_sys::Object, JsError> {
 
 #[wasm_bindgen]
 impl Engine {
-    /// WebGPU when the browser offers it (unless `cpu` is true), otherwise the CPU fallback.
-    pub async fn create(cpu: bool) -> Result<Engine, JsError> {
+    /// WebGPU when the browser offers it (unless `cpu` is true), otherwise the CPU fallback. A software
+    /// adapter (the browser's fallback adapter, e.g. SwiftShader) runs a UNet step tens of times slower than
+    /// the CPU path in wasm, so it is used only with `software_gpu` (tests of the WebGPU path); otherwise such
+    /// an engine runs on the CPU and `fallbackReason()` says why.
+    pub async fn create(cpu: bool, software_gpu: bool) -> Result<Engine, JsError> {
+        let mut reason = None;
         let ctx = if cpu {
             GpuContext::cpu()
         } else {
             match GpuContext::new().await {
+                Ok(ctx) if ctx.summary().device_type == "Cpu" && !software_gpu => {
+                    reason = Some("software-adapter".to_string());
+                    GpuContext::cpu()
+                }
                 Ok(ctx) => ctx,
-                Err(crate::Error::NoAdapter(_)) => GpuContext::cpu(),
+                Err(crate::Error::NoAdapter(_)) => {
+                    reason = Some("no-adapter".to_string());
+                    GpuContext::cpu()
+                }
                 Err(e) => return Err(js_err(e)),
             }
         };
@@ -162,7 +174,14 @@ impl Engine {
             taesd: Default::default(),
             cancel: Default::default(),
         };
-        Ok(Engine { inner: Rc::new(inner) })
+        Ok(Engine { inner: Rc::new(inner), reason })
+    }
+
+    /// Why the engine runs on the CPU although `cpu` was not asked: "software-adapter" (WebGPU is a software
+    /// renderer here, slower than the CPU path) or "no-adapter"; undefined otherwise.
+    #[wasm_bindgen(js_name = fallbackReason)]
+    pub fn fallback_reason(&self) -> Option<String> {
+        self.reason.clone()
     }
 
     /// The adapter (or "CPU (candle)") and its limits.

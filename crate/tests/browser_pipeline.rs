@@ -83,7 +83,7 @@ fn sha256_hashes_incrementally() {
 async fn engine_generates_with_previews_and_cancels() {
     use wasm_bindgen::JsCast;
     use wasm_bindgen::closure::Closure;
-    let engine = latent_gen::web::Engine::create(false).await.unwrap_or_else(|_| panic!("no engine"));
+    let engine = latent_gen::web::Engine::create(false, true).await.unwrap_or_else(|_| panic!("no engine"));
     assert!(!engine.is_cpu(), "the browser test must run on WebGPU");
     let files = js_sys::Map::new();
     for (path, bytes) in FILES {

@@ -104,7 +104,9 @@ test('the catalog lists the bundled model files with their sizes and sha256', as
 test('generating previews every step, draws the prompt, equals the CLI, and reloads from the cache', { timeout: 900_000 }, async () => {
   const context = await env.browser.newContext();
   await env.server.faults({ reset: true });
-  const { page, errors } = await openApp(context);
+  // WebGPU (SwiftShader) although it is a software adapter: the GPU path against the CLI's (lavapipe).
+  const { page, errors } = await openApp(context, '?gpu');
+  assert.equal(await page.locator('#device').getAttribute('data-cpu'), 'false');
   const result = await generate(page);
   assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
 
@@ -345,7 +347,7 @@ test('a model kept as q4_0 is converted once in the cache, drops its originals, 
 test('an SD-family model previews every step through TAESD at full size, or by latent projection', { timeout: 600_000 }, async () => {
   const context = await env.browser.newContext();
   await env.server.faults({ reset: true });
-  const { page, errors } = await openApp(context);
+  const { page, errors } = await openApp(context, '?gpu');
   const fixture = async (id) => ({ id: `fixture-${id}`, base: `/fixtures/${id}/`,
     files: await describe(join(root, 'tests/fixtures/models', id)) });
   const decoder = { ...(await fixture('taesd-tiny')), kind: 'preview-decoder' };
@@ -365,5 +367,14 @@ test('an SD-family model previews every step through TAESD at full size, or by l
   for (let i = 1; i < 3; i++) assert.notDeepEqual(shots.taesd[i].rgba, shots.taesd[i - 1].rgba, `TAESD preview ${i} repeats`);
   const spread = (px) => Math.max(...px.filter((_, i) => i % 4 < 3)) - Math.min(...px.filter((_, i) => i % 4 < 3));
   assert.ok(spread(shots.taesd[2].rgba) > 10, 'the TAESD preview is not flat');
+  await context.close();
+});
+
+test('on a software WebGPU adapter (SwiftShader) the page computes on the CPU by default and says why', { timeout: 300_000 }, async () => {
+  const context = await env.browser.newContext();
+  const { page } = await openApp(context);
+  assert.equal(await page.locator('#device').getAttribute('data-cpu'), 'true');
+  assert.equal(await page.locator('#device').getAttribute('data-reason'), 'software-adapter');
+  assert.match(await page.locator('#device').textContent(), /software renderer.*CPU.*\?gpu/);
   await context.close();
 });

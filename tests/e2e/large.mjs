@@ -76,7 +76,8 @@ for (const c of cases) {
     const context = await launchPersistent(profile);
     const page = await context.newPage();
     const errors = recordErrors(page);
-    await page.goto(`${env.server.url}index.html`);
+    // ?gpu: WebGPU on SwiftShader, a software adapter the page would otherwise leave for the CPU path.
+    await page.goto(`${env.server.url}index.html?gpu`);
     const t0 = Date.now();
     const result = await page.evaluate(async (m) => {
       const { client } = await import('./client.js');
