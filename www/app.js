@@ -367,7 +367,7 @@ async function main() {
   });
   try {
     catalog = await client.generators();
-    decoders = (await client.models()).filter((m) => m.kind === 'preview-decoder');
+    decoders = await client.previewDecoders();
     const device = await client.ready;
     isCpu = device.isCpu;
     const a = device.adapter;

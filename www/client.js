@@ -62,8 +62,15 @@ export class Client {
       if (!res.ok) throw new Error(`cannot read the model catalog ${url}: ${res.status}`);
       const json = await res.json();
       this.catalog = json.models.map((m) => ({ ...m, catalogUrl: url.href }));
+      this.decoders = (json.previewDecoders || []).map((m) => ({ ...m, kind: 'preview-decoder', catalogUrl: url.href }));
     }
     return this.catalog;
+  }
+
+  /** The catalog's preview decoders (TAESD), which models name in their `previewDecoder`. */
+  async previewDecoders() {
+    await this.models();
+    return this.decoders;
   }
 
   /** Loads a catalog model (by id) or a model object into the worker, downloading what the cache lacks. */
@@ -100,12 +107,12 @@ export class Client {
   /** Downloads and loads the TAESD decoder of `model` (its `previewDecoder`: a catalog id or an entry). */
   async loadPreview(model, onProgress, signal) {
     const ref = model.previewDecoder;
-    const decoder = typeof ref === 'string' ? (await this.models()).find((m) => m.id === ref) : ref;
+    const decoder = typeof ref === 'string' ? (await this.previewDecoders()).find((m) => m.id === ref) : ref;
     if (!decoder) throw new Error(`model "${model.id}" has no TAESD preview decoder: use the latent projection`);
     return this.call({ type: 'load-preview', model: decoder }, onProgress, signal);
   }
 
-  /** The models one can generate with (the catalog without its preview decoders). */
+  /** The models one can generate with. */
   async generators() {
     return (await this.models()).filter((m) => m.kind !== 'preview-decoder');
   }

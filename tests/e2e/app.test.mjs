@@ -99,6 +99,13 @@ test('the catalog lists the bundled model files with their sizes and sha256', as
   const catalog = JSON.parse(await readFile(join(root, 'www/models.json'), 'utf8'));
   const tiny = catalog.models.find((m) => m.id === MODEL);
   assert.deepEqual(tiny.files, await describe(join(root, 'www', tiny.base)), 'stale: run node scripts/update-catalog.mjs');
+  // Every "store" choice is one the worker converts to, and every previewDecoder names a preview decoder.
+  for (const m of catalog.models) {
+    for (const keep of m.store || []) assert.ok(['original', 'q4_0', 'q8_0', 'f16'].includes(keep), `${m.id}: store ${keep}`);
+    if (m.previewDecoder) {
+      assert.ok(catalog.previewDecoders.some((d) => d.id === m.previewDecoder), `${m.id}: no preview decoder ${m.previewDecoder}`);
+    }
+  }
 });
 
 test('generating previews every step, draws the prompt, equals the CLI, and reloads from the cache', { timeout: 900_000 }, async () => {
@@ -354,6 +361,10 @@ test('an SD-family model previews every step through TAESD at full size, or by l
   const model = { ...(await fixture('sd1-tiny')), weights: 'f32', previewDecoder: decoder };
   const shots = await page.evaluate(async (m) => {
     const { client } = await import('./client.js');
+    // The catalog's SD models name TAESD, which the client finds among the preview decoders.
+    const sd15 = (await client().models()).find((x) => x.id === 'sd15');
+    const decoders = await client().previewDecoders();
+    if (!decoders.some((d) => d.id === sd15.previewDecoder && d.files.length === 2)) throw new Error('sd15 has no TAESD');
     const out = {};
     for (const preview of ['latent', 'taesd']) {
       out[preview] = [];
