@@ -259,36 +259,6 @@ pub fn header(metadata: &[(String, String)], tensors: &[TensorPlan]) -> Result<V
     Ok(head)
 }
 
-/// Writes a GGUF v3 file: string metadata, then every tensor's data as `data(i)` produces it, one tensor at a
-/// time (candle's writer holds every tensor in memory at once; this one holds one). Returns the bytes written.
-pub fn write(
-    w: &mut impl std::io::Write,
-    metadata: &[(String, String)],
-    tensors: &[TensorPlan],
-    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
-) -> Result<u64> {
-    let io = |e: std::io::Error| Error::Invalid(format!("writing the GGUF file: {e}"));
-    let head = header(metadata, tensors)?;
-    w.write_all(&head).map_err(io)?;
-    let mut written = head.len() as u64;
-    for (i, t) in tensors.iter().enumerate() {
-        let mut bytes = data(i)?;
-        if bytes.len() != t.bytes() {
-            return Err(Error::Invalid(format!(
-                "{}: {} bytes of data for {} in {:?}",
-                t.name,
-                bytes.len(),
-                t.bytes(),
-                t.dtype
-            )));
-        }
-        bytes.resize(bytes.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
-        w.write_all(&bytes).map_err(io)?;
-        written += bytes.len() as u64;
-    }
-    Ok(written)
-}
-
 impl Gguf {
     /// The diffusers files a converted model carries in its metadata ([`EMBEDDED_FILE`]), by path.
     pub fn embedded_files(&self) -> HashMap<String, String> {
@@ -302,6 +272,36 @@ impl Gguf {
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
+
+    /// A whole GGUF file as `convert::Conversion` lays it out: [`header`], then each tensor's data padded to
+    /// [`ALIGNMENT`]. Returns the bytes written.
+    fn write(
+        w: &mut impl std::io::Write,
+        metadata: &[(String, String)],
+        tensors: &[TensorPlan],
+        mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+    ) -> Result<u64> {
+        let io = |e: std::io::Error| Error::Invalid(format!("writing the GGUF file: {e}"));
+        let head = header(metadata, tensors)?;
+        w.write_all(&head).map_err(io)?;
+        let mut written = head.len() as u64;
+        for (i, t) in tensors.iter().enumerate() {
+            let mut bytes = data(i)?;
+            if bytes.len() != t.bytes() {
+                return Err(Error::Invalid(format!(
+                    "{}: {} bytes of data for {} in {:?}",
+                    t.name,
+                    bytes.len(),
+                    t.bytes(),
+                    t.dtype
+                )));
+            }
+            bytes.resize(bytes.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+            w.write_all(&bytes).map_err(io)?;
+            written += bytes.len() as u64;
+        }
+        Ok(written)
+    }
 
     /// What `write` writes, candle's reader reads: metadata, shapes (row-major), types, offsets, bytes.
     #[test]
