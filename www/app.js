@@ -1,6 +1,6 @@
 // The generator page: form, progress, per-step preview, PNG download, history, models panel.
 import { client as getClient, formatBytes, paint } from './client.js';
-import { deleteModel, listFiles } from './cache.js';
+import { CONVERTED, deleteModel, listFiles } from './cache.js';
 
 const $ = (id) => document.getElementById(id);
 const hasWebGpu = 'gpu' in navigator;
@@ -56,28 +56,10 @@ function modelById(id) {
 }
 
 const KEEP_LABELS = { original: 'as downloaded', q4_0: 'q4_0 (smallest)', q8_0: 'q8_0', f16: 'f16' };
-const CONVERTED = /^model\.(q4_0|q8_0|f16)\.gguf$/;
 
-/** The "keep weights as" choices of model `m` (the catalog's `store`, first is the default). */
-function renderKeep(m) {
-  const select = $('keep');
-  const options = m?.store?.length ? m.store : ['original'];
+/** Replaces `select`'s options with `[value, label]` pairs; one choice leaves it disabled. */
+function setChoices(select, options) {
   select.replaceChildren();
-  for (const value of options) {
-    const opt = document.createElement('option');
-    opt.value = value;
-    opt.textContent = KEEP_LABELS[value] || value;
-    select.append(opt);
-  }
-  select.disabled = options.length < 2;
-}
-
-/** The preview choices of model `m`: TAESD (the default) where it names a preview decoder, else the latent
- * projection only (the tiny model's VAE is not SD's, so TAESD does not fit it). */
-function renderPreview(m) {
-  const select = $('preview');
-  select.replaceChildren();
-  const options = m?.previewDecoder ? [['taesd', 'TAESD (full size)'], ['latent', 'latent projection']] : [['latent', 'latent projection']];
   for (const [value, label] of options) {
     const opt = document.createElement('option');
     opt.value = value;
@@ -85,6 +67,19 @@ function renderPreview(m) {
     select.append(opt);
   }
   select.disabled = options.length < 2;
+}
+
+/** The "keep weights as" choices of model `m` (the catalog's `store`, first is the default). */
+function renderKeep(m) {
+  const options = m?.store?.length ? m.store : ['original'];
+  setChoices($('keep'), options.map((v) => [v, KEEP_LABELS[v] || v]));
+}
+
+/** The preview choices of model `m`: TAESD (the default) where it names a preview decoder, else the latent
+ * projection only (the tiny model's VAE is not SD's, so TAESD does not fit it). */
+function renderPreview(m) {
+  const latent = ['latent', 'latent projection'];
+  setChoices($('preview'), m?.previewDecoder ? [['taesd', 'TAESD (full size)'], latent] : [latent]);
 }
 
 function applyDefaults(m) {

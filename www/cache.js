@@ -67,6 +67,10 @@ function request(req) {
 
 export const fileKey = (model, path) => `${model}/${path}`;
 
+/** The one-file GGUF a model is kept in once converted to `type` (q4_0, q8_0 or f16), and its pattern. */
+export const convertedPath = (type) => `model.${type}.gguf`;
+export const CONVERTED = /^model\.(q4_0|q8_0|f16)\.gguf$/;
+
 /** The OPFS folder holding the cached files. */
 async function opfsDir() {
   if (!navigator.storage?.getDirectory) {

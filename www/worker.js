@@ -7,7 +7,7 @@
 //               { type: 'cancel', target: id }
 // Messages out: { id, type: 'progress' | 'step' | 'result' | 'error', ... }
 import init, { Converter, Engine, Sha256 } from './pkg/latent_gen.js';
-import { ChunkWriter, deleteFile, fileBlob, getFile, listFiles } from './cache.js';
+import { CONVERTED, ChunkWriter, convertedPath, deleteFile, fileBlob, getFile, listFiles } from './cache.js';
 
 let engine = null;
 let previewLoaded = null; // the id of the preview decoder in the engine
@@ -87,9 +87,6 @@ const cancelled = () => Object.assign(new Error('cancelled'), { name: 'AbortErro
  * catalog's first. */
 const keepAs = (model) => model.keep || model.store?.[0] || 'original';
 
-/** The name of the one-file GGUF a model is kept in as `type`. */
-const convertedPath = (type) => `model.${type}.gguf`;
-const CONVERTED = /^model\.(q4_0|q8_0|f16)\.gguf$/;
 
 /** The complete converted file of `model` (the one asked for first, else any), or undefined. */
 async function converted(model, keep) {
