@@ -313,7 +313,9 @@ test('checkpoint files (a GGUF and a single .safetensors made by latent-gen conv
 test('a model kept as q4_0 is converted once in the cache, drops its originals, draws the prompt and reloads without a download', { timeout: 600_000 }, async () => {
   const context = await env.browser.newContext();
   await env.server.faults({ reset: true });
-  const { page, errors } = await openApp(context);
+  // ?gpu: the q4_0 GGUF goes from the cache to WebGPU (SwiftShader), the path users with a GPU take.
+  const { page, errors } = await openApp(context, '?gpu');
+  assert.equal(await page.locator('#device').getAttribute('data-cpu'), 'false');
   const phases = [];
   page.on('console', (m) => { if (m.text().startsWith('phase:')) phases.push(m.text()); });
   await page.evaluate(() => new MutationObserver(() => {
