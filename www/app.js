@@ -14,6 +14,40 @@ let lastSeed = null;
 let running = false;
 let isCpu = false;
 let abort = null;
+let initImage = null; // {width, height, rgba, url}: the img2img start image, or null
+
+/** Decodes an image Blob (any format the browser reads) into RGBA pixels at its own size. */
+async function decodeImage(blob) {
+  const bitmap = await createImageBitmap(blob);
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  const g = canvas.getContext('2d');
+  g.drawImage(bitmap, 0, 0);
+  bitmap.close();
+  const data = g.getImageData(0, 0, canvas.width, canvas.height);
+  return { width: data.width, height: data.height, rgba: data.data };
+}
+
+/** Sets (or with null clears) the init image, from a Blob or from pixels already decoded. */
+async function setInitImage(source) {
+  if (initImage?.url) URL.revokeObjectURL(initImage.url);
+  initImage = null;
+  if (source) {
+    try {
+      const pixels = source instanceof Blob ? await decodeImage(source) : source;
+      const canvas = new OffscreenCanvas(pixels.width, pixels.height);
+      canvas.getContext('2d').putImageData(new ImageData(new Uint8ClampedArray(pixels.rgba), pixels.width, pixels.height), 0, 0);
+      const url = URL.createObjectURL(await canvas.convertToBlob({ type: 'image/png' }));
+      initImage = { width: pixels.width, height: pixels.height, rgba: new Uint8ClampedArray(pixels.rgba), url };
+    } catch (e) {
+      fail(new Error(`that image could not be read (${e?.message || e})`));
+    }
+  }
+  const preview = $('init-preview');
+  preview.hidden = !initImage;
+  preview.src = initImage?.url || '';
+  preview.dataset.size = initImage ? `${initImage.width}x${initImage.height}` : '';
+  $('init-clear').hidden = !initImage;
+}
 
 function setStatus(state, text) {
   const el = $('status');
@@ -197,6 +231,10 @@ function readForm() {
       scheduler: $('scheduler').value || undefined,
       preview: $('preview').value || undefined,
       ...variation(),
+      ...(initImage ? {
+        strength: Number($('strength').value),
+        init_images: [{ width: initImage.width, height: initImage.height, rgba: initImage.rgba, weight: 1 }],
+      } : {}),
     },
   };
 }
@@ -218,6 +256,8 @@ function restore(entry) {
   $('scheduler').value = r.scheduler || '';
   $('subseed').value = r.subseed ?? '';
   $('subseed-strength').value = r.subseed_strength || 0;
+  if (r.init_images) $('strength').value = r.strength;
+  setInitImage(r.init_images ? r.init_images[0] : null);
   showResult(entry);
 }
 
@@ -282,7 +322,16 @@ function addToHistory(entry) {
   button.className = 'thumb';
   button.append(img);
   button.onclick = () => restore(entry);
-  $('history').prepend(button);
+  const use = document.createElement('button');
+  use.type = 'button';
+  use.className = 'use-init';
+  use.textContent = 'Use as init';
+  use.title = 'Start the next image from this one (img2img)';
+  use.onclick = () => setInitImage({ width: entry.image.width, height: entry.image.height, rgba: entry.image.rgba });
+  const item = document.createElement('figure');
+  item.className = 'history-item';
+  item.append(button, use);
+  $('history').prepend(item);
 }
 
 async function collectDropped(items) {
@@ -352,6 +401,21 @@ async function main() {
   $('persist').onclick = async () => { await navigator.storage?.persist?.(); renderStorage(); };
   $('import').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.webkitRelativePath || file.name, file })));
   $('import-file').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.name, file })));
+  $('init-file').onchange = (e) => e.target.files[0] && setInitImage(e.target.files[0]);
+  $('init-clear').onclick = () => setInitImage(null);
+  const initBox = $('init');
+  initBox.addEventListener('dragover', (e) => { e.preventDefault(); initBox.classList.add('over'); });
+  initBox.addEventListener('dragleave', () => initBox.classList.remove('over'));
+  initBox.addEventListener('drop', (e) => {
+    e.preventDefault();
+    initBox.classList.remove('over');
+    const file = [...e.dataTransfer.files].find((f) => f.type.startsWith('image/'));
+    if (file) setInitImage(file);
+  });
+  document.addEventListener('paste', (e) => {
+    const file = [...(e.clipboardData?.files || [])].find((f) => f.type.startsWith('image/'));
+    if (file) setInitImage(file);
+  });
   const drop = $('drop');
   drop.addEventListener('dragover', (e) => { e.preventDefault(); drop.classList.add('over'); });
   drop.addEventListener('dragleave', () => drop.classList.remove('over'));

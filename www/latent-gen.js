@@ -5,12 +5,31 @@
 //
 // Attributes: model, keep (how its weights are kept in the cache: one of the catalog entry's "store", e.g.
 // q4_0; the first is the default), preview ("latent", or "taesd" for models with a previewDecoder), prompt,
-// negative-prompt, seed, subseed and subseed-strength (a variation), steps, guidance, width, height, scheduler,
-// and autostart (generate once connected). Methods: generate() (resolves to the PNG Blob), cancel().
+// negative-prompt, seed, subseed and subseed-strength (a variation), init-image (the URL of an image to start
+// from: img2img; fetched with CORS from another origin) and strength, steps, guidance, width, height,
+// scheduler, and autostart (generate once connected). Methods: generate() (resolves to the PNG Blob), cancel().
 // Events: progress (download/load progress), step (detail.preview: {width, height, rgba}), done (detail.blob,
 // detail.parameters), error (detail.message). Parts for ::part(): preview, button, status.
 // Every element on a page shares one worker and one loaded model (client.js).
 import { client, paint } from './client.js';
+
+/** Fetches an image URL and decodes it into RGBA pixels at its own size. */
+async function imagePixels(url) {
+  const response = await fetch(new URL(url, document.baseURI));
+  if (!response.ok) throw new Error(`the init-image ${url} could not be fetched (HTTP ${response.status})`);
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(await response.blob());
+  } catch {
+    throw new Error(`the init-image ${url} is not an image the browser can read`);
+  }
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  const g = canvas.getContext('2d');
+  g.drawImage(bitmap, 0, 0);
+  bitmap.close();
+  const data = g.getImageData(0, 0, canvas.width, canvas.height);
+  return { width: data.width, height: data.height, rgba: data.data };
+}
 
 const template = document.createElement('template');
 template.innerHTML = `
@@ -74,6 +93,8 @@ export class LatentGen extends HTMLElement {
     }
     const d = model.defaults || {};
     const seedAttr = this.getAttribute('seed');
+    const initUrl = this.getAttribute('init-image');
+    const init = initUrl ? { strength: this.num('strength', 0.75), init_images: [{ ...(await imagePixels(initUrl)), weight: 1 }] } : {};
     return {
       model: { ...model, keep },
       request: {
@@ -88,6 +109,7 @@ export class LatentGen extends HTMLElement {
         preview: this.getAttribute('preview') || undefined,
         subseed: this.hasAttribute('subseed') ? this.num('subseed') >>> 0 : undefined,
         subseed_strength: this.num('subseed-strength', 0),
+        ...init,
       },
     };
   }

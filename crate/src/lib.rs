@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod convert;
 pub mod error;
 pub mod gpu;
+pub mod image;
 pub mod models;
 pub mod ops;
 pub mod pipeline;

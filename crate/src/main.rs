@@ -8,7 +8,8 @@ mod cli {
 
     use clap::{Parser, Subcommand, ValueEnum};
     use latent_gen::gpu::{DType, GpuContext};
-    use latent_gen::pipeline::{Control, Request, StableDiffusion};
+    use latent_gen::image::Image;
+    use latent_gen::pipeline::{Control, InitImage, Request, StableDiffusion};
     use latent_gen::schedulers::SchedulerKind;
     use latent_gen::weights::LoadPolicy;
 
@@ -100,6 +101,15 @@ mod cli {
         /// How far toward --subseed's noise (0: the seed's image, 1: the subseed's).
         #[arg(long, default_value_t = 0.0, requires = "subseed")]
         subseed_strength: f32,
+        /// img2img: start from this PNG (resized to the generation size; without --width/--height the size is
+        /// the first image's, rounded down to what the model takes). Repeat with PATH:WEIGHT to blend several
+        /// images' latents (style mixing), e.g. --init-image a.png:0.6 --init-image b.png:0.4.
+        #[arg(long = "init-image", value_name = "PNG[:WEIGHT]")]
+        init_images: Vec<String>,
+        /// img2img's denoising strength, in (0, 1]: how much of the schedule runs from the noised init
+        /// image (1 keeps little of it; 0.3 changes details).
+        #[arg(long, default_value_t = 0.75)]
+        strength: f32,
         /// ddim, euler, euler-a, dpm++2m, dpm++2m-karras or lcm; defaults to the model's scheduler config.
         #[arg(long)]
         scheduler: Option<SchedulerKind>,
@@ -113,7 +123,8 @@ mod cli {
         out: Option<PathBuf>,
         /// Generate many images with the model loaded once: a file of JSON lines, each with "out" (the PNG)
         /// and any of "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height",
-        /// "scheduler", "subseed", "subseed_strength"; fields left out take the command line's values.
+        /// "scheduler", "subseed", "subseed_strength", "strength"; fields left out take the command line's
+        /// values (the init images are the command line's).
         #[arg(long, conflicts_with = "dump_latents")]
         batch: Option<PathBuf>,
         /// Also save the initial noise ("init"), every step's latent ("step_0"...) and the final latent
@@ -360,7 +371,13 @@ mod cli {
         let (act, weights) = (act_dtype(ctx, g.precision)?, weight_dtype(g.weights));
         let start = Instant::now();
         eprintln!("loading {}", model.display());
-        let mut sd = StableDiffusion::load_path(ctx, &model, g.config.as_deref(), LoadPolicy { act, weights })?;
+        let init = read_init_images(&g.init_images)?;
+        let src = latent_gen::pipeline::open_model(&model, g.config.as_deref())?;
+        let mut sd = StableDiffusion::load(ctx, src.as_ref(), LoadPolicy { act, weights })?;
+        if !init.is_empty() {
+            sd.load_vae_encoder(src.as_ref(), LoadPolicy { act, weights })?;
+        }
+        drop(src);
         if let Some(p) = g.prediction {
             sd.scheduler_config.prediction_type = Some(p.config_name().into());
         }
@@ -376,13 +393,23 @@ mod cli {
             scheduler: g.scheduler,
             subseed: g.subseed,
             subseed_strength: g.subseed_strength,
+            strength: g.strength,
         };
+        // Without a size, img2img takes the first init image's, rounded down to what the model takes.
+        let mut base = base;
+        if let Some((first, _)) = init.first() {
+            let m = sd.size_multiple();
+            let own = |v: usize| (v / m * m).max(m);
+            base.width = base.width.or(Some(own(first.width)));
+            base.height = base.height.or(Some(own(first.height)));
+        }
+        let base = base;
         // A folder's name, or a checkpoint file's without its extension.
         let name = if model.is_file() { model.file_stem() } else { model.file_name() };
         let model_name = name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let Some(batch) = &g.batch else {
             let out = g.out.clone().ok_or("--out is required")?;
-            return generate_one(ctx, &sd, &model_name, &base, &out, g.dump_latents.as_deref()).await;
+            return generate_one(ctx, &sd, &model_name, &base, &init, &out, g.dump_latents.as_deref()).await;
         };
         let text = std::fs::read_to_string(batch).map_err(|e| format!("reading {}: {e}", batch.display()))?;
         let jobs = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
@@ -401,21 +428,40 @@ mod cli {
             merged.extend(fields);
             let req: Request =
                 serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| bad(e.to_string()))?;
-            generate_one(ctx, &sd, &model_name, &req, &out, None).await.map_err(|e| bad(e.to_string()))?;
+            generate_one(ctx, &sd, &model_name, &req, &init, &out, None).await.map_err(|e| bad(e.to_string()))?;
         }
         Ok(())
     }
 
+    /// The --init-image values: each PNG read, with its weight (1 when none is given).
+    fn read_init_images(args: &[String]) -> Result<Vec<(Image, f32)>, Box<dyn std::error::Error>> {
+        args.iter()
+            .map(|a| {
+                let (path, weight) = match a.rsplit_once(':') {
+                    Some((p, w)) if !p.is_empty() && w.parse::<f32>().is_ok() => (p, w.parse::<f32>()?),
+                    _ => (a.as_str(), 1.0),
+                };
+                let bytes = std::fs::read(path).map_err(|e| format!("reading the init image {path}: {e}"))?;
+                let image = Image::from_png(&bytes).map_err(|e| format!("the init image {path}: {e}"))?;
+                Ok((image, weight))
+            })
+            .collect()
+    }
+
     /// One image: progress on stderr, the PNG with its parameters, optionally the latents.
+    #[allow(clippy::too_many_arguments)]
     async fn generate_one(
         ctx: &GpuContext,
         sd: &StableDiffusion,
         model_name: &str,
         req: &Request,
+        init: &[(Image, f32)],
         out: &Path,
         dump_latents: Option<&Path>,
     ) -> Result<(), Box<dyn std::error::Error>> {
         let (w, h) = sd.size(req)?;
+        let init: Vec<InitImage> =
+            init.iter().map(|(image, weight)| InitImage { image: image.resized(w, h), weight: *weight }).collect();
         let kind = sd.scheduler_kind(req)?;
         let (used, total) = sd.tokenizer.count(&req.prompt)?;
         if used < total {
@@ -428,7 +474,9 @@ mod cli {
         }
         let loop_start = Instant::now();
         let mut last = Instant::now();
+        let mut ran = 0usize;
         let mut on_step = |s: &latent_gen::pipeline::Step<'_>| {
+            ran = s.steps;
             let now = Instant::now();
             eprintln!(
                 "step {}/{} (t={}) {:.3} s",
@@ -444,13 +492,12 @@ mod cli {
             }
             Ok(Control::Continue)
         };
-        let latents = sd.denoise(req, &mut on_step).await?;
+        let latents = sd.denoise_from(req, &init, &mut on_step).await?;
         let steps_time = loop_start.elapsed().as_secs_f64();
         let image = sd.decode(&latents).await?;
         eprintln!(
-            "{} steps in {steps_time:.2} s ({:.2} it/s), total {:.2} s",
-            req.steps,
-            req.steps as f64 / steps_time,
+            "{ran} steps in {steps_time:.2} s ({:.2} it/s), total {:.2} s",
+            ran as f64 / steps_time,
             loop_start.elapsed().as_secs_f64()
         );
         if let Some(path) = dump_latents {
@@ -458,7 +505,8 @@ mod cli {
             write_safetensors(path, &dump)?;
             eprintln!("wrote {} latents to {}", dump.len(), path.display());
         }
-        let parameters = latent_gen::pipeline::parameters_text(req, kind.name(), w, h, model_name);
+        let parameters =
+            latent_gen::pipeline::parameters_text_from(req, kind.name(), w, h, model_name, !init.is_empty());
         std::fs::write(out, image.to_png(&parameters)?).map_err(|e| format!("writing {}: {e}", out.display()))?;
         eprintln!("wrote {}", out.display());
         Ok(())

@@ -1,16 +1,18 @@
 //! The text-to-image pipeline: request -> tokens -> text embeddings -> denoising loop (a callback per step
 //! with the GPU-resident latent, cancellation between steps) -> VAE decode -> RGBA. Equal to diffusers'
 //! `StableDiffusionPipeline` (classifier-free guidance with a negative prompt, skipped at guidance <= 1) and
-//! `LatentConsistencyModelPipeline` (a UNet with `time_cond_proj_dim`: guidance embedding, no CFG).
+//! `LatentConsistencyModelPipeline` (a UNet with `time_cond_proj_dim`: guidance embedding, no CFG), and from
+//! init images to `StableDiffusionImg2ImgPipeline` (img2img, [`StableDiffusion::start_from`]).
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Tensor};
+pub use crate::image::Image;
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::parse_config;
 use crate::models::unet_2d::{UNet2DConditionModel, UNetConfig, guidance_embedding};
-use crate::models::vae::{Decoder, VaeConfig};
+use crate::models::vae::{Decoder, Encoder, VaeConfig};
 use crate::ops::FiniteCheck;
 use crate::ops::{self, Term};
 use crate::rng::TorchRng;
@@ -153,6 +155,10 @@ pub struct Request {
     /// `subseed_strength` (0: the seed's image exactly, 1: the subseed's).
     pub subseed: Option<u64>,
     pub subseed_strength: f32,
+    /// img2img (with init images): how much of the schedule runs, in (0, 1]; the image is noised to the
+    /// timestep at `steps * (1 - strength)` and denoised from there (diffusers' and A1111's "denoising
+    /// strength"). Ignored without init images.
+    pub strength: f32,
 }
 
 impl Default for Request {
@@ -168,6 +174,7 @@ impl Default for Request {
             scheduler: None,
             subseed: None,
             subseed_strength: 0.0,
+            strength: 0.75,
         }
     }
 }
@@ -209,37 +216,22 @@ pub fn slerp_noise(val: f32, low: &[f32], high: &[f32], shape: [usize; 3]) -> Ve
     out
 }
 
-/// A generated image, RGBA 8-bit, row-major.
-#[derive(Clone, Debug)]
-pub struct Image {
-    pub width: usize,
-    pub height: usize,
-    pub rgba: Vec<u8>,
-}
-
-impl Image {
-    /// An RGBA PNG with `parameters` (the generation settings, A1111's layout) in a text chunk named
-    /// "parameters": tEXt when it is Latin-1, iTXt (UTF-8) otherwise.
-    pub fn to_png(&self, parameters: &str) -> Result<Vec<u8>> {
-        let png_err = |e: png::EncodingError| Error::Invalid(format!("encoding the PNG: {e}"));
-        let mut out = Vec::new();
-        let mut enc = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
-        enc.set_color(png::ColorType::Rgba);
-        enc.set_depth(png::BitDepth::Eight);
-        if parameters.chars().all(|c| (c as u32) < 256) {
-            enc.add_text_chunk("parameters".into(), parameters.into()).map_err(png_err)?;
-        } else {
-            enc.add_itxt_chunk("parameters".into(), parameters.into()).map_err(png_err)?;
-        }
-        let mut writer = enc.write_header().map_err(png_err)?;
-        writer.write_image_data(&self.rgba).map_err(png_err)?;
-        writer.finish().map_err(png_err)?;
-        Ok(out)
-    }
-}
-
 /// The "parameters" text the CLI and the page embed in their PNGs (the layout A1111-style tools read).
 pub fn parameters_text(req: &Request, scheduler: &str, width: usize, height: usize, model: &str) -> String {
+    parameters_text_from(req, scheduler, width, height, model, false)
+}
+
+/// [`parameters_text`] of an img2img generation (`img2img`: it started from init images), which adds
+/// A1111's "Denoising strength".
+pub fn parameters_text_from(
+    req: &Request,
+    scheduler: &str,
+    width: usize,
+    height: usize,
+    model: &str,
+    img2img: bool,
+) -> String {
+    let strength = if img2img { format!(", Denoising strength: {}", req.strength) } else { String::new() };
     let variation = match req.subseed {
         Some(sub) if req.subseed_strength > 0.0 => {
             format!(", Variation seed: {sub}, Variation seed strength: {}", req.subseed_strength)
@@ -247,9 +239,25 @@ pub fn parameters_text(req: &Request, scheduler: &str, width: usize, height: usi
         _ => String::new(),
     };
     format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}{variation}",
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}{strength}{variation}",
         req.prompt, req.negative_prompt, req.steps, scheduler, req.guidance, req.seed, width, height, model
     )
+}
+
+/// An image img2img starts from: RGBA at the generation's size ([`Image::resized`]), and its share when
+/// several are blended (weights are normalized to sum to 1).
+#[derive(Clone, Debug)]
+pub struct InitImage {
+    pub image: Image,
+    pub weight: f32,
+}
+
+/// What an img2img run starts from: the blended clean latent (scaled), the generator after the VAE's
+/// samples, and the first step.
+struct Init {
+    clean: Vec<f32>,
+    rng: TorchRng,
+    first: usize,
 }
 
 /// What the per-step callback sees.
@@ -275,6 +283,9 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
     pub vae: Decoder,
+    /// The VAE's encoder, which img2img needs: loaded on request ([`StableDiffusion::load_vae_encoder`]),
+    /// since text-to-image never runs it.
+    pub vae_encoder: Option<Encoder>,
     pub vae_config: VaeConfig,
     pub scheduler_config: SchedulerConfig,
     ctx: GpuContext,
@@ -309,7 +320,31 @@ impl StableDiffusion {
                 unet.config.in_channels, vae_config.latent_channels
             )));
         }
-        Ok(Self { tokenizer, text_encoder, unet, vae, vae_config, scheduler_config, ctx: ctx.clone() })
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            vae_encoder: None,
+            vae_config,
+            scheduler_config,
+            ctx: ctx.clone(),
+        })
+    }
+
+    /// Loads the VAE's encoder from the same files (a no-op when it is loaded), for img2img.
+    pub fn load_vae_encoder(&mut self, src: &dyn ModelSource, policy: LoadPolicy) -> Result<()> {
+        if self.vae_encoder.is_some() {
+            return Ok(());
+        }
+        let va = src.tensors(&weights_file(src, "vae", "diffusion_pytorch_model")?)?;
+        let encoder = Encoder::load(&Weights::new(&self.ctx, va.as_ref(), policy), &self.vae_config).map_err(|e| {
+            Error::Invalid(format!(
+                "img2img needs the VAE's encoder, which this model's files lack or hold wrongly: {e}"
+            ))
+        })?;
+        self.vae_encoder = Some(encoder);
+        Ok(())
     }
 
     /// Loads a diffusers folder.
@@ -392,13 +427,34 @@ impl StableDiffusion {
         self.decode(&latents).await
     }
 
+    /// [`StableDiffusion::generate`] from init images (img2img).
+    pub async fn generate_from(
+        &self,
+        req: &Request,
+        init: &[InitImage],
+        on_step: &mut dyn FnMut(&Step<'_>) -> Result<Control>,
+    ) -> Result<Image> {
+        let latents = self.denoise_from(req, init, on_step).await?;
+        self.decode(&latents).await
+    }
+
     /// The denoising loop: the final latent (UNet space).
     pub async fn denoise(
         &self,
         req: &Request,
         on_step: &mut dyn FnMut(&Step<'_>) -> Result<Control>,
     ) -> Result<Tensor> {
-        let mut run = self.start(req)?;
+        self.denoise_from(req, &[], on_step).await
+    }
+
+    /// [`StableDiffusion::denoise`] from init images (img2img, see [`StableDiffusion::start_from`]).
+    pub async fn denoise_from(
+        &self,
+        req: &Request,
+        init: &[InitImage],
+        on_step: &mut dyn FnMut(&Step<'_>) -> Result<Control>,
+    ) -> Result<Tensor> {
+        let mut run = self.start_from(req, init).await?;
         while let Some(step) = run.step().await? {
             if on_step(&step)? == Control::Cancel {
                 return Err(Error::Cancelled);
@@ -410,7 +466,111 @@ impl StableDiffusion {
     /// Starts a generation that the caller drives one step at a time (and may await anything between steps,
     /// e.g. a preview readback, or simply stop: that is cancelling).
     pub fn start(&self, req: &Request) -> Result<Denoiser<'_>> {
+        self.begin(req, None)
+    }
+
+    /// [`StableDiffusion::start`] from init images (img2img; several are blended by weight): each is encoded
+    /// by the VAE, the latents sampled and mixed, noised to the timestep `req.strength` gives, and denoised
+    /// from there, as diffusers' `StableDiffusionImg2ImgPipeline` (its RNG order: the VAE's latent samples
+    /// draw first, then the noise). No images is text-to-image.
+    pub async fn start_from(&self, req: &Request, init: &[InitImage]) -> Result<Denoiser<'_>> {
+        if init.is_empty() {
+            return self.start(req);
+        }
+        let (w, h) = self.validate(req)?;
+        let first = self.first_step(req)?;
+        let Some(encoder) = &self.vae_encoder else {
+            return Err(Error::Invalid("img2img needs the VAE's encoder: load it first (load_vae_encoder)".into()));
+        };
+        let total: f32 = init.iter().map(|i| i.weight).sum();
+        for (n, i) in init.iter().enumerate() {
+            if (i.image.width, i.image.height) != (w, h) {
+                return Err(Error::Invalid(format!(
+                    "init image {} is {}x{} but the generation is {w}x{h}: resize it first",
+                    n + 1,
+                    i.image.width,
+                    i.image.height
+                )));
+            }
+            if !(i.weight.is_finite() && i.weight >= 0.0) {
+                return Err(Error::Invalid(format!("init image {}: weight {} is not a number >= 0", n + 1, i.weight)));
+            }
+        }
+        if !(total > 0.0 && total.is_finite()) {
+            return Err(Error::Invalid("the init images' weights add up to 0".into()));
+        }
+        self.check_encoder_limits(encoder, w, h)?;
         let ctx = &self.ctx;
+        let act = self.text_encoder_dtype();
+        let shape = self.latent_shape(w, h);
+        let n: usize = shape.iter().product();
+        let mut rng = TorchRng::new(req.seed);
+        let mut clean = vec![0f32; n];
+        let scale = self.vae_config.scaling_factor as f32;
+        for i in init {
+            let pixels = Tensor::from_f32_as(ctx, &[1, 3, h, w], &i.image.to_planes(), act)?;
+            let moments = encoder.moments(ctx, &pixels)?.to_vec_f32(ctx).await?;
+            let (mean, logvar) = moments.split_at(n);
+            // latent_dist.sample(generator): mean + std * randn, logvar clamped to [-30, 20] as diffusers does.
+            let eps = rng.randn(n);
+            let k = i.weight / total;
+            for j in 0..n {
+                let std = (0.5 * logvar[j].clamp(-30.0, 20.0)).exp();
+                clean[j] += k * scale * (mean[j] + std * eps[j]);
+            }
+        }
+        if !clean.iter().all(|v| v.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "the VAE encoder produced NaN or infinite values: {}",
+                non_finite_hint(act)
+            )));
+        }
+        self.begin(req, Some(Init { clean, rng, first }))
+    }
+
+    /// The first step an img2img run takes: diffusers' `get_timesteps` (`steps * strength` steps run,
+    /// rounded down), refusing a strength that runs none.
+    fn first_step(&self, req: &Request) -> Result<usize> {
+        let s = req.strength;
+        if !(s > 0.0 && s <= 1.0) {
+            return Err(Error::Invalid(format!("the denoising strength must be in (0, 1], got {s}")));
+        }
+        if self.is_lcm() {
+            return Err(Error::Invalid(
+                "img2img with a latent consistency model (LCM) is not supported yet: use an SD model".into(),
+            ));
+        }
+        let run = ((req.steps as f64 * s as f64) as usize).min(req.steps);
+        if run == 0 {
+            return Err(Error::Invalid(format!(
+                "strength {s} with {} steps runs no denoising step (steps x strength must be at least 1): raise \
+                 the strength or the steps",
+                req.steps
+            )));
+        }
+        Ok(req.steps - run)
+    }
+
+    /// Refuses an init image whose encoding would not fit the device's buffer bindings.
+    fn check_encoder_limits(&self, encoder: &Encoder, width: usize, height: usize) -> Result<()> {
+        if self.ctx.is_cpu() {
+            return Ok(());
+        }
+        let needed = encoder.largest_activation_bytes(height, width, self.text_encoder_dtype());
+        let limit = binding_limit(&self.ctx);
+        if needed > limit {
+            return Err(Error::Invalid(format!(
+                "encoding a {width}x{height} init image needs {:.0} MiB in one GPU buffer, but this device allows \
+                 {:.0} MiB (maxStorageBufferBindingSize / maxBufferSize): use a smaller image",
+                needed as f64 / (1 << 20) as f64,
+                limit as f64 / (1 << 20) as f64
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a request's size, steps and guidance: the (width, height) it generates.
+    fn validate(&self, req: &Request) -> Result<(usize, usize)> {
         let (w, h) = self.size(req)?;
         if req.steps == 0 || req.steps > 1000 {
             return Err(Error::Invalid(format!("steps must be between 1 and 1000, got {}", req.steps)));
@@ -421,8 +581,14 @@ impl StableDiffusion {
                 req.guidance
             )));
         }
-        let scheduler = self.scheduler_kind(req)?.build(&self.scheduler_config, req.steps)?;
         self.check_limits(w, h, req.guidance > 1.0 && !self.is_lcm())?;
+        Ok((w, h))
+    }
+
+    fn begin(&self, req: &Request, init: Option<Init>) -> Result<Denoiser<'_>> {
+        let ctx = &self.ctx;
+        let (w, h) = self.validate(req)?;
+        let scheduler = self.scheduler_kind(req)?.build(&self.scheduler_config, req.steps)?;
         // 1. Conditioning: CFG batches [negative, prompt]; LCM embeds the guidance scale instead.
         let cfg = req.guidance > 1.0 && !self.is_lcm();
         let context = if cfg {
@@ -435,17 +601,30 @@ impl StableDiffusion {
             Some(dim) => Some(guidance_embedding(ctx, req.guidance, 1, dim, act)?),
             None => None,
         };
-        // 2. Initial noise from the seed, as torch.randn(generator=manual_seed(seed)) draws it.
+        // 2. Initial noise from the seed, as torch.randn(generator=manual_seed(seed)) draws it (after the
+        //    VAE's samples for img2img), scaled to the first step's noise level.
         let shape = self.latent_shape(w, h);
-        let mut rng = TorchRng::new(req.seed);
-        let noise = Tensor::from_f32_as(ctx, &shape, &noise(req, &shape, &mut rng)?, act)?;
-        let latents = ops::affine(ctx, &noise, scheduler.init_noise_sigma() as f32, 0.0)?;
         let timesteps = scheduler.timesteps().to_vec();
+        let (latents, rng, first) = match init {
+            None => {
+                let mut rng = TorchRng::new(req.seed);
+                let noise = Tensor::from_f32_as(ctx, &shape, &noise(req, &shape, &mut rng)?, act)?;
+                (ops::affine(ctx, &noise, scheduler.init_noise_sigma() as f32, 0.0)?, rng, 0)
+            }
+            Some(Init { clean, mut rng, first }) => {
+                let noise = noise(req, &shape, &mut rng)?;
+                let (a, b) = scheduler.noising(first);
+                let (a, b) = (a as f32, b as f32);
+                let noisy: Vec<f32> = clean.iter().zip(&noise).map(|(x, e)| a * x + b * e).collect();
+                (Tensor::from_f32_as(ctx, &shape, &noisy, act)?, rng, first)
+            }
+        };
         Ok(Denoiser {
             sd: self,
             scheduler,
             timesteps,
-            next: 0,
+            first,
+            next: first,
             cfg: cfg.then_some(req.guidance),
             context,
             cond,
@@ -667,6 +846,8 @@ pub struct Denoiser<'a> {
     sd: &'a StableDiffusion,
     scheduler: Box<dyn schedulers::Scheduler>,
     timesteps: Vec<f64>,
+    /// The first step run (img2img skips the noisiest ones).
+    first: usize,
     next: usize,
     /// The guidance scale when classifier-free guidance runs.
     cfg: Option<f32>,
@@ -702,7 +883,7 @@ impl Denoiser<'_> {
         // One 4-byte readback per step (it is the step's sync point): the text embeddings (first step) and
         // the new latent are checked for NaN and infinity on the GPU.
         let mut check = FiniteCheck::new(ctx)?;
-        if i == 0 {
+        if i == self.first {
             check.check(ctx, &self.context, 0)?;
         }
         check.check(ctx, &self.latents, 1)?;
@@ -716,11 +897,11 @@ impl Denoiser<'_> {
             return Err(Error::NonFinite(format!(
                 "the UNet produced NaN or infinite values at step {} of {}{guidance}: {hint}; a lower guidance \
                  helps when the values overflow",
-                i + 1,
-                self.timesteps.len()
+                i + 1 - self.first,
+                self.steps()
             )));
         }
-        Ok(Some(Step { index: i, steps: self.timesteps.len(), timestep: t, latents: &self.latents }))
+        Ok(Some(Step { index: i - self.first, steps: self.steps(), timestep: t, latents: &self.latents }))
     }
 
     /// The current latent (the final one once every step ran).
@@ -728,9 +909,9 @@ impl Denoiser<'_> {
         &self.latents
     }
 
-    /// How many steps this generation has.
+    /// How many steps this generation runs (fewer than the request's with img2img).
     pub fn steps(&self) -> usize {
-        self.timesteps.len()
+        self.timesteps.len() - self.first
     }
 }
 

@@ -10,7 +10,7 @@ use wasm_bindgen::prelude::*;
 use crate::checkpoint::Checkpoint;
 use crate::convert::{Conversion, Format};
 use crate::gpu::{DType, GpuContext};
-use crate::pipeline::{Image, MemorySource, ModelSource, Request, StableDiffusion, parameters_text};
+use crate::pipeline::{Image, InitImage, MemorySource, ModelSource, Request, StableDiffusion, parameters_text_from};
 use crate::preview::{PreviewFactors, TinyPreview};
 use crate::selfcheck;
 use crate::weights::LoadPolicy;
@@ -79,6 +79,8 @@ struct EngineInner {
     ctx: GpuContext,
     model: RefCell<Option<Rc<StableDiffusion>>>,
     model_name: RefCell<String>,
+    /// The loaded model's files and load policy, for loading its VAE encoder when img2img first asks.
+    model_files: RefCell<Option<(js_sys::Map, LoadPolicy)>>,
     preview: RefCell<PreviewFactors>,
     /// The TAESD decoder for `preview: "taesd"` requests, once loaded.
     taesd: RefCell<Option<Rc<TinyPreview>>>,
@@ -170,6 +172,7 @@ impl Engine {
             ctx,
             model: Default::default(),
             model_name: Default::default(),
+            model_files: Default::default(),
             preview: Default::default(),
             taesd: Default::default(),
             cancel: Default::default(),
@@ -227,6 +230,7 @@ impl Engine {
         *self.inner.preview.borrow_mut() = factors;
         *self.inner.model_name.borrow_mut() = name;
         *self.inner.model.borrow_mut() = Some(Rc::new(sd));
+        *self.inner.model_files.borrow_mut() = Some((files, LoadPolicy { act, weights }));
         Ok(info.into())
     }
 
@@ -244,6 +248,9 @@ impl Engine {
     /// Generates `request` ({prompt, negative_prompt, seed, steps, guidance, width, height, scheduler,
     /// preview}; preview: "latent" (the default: the latent projected to RGB at latent resolution) or "taesd"
     /// (decoded by TAESD at full resolution; `loadPreviewDecoder` first)).
+    /// img2img: `init_images: [{width, height, rgba, weight}]` (RGBA pixels at any size, resized here to the
+    /// request's; `weight` blends several, default 1) with `strength` in (0, 1]; the VAE encoder is loaded
+    /// from the model's files the first time.
     /// `on_step({index, steps, timestep, preview: {width, height, rgba}})` runs after every step. Resolves to
     /// `{width, height, rgba, parameters, png}` (`png`: the image with `parameters` embedded, as the CLI
     /// writes it); rejects with "cancelled" after `cancel()`.
@@ -261,13 +268,20 @@ impl Engine {
                     return Err(e(JsError::new(&format!("unknown preview \"{other}\": use \"latent\" or \"taesd\""))));
                 }
             };
+            let init = init_images(&request).map_err(e)?;
             let req: Request =
                 serde_wasm_bindgen::from_value(request).map_err(|er| e(JsError::new(&format!("bad request: {er}"))))?;
+            if !init.is_empty() {
+                inner.load_vae_encoder().map_err(e)?;
+            }
             let sd = inner.model.borrow().clone().ok_or_else(|| e(JsError::new("no model is loaded")))?;
+            let (w, h) = sd.size(&req).map_err(|er| e(js_err(er)))?;
+            let init: Vec<InitImage> =
+                init.into_iter().map(|(image, weight)| InitImage { image: image.resized(w, h), weight }).collect();
             let factors = inner.preview.borrow().clone();
             inner.cancel.set(false);
             let kind = sd.scheduler_kind(&req).map_err(|er| e(js_err(er)))?;
-            let mut run = sd.start(&req).map_err(|er| e(js_err(er)))?;
+            let mut run = sd.start_from(&req, &init).await.map_err(|er| e(js_err(er)))?;
             while let Some(step) = run.step().await.map_err(|er| e(js_err(er)))? {
                 let event = js_sys::Object::new();
                 set(&event, "index", step.index as u32).map_err(e)?;
@@ -288,7 +302,9 @@ impl Engine {
                 }
             }
             let image = sd.decode(run.latents()).await.map_err(|er| e(js_err(er)))?;
-            let parameters = parameters_text(&req, kind.name(), image.width, image.height, &inner.model_name.borrow());
+            let name = inner.model_name.borrow().clone();
+            let parameters =
+                parameters_text_from(&req, kind.name(), image.width, image.height, &name, !init.is_empty());
             let png = image.to_png(&parameters).map_err(|er| e(js_err(er)))?;
             let out = image_to_js(&image).map_err(e)?;
             set(&out, "parameters", parameters).map_err(e)?;
@@ -301,6 +317,50 @@ impl Engine {
     pub fn cancel(&self) {
         self.inner.cancel.set(true);
     }
+}
+
+impl EngineInner {
+    /// Loads the current model's VAE encoder (img2img) unless it is loaded.
+    fn load_vae_encoder(&self) -> Result<(), JsError> {
+        let mut slot = self.model.borrow_mut();
+        let rc = slot.as_mut().ok_or_else(|| JsError::new("no model is loaded"))?;
+        if rc.vae_encoder.is_some() {
+            return Ok(());
+        }
+        let sd = Rc::get_mut(rc).ok_or_else(|| JsError::new("the model is busy: wait for the generation to end"))?;
+        let files = self.model_files.borrow();
+        let (files, policy) = files.as_ref().ok_or_else(|| JsError::new("no model is loaded"))?;
+        let src = model_source(files)?;
+        sd.load_vae_encoder(src.as_ref(), *policy).map_err(js_err)
+    }
+}
+
+/// A request's `init_images`: `[{width, height, rgba, weight}]`, each checked for size.
+fn init_images(request: &JsValue) -> Result<Vec<(Image, f32)>, JsError> {
+    let list = js_sys::Reflect::get(request, &"init_images".into()).unwrap_or(JsValue::UNDEFINED);
+    if list.is_undefined() || list.is_null() {
+        return Ok(Vec::new());
+    }
+    let list: js_sys::Array = list.dyn_into().map_err(|_| JsError::new("init_images must be an array"))?;
+    list.iter()
+        .enumerate()
+        .map(|(n, item)| {
+            let get = |k: &str| js_sys::Reflect::get(&item, &k.into()).unwrap_or(JsValue::UNDEFINED);
+            let bad = |what: &str| JsError::new(&format!("init image {}: {what}", n + 1));
+            let width = get("width").as_f64().ok_or_else(|| bad("needs width"))? as usize;
+            let height = get("height").as_f64().ok_or_else(|| bad("needs height"))? as usize;
+            let weight = get("weight").as_f64().unwrap_or(1.0) as f32;
+            let rgba = get("rgba");
+            if !(rgba.is_instance_of::<js_sys::Uint8Array>() || rgba.is_instance_of::<js_sys::Uint8ClampedArray>()) {
+                return Err(bad("rgba must be a Uint8Array or Uint8ClampedArray"));
+            }
+            let rgba = js_sys::Uint8Array::new(&rgba).to_vec();
+            if width == 0 || height == 0 || width > 16384 || height > 16384 || rgba.len() != width * height * 4 {
+                return Err(bad(&format!("{} bytes are not {width}x{height} RGBA pixels", rgba.len())));
+            }
+            Ok((Image { width, height, rgba }, weight))
+        })
+        .collect()
 }
 
 /// A weight type's name as the page says it ("f32", "f16", "q8_0", "q4_0"; "" is f32).

@@ -383,6 +383,124 @@ fn variations_slerp_the_initial_noise() {
     }
 }
 
+/// img2img equals diffusers' `StableDiffusionImg2ImgPipeline` (tests/fixtures/refs/img2img, made by
+/// scripts/make-img2img-fixtures): the noised start latent, every step run, and the image, for a
+/// deterministic (DDIM, Euler, DPM++ 2M, v-prediction) and an ancestral (Euler a) scheduler; bad strengths
+/// and sizes are refused before any work.
+#[test]
+fn img2img_matches_diffusers() {
+    use latent_gen::image::Image;
+    use latent_gen::pipeline::InitImage;
+    let ctx = context();
+    let dir = fixtures().join("refs/img2img");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let mut models = std::collections::HashMap::new();
+    for case in index["cases"].as_array().unwrap() {
+        let label = case["file"].as_str().unwrap();
+        let model = case["model"].as_str().unwrap();
+        let sd = models.entry(model.to_string()).or_insert_with(|| {
+            let src = DirSource(fixtures().join("models").join(model));
+            let mut sd = StableDiffusion::load(&ctx, &src, LoadPolicy::F32).unwrap();
+            sd.load_vae_encoder(&src, LoadPolicy::F32).unwrap();
+            sd
+        });
+        let refs = Refs::open(&format!("img2img/{label}"));
+        let png = std::fs::read(dir.join(case["init"].as_str().unwrap())).unwrap();
+        let init = [InitImage { image: Image::from_png(&png).unwrap(), weight: 1.0 }];
+        let req = Request { strength: case["strength"].as_f64().unwrap() as f32, ..request(case) };
+        let mut run = pollster::block_on(sd.start_from(&req, &init)).unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(run.steps(), case["steps_run"].as_u64().unwrap() as usize, "{label}: steps run");
+        let start = pollster::block_on(run.latents().to_vec_f32(&ctx)).unwrap();
+        let noisy_err = rel_l2(&start, &refs.f32("noisy").1);
+        let mut worst = 0f32;
+        while let Some(step) = pollster::block_on(run.step()).unwrap() {
+            let got = pollster::block_on(step.latents.to_vec_f32(&ctx)).unwrap();
+            worst = worst.max(rel_l2(&got, &refs.f32(&format!("step_{}", step.index)).1));
+        }
+        let image = pollster::block_on(sd.decode(run.latents())).unwrap();
+        let rgb: Vec<u8> = image.rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
+        let db = psnr(&rgb, &refs.host("image").data);
+        println!("{label}: start latent rel error {noisy_err:.2e}, worst step {worst:.2e}, image PSNR {db:.1} dB");
+        assert!(noisy_err <= 1e-3, "{label}: the noised init latent is off by {noisy_err} (relative)");
+        assert!(worst <= 1e-2, "{label}: a step latent is off by {worst} (relative)");
+        assert!(db >= 40.0, "{label}: PSNR {db:.1} dB < 40");
+    }
+    // Refused up front, with the reason.
+    let sd = &models["sd1-tiny"];
+    let image = Image::from_png(&std::fs::read(dir.join("init_64x64.png")).unwrap()).unwrap();
+    let init = [InitImage { image: image.clone(), weight: 1.0 }];
+    let req = Request { prompt: "x".into(), steps: 4, width: Some(64), height: Some(64), ..Default::default() };
+    let refuse = |r: &Request, init: &[InitImage]| match pollster::block_on(sd.start_from(r, init)) {
+        Ok(_) => panic!("{r:?} was not refused"),
+        Err(e) => e.to_string(),
+    };
+    for s in [0.0, -0.5, 1.5, f32::NAN] {
+        let e = refuse(&Request { strength: s, ..req.clone() }, &init);
+        assert!(e.contains("strength must be in (0, 1]"), "{s}: {e}");
+    }
+    let e = refuse(&Request { strength: 0.2, ..req.clone() }, &init);
+    assert!(e.contains("runs no denoising step"), "{e}");
+    let e = refuse(&Request { width: Some(96), ..req.clone() }, &init);
+    assert!(e.contains("init image 1 is 64x64 but the generation is 96x64"), "{e}");
+    let e = refuse(&req, &[InitImage { image, weight: 0.0 }]);
+    assert!(e.contains("add up to 0"), "{e}");
+    let text = latent_gen::pipeline::parameters_text_from(&req, "ddim", 64, 64, "m", true);
+    assert!(text.ends_with("Model: m, Denoising strength: 0.75"), "{text}");
+}
+
+/// Style mixing: several init images' latents blend by their (normalized) weights before the noise. On the
+/// tiny-shapes model, the start latent at the last timestep of 1000 (nearly clean) decodes to the init image
+/// itself, and a half-and-half blend of a green and a blue background to a background between the two.
+#[test]
+fn init_images_blend_by_weight() {
+    use latent_gen::image::Image;
+    use latent_gen::pipeline::InitImage;
+    let ctx = context();
+    let src = DirSource(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../www/models/tiny-shapes"));
+    let mut sd = StableDiffusion::load(&ctx, &src, LoadPolicy::F32).unwrap();
+    sd.load_vae_encoder(&src, LoadPolicy::F32).unwrap();
+    let scene = |prompt: &str, seed: u64| {
+        let req = Request { prompt: prompt.into(), seed, guidance: 5.0, ..Default::default() };
+        let mut go = |_: &latent_gen::pipeline::Step<'_>| Ok(Control::Continue);
+        pollster::block_on(sd.generate(&req, &mut go)).unwrap()
+    };
+    let green = scene("a large red square on a green background in the center", 7);
+    let blue = scene("a large yellow circle on a blue background", 3);
+    let req = Request { prompt: "x".into(), steps: 1000, strength: 0.001, guidance: 1.0, ..Default::default() };
+    let start = |init: &[InitImage]| {
+        let run = pollster::block_on(sd.start_from(&req, init)).unwrap();
+        assert_eq!(run.steps(), 1);
+        pollster::block_on(sd.decode(run.latents())).unwrap()
+    };
+    let border = |img: &Image| {
+        let mut sum = [0f64; 3];
+        let idx: Vec<usize> =
+            (0..64 * 64).filter(|i| i / 64 < 6 || i / 64 >= 58 || i % 64 < 6 || i % 64 >= 58).collect();
+        for &i in &idx {
+            (0..3).for_each(|c| sum[c] += img.rgba[4 * i + c] as f64 / idx.len() as f64);
+        }
+        sum
+    };
+    let one = |img: &Image, w: f32| InitImage { image: img.clone(), weight: w };
+    let alone = start(&[one(&green, 1.0)]);
+    let db = psnr(&alone.rgba, &green.rgba);
+    assert!(db > 24.0, "the nearly clean start decodes to the init image: PSNR {db:.1} dB");
+    let (g, b) = (border(&green), border(&blue));
+    let mixed = border(&start(&[one(&green, 0.5), one(&blue, 0.5)]));
+    println!("backgrounds: green {g:?}, blue {b:?}, half and half {mixed:?}");
+    for c in [1, 2] {
+        let (lo, hi) = (g[c].min(b[c]), g[c].max(b[c]));
+        assert!(mixed[c] > lo + 0.2 * (hi - lo) && mixed[c] < hi - 0.2 * (hi - lo), "channel {c}: {mixed:?}");
+    }
+    // Weights are shares: 1 and 1 is 0.5 and 0.5.
+    let latent = |init: &[InitImage]| {
+        let run = pollster::block_on(sd.start_from(&req, init)).unwrap();
+        pollster::block_on(run.latents().to_vec_f32(&ctx)).unwrap()
+    };
+    assert_eq!(latent(&[one(&green, 1.0), one(&blue, 1.0)]), latent(&[one(&green, 0.5), one(&blue, 0.5)]));
+}
+
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
     let mse: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / a.len() as f64;
     if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() }

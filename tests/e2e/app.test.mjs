@@ -391,3 +391,60 @@ test('on a software WebGPU adapter (SwiftShader) the page computes on the CPU by
   assert.match(await page.locator('#device').textContent(), /software renderer.*CPU.*\?gpu/);
   await context.close();
 });
+
+test('img2img: "Use as init" on a result keeps its background at a low strength, and the element takes init-image', { timeout: 600_000 }, async () => {
+  const context = await env.browser.newContext();
+  const { page, errors } = await openApp(context);
+  let result = await generate(page, { ...REQUEST, steps: 10 });
+  assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+  await page.click('#history .use-init >> nth=0');
+  await page.locator('#init-preview:not([hidden])').waitFor();
+  assert.equal(await page.locator('#init-preview').getAttribute('data-size'), '64x64');
+  // Guidance 1: the toy model's background colours are categories that CFG flips at any strength.
+  const target = { prompt: 'a large blue circle on a yellow background', seed: 1, steps: 10, guidance: 1 };
+  await page.fill('#strength', '0.3');
+  result = await generate(page, target);
+  assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+  const low = scene(await canvasPixels(page));
+  assert.ok(low.bg[1] > low.bg[0] + 60 && low.bg[1] > low.bg[2] + 60, `strength 0.3 keeps the green background: ${low.bg}`);
+  assert.match(await page.locator('#params').textContent(), /Denoising strength: 0\.3/);
+  await page.fill('#strength', '1');
+  result = await generate(page, target);
+  const full = scene(await canvasPixels(page));
+  assert.ok(full.bg[0] > full.bg[2] + 60 && full.bg[1] > full.bg[2] + 60, `strength 1 paints yellow: ${full.bg}`);
+  // Without the init image it is text-to-image again.
+  await page.click('#init-clear');
+  result = await generate(page, target);
+  assert.doesNotMatch(await page.locator('#params').textContent(), /Denoising strength/);
+
+  // The element: init-image (a URL) and strength attributes.
+  const embed = await context.newPage();
+  const embedErrors = recordErrors(embed);
+  await embed.goto(`${env.server.url}embed.html`);
+  const out = await embed.evaluate(async () => {
+    await customElements.whenDefined('latent-gen');
+    const el = document.getElementById('first');
+    el.setAttribute('prompt', 'a large red square on a green background in the center');
+    el.setAttribute('seed', '7');
+    el.setAttribute('steps', '10');
+    el.setAttribute('guidance', '5');
+    const red = await el.generate();
+    el.setAttribute('init-image', URL.createObjectURL(red));
+    el.setAttribute('strength', '0.3');
+    el.setAttribute('prompt', 'a large blue circle on a yellow background');
+    el.setAttribute('seed', '1');
+    el.setAttribute('guidance', '1');
+    let parameters = '';
+    el.addEventListener('done', (e) => { parameters = e.detail.parameters; });
+    await el.generate();
+    const rgba = Array.from(el.shadowRoot.querySelector('canvas').getContext('2d').getImageData(0, 0, 64, 64).data);
+    el.setAttribute('init-image', 'missing.png');
+    const error = await el.generate().then(() => '', (e) => e.message);
+    return { parameters, rgba, error };
+  }).catch((e) => assert.fail(`${e.message}\n${embedErrors.join('\n')}`));
+  assert.match(out.parameters, /Denoising strength: 0\.3/);
+  const bg = scene({ width: 64, height: 64, rgba: out.rgba }).bg;
+  assert.ok(bg[1] > bg[0] + 60 && bg[1] > bg[2] + 60, `the element keeps the green background: ${bg}`);
+  assert.match(out.error, /init-image missing\.png could not be fetched \(HTTP 404\)/);
+  await context.close();
+});

@@ -294,8 +294,9 @@ impl Encoder {
         })
     }
 
-    /// The mean of the latent distribution of images (batch, 3, h, w) in [-1, 1] (not yet scaled).
-    pub fn forward(&self, ctx: &GpuContext, image: &Tensor) -> Result<Tensor> {
+    /// The latent distribution of images (batch, 3, h, w) in [-1, 1]: (batch, 2 * latent_channels, h / f,
+    /// w / f), the mean's channels then the log-variance's (not yet scaled).
+    pub fn moments(&self, ctx: &GpuContext, image: &Tensor) -> Result<Tensor> {
         let mut x = self.conv_in.forward(ctx, image)?;
         for stage in &self.down {
             for r in &stage.resnets {
@@ -307,9 +308,30 @@ impl Encoder {
         }
         x = self.mid.forward(ctx, &x)?;
         x = self.conv_out.forward(ctx, &self.norm_out.forward(ctx, &x, true)?)?;
-        if let Some(q) = &self.quant_conv {
-            x = q.forward(ctx, &x)?;
+        match &self.quant_conv {
+            Some(q) => q.forward(ctx, &x),
+            None => Ok(x),
         }
+    }
+
+    /// Bytes of the largest activation encoding one (h, w) image makes: what must fit one buffer binding.
+    pub fn largest_activation_bytes(&self, h: usize, w: usize, act: DType) -> u64 {
+        let mut res = h * w;
+        let mut prev = self.down.first().map_or(0, |s| s.out);
+        let mut max = prev * res;
+        for stage in &self.down {
+            max = max.max(stage.out.max(prev) * res);
+            if stage.sampler.is_some() {
+                res /= 4;
+            }
+            prev = stage.out;
+        }
+        DType::storage_bytes(act, max) as u64
+    }
+
+    /// The mean of the latent distribution of images (batch, 3, h, w) in [-1, 1] (not yet scaled).
+    pub fn forward(&self, ctx: &GpuContext, image: &Tensor) -> Result<Tensor> {
+        let x = self.moments(ctx, image)?;
         // The first half of the channels is the mean, the second the log-variance.
         let (b, h, w) = (x.dim(0), x.dim(2), x.dim(3));
         let per = self.latent_channels * h * w;

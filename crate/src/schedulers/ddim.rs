@@ -1,6 +1,8 @@
 //! DDIM (Song et al. 2020) with eta 0, as diffusers' `DDIMScheduler`.
 
-use super::{Common, Scheduler, SchedulerConfig, Spacing, StepPlan, Term, linspace, round_even, x0_terms};
+use super::{
+    Common, Scheduler, SchedulerConfig, Spacing, StepPlan, Term, ddpm_noising, linspace, round_even, x0_terms,
+};
 use crate::error::Result;
 
 pub struct Ddim {
@@ -47,6 +49,10 @@ impl Scheduler for Ddim {
 
     fn input_scale(&self, _i: usize) -> f64 {
         1.0
+    }
+
+    fn noising(&self, i: usize) -> (f64, f64) {
+        ddpm_noising(&self.common.alphas_cumprod, self.timesteps[i])
     }
 
     fn step(&mut self, i: usize) -> StepPlan {

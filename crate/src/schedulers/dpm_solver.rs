@@ -104,6 +104,12 @@ impl Scheduler for DpmSolverMultistep {
         1.0
     }
 
+    fn noising(&self, i: usize) -> (f64, f64) {
+        let sigma = self.sigmas[i] as f32;
+        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+        (alpha as f64, (sigma * alpha) as f64)
+    }
+
     fn step(&mut self, i: usize) -> StepPlan {
         let n = self.timesteps.len();
         let (alpha_s0, sigma_s0, lambda_s0) = alpha_sigma_lambda(self.sigmas[i]);

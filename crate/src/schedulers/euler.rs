@@ -95,6 +95,11 @@ impl Scheduler for EulerDiscrete {
         1.0 / (self.s.sigmas[i].powi(2) + 1.0).sqrt()
     }
 
+    /// k-diffusion's noising: x + sigma * noise.
+    fn noising(&self, i: usize) -> (f64, f64) {
+        (1.0, self.s.sigmas[i])
+    }
+
     fn step(&mut self, i: usize) -> StepPlan {
         let (sigma, next) = (self.s.sigmas[i], self.s.sigmas[i + 1]);
         // prev = sample + (sample - x0) / sigma * (next - sigma)
@@ -130,6 +135,11 @@ impl Scheduler for EulerAncestral {
 
     fn input_scale(&self, i: usize) -> f64 {
         1.0 / (self.s.sigmas[i].powi(2) + 1.0).sqrt()
+    }
+
+    /// k-diffusion's noising: x + sigma * noise.
+    fn noising(&self, i: usize) -> (f64, f64) {
+        (1.0, self.s.sigmas[i])
     }
 
     fn step(&mut self, i: usize) -> StepPlan {

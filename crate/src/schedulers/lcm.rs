@@ -1,6 +1,6 @@
 //! Latent Consistency Model multistep sampling (Luo et al. 2023), as diffusers' `LCMScheduler`.
 
-use super::{Common, Scheduler, SchedulerConfig, StepPlan, Term, x0_terms};
+use super::{Common, Scheduler, SchedulerConfig, StepPlan, Term, ddpm_noising, x0_terms};
 use crate::error::{Error, Result};
 
 pub struct Lcm {
@@ -40,6 +40,10 @@ impl Scheduler for Lcm {
 
     fn input_scale(&self, _i: usize) -> f64 {
         1.0
+    }
+
+    fn noising(&self, i: usize) -> (f64, f64) {
+        ddpm_noising(&self.common.alphas_cumprod, self.timesteps[i])
     }
 
     fn step(&mut self, i: usize) -> StepPlan {

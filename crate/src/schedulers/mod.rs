@@ -232,6 +232,15 @@ pub trait Scheduler {
     fn input_scale(&self, i: usize) -> f64;
     /// The update at step `i`.
     fn step(&mut self, i: usize) -> StepPlan;
+    /// diffusers' `add_noise` to step `i`'s noise level, as (a, b) in `noisy = a * clean + b * noise`: what
+    /// img2img starts from (computed in f32, as torch does).
+    fn noising(&self, i: usize) -> (f64, f64);
+}
+
+/// `add_noise` of the DDPM family (DDIM, LCM): sqrt(acp[t]) and sqrt(1 - acp[t]) at the integer timestep.
+fn ddpm_noising(alphas_cumprod: &[f64], t: f64) -> (f64, f64) {
+    let a = alphas_cumprod[(t as usize).min(alphas_cumprod.len() - 1)] as f32;
+    (a.sqrt() as f64, (1.0 - a).sqrt() as f64)
 }
 
 /// What every algorithm derives from the config: betas, cumulative alphas, prediction type, spacing.
