@@ -299,6 +299,7 @@ async function generate(ev) {
     const entry = { model, request, image, url };
     showResult(entry);
     canvas.dataset.step = 'done';
+    canvas.dataset.memory = JSON.stringify(image.memory); // what the worker holds: read by the long-session test
     addToHistory(entry);
     setStatus('done', `Done in ${image.seconds.toFixed(1)} s (seed ${request.seed}).`);
     refreshModels();

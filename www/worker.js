@@ -257,8 +257,12 @@ async function generate(id, request) {
       stepsPerSec: (ev.index + 1) / elapsed, preview: { width: p.width, height: p.height, rgba: p.rgba } },
     [p.rgba.buffer]);
   });
+  // What the engine holds afterwards, so that long sessions can be checked for growth.
+  const gpu = engine.gpuMemory();
+  const memory = { wasmBytes: wasm.memory.buffer.byteLength, gpuBuffers: gpu.buffers, gpuBindGroups: gpu.bindGroups,
+    gpuPeakBytes: gpu.peak };
   return { width: image.width, height: image.height, rgba: image.rgba, png: image.png,
-    parameters: image.parameters, seconds: (performance.now() - t0) / 1000 };
+    parameters: image.parameters, seconds: (performance.now() - t0) / 1000, memory };
 }
 
 // One task at a time, in arrival order. 'cancel' (with the target task's id) acts at once: it stops the

@@ -413,6 +413,7 @@ mod cli {
         };
         let text = std::fs::read_to_string(batch).map_err(|e| format!("reading {}: {e}", batch.display()))?;
         let jobs = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        let mut count = 0usize;
         for (n, line) in jobs {
             let bad = |e: String| format!("{}:{}: {e}", batch.display(), n + 1);
             let mut fields: serde_json::Map<String, serde_json::Value> =
@@ -429,8 +430,24 @@ mod cli {
             let req: Request =
                 serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| bad(e.to_string()))?;
             generate_one(ctx, &sd, &model_name, &req, &init, &out, None).await.map_err(|e| bad(e.to_string()))?;
+            count += 1;
         }
+        let pool = ctx.pool_stats();
+        eprintln!(
+            "{count} images; GPU buffers: {} created, {:.1} MB at the peak; {}",
+            pool.created,
+            pool.peak_bytes as f64 / 1e6,
+            peak_memory().map(|mb| format!("peak memory (RSS) {mb:.1} MB")).unwrap_or_default()
+        );
         Ok(())
+    }
+
+    /// The process's peak resident memory in MB (Linux: VmHWM), for batch reports.
+    fn peak_memory() -> Option<f64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb / 1024.0)
     }
 
     /// The --init-image values: each PNG read, with its weight (1 when none is given).

@@ -192,13 +192,16 @@ impl Engine {
         to_js(self.inner.ctx.summary())
     }
 
-    /// GPU memory held by tensors: `{live, peak}` bytes (the engine's pool counter; 0 on the CPU fallback).
+    /// GPU memory held by tensors: `{live, peak}` bytes (the engine's pool counter), with `buffers` (GPU
+    /// buffers created so far) and `bindGroups` (bind groups created so far); all 0 on the CPU fallback.
     #[wasm_bindgen(js_name = gpuMemory)]
     pub fn gpu_memory(&self) -> Result<JsValue, JsError> {
         let s = self.inner.ctx.pool_stats();
         let info = js_sys::Object::new();
         set(&info, "live", s.live_bytes as f64)?;
         set(&info, "peak", s.peak_bytes as f64)?;
+        set(&info, "buffers", s.created as f64)?;
+        set(&info, "bindGroups", self.inner.ctx.bind_groups_created() as f64)?;
         Ok(info.into())
     }
 

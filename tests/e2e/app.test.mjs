@@ -448,3 +448,29 @@ test('img2img: "Use as init" on a result keeps its background at a low strength,
   assert.match(out.error, /init-image missing\.png could not be fetched \(HTTP 404\)/);
   await context.close();
 });
+
+test('30 generations in one page keep wasm memory, the JS heap, GPU buffers and bind groups flat', { timeout: 900_000 }, async () => {
+  const context = await env.browser.newContext();
+  const { page, errors } = await openApp(context, '?gpu');
+  const cdp = await context.newCDPSession(page);
+  await cdp.send('Performance.enable');
+  const heap = async () => {
+    await cdp.send('HeapProfiler.collectGarbage');
+    const { metrics } = await cdp.send('Performance.getMetrics');
+    return metrics.find((m) => m.name === 'JSHeapUsedSize').value;
+  };
+  const samples = [];
+  for (let i = 0; i < 30; i++) {
+    const result = await generate(page, { ...REQUEST, seed: i, steps: 1, guidance: 1 });
+    assert.equal(result.state, 'done', `generation ${i}: ${result.text}\n${errors.join('\n')}`);
+    samples.push({ ...JSON.parse(await page.locator('#canvas').getAttribute('data-memory')), heap: await heap() });
+  }
+  const [first, warm, last] = [samples[0], samples[4], samples[29]];
+  console.log(JSON.stringify({ first, warm, last }));
+  assert.ok(first.gpuBuffers > 0 && first.gpuBindGroups > 0, 'the WebGPU path ran');
+  assert.equal(last.gpuBuffers, first.gpuBuffers, 'later generations reuse the first one\'s GPU buffers');
+  assert.equal(last.gpuBindGroups, first.gpuBindGroups, 'and its bind groups');
+  assert.equal(last.wasmBytes, warm.wasmBytes, 'wasm memory stops growing');
+  assert.ok(last.heap < warm.heap + 16 * 2 ** 20, `the page's JS heap grew from ${warm.heap} to ${last.heap} bytes`);
+  await context.close();
+});

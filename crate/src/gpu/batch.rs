@@ -14,18 +14,23 @@ pub(crate) struct Batch {
     arena: Option<wgpu::Buffer>,
     uniforms: Vec<u8>,
     slot_size: u64,
+    usage: wgpu::BufferUsages,
     /// Dispatches recorded since the last flush.
     pub dispatches: usize,
 }
 
 impl Batch {
-    pub fn new(uniform_align: u32) -> Self {
+    /// `align`: the offset alignment of the parameters' binding; `storage`: the arena is bound as a storage
+    /// buffer rather than a uniform one.
+    pub fn new(align: u32, storage: bool) -> Self {
+        let usage = if storage { wgpu::BufferUsages::STORAGE } else { wgpu::BufferUsages::UNIFORM };
         Self {
+            usage: usage | wgpu::BufferUsages::COPY_DST,
             encoder: None,
             pass: None,
             arena: None,
             uniforms: Vec::new(),
-            slot_size: MAX_PARAMS.next_multiple_of(uniform_align as u64),
+            slot_size: MAX_PARAMS.next_multiple_of(align as u64),
             dispatches: 0,
         }
     }
@@ -48,7 +53,7 @@ impl Batch {
                 device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("latent-gen uniforms"),
                     size: self.slot_size * ARENA_SLOTS,
-                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    usage: self.usage,
                     mapped_at_creation: false,
                 })
             })

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::Ref;
 use super::batch::Batch;
+use super::bindings::BindGroupCache;
 use super::pipeline::PipelineCache;
 use super::pool::{BufferPool, PoolStats};
 use crate::error::{Error, Result};
@@ -84,6 +85,7 @@ pub(crate) struct Shared {
     pub queue: wgpu::Queue,
     pub pool: Ref<BufferPool>,
     pub pipelines: PipelineCache,
+    pub bind_groups: BindGroupCache,
     pub batch: Mutex<Batch>,
     /// The first error wgpu reported outside an error scope; taken (and returned) at the next sync point.
     pub uncaptured: Arc<Mutex<Option<String>>>,
@@ -175,11 +177,20 @@ impl GpuContext {
                 *slot = Some(e.to_string());
             }
         }));
-        let uniform_align = device.limits().min_uniform_buffer_offset_alignment;
+        // Kernel parameters go in a storage buffer on lavapipe (see PipelineCache::new), a uniform buffer
+        // elsewhere.
+        let params_in_storage = summary.driver == "llvmpipe";
+        let limits = device.limits();
+        let align = if params_in_storage {
+            limits.min_storage_buffer_offset_alignment.max(limits.min_uniform_buffer_offset_alignment)
+        } else {
+            limits.min_uniform_buffer_offset_alignment
+        };
         let shared = Shared {
             pool: Ref::new(BufferPool::new()),
-            pipelines: PipelineCache::new(summary.shader_f16),
-            batch: Mutex::new(Batch::new(uniform_align)),
+            pipelines: PipelineCache::new(summary.shader_f16, params_in_storage),
+            bind_groups: BindGroupCache::default(),
+            batch: Mutex::new(Batch::new(align, params_in_storage)),
             uncaptured,
             device,
             queue,
@@ -252,8 +263,14 @@ impl GpuContext {
     /// Returns pooled (free) buffers to the driver.
     pub fn trim_pool(&self) {
         if let Ok(s) = self.shared() {
+            s.bind_groups.clear();
             s.pool.trim();
         }
+    }
+
+    /// Bind groups created so far (each is made once per kernel layout and buffers, then reused).
+    pub fn bind_groups_created(&self) -> u64 {
+        self.shared().map(|s| s.bind_groups.created()).unwrap_or(0)
     }
 
     /// Submits the recorded commands now. Ops record into one batch; reading a tensor back flushes implicitly.

@@ -49,32 +49,14 @@ impl GpuContext {
         let pipeline = shared.pipelines.get(device, kernel, spec);
         let mut batch = shared.batch.lock().unwrap_or_else(|p| p.into_inner());
         let (arena, offset, size) = batch.push_uniform(device, &shared.queue, params);
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &arena,
-                offset,
-                size: wgpu::BufferSize::new(size),
-            }),
-        }];
-        for (i, t) in inputs.iter().chain(outputs).enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: 1 + i as u32,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: t.gpu_buffer()?,
-                    offset: 0,
-                    size: wgpu::BufferSize::new(t.byte_len().max(4)),
-                }),
-            });
+        let mut buffers = vec![(&arena, size)];
+        for t in inputs.iter().chain(outputs) {
+            buffers.push((t.gpu_buffer()?, t.byte_len().max(4)));
         }
-        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.name),
-            layout: &pipeline.layout,
-            entries: &entries,
-        });
+        let bind_group = shared.bind_groups.get(device, kernel.name, &pipeline.layout, &buffers);
         let pass = batch.pass(device);
         pass.set_pipeline(&pipeline.pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
+        pass.set_bind_group(0, &bind_group, &[offset as u32]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         Ok(())
     }

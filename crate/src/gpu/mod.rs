@@ -2,6 +2,7 @@
 //! batching, the tensor type and readback. Models never touch wgpu; they call `ops`, which call this.
 
 mod batch;
+mod bindings;
 mod context;
 mod dispatch;
 mod dtype;
