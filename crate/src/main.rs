@@ -27,6 +27,9 @@ mod cli {
     enum Command {
         /// Generate an image from a prompt.
         Generate(Generate),
+        /// Walk latent space between two seeds and/or prompts: frames side by side in one PNG (and an
+        /// animated GIF), the first and last equal to plain generations of the two ends.
+        Interpolate(Interpolate),
         /// Write a model (diffusers folder, single file or GGUF) as one GGUF file in stable-diffusion.cpp's
         /// layout and names, quantized, with our configs in its metadata (or as a single-file .safetensors).
         Convert(Convert),
@@ -143,6 +146,30 @@ mod cli {
     }
 
     #[derive(clap::Args)]
+    struct Interpolate {
+        #[command(flatten)]
+        from: Generate,
+        /// The far end's seed (default: --seed).
+        #[arg(long)]
+        to_seed: Option<u64>,
+        /// The far end's prompt (default: --prompt).
+        #[arg(long)]
+        to_prompt: Option<String>,
+        /// The far end's negative prompt (default: --negative).
+        #[arg(long)]
+        to_negative: Option<String>,
+        /// Frames, the two ends included.
+        #[arg(long, default_value_t = 8)]
+        frames: usize,
+        /// Also write the frames as an animated GIF (there and back, looping).
+        #[arg(long)]
+        animation: Option<PathBuf>,
+        /// Milliseconds per frame of the animation.
+        #[arg(long, default_value_t = 150)]
+        frame_ms: u16,
+    }
+
+    #[derive(clap::Args)]
     struct Convert {
         /// A diffusers folder, a single-file .safetensors checkpoint or a .gguf.
         #[arg(long)]
@@ -224,6 +251,10 @@ mod cli {
             Command::Generate(g) => {
                 let ctx = if g.cpu { GpuContext::cpu() } else { gpu_or_cpu().await? };
                 generate(&ctx, g).await
+            }
+            Command::Interpolate(i) => {
+                let ctx = if i.from.cpu { GpuContext::cpu() } else { gpu_or_cpu().await? };
+                interpolate(&ctx, i).await
             }
             Command::Convert(c) => convert(c),
             Command::Info => {
@@ -366,7 +397,124 @@ mod cli {
         Ok(())
     }
 
+    /// A loaded model, its name for the PNG parameters, the command line's request and init images.
+    struct Loaded {
+        sd: StableDiffusion,
+        model_name: String,
+        base: Request,
+        init: Vec<(Image, f32)>,
+    }
+
     async fn generate(ctx: &GpuContext, g: Generate) -> Result<(), Box<dyn std::error::Error>> {
+        let Loaded { sd, model_name, base, init } = load(ctx, &g)?;
+        let Some(batch) = &g.batch else {
+            let out = g.out.clone().ok_or("--out is required")?;
+            return generate_one(ctx, &sd, &model_name, &base, &init, &out, g.dump_latents.as_deref()).await;
+        };
+        let text = std::fs::read_to_string(batch).map_err(|e| format!("reading {}: {e}", batch.display()))?;
+        let jobs = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        let mut count = 0usize;
+        for (n, line) in jobs {
+            let bad = |e: String| format!("{}:{}: {e}", batch.display(), n + 1);
+            let mut fields: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(line).map_err(|e| bad(format!("not a JSON object: {e}")))?;
+            let out = match fields.remove("out") {
+                Some(serde_json::Value::String(out)) => PathBuf::from(out),
+                _ => return Err(bad("needs \"out\": the PNG's path".into()).into()),
+            };
+            let mut merged = match serde_json::to_value(&base)? {
+                serde_json::Value::Object(m) => m,
+                _ => unreachable!("a Request serializes to an object"),
+            };
+            merged.extend(fields);
+            let req: Request =
+                serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| bad(e.to_string()))?;
+            generate_one(ctx, &sd, &model_name, &req, &init, &out, None).await.map_err(|e| bad(e.to_string()))?;
+            count += 1;
+        }
+        let pool = ctx.pool_stats();
+        eprintln!(
+            "{count} images; GPU buffers: {} created, {:.1} MB at the peak; {}",
+            pool.created,
+            pool.peak_bytes as f64 / 1e6,
+            peak_memory().map(|mb| format!("peak memory (RSS) {mb:.1} MB")).unwrap_or_default()
+        );
+        Ok(())
+    }
+
+    async fn interpolate(ctx: &GpuContext, i: Interpolate) -> Result<(), Box<dyn std::error::Error>> {
+        if i.from.batch.is_some() || !i.from.init_images.is_empty() || i.from.dump_latents.is_some() {
+            return Err("interpolate takes neither --batch, --init-image nor --dump-latents".into());
+        }
+        if !(2..=256).contains(&i.frames) {
+            return Err(format!("--frames must be between 2 and 256, got {}", i.frames).into());
+        }
+        if i.to_seed.is_none() && i.to_prompt.is_none() && i.to_negative.is_none() {
+            return Err("interpolate needs a far end: --to-seed, --to-prompt and/or --to-negative".into());
+        }
+        let out = i.from.out.clone().ok_or("--out (the strip PNG) is required")?;
+        let Loaded { sd, model_name, base: a, .. } = load(ctx, &i.from)?;
+        let b = Request {
+            seed: i.to_seed.unwrap_or(a.seed),
+            prompt: i.to_prompt.clone().unwrap_or_else(|| a.prompt.clone()),
+            negative_prompt: i.to_negative.clone().unwrap_or_else(|| a.negative_prompt.clone()),
+            ..a.clone()
+        };
+        let (w, h) = sd.size(&a)?;
+        let kind = sd.scheduler_kind(&a)?;
+        let mut frames = Vec::with_capacity(i.frames);
+        let start = Instant::now();
+        for f in 0..i.frames {
+            let t = f as f32 / (i.frames - 1) as f32;
+            let mut run = sd.start_between(&a, &b, t)?;
+            while run.step().await?.is_some() {}
+            frames.push(sd.decode(run.latents()).await?);
+            eprintln!("frame {}/{} (t={t:.3}) at {:.1} s", f + 1, i.frames, start.elapsed().as_secs_f64());
+        }
+        let mut strip = Image { width: w * frames.len(), height: h, rgba: vec![0; w * frames.len() * h * 4] };
+        for (f, frame) in frames.iter().enumerate() {
+            for y in 0..h {
+                let dst = (y * strip.width + f * w) * 4;
+                strip.rgba[dst..dst + w * 4].copy_from_slice(&frame.rgba[y * w * 4..(y + 1) * w * 4]);
+            }
+        }
+        let mut parameters = latent_gen::pipeline::parameters_text(&a, kind.name(), w, h, &model_name);
+        parameters.push_str(&format!(
+            "\nInterpolation: {} frames to seed {}, prompt: {}, negative prompt: {}",
+            i.frames, b.seed, b.prompt, b.negative_prompt
+        ));
+        std::fs::write(&out, strip.to_png(&parameters)?).map_err(|e| format!("writing {}: {e}", out.display()))?;
+        eprintln!("wrote {} ({} frames of {w}x{h})", out.display(), frames.len());
+        if let Some(path) = &i.animation {
+            write_gif(path, &frames, i.frame_ms)?;
+            eprintln!("wrote {}", path.display());
+        }
+        Ok(())
+    }
+
+    /// The frames forth and back (the ends shown once) as a looping GIF.
+    fn write_gif(path: &Path, frames: &[Image], frame_ms: u16) -> Result<(), Box<dyn std::error::Error>> {
+        let (w, h) = (frames[0].width, frames[0].height);
+        if w > u16::MAX as usize || h > u16::MAX as usize {
+            return Err(format!("a {w}x{h} frame is too large for a GIF").into());
+        }
+        let mut bytes = Vec::new();
+        {
+            let mut enc = gif::Encoder::new(&mut bytes, w as u16, h as u16, &[])?;
+            enc.set_repeat(gif::Repeat::Infinite)?;
+            let order = (0..frames.len()).chain((1..frames.len().saturating_sub(1)).rev());
+            for f in order {
+                let mut rgba = frames[f].rgba.clone();
+                let mut frame = gif::Frame::from_rgba_speed(w as u16, h as u16, &mut rgba, 10);
+                frame.delay = frame_ms.div_ceil(10);
+                enc.write_frame(&frame)?;
+            }
+        }
+        std::fs::write(path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(())
+    }
+
+    fn load(ctx: &GpuContext, g: &Generate) -> Result<Loaded, Box<dyn std::error::Error>> {
         let model = g.model.clone().unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL));
         let (act, weights) = (act_dtype(ctx, g.precision)?, weight_dtype(g.weights));
         let start = Instant::now();
@@ -407,39 +555,7 @@ mod cli {
         // A folder's name, or a checkpoint file's without its extension.
         let name = if model.is_file() { model.file_stem() } else { model.file_name() };
         let model_name = name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let Some(batch) = &g.batch else {
-            let out = g.out.clone().ok_or("--out is required")?;
-            return generate_one(ctx, &sd, &model_name, &base, &init, &out, g.dump_latents.as_deref()).await;
-        };
-        let text = std::fs::read_to_string(batch).map_err(|e| format!("reading {}: {e}", batch.display()))?;
-        let jobs = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
-        let mut count = 0usize;
-        for (n, line) in jobs {
-            let bad = |e: String| format!("{}:{}: {e}", batch.display(), n + 1);
-            let mut fields: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str(line).map_err(|e| bad(format!("not a JSON object: {e}")))?;
-            let out = match fields.remove("out") {
-                Some(serde_json::Value::String(out)) => PathBuf::from(out),
-                _ => return Err(bad("needs \"out\": the PNG's path".into()).into()),
-            };
-            let mut merged = match serde_json::to_value(&base)? {
-                serde_json::Value::Object(m) => m,
-                _ => unreachable!("a Request serializes to an object"),
-            };
-            merged.extend(fields);
-            let req: Request =
-                serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| bad(e.to_string()))?;
-            generate_one(ctx, &sd, &model_name, &req, &init, &out, None).await.map_err(|e| bad(e.to_string()))?;
-            count += 1;
-        }
-        let pool = ctx.pool_stats();
-        eprintln!(
-            "{count} images; GPU buffers: {} created, {:.1} MB at the peak; {}",
-            pool.created,
-            pool.peak_bytes as f64 / 1e6,
-            peak_memory().map(|mb| format!("peak memory (RSS) {mb:.1} MB")).unwrap_or_default()
-        );
-        Ok(())
+        Ok(Loaded { sd, model_name, base, init })
     }
 
     /// The process's peak resident memory in MB (Linux: VmHWM), for batch reports.

@@ -216,6 +216,24 @@ pub fn slerp_noise(val: f32, low: &[f32], high: &[f32], shape: [usize; 3]) -> Ve
     out
 }
 
+/// Spherical interpolation of two noise tensors taken whole (`t` 0 gives `a`, 1 gives `b`), falling back to
+/// a linear one when they are nearly parallel: how latent-space walks move between seeds, keeping the
+/// noise's norm where a linear blend would shrink it.
+pub fn slerp(t: f32, a: &[f32], b: &[f32]) -> Vec<f32> {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let cos = (dot / (na * nb).max(1e-30)).clamp(-1.0, 1.0);
+    let t = t as f64;
+    let (ka, kb) = if cos.abs() > 0.9995 {
+        (1.0 - t, t)
+    } else {
+        let theta = cos.acos();
+        (((1.0 - t) * theta).sin() / theta.sin(), (t * theta).sin() / theta.sin())
+    };
+    a.iter().zip(b).map(|(x, y)| (ka * *x as f64 + kb * *y as f64) as f32).collect()
+}
+
 /// The "parameters" text the CLI and the page embed in their PNGs (the layout A1111-style tools read).
 pub fn parameters_text(req: &Request, scheduler: &str, width: usize, height: usize, model: &str) -> String {
     parameters_text_from(req, scheduler, width, height, model, false)
@@ -466,7 +484,19 @@ impl StableDiffusion {
     /// Starts a generation that the caller drives one step at a time (and may await anything between steps,
     /// e.g. a preview readback, or simply stop: that is cancelling).
     pub fn start(&self, req: &Request) -> Result<Denoiser<'_>> {
-        self.begin(req, None)
+        self.begin(req, None, None)
+    }
+
+    /// Frame `t` (0 to 1) of an interpolation from `a` toward `b`: it starts from the spherical interpolation
+    /// of the two requests' initial noises ([`slerp`]) and conditions on the linear interpolation of their
+    /// text embeddings (the prompt's and the negative prompt's); every other setting is `a`'s. `t` = 0 is
+    /// exactly `a`'s generation and 1 exactly `b`'s with `a`'s settings (the ancestral noise follows `b`'s
+    /// seed only there).
+    pub fn start_between(&self, a: &Request, b: &Request, t: f32) -> Result<Denoiser<'_>> {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(Error::Invalid(format!("an interpolation frame must be between 0 and 1, got {t}")));
+        }
+        self.begin(a, None, Some((b, t)))
     }
 
     /// [`StableDiffusion::start`] from init images (img2img; several are blended by weight): each is encoded
@@ -525,7 +555,7 @@ impl StableDiffusion {
                 non_finite_hint(act)
             )));
         }
-        self.begin(req, Some(Init { clean, rng, first }))
+        self.begin(req, Some(Init { clean, rng, first }), None)
     }
 
     /// The first step an img2img run takes: diffusers' `get_timesteps` (`steps * strength` steps run,
@@ -585,16 +615,25 @@ impl StableDiffusion {
         Ok((w, h))
     }
 
-    fn begin(&self, req: &Request, init: Option<Init>) -> Result<Denoiser<'_>> {
+    /// Starts from pure noise, from `init` (img2img), and/or partway `toward` another request's noise and
+    /// prompts (interpolation).
+    fn begin(&self, req: &Request, init: Option<Init>, toward: Option<(&Request, f32)>) -> Result<Denoiser<'_>> {
         let ctx = &self.ctx;
         let (w, h) = self.validate(req)?;
         let scheduler = self.scheduler_kind(req)?.build(&self.scheduler_config, req.steps)?;
         // 1. Conditioning: CFG batches [negative, prompt]; LCM embeds the guidance scale instead.
         let cfg = req.guidance > 1.0 && !self.is_lcm();
-        let context = if cfg {
-            self.encode_prompts(&[&req.negative_prompt, &req.prompt])?
-        } else {
-            self.encode_prompts(&[&req.prompt])?
+        let embed = |r: &Request| {
+            if cfg { self.encode_prompts(&[&r.negative_prompt, &r.prompt]) } else { self.encode_prompts(&[&r.prompt]) }
+        };
+        let context = match toward {
+            None => embed(req)?,
+            Some((_, t)) if t == 0.0 => embed(req)?,
+            Some((b, t)) if t == 1.0 => embed(b)?,
+            Some((b, t)) => {
+                let (ca, cb) = (embed(req)?, embed(b)?);
+                ops::lincomb(ctx, ca.shape(), &[Term::new(1.0 - t, &ca), Term::new(t, &cb)])?
+            }
         };
         let act = self.text_encoder_dtype();
         let cond = match self.unet.config.time_cond_proj_dim {
@@ -605,14 +644,27 @@ impl StableDiffusion {
         //    VAE's samples for img2img), scaled to the first step's noise level.
         let shape = self.latent_shape(w, h);
         let timesteps = scheduler.timesteps().to_vec();
+        // The noise of `req`, or of the interpolation toward `b`, and the generator the ancestral noise continues.
+        let draw = |rng: Option<TorchRng>| -> Result<(Vec<f32>, TorchRng)> {
+            let mut ra = rng.unwrap_or_else(|| TorchRng::new(req.seed));
+            let na = noise(req, &shape, &mut ra)?;
+            let Some((b, t)) = toward else { return Ok((na, ra)) };
+            let mut rb = TorchRng::new(b.seed);
+            let nb = noise(b, &shape, &mut rb)?;
+            Ok(match t {
+                0.0 => (na, ra),
+                1.0 => (nb, rb),
+                _ => (slerp(t, &na, &nb), ra),
+            })
+        };
         let (latents, rng, first) = match init {
             None => {
-                let mut rng = TorchRng::new(req.seed);
-                let noise = Tensor::from_f32_as(ctx, &shape, &noise(req, &shape, &mut rng)?, act)?;
+                let (noise, rng) = draw(None)?;
+                let noise = Tensor::from_f32_as(ctx, &shape, &noise, act)?;
                 (ops::affine(ctx, &noise, scheduler.init_noise_sigma() as f32, 0.0)?, rng, 0)
             }
-            Some(Init { clean, mut rng, first }) => {
-                let noise = noise(req, &shape, &mut rng)?;
+            Some(Init { clean, rng, first }) => {
+                let (noise, rng) = draw(Some(rng))?;
                 let (a, b) = scheduler.noising(first);
                 let (a, b) = (a as f32, b as f32);
                 let noisy: Vec<f32> = clean.iter().zip(&noise).map(|(x, e)| a * x + b * e).collect();

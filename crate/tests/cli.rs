@@ -427,3 +427,53 @@ fn long_batches_keep_memory_flat() {
     assert_eq!(created16, created4, "later images reuse the first one's buffers");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `interpolate` walks from one seed and prompt to another: a strip of frames side by side whose first and
+/// last equal plain generations of the two ends, middle frames that differ from both, and a looping GIF.
+#[test]
+fn interpolation_strips_start_and_end_at_plain_generations() {
+    let dir = std::env::temp_dir().join(format!("latent-gen-cli-interp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let (pa, pb) =
+        ("a large red square on a green background in the center", "a large yellow circle on a blue background");
+    let common = ["--steps", "10", "--guidance", "5"];
+    let run = |args: &[&str]| {
+        let o = latent_gen(&[args, &common[..]].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["generate", "--prompt", pa, "--seed", "7", "--out", &path("a.png")]);
+    run(&["generate", "--prompt", pb, "--seed", "3", "--out", &path("b.png")]);
+    run(&[
+        "interpolate",
+        "--prompt",
+        pa,
+        "--seed",
+        "7",
+        "--to-prompt",
+        pb,
+        "--to-seed",
+        "3",
+        "--frames",
+        "4",
+        "--out",
+        &path("strip.png"),
+        "--animation",
+        &path("walk.gif"),
+    ]);
+    let (strip, w, h, text) = read_png(&dir.join("strip.png"));
+    assert_eq!((w, h), (256, 64), "four 64x64 frames side by side");
+    assert!(text.contains("Interpolation: 4 frames to seed 3, prompt: a large yellow circle"), "{text}");
+    let frame =
+        |f: usize| -> Vec<u8> { (0..64).flat_map(|y| strip[(y * 256 + f * 64) * 4..][..64 * 4].to_vec()).collect() };
+    let (a, _, _, _) = read_png(&dir.join("a.png"));
+    let (b, _, _, _) = read_png(&dir.join("b.png"));
+    assert!(frame(0) == a, "the first frame is the plain generation of the start");
+    assert!(frame(3) == b, "the last frame is the plain generation of the end");
+    assert!(frame(1) != a && frame(1) != b && frame(2) != frame(1));
+    let gif = std::fs::read(dir.join("walk.gif")).unwrap();
+    assert!(gif.starts_with(b"GIF89a") && gif.len() > 1000, "{} bytes", gif.len());
+    let o = latent_gen(&["interpolate", "--prompt", pa, "--out", &path("x.png")]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs a far end"));
+    std::fs::remove_dir_all(&dir).ok();
+}
