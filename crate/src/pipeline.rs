@@ -628,8 +628,8 @@ impl StableDiffusion {
         };
         let context = match toward {
             None => embed(req)?,
-            Some((_, t)) if t == 0.0 => embed(req)?,
-            Some((b, t)) if t == 1.0 => embed(b)?,
+            Some((_, 0.0)) => embed(req)?,
+            Some((b, 1.0)) => embed(b)?,
             Some((b, t)) => {
                 let (ca, cb) = (embed(req)?, embed(b)?);
                 ops::lincomb(ctx, ca.shape(), &[Term::new(1.0 - t, &ca), Term::new(t, &cb)])?
