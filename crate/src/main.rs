@@ -434,9 +434,10 @@ mod cli {
         }
         let pool = ctx.pool_stats();
         eprintln!(
-            "{count} images; GPU buffers: {} created, {:.1} MB at the peak; {}",
+            "{count} images; GPU buffers: {} created, {:.1} MB at the peak; bind groups: {} created; {}",
             pool.created,
             pool.peak_bytes as f64 / 1e6,
+            ctx.bind_groups_created(),
             peak_memory().map(|mb| format!("peak memory (RSS) {mb:.1} MB")).unwrap_or_default()
         );
         Ok(())

@@ -385,7 +385,7 @@ fn img2img_keeps_the_init_image_at_low_strength() {
 
 /// A long batch on the GPU path keeps its memory flat: 16 images peak within 100 MB of 4 (on lavapipe this
 /// grew by about 280 MB per image while kernel parameters were uniform buffers: issue 14), and reuse the
-/// same GPU buffers.
+/// same GPU buffers and bind groups.
 #[test]
 fn long_batches_keep_memory_flat() {
     let dir = std::env::temp_dir().join(format!("latent-gen-cli-memory-{}", std::process::id()));
@@ -418,13 +418,14 @@ fn long_batches_keep_memory_flat() {
             let rest = &report[report.find(after).unwrap_or_else(|| panic!("{after}: {report}")) + after.len()..];
             rest.trim_start().split(|c: char| !(c.is_ascii_digit() || c == '.')).next().unwrap().parse().unwrap()
         };
-        (number("GPU buffers:"), number("peak memory (RSS)"), report)
+        (number("GPU buffers:"), number("bind groups:"), number("peak memory (RSS)"), report)
     };
-    let (created4, rss4, r4) = batch(4);
-    let (created16, rss16, r16) = batch(16);
+    let (created4, groups4, rss4, r4) = batch(4);
+    let (created16, groups16, rss16, r16) = batch(16);
     println!("{r4}\n{r16}");
     assert!(rss16 < rss4 + 100.0, "16 images peaked at {rss16} MB, 4 at {rss4} MB");
     assert_eq!(created16, created4, "later images reuse the first one's buffers");
+    assert_eq!(groups16, groups4, "and its bind groups");
     std::fs::remove_dir_all(&dir).ok();
 }
 

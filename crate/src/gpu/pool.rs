@@ -5,7 +5,7 @@
 //! reads the old tensor runs before the op that overwrites the recycled buffer. Uploads are the exception
 //! (queue writes land before the batch's commands), which is why `Tensor::upload` flushes first.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -31,7 +31,12 @@ pub struct PoolStats {
 
 #[derive(Default)]
 struct Inner {
-    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    /// Free buffers by size class, each keyed by its creation number: a request takes the oldest free
+    /// buffer of its class, so the same sequence of allocations gets the same buffers whatever order they
+    /// were freed in, and a repeated generation finds its bind groups cached (gpu/bindings.rs).
+    free: HashMap<u64, BTreeMap<u64, wgpu::Buffer>>,
+    /// Creation numbers of the buffers on loan.
+    ids: HashMap<wgpu::Buffer, u64>,
     stats: PoolStats,
 }
 
@@ -54,20 +59,24 @@ impl BufferPool {
     pub(crate) fn alloc(self: &Ref<Self>, device: &wgpu::Device, bytes: u64, max: u64) -> PooledBuffer {
         let size = size_class(bytes, max);
         let mut inner = self.lock();
-        let reused = inner.free.get_mut(&size).and_then(Vec::pop);
+        let reused = inner.free.get_mut(&size).and_then(BTreeMap::pop_first);
         let buffer = match reused {
-            Some(b) => {
+            Some((id, b)) => {
                 inner.stats.free_bytes -= size;
+                inner.ids.insert(b.clone(), id);
                 b
             }
             None => {
                 inner.stats.created += 1;
-                device.create_buffer(&wgpu::BufferDescriptor {
+                let b = device.create_buffer(&wgpu::BufferDescriptor {
                     label: None,
                     size,
                     usage: TENSOR_USAGE,
                     mapped_at_creation: false,
-                })
+                });
+                let id = inner.stats.created;
+                inner.ids.insert(b.clone(), id);
+                b
             }
         };
         inner.stats.live_bytes += size;
@@ -81,7 +90,8 @@ impl BufferPool {
         let mut inner = self.lock();
         inner.stats.live_bytes -= size;
         inner.stats.free_bytes += size;
-        inner.free.entry(size).or_default().push(buffer);
+        let id = inner.ids.remove(&buffer).unwrap_or(u64::MAX);
+        inner.free.entry(size).or_default().insert(id, buffer);
     }
 
     pub(crate) fn stats(&self) -> PoolStats {
