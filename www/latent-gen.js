@@ -7,8 +7,10 @@
 // q4_0; the first is the default), preview ("latent", or "taesd" for models with a previewDecoder), prompt,
 // negative-prompt, seed, subseed and subseed-strength (a variation), init-image (the URL of an image to start
 // from: img2img; fetched with CORS from another origin) and strength, steps, guidance, width, height,
-// scheduler, and autostart (generate once connected). Methods: generate() (resolves to the PNG Blob), cancel().
-// Events: progress (download/load progress), step (detail.preview: {width, height, rgba}), done (detail.blob,
+// scheduler, and autostart (generate once connected). Methods: generate() (resolves to the PNG Blob),
+// interpolate({toSeed, toPrompt, toNegativePrompt, frames}) (resolves to an array of PNG Blobs), cancel().
+// Events: progress (download/load progress), step (detail.preview: {width, height, rgba}; detail.frame while
+// interpolating), frame (detail.blob, detail.t: each interpolation frame), done (detail.blob,
 // detail.parameters), error (detail.message). Parts for ::part(): preview, button, status.
 // Every element on a page shares one worker and one loaded model (client.js).
 import { client, paint } from './client.js';
@@ -116,6 +118,60 @@ export class LatentGen extends HTMLElement {
 
   /** Generates with the current attributes; resolves to the PNG Blob (parameters embedded). */
   async generate() {
+    return this.run(async (model, request, c) => {
+      const image = await c.generate(model, request, (st) => this.onStep(st), (p) => this.onProgress(p), this.abort.signal);
+      paint(this.canvas, image);
+      const blob = new Blob([image.png], { type: 'image/png' });
+      this.setStatus('done', `Seed ${request.seed}`);
+      this.dispatchEvent(new CustomEvent('done', { detail: { blob, parameters: image.parameters, width: image.width, height: image.height, seed: request.seed } }));
+      return blob;
+    });
+  }
+
+  /**
+   * A walk through latent space from the attributes' image toward another seed and/or prompt: `frames`
+   * images (the ends included: the first equals generate()'s, the last the far end's), the initial noise
+   * interpolated spherically and the prompts' embeddings linearly. Resolves to an array of PNG Blobs; `step`
+   * and `progress` events carry `detail.frame`, and a `frame` event fires with each Blob.
+   */
+  async interpolate({ toSeed, toPrompt, toNegativePrompt, frames = 8 } = {}) {
+    if (!Number.isInteger(frames) || frames < 2 || frames > 256) throw new Error(`frames must be a whole number from 2 to 256, not ${frames}`);
+    return this.run(async (model, request, c) => {
+      if (request.init_images) throw new Error('interpolate does not take an init-image');
+      const to = {
+        seed: toSeed == null ? request.seed : Number(toSeed) >>> 0,
+        prompt: toPrompt ?? request.prompt,
+        negative_prompt: toNegativePrompt ?? request.negative_prompt,
+      };
+      const blobs = [];
+      for (let frame = 0; frame < frames; frame++) {
+        const t = frame / (frames - 1);
+        const image = await c.generate(model, { ...request, interpolate: { ...to, t } },
+          (st) => this.onStep(st, frame), (p) => this.onProgress(p, frame), this.abort.signal);
+        paint(this.canvas, image);
+        const blob = new Blob([image.png], { type: 'image/png' });
+        blobs.push(blob);
+        this.setStatus('generating', `Frame ${frame + 1}/${frames}`);
+        this.dispatchEvent(new CustomEvent('frame', { detail: { frame, frames, t, blob, parameters: image.parameters } }));
+      }
+      this.setStatus('done', `${frames} frames, seed ${request.seed} to ${to.seed}`);
+      return blobs;
+    });
+  }
+
+  onStep(st, frame) {
+    paint(this.canvas, st.preview);
+    this.setStatus('generating', `${frame == null ? '' : `Frame ${frame + 1}: `}Step ${st.index + 1}/${st.steps}`);
+    this.dispatchEvent(new CustomEvent('step', { detail: { index: st.index, steps: st.steps, preview: st.preview, frame } }));
+  }
+
+  onProgress(p, frame) {
+    if (p.phase === 'download') this.setStatus('downloading', `Downloading ${Math.round((100 * p.received) / (p.total || 1))}%`);
+    this.dispatchEvent(new CustomEvent('progress', { detail: { ...p, frame } }));
+  }
+
+  /** Runs `work(model, request, client)` as this element's one task, with status, cancel and error events. */
+  async run(work) {
     if (this.running) return this.running;
     this.button.textContent = 'Cancel';
     this.abort = new AbortController();
@@ -123,20 +179,7 @@ export class LatentGen extends HTMLElement {
       try {
         const { model, request } = await this.request();
         this.setStatus('loading', 'Loading the model…');
-        const c = client();
-        const image = await c.generate(model, request, (st) => {
-          paint(this.canvas, st.preview);
-          this.setStatus('generating', `Step ${st.index + 1}/${st.steps}`);
-          this.dispatchEvent(new CustomEvent('step', { detail: { index: st.index, steps: st.steps, preview: st.preview } }));
-        }, (p) => {
-          if (p.phase === 'download') this.setStatus('downloading', `Downloading ${Math.round((100 * p.received) / (p.total || 1))}%`);
-          this.dispatchEvent(new CustomEvent('progress', { detail: p }));
-        }, this.abort.signal);
-        paint(this.canvas, image);
-        const blob = new Blob([image.png], { type: 'image/png' });
-        this.setStatus('done', `Seed ${request.seed}`);
-        this.dispatchEvent(new CustomEvent('done', { detail: { blob, parameters: image.parameters, width: image.width, height: image.height, seed: request.seed } }));
-        return blob;
+        return await work(model, request, client());
       } catch (e) {
         const message = e?.message || String(e);
         this.setStatus(message === 'cancelled' ? 'cancelled' : 'error', message === 'cancelled' ? 'Cancelled' : message);

@@ -254,6 +254,8 @@ impl Engine {
     /// img2img: `init_images: [{width, height, rgba, weight}]` (RGBA pixels at any size, resized here to the
     /// request's; `weight` blends several, default 1) with `strength` in (0, 1]; the VAE encoder is loaded
     /// from the model's files the first time.
+    /// Interpolation: `interpolate: {t, seed, prompt, negative_prompt}` makes frame `t` (0 to 1) of the walk
+    /// from this request toward the one with those fields replaced (`StableDiffusion::start_between`).
     /// `on_step({index, steps, timestep, preview: {width, height, rgba}})` runs after every step. Resolves to
     /// `{width, height, rgba, parameters, png}` (`png`: the image with `parameters` embedded, as the CLI
     /// writes it); rejects with "cancelled" after `cancel()`.
@@ -272,8 +274,13 @@ impl Engine {
                 }
             };
             let init = init_images(&request).map_err(e)?;
+            let toward = js_sys::Reflect::get(&request, &"interpolate".into()).unwrap_or(JsValue::UNDEFINED);
             let req: Request =
                 serde_wasm_bindgen::from_value(request).map_err(|er| e(JsError::new(&format!("bad request: {er}"))))?;
+            let toward = interpolation(&req, &toward).map_err(e)?;
+            if toward.is_some() && !init.is_empty() {
+                return Err(e(JsError::new("a request cannot both interpolate and start from init images")));
+            }
             if !init.is_empty() {
                 inner.load_vae_encoder().map_err(e)?;
             }
@@ -284,7 +291,11 @@ impl Engine {
             let factors = inner.preview.borrow().clone();
             inner.cancel.set(false);
             let kind = sd.scheduler_kind(&req).map_err(|er| e(js_err(er)))?;
-            let mut run = sd.start_from(&req, &init).await.map_err(|er| e(js_err(er)))?;
+            let mut run = match &toward {
+                Some((b, t)) => sd.start_between(&req, b, *t),
+                None => sd.start_from(&req, &init).await,
+            }
+            .map_err(|er| e(js_err(er)))?;
             while let Some(step) = run.step().await.map_err(|er| e(js_err(er)))? {
                 let event = js_sys::Object::new();
                 set(&event, "index", step.index as u32).map_err(e)?;
@@ -306,8 +317,14 @@ impl Engine {
             }
             let image = sd.decode(run.latents()).await.map_err(|er| e(js_err(er)))?;
             let name = inner.model_name.borrow().clone();
-            let parameters =
+            let mut parameters =
                 parameters_text_from(&req, kind.name(), image.width, image.height, &name, !init.is_empty());
+            if let Some((b, t)) = &toward {
+                parameters.push_str(&format!(
+                    "\nInterpolation: t={t} to seed {}, prompt: {}, negative prompt: {}",
+                    b.seed, b.prompt, b.negative_prompt
+                ));
+            }
             let png = image.to_png(&parameters).map_err(|er| e(js_err(er)))?;
             let out = image_to_js(&image).map_err(e)?;
             set(&out, "parameters", parameters).map_err(e)?;
@@ -336,6 +353,30 @@ impl EngineInner {
         let src = model_source(files)?;
         sd.load_vae_encoder(src.as_ref(), *policy).map_err(js_err)
     }
+}
+
+/// A request's `interpolate: {t, seed, prompt, negative_prompt}`: the far end (the request with those
+/// fields replaced) and the frame's position `t` in [0, 1].
+fn interpolation(req: &Request, value: &JsValue) -> Result<Option<(Request, f32)>, JsError> {
+    if value.is_undefined() || value.is_null() {
+        return Ok(None);
+    }
+    let get = |k: &str| js_sys::Reflect::get(value, &k.into()).unwrap_or(JsValue::UNDEFINED);
+    let t = get("t").as_f64().ok_or_else(|| JsError::new("interpolate needs t, the frame's place from 0 to 1"))?;
+    let mut b = req.clone();
+    if let Some(seed) = get("seed").as_f64() {
+        if !(seed >= 0.0 && seed.fract() == 0.0) {
+            return Err(JsError::new(&format!("interpolate: seed {seed} is not a whole number >= 0")));
+        }
+        b.seed = seed as u64;
+    }
+    if let Some(p) = get("prompt").as_string() {
+        b.prompt = p;
+    }
+    if let Some(p) = get("negative_prompt").as_string() {
+        b.negative_prompt = p;
+    }
+    Ok(Some((b, t as f32)))
 }
 
 /// A request's `init_images`: `[{width, height, rgba, weight}]`, each checked for size.

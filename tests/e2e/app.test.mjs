@@ -474,3 +474,43 @@ test('30 generations in one page keep wasm memory, the JS heap, GPU buffers and 
   assert.ok(last.heap < warm.heap + 16 * 2 ** 20, `the page's JS heap grew from ${warm.heap} to ${last.heap} bytes`);
   await context.close();
 });
+
+test('the element interpolates between two seeds and prompts: the ends equal plain generations', { timeout: 600_000 }, async () => {
+  const context = await env.browser.newContext();
+  const page = await context.newPage();
+  const errors = recordErrors(page);
+  await page.goto(`${env.server.url}embed.html`);
+  const out = await page.evaluate(async () => {
+    await customElements.whenDefined('latent-gen');
+    const el = document.getElementById('first');
+    const pixels = async (blob) => {
+      const bmp = await createImageBitmap(blob, { colorSpaceConversion: 'none', premultiplyAlpha: 'none' });
+      const c = new OffscreenCanvas(bmp.width, bmp.height);
+      const g = c.getContext('2d');
+      g.drawImage(bmp, 0, 0);
+      return Array.from(g.getImageData(0, 0, bmp.width, bmp.height).data);
+    };
+    const set = (attrs) => Object.entries(attrs).forEach(([k, v]) => el.setAttribute(k, v));
+    const a = { prompt: 'a large red square on a green background in the center', seed: '7', steps: '6', guidance: '5' };
+    const b = { prompt: 'a large yellow circle on a blue background', seed: '3' };
+    set(a);
+    const plainA = await pixels(await el.generate());
+    let frameEvents = 0;
+    el.addEventListener('frame', () => { frameEvents++; });
+    const blobs = await el.interpolate({ toSeed: 3, toPrompt: b.prompt, frames: 3 });
+    const frames = await Promise.all(blobs.map(pixels));
+    const parameters = await (async () => { let p = ''; el.addEventListener('frame', (e) => { p = e.detail.parameters; }, { once: true }); await el.interpolate({ toSeed: 3, frames: 2 }); return p; })();
+    set(b);
+    const plainB = await pixels(await el.generate());
+    const same = (x, y) => x.length === y.length && x.every((v, i) => v === y[i]);
+    return { n: blobs.length, frameEvents, startSame: same(frames[0], plainA), endSame: same(frames[2], plainB),
+      middleDiffers: !same(frames[1], plainA) && !same(frames[1], plainB), parameters };
+  }).catch((e) => assert.fail(`${e.message}\n${errors.join('\n')}`));
+  assert.equal(out.n, 3);
+  assert.equal(out.frameEvents, 3 + 2);
+  assert.ok(out.startSame, 'the first frame is the plain generation of the start');
+  assert.ok(out.endSame, 'the last frame is the plain generation of the far end');
+  assert.ok(out.middleDiffers, 'the middle frame is neither end');
+  assert.match(out.parameters, /Interpolation: t=0 to seed 3/);
+  await context.close();
+});
