@@ -30,6 +30,9 @@ mod cli {
         /// Walk latent space between two seeds and/or prompts: frames side by side in one PNG (and an
         /// animated GIF), the first and last equal to plain generations of the two ends.
         Interpolate(Interpolate),
+        /// A labelled grid of images over one or two settings (e.g. --x guidance=3,5,7.5 --y seed=1,2,3),
+        /// the model loaded once.
+        Grid(Grid),
         /// Write a model (diffusers folder, single file or GGUF) as one GGUF file in stable-diffusion.cpp's
         /// layout and names, quantized, with our configs in its metadata (or as a single-file .safetensors).
         Convert(Convert),
@@ -170,6 +173,76 @@ mod cli {
     }
 
     #[derive(clap::Args)]
+    struct Grid {
+        #[command(flatten)]
+        base: Generate,
+        /// The columns: KEY=V1,V2,... with KEY one of seed, guidance, steps, scheduler, strength,
+        /// subseed-strength, or prompt (search and replace: the first value is a word of --prompt, each
+        /// value replaces it).
+        #[arg(long)]
+        x: String,
+        /// The rows, as --x.
+        #[arg(long)]
+        y: Option<String>,
+    }
+
+    /// One axis of a grid: the setting and its values.
+    struct Axis {
+        key: String,
+        values: Vec<String>,
+    }
+
+    impl Axis {
+        const KEYS: [&'static str; 7] =
+            ["seed", "guidance", "steps", "scheduler", "strength", "subseed-strength", "prompt"];
+
+        fn parse(arg: &str) -> Result<Axis, Box<dyn std::error::Error>> {
+            let (key, values) =
+                arg.split_once('=').ok_or_else(|| format!("a grid axis is KEY=V1,V2,..., not {arg:?}"))?;
+            if !Self::KEYS.contains(&key) {
+                return Err(format!("unknown grid axis {key:?}: use one of {}", Self::KEYS.join(", ")).into());
+            }
+            let values: Vec<String> = values.split(',').map(|v| v.trim().to_string()).collect();
+            if values.iter().any(String::is_empty) || values.len() > 64 {
+                return Err(format!("grid axis {key}: 1 to 64 values separated by commas, got {values:?}").into());
+            }
+            Ok(Axis { key: key.into(), values })
+        }
+
+        /// `req` with this axis at value `i`.
+        fn apply(&self, req: &Request, i: usize) -> Result<Request, Box<dyn std::error::Error>> {
+            let v = &self.values[i];
+            let bad = |e: &dyn std::fmt::Display| format!("grid axis {}: {v:?}: {e}", self.key);
+            let mut r = req.clone();
+            match self.key.as_str() {
+                "seed" => r.seed = v.parse().map_err(|e| bad(&e))?,
+                "guidance" => r.guidance = v.parse().map_err(|e| bad(&e))?,
+                "steps" => r.steps = v.parse().map_err(|e| bad(&e))?,
+                "scheduler" => r.scheduler = Some(v.parse().map_err(|e| bad(&e))?),
+                "strength" => r.strength = v.parse().map_err(|e| bad(&e))?,
+                "subseed-strength" => r.subseed_strength = v.parse().map_err(|e| bad(&e))?,
+                "prompt" => {
+                    let search = &self.values[0];
+                    if !req.prompt.contains(search.as_str()) {
+                        return Err(
+                            format!("grid axis prompt: {search:?} is not in the prompt {:?}", req.prompt).into()
+                        );
+                    }
+                    r.prompt = req.prompt.replacen(search.as_str(), v, 1);
+                }
+                _ => unreachable!("checked in parse"),
+            }
+            Ok(r)
+        }
+
+        /// "key=value", or only the value when that does not fit `chars` characters.
+        fn label(&self, i: usize, chars: usize) -> String {
+            let full = format!("{}={}", self.key, self.values[i]);
+            if full.len() <= chars { full } else { self.values[i].clone() }
+        }
+    }
+
+    #[derive(clap::Args)]
     struct Convert {
         /// A diffusers folder, a single-file .safetensors checkpoint or a .gguf.
         #[arg(long)]
@@ -255,6 +328,10 @@ mod cli {
             Command::Interpolate(i) => {
                 let ctx = if i.from.cpu { GpuContext::cpu() } else { gpu_or_cpu().await? };
                 interpolate(&ctx, i).await
+            }
+            Command::Grid(g) => {
+                let ctx = if g.base.cpu { GpuContext::cpu() } else { gpu_or_cpu().await? };
+                grid(&ctx, g).await
             }
             Command::Convert(c) => convert(c),
             Command::Info => {
@@ -491,6 +568,99 @@ mod cli {
             eprintln!("wrote {}", path.display());
         }
         Ok(())
+    }
+
+    async fn grid(ctx: &GpuContext, g: Grid) -> Result<(), Box<dyn std::error::Error>> {
+        if g.base.batch.is_some() || g.base.dump_latents.is_some() {
+            return Err("grid takes neither --batch nor --dump-latents".into());
+        }
+        let out = g.base.out.clone().ok_or("--out (the grid PNG) is required")?;
+        let x = Axis::parse(&g.x)?;
+        let y = g.y.as_deref().map(Axis::parse).transpose()?;
+        let Loaded { sd, model_name, base, init } = load(ctx, &g.base)?;
+        let rows = y.as_ref().map_or(1, |a| a.values.len());
+        let (w, h) = sd.size(&base)?;
+        // Every cell's request first, so that a bad value fails before any work.
+        let mut cells = Vec::new();
+        for row in 0..rows {
+            for col in 0..x.values.len() {
+                let r = match &y {
+                    Some(a) => a.apply(&base, row)?,
+                    None => base.clone(),
+                };
+                cells.push(x.apply(&r, col)?);
+            }
+        }
+        let init: Vec<InitImage> =
+            init.iter().map(|(image, weight)| InitImage { image: image.resized(w, h), weight: *weight }).collect();
+        let scale = (w / 128).clamp(1, 4);
+        let band = 8 * scale + 4;
+        let left = y.as_ref().map_or(0, |a| (0..rows).map(|i| a.label(i, 24).len()).max().unwrap_or(0) * 8 * scale + 6);
+        let (gw, gh) = (left + w * x.values.len(), band + h * rows);
+        let mut grid = Image { width: gw, height: gh, rgba: [255u8, 255, 255, 255].repeat(gw * gh) };
+        let start = Instant::now();
+        for (n, req) in cells.iter().enumerate() {
+            let (row, col) = (n / x.values.len(), n % x.values.len());
+            let mut go = |_: &latent_gen::pipeline::Step<'_>| Ok(Control::Continue);
+            let image = sd.generate_from(req, &init, &mut go).await?;
+            paste(&mut grid, &image, left + col * w, band + row * h);
+            eprintln!("cell {}/{} at {:.1} s", n + 1, cells.len(), start.elapsed().as_secs_f64());
+        }
+        for col in 0..x.values.len() {
+            draw_text(&mut grid, left + col * w + 2, 2, &x.label(col, (w - 2) / (8 * scale)), scale, w - 2);
+        }
+        if let Some(a) = &y {
+            for row in 0..rows {
+                draw_text(&mut grid, 2, band + row * h + 2, &a.label(row, 24), scale, left);
+            }
+        }
+        let kind = sd.scheduler_kind(&base)?;
+        let mut parameters =
+            latent_gen::pipeline::parameters_text_from(&base, kind.name(), w, h, &model_name, !init.is_empty());
+        let axis = |a: &Axis| format!("{}: {}", a.key, a.values.join(", "));
+        parameters.push_str(&format!("\nGrid: x {}", axis(&x)));
+        if let Some(a) = &y {
+            parameters.push_str(&format!("; y {}", axis(a)));
+        }
+        std::fs::write(&out, grid.to_png(&parameters)?).map_err(|e| format!("writing {}: {e}", out.display()))?;
+        eprintln!("wrote {} ({} x {} cells of {w}x{h})", out.display(), x.values.len(), rows);
+        Ok(())
+    }
+
+    /// Copies `src` into `dst` with its top left corner at (x, y).
+    fn paste(dst: &mut Image, src: &Image, x: usize, y: usize) {
+        for row in 0..src.height {
+            let d = ((y + row) * dst.width + x) * 4;
+            dst.rgba[d..d + src.width * 4].copy_from_slice(&src.rgba[row * src.width * 4..(row + 1) * src.width * 4]);
+        }
+    }
+
+    /// Black 8x8 text (font8x8's public-domain glyphs, `scale` times larger) at (x, y), cut at `max_width`
+    /// pixels; characters outside Basic Latin draw as '?'.
+    fn draw_text(img: &mut Image, x: usize, y: usize, text: &str, scale: usize, max_width: usize) {
+        use font8x8::UnicodeFonts;
+        for (i, ch) in text.chars().enumerate() {
+            let x0 = x + i * 8 * scale;
+            if (i + 1) * 8 * scale > max_width {
+                break;
+            }
+            let glyph = font8x8::BASIC_FONTS.get(ch).or_else(|| font8x8::BASIC_FONTS.get('?')).unwrap_or([0; 8]);
+            for (gy, bits) in glyph.iter().enumerate() {
+                for gx in 0..8 {
+                    if bits & (1 << gx) == 0 {
+                        continue;
+                    }
+                    for sy in 0..scale {
+                        for sx in 0..scale {
+                            let (px, py) = (x0 + gx * scale + sx, y + gy * scale + sy);
+                            if px < img.width && py < img.height {
+                                img.rgba[(py * img.width + px) * 4..][..3].copy_from_slice(&[0, 0, 0]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The frames forth and back (the ends shown once) as a looping GIF.

@@ -478,3 +478,49 @@ fn interpolation_strips_start_and_end_at_plain_generations() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs a far end"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `grid` lays out one image per combination of its axes, each equal to the single generation with those
+/// settings, under labels drawn into the image; prompt axes search and replace.
+#[test]
+fn grid_cells_equal_single_generations() {
+    let dir = std::env::temp_dir().join(format!("latent-gen-cli-grid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let prompt = "a large red square on a green background in the center";
+    let base = ["--prompt", prompt, "--steps", "6"];
+    let run = |args: &[&str]| {
+        let o = latent_gen(args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let grid = path("grid.png");
+    run(&[&["grid"][..], &base, &["--x", "guidance=1,5", "--y", "prompt=red,yellow", "--out", &grid]].concat());
+    let (img, w, h, text) = read_png(&dir.join("grid.png"));
+    assert!(text.contains("Grid: x guidance: 1, 5; y prompt: red, yellow"), "{text}");
+    let left = w as usize - 128;
+    assert_eq!((w as usize - left, h), (128, 12 + 128), "2 x 2 cells of 64x64 under a 12-pixel label band");
+    let cell = |col: usize, row: usize| -> Vec<u8> {
+        (0..64)
+            .flat_map(|y| img[((12 + row * 64 + y) * w as usize + left + col * 64) * 4..][..64 * 4].to_vec())
+            .collect()
+    };
+    let single = |name: &str, guidance: &str, p: &str| {
+        run(&["generate", "--prompt", p, "--steps", "6", "--guidance", guidance, "--out", &path(name)]);
+        read_png(&dir.join(name)).0
+    };
+    assert!(cell(1, 0) == single("a.png", "5", prompt), "column guidance=5, row red");
+    let yellow = prompt.replacen("red", "yellow", 1);
+    assert!(cell(0, 1) == single("b.png", "1", &yellow), "column guidance=1, row yellow");
+    // The label band and the left column hold dark label pixels on white.
+    let dark = |x0: usize, x1: usize, y0: usize, y1: usize| {
+        (y0..y1)
+            .flat_map(|y| (x0..x1).map(move |x| (x, y)))
+            .filter(|&(x, y)| img[(y * w as usize + x) * 4] < 64)
+            .count()
+    };
+    assert!(dark(left, w as usize, 0, 12) > 20 && dark(0, left, 12, h as usize) > 20, "labels are drawn");
+    let o = latent_gen(&[&["grid"][..], &base, &["--x", "prompt=blue,green", "--out", &grid]].concat());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("\"blue\" is not in the prompt"));
+    let o = latent_gen(&[&["grid"][..], &base, &["--x", "colour=1,2", "--out", &grid]].concat());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown grid axis \"colour\""));
+    std::fs::remove_dir_all(&dir).ok();
+}
