@@ -15,6 +15,7 @@ pub mod models;
 pub mod ops;
 pub mod pipeline;
 pub mod preview;
+pub mod prompt;
 pub mod rng;
 pub mod schedulers;
 pub mod selfcheck;

@@ -95,6 +95,10 @@ mod cli {
         prompt: Option<String>,
         #[arg(long, default_value = "")]
         negative: String,
+        /// Read the prompts literally, as diffusers does, instead of in A1111's weighting syntax
+        /// ("(word)" x1.1, "(word:1.5)", "[word]" /1.1, "\(" for a literal bracket).
+        #[arg(long)]
+        literal_prompt: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long, default_value_t = 20)]
@@ -713,6 +717,7 @@ mod cli {
             subseed: g.subseed,
             subseed_strength: g.subseed_strength,
             strength: g.strength,
+            literal_prompt: g.literal_prompt,
         };
         // Without a size, img2img takes the first init image's, rounded down to what the model takes.
         let mut base = base;
@@ -767,9 +772,10 @@ mod cli {
         let init: Vec<InitImage> =
             init.iter().map(|(image, weight)| InitImage { image: image.resized(w, h), weight: *weight }).collect();
         let kind = sd.scheduler_kind(req)?;
-        let (used, total) = sd.tokenizer.count(&req.prompt)?;
-        if used < total {
-            eprintln!("warning: the prompt has {total} tokens; only the first {used} are used");
+        for (which, text) in [("prompt", &req.prompt), ("negative prompt", &req.negative_prompt)] {
+            if let Some(words) = sd.tokenizer.cut_off(text, !req.literal_prompt)? {
+                eprintln!("warning: the {which} is longer than the text encoder's 75 tokens; cut off: \"{words}\"");
+            }
         }
         let mut dump: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         if dump_latents.is_some() {

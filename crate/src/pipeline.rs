@@ -155,6 +155,9 @@ pub struct Request {
     /// `subseed_strength` (0: the seed's image exactly, 1: the subseed's).
     pub subseed: Option<u64>,
     pub subseed_strength: f32,
+    /// Read the prompts literally (diffusers' behaviour) instead of in A1111's weighting syntax, where
+    /// `(word:1.5)` weighs a word's tokens (see [`crate::prompt`]).
+    pub literal_prompt: bool,
     /// img2img (with init images): how much of the schedule runs, in (0, 1]; the image is noised to the
     /// timestep at `steps * (1 - strength)` and denoised from there (diffusers' and A1111's "denoising
     /// strength"). Ignored without init images.
@@ -175,6 +178,7 @@ impl Default for Request {
             subseed: None,
             subseed_strength: 0.0,
             strength: 0.75,
+            literal_prompt: false,
         }
     }
 }
@@ -623,16 +627,34 @@ impl StableDiffusion {
         let scheduler = self.scheduler_kind(req)?.build(&self.scheduler_config, req.steps)?;
         // 1. Conditioning: CFG batches [negative, prompt]; LCM embeds the guidance scale instead.
         let cfg = req.guidance > 1.0 && !self.is_lcm();
-        let embed = |r: &Request| {
-            if cfg { self.encode_prompts(&[&r.negative_prompt, &r.prompt]) } else { self.encode_prompts(&[&r.prompt]) }
+        let embed = |r: &Request| -> Result<Embedded> {
+            let prompts: Vec<&str> = if cfg { vec![&r.negative_prompt, &r.prompt] } else { vec![&r.prompt] };
+            let (mut ids, mut weights) = (Vec::new(), Vec::new());
+            for p in prompts {
+                let (i, w) = if r.literal_prompt {
+                    (self.tokenizer.encode(p)?, Vec::new())
+                } else {
+                    self.tokenizer.encode_weighted(p)?
+                };
+                ids.push(i);
+                weights.extend(w);
+            }
+            let raw = self.text_encoder.forward(ctx, &ids)?;
+            Ok(Embedded { raw, weights: weights.iter().any(|w| *w != 1.0).then_some(weights) })
         };
-        let context = match toward {
-            None => embed(req)?,
-            Some((_, 0.0)) => embed(req)?,
-            Some((b, 1.0)) => embed(b)?,
+        // The conditioning, or (with weighted prompts, whose mean is restored on the host) the embeddings to
+        // combine at the first step.
+        let (context, pending) = match toward {
+            None | Some((_, 0.0)) => embed(req)?.into_context(1.0),
+            Some((b, 1.0)) => embed(b)?.into_context(1.0),
             Some((b, t)) => {
-                let (ca, cb) = (embed(req)?, embed(b)?);
-                ops::lincomb(ctx, ca.shape(), &[Term::new(1.0 - t, &ca), Term::new(t, &cb)])?
+                let (ea, eb) = (embed(req)?, embed(b)?);
+                if ea.weights.is_none() && eb.weights.is_none() {
+                    let c = ops::lincomb(ctx, ea.raw.shape(), &[Term::new(1.0 - t, &ea.raw), Term::new(t, &eb.raw)])?;
+                    (c, Vec::new())
+                } else {
+                    (ea.raw.clone(), vec![(ea, 1.0 - t), (eb, t)])
+                }
             }
         };
         let act = self.text_encoder_dtype();
@@ -684,6 +706,7 @@ impl StableDiffusion {
             rng,
             latents,
             prev_x0: None,
+            pending,
         })
     }
 
@@ -909,12 +932,51 @@ pub struct Denoiser<'a> {
     rng: TorchRng,
     latents: Tensor,
     prev_x0: Option<Tensor>,
+    /// Weighted prompts' embeddings, combined into `context` at the first step (empty otherwise).
+    pending: Vec<(Embedded, f32)>,
+}
+
+/// A batch of prompt embeddings and, when any token's weight is not 1, the weights (one per token).
+struct Embedded {
+    raw: Tensor,
+    weights: Option<Vec<f32>>,
+}
+
+impl Embedded {
+    /// The context to use now, and what is left to combine at the first step.
+    fn into_context(self, coef: f32) -> (Tensor, Vec<(Embedded, f32)>) {
+        match self.weights {
+            None => (self.raw, Vec::new()),
+            Some(_) => (self.raw.clone(), vec![(self, coef)]),
+        }
+    }
+}
+
+/// The conditioning from weighted embeddings: each scaled per token with its mean restored (A1111's
+/// emphasis), then summed with its coefficient (an interpolation's two ends).
+async fn weighted_context(ctx: &GpuContext, parts: &[(Embedded, f32)]) -> Result<Tensor> {
+    let first = &parts[0].0.raw;
+    let &[_, tokens, dim] = first.shape() else {
+        return Err(Error::Invalid(format!("text embeddings of shape {:?}", first.shape())));
+    };
+    let mut sum = vec![0f32; first.numel()];
+    for (e, coef) in parts {
+        let mut z = e.raw.to_vec_f32(ctx).await?;
+        if let Some(w) = &e.weights {
+            crate::prompt::apply_weights(&mut z, w, tokens, dim);
+        }
+        sum.iter_mut().zip(&z).for_each(|(s, v)| *s += coef * v);
+    }
+    Tensor::from_f32_as(ctx, first.shape(), &sum, first.dtype())
 }
 
 impl Denoiser<'_> {
     /// Runs the next denoising step; None once all are done.
     pub async fn step(&mut self) -> Result<Option<Step<'_>>> {
         let Some(&t) = self.timesteps.get(self.next) else { return Ok(None) };
+        if !self.pending.is_empty() {
+            self.context = weighted_context(&self.sd.ctx, &std::mem::take(&mut self.pending)).await?;
+        }
         let (i, sd, ctx, shape) = (self.next, self.sd, &self.sd.ctx, &self.shape);
         let act = sd.text_encoder_dtype();
         let scaled = ops::affine(ctx, &self.latents, self.scheduler.input_scale(i) as f32, 0.0)?;

@@ -109,6 +109,61 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// [`ClipTokenizer::encode`] of a prompt in A1111's weighting syntax ([`crate::prompt::parse_weighted`]):
+    /// each run tokenized alone, the brackets and weights removed, and each id's weight (1 for the start,
+    /// end and padding tokens). A prompt without weighting syntax gives `encode`'s ids, all weights 1.
+    pub fn encode_weighted(&self, text: &str) -> Result<(Vec<u32>, Vec<f32>)> {
+        let runs = crate::prompt::parse_weighted(text);
+        if let [(only, w)] = runs.as_slice()
+            && *w == 1.0
+        {
+            return Ok((self.encode(only)?, vec![1.0; self.max_len]));
+        }
+        let (mut body, mut weights) = (Vec::new(), Vec::new());
+        for (run, w) in &runs {
+            let enc = self.tokenizer.encode(clean(run), false).map_err(|e| err("encode", e))?;
+            body.extend_from_slice(enc.get_ids());
+            weights.extend(std::iter::repeat_n(*w, enc.get_ids().len()));
+        }
+        let keep = body.len().min(self.max_len.saturating_sub(2));
+        let mut ids = Vec::with_capacity(self.max_len);
+        ids.push(self.bos);
+        ids.extend_from_slice(&body[..keep]);
+        ids.push(self.eos);
+        ids.resize(self.max_len, self.pad);
+        let mut w = vec![1.0];
+        w.extend_from_slice(&weights[..keep]);
+        w.resize(self.max_len, 1.0);
+        Ok((ids, w))
+    }
+
+    /// The words of a prompt past the token limit, as the text encoder will not see them (None when it all
+    /// fits); `weighted` reads it in A1111's syntax, as [`ClipTokenizer::encode_weighted`] does.
+    pub fn cut_off(&self, text: &str, weighted: bool) -> Result<Option<String>> {
+        let runs = if weighted { crate::prompt::parse_weighted(text) } else { vec![(text.to_string(), 1.0)] };
+        let mut room = self.max_len.saturating_sub(2);
+        let mut cut = Vec::new();
+        for (run, _) in &runs {
+            let cleaned = clean(run);
+            if room == 0 {
+                cut.push(cleaned);
+                continue;
+            }
+            let enc = self.tokenizer.encode(cleaned.as_str(), false).map_err(|e| err("encode", e))?;
+            if enc.get_ids().len() <= room {
+                room -= enc.get_ids().len();
+                continue;
+            }
+            // Offsets are in the normalized text (lowercased, whitespace collapsed); map back by characters.
+            let start = enc.get_offsets()[room].0;
+            let normalized: String = cleaned.to_lowercase();
+            cut.push(normalized.get(start..).unwrap_or_default().to_string());
+            room = 0;
+        }
+        let words = cut.join(" ").split_whitespace().collect::<Vec<_>>().join(" ");
+        Ok((!words.is_empty()).then_some(words))
+    }
+
     /// How many tokens of `text` fit (the rest is cut): (used, total).
     pub fn count(&self, text: &str) -> Result<(usize, usize)> {
         let n = self.tokenizer.encode(clean(text), false).map_err(|e| err("encode", e))?.get_ids().len();

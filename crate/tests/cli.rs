@@ -524,3 +524,36 @@ fn grid_cells_equal_single_generations() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown grid axis \"colour\""));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A1111's prompt weights: "(red:1.0)" is the plain prompt exactly, "(red:1.6)" changes the image,
+/// --literal-prompt reads the brackets as text; words past 75 tokens are named in a warning.
+#[test]
+fn prompt_weights_change_the_image_and_weight_one_does_not() {
+    let dir = std::env::temp_dir().join(format!("latent-gen-cli-weights-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = |prompt: &str, extra: &[&str]| {
+        let out = dir.join("w.png");
+        let o = latent_gen(
+            &[
+                &["generate", "--prompt", prompt, "--seed", "7", "--steps", "6", "--out", out.to_str().unwrap()][..],
+                extra,
+            ]
+            .concat(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (read_png(&out).0, String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let plain = image("a large red square on a green background in the center", &[]).0;
+    assert!(
+        image("a large (red:1.0) square on a green background in the center", &[]).0 == plain,
+        "(red:1.0) is the plain prompt"
+    );
+    let heavy = image("a large (red:1.6) square on a green background in the center", &[]).0;
+    assert!(heavy != plain, "(red:1.6) changes the image");
+    let literal = image("a large (red:1.0) square on a green background in the center", &["--literal-prompt"]).0;
+    assert!(literal != plain, "--literal-prompt keeps the brackets as tokens");
+    let long = format!("a large red square on a green background in the center, {} tail end words", "very ".repeat(70));
+    let (_, err) = image(&long, &[]);
+    assert!(err.contains("cut off: \"") && err.contains("tail end words\""), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
