@@ -204,6 +204,30 @@ async function renderStorage() {
   $('persist').hidden = !!persisted;
 }
 
+/**
+ * The token meter under the prompt: "N / 75 tokens" for the loaded model (weights syntax not counted), and
+ * the words the text encoder will not see, marked. Shown once a model is loaded (the first generation).
+ */
+let meterTimer = null;
+function updateTokenMeter() {
+  clearTimeout(meterTimer);
+  meterTimer = setTimeout(async () => {
+    const meter = $('token-meter');
+    const count = await client.tokens($('prompt').value).catch(() => null);
+    meter.replaceChildren();
+    if (!count) return;
+    meter.dataset.tokens = String(count.tokens);
+    meter.dataset.over = String(count.tokens > count.limit);
+    meter.append(`${count.tokens} / ${count.limit} tokens`);
+    if (count.cutOff) {
+      const cut = document.createElement('mark');
+      cut.className = 'cut-off';
+      cut.textContent = count.cutOff; // text, never HTML
+      meter.append(': past the limit, not seen by the model: ', cut);
+    }
+  }, 150);
+}
+
 /** The variation fields: {subseed, subseed_strength} when a strength above 0 is set. */
 function variation() {
   const strength = Number($('subseed-strength').value) || 0;
@@ -301,6 +325,7 @@ async function generate(ev) {
     canvas.dataset.step = 'done';
     canvas.dataset.memory = JSON.stringify(image.memory); // what the worker holds: read by the long-session test
     addToHistory(entry);
+    updateTokenMeter();
     setStatus('done', `Done in ${image.seconds.toFixed(1)} s (seed ${request.seed}).`);
     refreshModels();
   } catch (e) {
@@ -402,6 +427,7 @@ async function main() {
   $('persist').onclick = async () => { await navigator.storage?.persist?.(); renderStorage(); };
   $('import').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.webkitRelativePath || file.name, file })));
   $('import-file').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.name, file })));
+  $('prompt').addEventListener('input', updateTokenMeter);
   $('init-file').onchange = (e) => e.target.files[0] && setInitImage(e.target.files[0]);
   $('init-clear').onclick = () => setInitImage(null);
   const initBox = $('init');

@@ -122,6 +122,11 @@ export class Client {
     return this.call({ type: 'import', model: id, files }, onProgress);
   }
 
+  /** The loaded model's token count of `prompt`: {tokens, limit, cutOff, model}, or null before a load. */
+  tokens(prompt, literal = false) {
+    return this.call({ type: 'tokens', prompt, literal });
+  }
+
   /** Forgets the loaded model (after its files were deleted). */
   unload(id) {
     if (this.loadedId === id) this.loadedId = this.loadedKey = this.loadedInfo = null;

@@ -4,6 +4,7 @@
 // Messages in:  { id, type: 'init', cpu, gpu } | { id, type: 'load', model } | { id, type: 'generate', request }
 //               { id, type: 'load-preview', model } (a TAESD catalog entry, for request.preview 'taesd')
 //               { id, type: 'import', model, files: [{ path, file }] } | { id, type: 'unload', model }
+//               { id, type: 'tokens', prompt, literal } (the loaded model's token count; null before a load)
 //               { type: 'cancel', target: id }
 // Messages out: { id, type: 'progress' | 'step' | 'result' | 'error', ... }
 import init, { Converter, Engine, Sha256 } from './pkg/latent_gen.js';
@@ -293,6 +294,7 @@ self.onmessage = (ev) => {
       else if (msg.type === 'load-preview') result = await loadPreview(msg.id, msg.model);
       else if (msg.type === 'import') result = await importFiles(msg.id, msg.model, msg.files);
       else if (msg.type === 'unload') { if (loaded?.id === msg.model) loaded = null; result = null; }
+      else if (msg.type === 'tokens') result = loaded ? { ...engine.countTokens(msg.prompt, !!msg.literal), model: loaded.id } : null;
       else throw new Error(`unknown message ${msg.type}`);
       const transfer = result?.rgba ? [result.rgba.buffer, result.png.buffer] : [];
       post({ id: msg.id, type: 'result', result }, transfer);

@@ -140,28 +140,38 @@ impl ClipTokenizer {
     /// The words of a prompt past the token limit, as the text encoder will not see them (None when it all
     /// fits); `weighted` reads it in A1111's syntax, as [`ClipTokenizer::encode_weighted`] does.
     pub fn cut_off(&self, text: &str, weighted: bool) -> Result<Option<String>> {
+        Ok(self.measure(text, weighted)?.1)
+    }
+
+    /// The tokens a prompt has (brackets and weights not counted when `weighted`) and the words past the
+    /// limit of `max_len - 2`.
+    pub fn measure(&self, text: &str, weighted: bool) -> Result<(usize, Option<String>)> {
         let runs = if weighted { crate::prompt::parse_weighted(text) } else { vec![(text.to_string(), 1.0)] };
         let mut room = self.max_len.saturating_sub(2);
-        let mut cut = Vec::new();
+        let (mut total, mut cut) = (0, Vec::new());
         for (run, _) in &runs {
             let cleaned = clean(run);
+            let enc = self.tokenizer.encode(cleaned.as_str(), false).map_err(|e| err("encode", e))?;
+            let n = enc.get_ids().len();
+            total += n;
             if room == 0 {
                 cut.push(cleaned);
-                continue;
+            } else if n <= room {
+                room -= n;
+            } else {
+                // Offsets are in the normalized text (lowercased, whitespace collapsed).
+                let start = enc.get_offsets()[room].0;
+                cut.push(cleaned.to_lowercase().get(start..).unwrap_or_default().to_string());
+                room = 0;
             }
-            let enc = self.tokenizer.encode(cleaned.as_str(), false).map_err(|e| err("encode", e))?;
-            if enc.get_ids().len() <= room {
-                room -= enc.get_ids().len();
-                continue;
-            }
-            // Offsets are in the normalized text (lowercased, whitespace collapsed); map back by characters.
-            let start = enc.get_offsets()[room].0;
-            let normalized: String = cleaned.to_lowercase();
-            cut.push(normalized.get(start..).unwrap_or_default().to_string());
-            room = 0;
         }
         let words = cut.join(" ").split_whitespace().collect::<Vec<_>>().join(" ");
-        Ok((!words.is_empty()).then_some(words))
+        Ok((total, (!words.is_empty()).then_some(words)))
+    }
+
+    /// The most tokens of a prompt the text encoder sees.
+    pub fn limit(&self) -> usize {
+        self.max_len.saturating_sub(2)
     }
 
     /// How many tokens of `text` fit (the rest is cut): (used, total).

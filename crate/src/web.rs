@@ -333,6 +333,21 @@ impl Engine {
         })
     }
 
+    /// The loaded model's token count of a prompt (A1111's weighting syntax unless `literal`):
+    /// `{tokens, limit, cutOff}`, `cutOff` the words past the limit (absent when it fits).
+    #[wasm_bindgen(js_name = countTokens)]
+    pub fn count_tokens(&self, prompt: String, literal: bool) -> Result<JsValue, JsError> {
+        let sd = self.inner.model.borrow().clone().ok_or_else(|| JsError::new("no model is loaded"))?;
+        let (tokens, cut) = sd.tokenizer.measure(&prompt, !literal).map_err(js_err)?;
+        let info = js_sys::Object::new();
+        set(&info, "tokens", tokens as u32)?;
+        set(&info, "limit", sd.tokenizer.limit() as u32)?;
+        if let Some(words) = cut {
+            set(&info, "cutOff", words)?;
+        }
+        Ok(info.into())
+    }
+
     /// Stops the running generation after its current step.
     pub fn cancel(&self) {
         self.inner.cancel.set(true);

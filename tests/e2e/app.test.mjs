@@ -514,3 +514,22 @@ test('the element interpolates between two seeds and prompts: the ends equal pla
   assert.match(out.parameters, /Interpolation: t=0 to seed 3/);
   await context.close();
 });
+
+test('the token meter counts the prompt for the loaded model and marks the words past 75 tokens', { timeout: 300_000 }, async () => {
+  const context = await env.browser.newContext();
+  const { page, errors } = await openApp(context);
+  const result = await generate(page, { ...REQUEST, steps: 2 });
+  assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+  const meter = page.locator('#token-meter');
+  await meter.and(page.locator('[data-tokens]')).waitFor();
+  // "a large red square on a green background in the center": 11 tokens; brackets and weights are not.
+  await page.fill('#prompt', 'a large (red:1.3) square on a green background in the center');
+  await page.locator('#token-meter[data-tokens="11"]').waitFor();
+  assert.match(await meter.textContent(), /^11 \/ 75 tokens$/);
+  await page.fill('#prompt', `a red square, ${'very '.repeat(80)}<b>shiny</b> end`);
+  await page.locator('#token-meter[data-over="true"]').waitFor();
+  assert.match(await meter.textContent(), /past the limit/);
+  assert.match(await page.locator('#token-meter .cut-off').textContent(), /<b>shiny<\/b> end$/, 'cut-off words shown as text');
+  assert.equal(await page.locator('#token-meter b').count(), 0, 'never as HTML');
+  await context.close();
+});
