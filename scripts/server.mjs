@@ -6,6 +6,7 @@
 //   { "cut": { "path": "/models/x/unet/weights.safetensors", "after": 1000000 } }  the next response for that
 //        path sends `after` bytes of its body, then the connection is destroyed (a dropped download);
 //   { "corrupt": { "path": "..." } }  every response for that path has its bytes inverted;
+//   { "csp": "script-src 'self' ..." }  every response carries that Content-Security-Policy header;
 //   { "reset": true }  clears the faults and the request log;
 // and GET /__requests lists the [method, path, range] of every request since the last reset.
 import { createServer } from 'node:http';
@@ -61,7 +62,7 @@ function resolvePath(urlPath) {
 }
 
 const faultsEnabled = process.argv.includes('--faults');
-let faults = { cut: new Map(), corrupt: new Set() };
+let faults = { cut: new Map(), corrupt: new Set(), csp: null };
 let requests = [];
 
 async function control(req, res, url) {
@@ -70,9 +71,10 @@ async function control(req, res, url) {
   for await (const chunk of req) body += chunk;
   const f = JSON.parse(body || '{}');
   if (f.reset) {
-    faults = { cut: new Map(), corrupt: new Set() };
+    faults = { cut: new Map(), corrupt: new Set(), csp: null };
     requests = [];
   }
+  if (f.csp) faults.csp = f.csp;
   if (f.cut) faults.cut.set(f.cut.path, f.cut.after);
   if (f.corrupt) faults.corrupt.add(f.corrupt.path);
   return send(res, 200, 'ok');
@@ -98,6 +100,7 @@ async function handle(req, res) {
     'Cross-Origin-Embedder-Policy': 'require-corp',
     'Cross-Origin-Resource-Policy': 'cross-origin',
   };
+  if (faults.csp) headers['Content-Security-Policy'] = faults.csp;
   const range = /^bytes=(\d*)-(\d*)$/.exec(req.headers.range || '');
   let start = 0;
   let end = info.size - 1;

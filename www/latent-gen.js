@@ -33,16 +33,20 @@ async function imagePixels(url) {
   return { width: data.width, height: data.height, rgba: data.data };
 }
 
-const template = document.createElement('template');
-template.innerHTML = `
-<style>
+// The shadow root's styles as a constructed stylesheet (not a <style> element), so that pages with a strict
+// Content-Security-Policy (no 'unsafe-inline' styles) can embed the element.
+const sheet = new CSSStyleSheet();
+sheet.replaceSync(`
   :host { display: inline-block; font: 14px system-ui, sans-serif; }
   .box { display: grid; gap: 6px; width: var(--latent-gen-size, 256px); }
   canvas { width: 100%; aspect-ratio: 1; image-rendering: pixelated; background: #8882; border-radius: 4px; }
   .row { display: flex; gap: 6px; align-items: center; }
   .status { flex: 1; font-size: 12px; opacity: 0.8; overflow-wrap: anywhere; }
   button { font: inherit; }
-</style>
+`);
+
+const template = document.createElement('template');
+template.innerHTML = `
 <div class="box">
   <canvas part="preview" width="64" height="64"></canvas>
   <div class="row">
@@ -55,6 +59,7 @@ export class LatentGen extends HTMLElement {
   constructor() {
     super();
     const root = this.attachShadow({ mode: 'open' });
+    root.adoptedStyleSheets = [sheet];
     root.append(template.content.cloneNode(true));
     this.canvas = root.querySelector('canvas');
     this.button = root.querySelector('button');

@@ -533,3 +533,36 @@ test('the token meter counts the prompt for the loaded model and marks the words
   assert.equal(await page.locator('#token-meter b').count(), 0, 'never as HTML');
   await context.close();
 });
+
+test('under a strict Content-Security-Policy the page and the element generate with no violation', { timeout: 300_000 }, async () => {
+  const csp = "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; img-src 'self' blob: data:; " +
+    "connect-src 'self' blob:; worker-src 'self'; object-src 'none'; base-uri 'none'";
+  await env.server.faults({ csp });
+  try {
+    const context = await env.browser.newContext();
+    await context.addInitScript(() => {
+      window.violations = [];
+      document.addEventListener('securitypolicyviolation', (e) => window.violations.push(`${e.violatedDirective}: ${e.blockedURI}`));
+    });
+    const { page, errors } = await openApp(context);
+    const result = await generate(page, { ...REQUEST, steps: 2 });
+    assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+    assert.deepEqual(await page.evaluate(() => window.violations), []);
+    const embed = await context.newPage();
+    await embed.goto(`${env.server.url}embed.html`);
+    const out = await embed.evaluate(async () => {
+      await customElements.whenDefined('latent-gen');
+      const el = document.getElementById('first');
+      el.setAttribute('steps', '2');
+      const blob = await el.generate();
+      const styled = getComputedStyle(el.shadowRoot.querySelector('.box')).display;
+      return { type: blob.type, styled, violations: window.violations };
+    });
+    assert.equal(out.type, 'image/png');
+    assert.equal(out.styled, 'grid', "the element's own styles apply");
+    assert.deepEqual(out.violations, []);
+    await context.close();
+  } finally {
+    await env.server.faults({ reset: true });
+  }
+});
