@@ -31,7 +31,14 @@ async function initEngine(cpu, gpu) {
   return { adapter: engine.adapter(), isCpu: engine.isCpu(), reason: engine.fallbackReason() };
 }
 
-const fileUrl = (model, f) => new URL(f.url || model.base + f.path, model.catalogUrl || self.location.href).href;
+/** A model file's URL: https, or this site's own (a catalog entry cannot send weights over plain http). */
+function fileUrl(model, f) {
+  const url = new URL(f.url || model.base + f.path, model.catalogUrl || self.location.href);
+  if (url.protocol !== 'https:' && url.origin !== self.location.origin) {
+    throw new Error(`${model.id}/${f.path}: ${url.href} is neither https nor this site's; model files must be one of the two`);
+  }
+  return url.href;
+}
 
 /**
  * Downloads one file into the cache, resuming after whatever an earlier attempt stored. Progress goes to

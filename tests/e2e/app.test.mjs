@@ -566,3 +566,26 @@ test('under a strict Content-Security-Policy the page and the element generate w
     await env.server.faults({ reset: true });
   }
 });
+
+test('a catalog entry whose files are plain http on another origin is refused before any download', { timeout: 120_000 }, async () => {
+  const context = await env.browser.newContext();
+  const page = await context.newPage();
+  const other = env.server.url.replace('127.0.0.1', 'localhost');
+  await page.route('**/models.json', async (route) => {
+    const json = await (await route.fetch()).json();
+    const tiny = json.models.find((m) => m.id === MODEL);
+    json.models.push({ ...tiny, id: 'tiny-http', bundled: false, base: `${other}models/tiny-shapes/` });
+    await route.fulfill({ json });
+  });
+  await env.server.faults({ reset: true });
+  await page.goto(`${env.server.url}embed.html`);
+  const message = await page.evaluate(async () => {
+    await customElements.whenDefined('latent-gen');
+    const el = document.getElementById('first');
+    el.setAttribute('model', 'tiny-http');
+    return el.generate().then(() => 'generated', (e) => e.message);
+  });
+  assert.match(message, /is neither https nor this site's/);
+  assert.equal((await weightRequests()).length, 0, 'nothing was downloaded');
+  await context.close();
+});
