@@ -298,6 +298,21 @@ async function generate(ev) {
   ev.preventDefault();
   if (running) return;
   const { model, request } = readForm();
+  await run(model, [request]);
+}
+
+/** How far from the original a "Variations" image moves (A1111's variation strength). */
+const VARIATION_STRENGTH = 0.3;
+
+/** Four variations of a history image: its settings with random variation seeds at VARIATION_STRENGTH. */
+async function variations(entry) {
+  if (running) return;
+  const subseeds = [...crypto.getRandomValues(new Uint32Array(4))];
+  await run(entry.model, subseeds.map((subseed) => ({ ...entry.request, subseed, subseed_strength: VARIATION_STRENGTH })));
+}
+
+/** Generates `requests` in turn with `model`, each into the canvas and the history; one cancel stops them all. */
+async function run(model, requests) {
   const found = modelById(model);
   if (!found) return fail(new Error('choose a model'));
   const m = { ...found, keep: $('keep').value || undefined };
@@ -305,28 +320,31 @@ async function generate(ev) {
   $('generate').disabled = true;
   $('cancel').disabled = false;
   const canvas = $('canvas');
-  canvas.dataset.step = '-1';
-  setStatus('starting', 'Starting…');
   abort = new AbortController();
   // Ask once that the cache survive storage pressure (Chromium decides without a prompt).
   if (navigator.storage?.persist && !(await navigator.storage.persisted())) navigator.storage.persist().then(renderStorage);
   try {
-    const image = await client.generate(m, request, (st) => {
-      paint(canvas, st.preview);
-      canvas.dataset.step = String(st.index);
-      $('progress').max = st.steps;
-      $('progress').value = st.index + 1;
-      setStatus('generating', `Step ${st.index + 1}/${st.steps}, ${st.stepsPerSec.toFixed(2)} steps/s`);
-    }, onProgress, abort.signal);
-    lastSeed = request.seed;
-    const url = URL.createObjectURL(new Blob([image.png], { type: 'image/png' }));
-    const entry = { model, request, image, url };
-    showResult(entry);
-    canvas.dataset.step = 'done';
-    canvas.dataset.memory = JSON.stringify(image.memory); // what the worker holds: read by the long-session test
-    addToHistory(entry);
-    updateTokenMeter();
-    setStatus('done', `Done in ${image.seconds.toFixed(1)} s (seed ${request.seed}).`);
+    for (const [n, request] of requests.entries()) {
+      const of = requests.length > 1 ? `Image ${n + 1}/${requests.length}: ` : '';
+      canvas.dataset.step = '-1';
+      setStatus('starting', `${of}Starting…`);
+      const image = await client.generate(m, request, (st) => {
+        paint(canvas, st.preview);
+        canvas.dataset.step = String(st.index);
+        $('progress').max = st.steps;
+        $('progress').value = st.index + 1;
+        setStatus('generating', `${of}Step ${st.index + 1}/${st.steps}, ${st.stepsPerSec.toFixed(2)} steps/s`);
+      }, onProgress, abort.signal);
+      lastSeed = request.seed;
+      const url = URL.createObjectURL(new Blob([image.png], { type: 'image/png' }));
+      const entry = { model, request, image, url };
+      showResult(entry);
+      canvas.dataset.step = 'done';
+      canvas.dataset.memory = JSON.stringify(image.memory); // what the worker holds: read by the long-session test
+      addToHistory(entry);
+      updateTokenMeter();
+      setStatus('done', `${of}Done in ${image.seconds.toFixed(1)} s (seed ${request.seed}).`);
+    }
     refreshModels();
   } catch (e) {
     fail(e);
@@ -354,9 +372,15 @@ function addToHistory(entry) {
   use.textContent = 'Use as init';
   use.title = 'Start the next image from this one (img2img)';
   use.onclick = () => setInitImage({ width: entry.image.width, height: entry.image.height, rgba: entry.image.rgba });
+  const vary = document.createElement('button');
+  vary.type = 'button';
+  vary.className = 'variations';
+  vary.textContent = 'Variations';
+  vary.title = `Four images near this one (variation seeds at strength ${VARIATION_STRENGTH})`;
+  vary.onclick = () => variations(entry);
   const item = document.createElement('figure');
   item.className = 'history-item';
-  item.append(button, use);
+  item.append(button, use, vary);
   $('history').prepend(item);
 }
 

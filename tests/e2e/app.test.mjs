@@ -589,3 +589,24 @@ test('a catalog entry whose files are plain http on another origin is refused be
   assert.equal((await weightRequests()).length, 0, 'nothing was downloaded');
   await context.close();
 });
+
+test('"Variations" under a result adds four nearby images with their variation seeds', { timeout: 300_000 }, async () => {
+  const context = await env.browser.newContext();
+  const { page, errors } = await openApp(context);
+  let result = await generate(page, { ...REQUEST, steps: 4 });
+  assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+  const original = await canvasPixels(page);
+  await page.click('#history .variations >> nth=0');
+  await page.locator('#status[data-state="done"]', { hasText: 'Image 4/4' }).waitFor({ timeout: 240_000 });
+  assert.equal(await page.locator('#history .history-item').count(), 5);
+  const titles = await page.locator('#history img').evaluateAll((imgs) => imgs.map((i) => i.title));
+  const variations = titles.slice(0, 4);
+  assert.ok(variations.every((t) => /Seed: 7, .*Variation seed: \d+, Variation seed strength: 0\.3/.test(t)), variations.join('\n'));
+  assert.equal(new Set(variations.map((t) => /Variation seed: (\d+)/.exec(t)[1])).size, 4, 'four different variation seeds');
+  const last = await canvasPixels(page);
+  assert.notDeepEqual(last.rgba, original.rgba, 'a variation differs from the original');
+  const a = scene(original);
+  const b = scene(last);
+  assert.ok(Math.hypot(...a.bg.map((v, c) => v - b.bg[c])) < 60, `a variation stays near the original: ${a.bg} vs ${b.bg}`);
+  await context.close();
+});
