@@ -220,6 +220,10 @@ impl Engine {
         let weights = weight_type(&weights)?;
         let act = if weights != DType::F32 && self.inner.ctx.has_f16() { DType::F16 } else { DType::F32 };
         let src = model_source(&files)?;
+        // The previous model's weights go back to the driver, not to the pool, before the next one loads.
+        *self.inner.model.borrow_mut() = None;
+        *self.inner.model_files.borrow_mut() = None;
+        self.inner.ctx.trim_pool();
         let sd = StableDiffusion::load(&self.inner.ctx, src.as_ref(), LoadPolicy { act, weights }).map_err(js_err)?;
         let factors = match src.text("preview.json") {
             Ok(text) => PreviewFactors::from_json(&text).map_err(js_err)?,
