@@ -320,6 +320,9 @@ async function run(model, requests) {
   $('generate').disabled = true;
   $('cancel').disabled = false;
   const canvas = $('canvas');
+  // The state changes before the first await, so that nobody reads the previous run's "done" as this one's.
+  canvas.dataset.step = '-1';
+  setStatus('starting', 'Starting…');
   abort = new AbortController();
   // Ask once that the cache survive storage pressure (Chromium decides without a prompt).
   if (navigator.storage?.persist && !(await navigator.storage.persisted())) navigator.storage.persist().then(renderStorage);
