@@ -1,5 +1,5 @@
 // The generator page: form, progress, per-step preview, PNG download, history, models panel.
-import { client as getClient, formatBytes, paint } from './client.js';
+import { client as getClient, decodeImage, formatBytes, paint } from './client.js';
 import { CONVERTED, deleteModel, listFiles } from './cache.js';
 
 const $ = (id) => document.getElementById(id);
@@ -15,17 +15,6 @@ let running = false;
 let isCpu = false;
 let abort = null;
 let initImage = null; // {width, height, rgba, url}: the img2img start image, or null
-
-/** Decodes an image Blob (any format the browser reads) into RGBA pixels at its own size. */
-async function decodeImage(blob) {
-  const bitmap = await createImageBitmap(blob);
-  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
-  const g = canvas.getContext('2d');
-  g.drawImage(bitmap, 0, 0);
-  bitmap.close();
-  const data = g.getImageData(0, 0, canvas.width, canvas.height);
-  return { width: data.width, height: data.height, rgba: data.data };
-}
 
 /** Sets (or with null clears) the init image, from a Blob or from pixels already decoded. */
 async function setInitImage(source) {

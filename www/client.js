@@ -134,6 +134,17 @@ export class Client {
   }
 }
 
+/** Decodes an image Blob (any format the browser reads) into RGBA pixels at its own size. */
+export async function decodeImage(blob) {
+  const bitmap = await createImageBitmap(blob);
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  const g = canvas.getContext('2d');
+  g.drawImage(bitmap, 0, 0);
+  bitmap.close();
+  const data = g.getImageData(0, 0, canvas.width, canvas.height);
+  return { width: data.width, height: data.height, rgba: data.data };
+}
+
 /** "12.3 MB" */
 export function formatBytes(n) {
   if (n == null) return '?';

@@ -13,24 +13,16 @@
 // interpolating), frame (detail.blob, detail.t: each interpolation frame), done (detail.blob,
 // detail.parameters), error (detail.message). Parts for ::part(): preview, button, status.
 // Every element on a page shares one worker and one loaded model (client.js).
-import { client, paint } from './client.js';
+import { client, decodeImage, paint } from './client.js';
 
 /** Fetches an image URL and decodes it into RGBA pixels at its own size. */
 async function imagePixels(url) {
   const response = await fetch(new URL(url, document.baseURI));
   if (!response.ok) throw new Error(`the init-image ${url} could not be fetched (HTTP ${response.status})`);
-  let bitmap;
-  try {
-    bitmap = await createImageBitmap(await response.blob());
-  } catch {
+  const blob = await response.blob();
+  return decodeImage(blob).catch(() => {
     throw new Error(`the init-image ${url} is not an image the browser can read`);
-  }
-  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
-  const g = canvas.getContext('2d');
-  g.drawImage(bitmap, 0, 0);
-  bitmap.close();
-  const data = g.getImageData(0, 0, canvas.width, canvas.height);
-  return { width: data.width, height: data.height, rgba: data.data };
+  });
 }
 
 // The shadow root's styles as a constructed stylesheet (not a <style> element), so that pages with a strict

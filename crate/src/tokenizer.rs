@@ -99,14 +99,18 @@ impl ClipTokenizer {
     /// `max_len` ids: start token, up to `max_len - 2` tokens of `text`, end token, then padding.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.tokenizer.encode(clean(text), false).map_err(|e| err("encode", e))?;
-        let body = enc.get_ids();
-        let keep = body.len().min(self.max_len.saturating_sub(2));
+        Ok(self.frame(enc.get_ids()))
+    }
+
+    /// The start token, at most `max_len - 2` of `body`, the end token, then padding to `max_len`.
+    fn frame(&self, body: &[u32]) -> Vec<u32> {
+        let keep = body.len().min(self.limit());
         let mut ids = Vec::with_capacity(self.max_len);
         ids.push(self.bos);
         ids.extend_from_slice(&body[..keep]);
         ids.push(self.eos);
         ids.resize(self.max_len, self.pad);
-        Ok(ids)
+        ids
     }
 
     /// [`ClipTokenizer::encode`] of a prompt in A1111's weighting syntax ([`crate::prompt::parse_weighted`]):
@@ -125,12 +129,8 @@ impl ClipTokenizer {
             body.extend_from_slice(enc.get_ids());
             weights.extend(std::iter::repeat_n(*w, enc.get_ids().len()));
         }
-        let keep = body.len().min(self.max_len.saturating_sub(2));
-        let mut ids = Vec::with_capacity(self.max_len);
-        ids.push(self.bos);
-        ids.extend_from_slice(&body[..keep]);
-        ids.push(self.eos);
-        ids.resize(self.max_len, self.pad);
+        let keep = body.len().min(self.limit());
+        let ids = self.frame(&body);
         let mut w = vec![1.0];
         w.extend_from_slice(&weights[..keep]);
         w.resize(self.max_len, 1.0);
