@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::gpu::{DType, GpuContext, Tensor};
+use crate::gpu::{CostReport, DType, GpuContext, Tensor};
 use crate::ops::{self, Conv2dOpts, MatmulOpts};
 use crate::selfcheck::Rng;
 
@@ -322,6 +322,14 @@ pub struct PipelineBench {
     pub taesd_decode_ms: f64,
     /// The most GPU memory the tensor pool held at once (weights and activations).
     pub peak_gpu_bytes: u64,
+    /// One UNet CFG step's dispatches, bytes bound (read + written), the least those ops could move, and
+    /// FLOPs; `unet_step_cost` breaks them down by op family (with GPU time where timestamps exist).
+    pub unet_step_dispatches: u64,
+    pub unet_step_bytes: u64,
+    pub unet_step_bytes_min: u64,
+    pub unet_step_gflop: f64,
+    pub unet_step_cost: CostReport,
+    pub vae_decode_cost: CostReport,
 }
 
 impl std::fmt::Display for PipelineBench {
@@ -336,7 +344,9 @@ impl std::fmt::Display for PipelineBench {
         writeln!(f, "UNet CFG step, batch 2   {:>10.2} ms", self.unet_cfg_step_ms)?;
         writeln!(f, "VAE decode               {:>10.2} ms", self.vae_decode_ms)?;
         writeln!(f, "TAESD decode             {:>10.2} ms", self.taesd_decode_ms)?;
-        write!(f, "peak GPU memory          {:>10.1} MiB", self.peak_gpu_bytes as f64 / (1 << 20) as f64)
+        writeln!(f, "peak GPU memory          {:>10.1} MiB", self.peak_gpu_bytes as f64 / (1 << 20) as f64)?;
+        write!(f, "UNet CFG step: {}", self.unet_step_cost)?;
+        write!(f, "VAE decode: {}", self.vae_decode_cost)
     }
 }
 
@@ -387,6 +397,9 @@ pub async fn bench_pipeline(
     let z = Tensor::from_f32_as(ctx, &[1, 4, lat, lat], &rng.uniform(4 * lat * lat, -1.0, 1.0), act)?;
     let vae_ms = time_it("VAE decode", &|| decoder.forward(ctx, &z)).await?;
     let taesd_ms = time_it("TAESD decode", &|| tiny.forward(ctx, &z)).await?;
+    progress("UNet CFG step and VAE decode: cost");
+    let unet_cost = cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?;
+    let vae_cost = cost(ctx, &|| decoder.forward(ctx, &z)).await?;
     let s = ctx.summary();
     Ok(PipelineBench {
         arch,
@@ -402,7 +415,69 @@ pub async fn bench_pipeline(
         vae_decode_ms: vae_ms,
         taesd_decode_ms: taesd_ms,
         peak_gpu_bytes: ctx.pool_stats().peak_bytes,
+        unet_step_dispatches: unet_cost.dispatches,
+        unet_step_bytes: unet_cost.bytes_read + unet_cost.bytes_written,
+        unet_step_bytes_min: unet_cost.bytes_min,
+        unet_step_gflop: unet_cost.flops as f64 / 1e9,
+        unet_step_cost: unet_cost,
+        vae_decode_cost: vae_cost,
     })
+}
+
+/// What one run of `run` costs (dispatches, bytes, FLOPs, GPU time per op family where the device has
+/// timestamp queries).
+async fn cost(ctx: &GpuContext, run: &dyn Fn() -> Result<Tensor>) -> Result<CostReport> {
+    ctx.cost_begin(true)?;
+    let out = run();
+    let report = ctx.cost_end().await;
+    drop(out?);
+    report
+}
+
+/// The UNet config of `arch` with every width divided by `narrow` (1: the real one): the same blocks,
+/// layers and dispatches at a fraction of the weights, for counting a step's cost in tests.
+pub fn unet_config(arch: Arch, narrow: usize) -> Result<crate::models::unet_2d::UNetConfig> {
+    let mut cfg: crate::models::unet_2d::UNetConfig = crate::models::parse_config(arch_configs(arch).1, "unet")?;
+    if narrow > 1 {
+        if cfg
+            .block_out_channels
+            .iter()
+            .any(|c| !c.is_multiple_of(narrow) || !(c / narrow).is_multiple_of(cfg.norm_num_groups))
+        {
+            return Err(crate::Error::Invalid(format!("unet widths are not divisible by {narrow} in groups")));
+        }
+        cfg.block_out_channels.iter_mut().for_each(|c| *c /= narrow);
+    }
+    Ok(cfg)
+}
+
+/// One UNet CFG step's cost (batch 2 at `latent` x `latent`) for `arch` narrowed by `narrow` (see
+/// [`unet_config`]), with random weights.
+pub async fn unet_step_cost(
+    ctx: &GpuContext,
+    arch: Arch,
+    narrow: usize,
+    latent: usize,
+    policy: crate::weights::LoadPolicy,
+) -> Result<CostReport> {
+    let src = crate::weights::RandomWeights::new(7);
+    let w = crate::weights::Weights::new(ctx, &src, policy);
+    let cfg = unet_config(arch, narrow)?;
+    let context_dim = match &cfg.cross_attention_dim {
+        crate::models::PerBlock::One(d) => *d,
+        crate::models::PerBlock::Each(d) => d[0],
+    };
+    let unet = crate::models::unet_2d::UNet2DConditionModel::load(&w, cfg)?;
+    let mut rng = Rng::new(3);
+    let sample = Tensor::from_f32_as(
+        ctx,
+        &[2, 4, latent, latent],
+        &rng.uniform(2 * 4 * latent * latent, -1.0, 1.0),
+        policy.act,
+    )?;
+    let context =
+        Tensor::from_f32_as(ctx, &[2, 77, context_dim], &rng.uniform(2 * 77 * context_dim, -1.0, 1.0), policy.act)?;
+    cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await
 }
 
 /// Records the tensors a model asks for while answering with [`crate::weights::RandomWeights`]'.

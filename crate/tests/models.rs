@@ -1002,3 +1002,17 @@ fn ranged_safetensors_stream_one_tensor_at_a_time() {
         .expect("garbage is refused");
     assert!(err.to_string().contains("truncated or corrupt"), "{err}");
 }
+
+/// The SD 1.5 UNet's CFG step (its blocks and layers, widths / 10) stays within its dispatch budget, and the
+/// cost report adds up. Issue 11's target is half of the 596 dispatches the step took before fusion.
+#[test]
+fn unet_step_dispatches_stay_within_budget() {
+    use latent_gen::bench::{Arch, unet_step_cost};
+    let ctx = context();
+    let cost = pollster::block_on(unet_step_cost(&ctx, Arch::Sd15, 10, 8, LoadPolicy::F32)).expect("unet step");
+    println!("{cost}");
+    let sum: u64 = cost.by_op.values().map(|c| c.dispatches).sum();
+    assert_eq!(sum, cost.dispatches, "per-op dispatches add up");
+    assert!(cost.flops > 0 && cost.bytes_min > 0 && cost.bytes_read > 0);
+    assert!(cost.dispatches <= 596, "{} dispatches per SD 1.5 UNet step", cost.dispatches);
+}

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::Ref;
 use super::batch::Batch;
 use super::bindings::BindGroupCache;
+use super::cost::CostTracker;
 use super::pipeline::PipelineCache;
 use super::pool::{BufferPool, PoolStats};
 use crate::error::{Error, Result};
@@ -87,6 +88,7 @@ pub(crate) struct Shared {
     pub pipelines: PipelineCache,
     pub bind_groups: BindGroupCache,
     pub batch: Mutex<Batch>,
+    pub cost: CostTracker,
     /// The first error wgpu reported outside an error scope; taken (and returned) at the next sync point.
     pub uncaptured: Arc<Mutex<Option<String>>>,
 }
@@ -191,6 +193,7 @@ impl GpuContext {
             pipelines: PipelineCache::new(summary.shader_f16, params_in_storage),
             bind_groups: BindGroupCache::default(),
             batch: Mutex::new(Batch::new(align, params_in_storage)),
+            cost: CostTracker::default(),
             uncaptured,
             device,
             queue,

@@ -128,5 +128,6 @@ pub fn attention(
         Spec::new(act_dtype(q)?).u32("D", d as u32).u32("DV", dv as u32).u32("BKV", bkv as u32).flag("CAUSAL", causal);
     let groups = [lq.div_ceil(WG) as u32, heads as u32, b as u32];
     ctx.dispatch(OP, &ATTENTION, &spec, bytemuck::bytes_of(&params), &[q, k, v], &[&out], groups)?;
+    ctx.count_flops(OP, 4 * (b * heads * lq * lk * d) as u64);
     Ok(out)
 }

@@ -354,5 +354,7 @@ fn launch(
         }
     };
     let groups = [params.n.div_ceil(bn), params.m.div_ceil(bm), params.batch];
-    ctx.dispatch(op, &kernel, &spec, bytemuck::bytes_of(&params), &[a, b, bias], &[out], groups)
+    ctx.dispatch(op, &kernel, &spec, bytemuck::bytes_of(&params), &[a, b, bias], &[out], groups)?;
+    ctx.count_flops(op, 2 * params.m as u64 * params.n as u64 * params.k as u64 * params.batch as u64);
+    Ok(())
 }
