@@ -35,7 +35,7 @@ pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     kernel: usize,
-    opts: Conv2dOpts,
+    opts: Conv2dOpts<'static>,
 }
 
 impl Conv2d {

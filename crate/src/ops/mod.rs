@@ -15,7 +15,7 @@ pub use check::{FiniteCheck, all_finite};
 pub use elementwise::{
     Activation, BinaryOp, Term, add, affine, geglu, gelu, lincomb, mul, quick_gelu, relu, silu, soft_clamp, sub,
 };
-pub use gemm::{Conv2dOpts, MatmulOpts, Tile, conv2d, linear, linear_act, matmul};
+pub use gemm::{Conv2dOpts, LnParams, MatmulOpts, Tile, conv2d, linear, linear_act, linear_with, matmul};
 pub use layout::{
     TimestepEmbedding, cast, concat, embedding, nchw_to_tokens, timestep_embedding, tokens_to_nchw, transpose_last2,
     upsample_nearest2x,
