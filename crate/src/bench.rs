@@ -452,7 +452,7 @@ pub fn unet_config(arch: Arch, narrow: usize) -> Result<crate::models::unet_2d::
 }
 
 /// One UNet CFG step's cost (batch 2 at `latent` x `latent`) for `arch` narrowed by `narrow` (see
-/// [`unet_config`]), with random weights.
+/// [`unet_config`]), with random weights: a step after the first, as in a generation.
 pub async fn unet_step_cost(
     ctx: &GpuContext,
     arch: Arch,
@@ -477,6 +477,8 @@ pub async fn unet_step_cost(
     )?;
     let context =
         Tensor::from_f32_as(ctx, &[2, 77, context_dim], &rng.uniform(2 * 77 * context_dim, -1.0, 1.0), policy.act)?;
+    // A step after the first: cross-attention's keys and values are computed once per prompt.
+    drop(unet.forward(ctx, &sample, 999.0, &context, None)?);
     cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await
 }
 

@@ -579,6 +579,19 @@ async fn group_norm(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let case = format!("{shape:?} groups {groups}{} {dtype}", if silu { " +silu" } else { "" });
             let (atol, rtol) = tol(dtype, 4.0);
             r.push(compare("group_norm", case, &got, &flat(&want)?, atol * 2.0, rtol * 2.0));
+            // The same input given as two parts split mid-group, as the UNet's up path concatenates.
+            if shape.len() == 4 {
+                let split = c / 2 + 1;
+                let whole = cpu(&dx, shape)?;
+                let part = |from: usize, len: usize| -> Result<Tensor> {
+                    let p = whole.narrow(1, from, len)?;
+                    Tensor::from_f32_as(ctx, p.dims(), &flat(&p)?, dtype)
+                };
+                let (a, b) = (part(0, split)?, part(split, c - split)?);
+                let got = ops::group_norm_cat(ctx, &a, Some(&b), groups, &gg, &gb, 1e-5, silu)?.to_vec_f32(ctx).await?;
+                let case = format!("{shape:?} as {split} + {} channels groups {groups} {dtype}", c - split);
+                r.push(compare("group_norm", case, &got, &flat(&want)?, atol * 2.0, rtol * 2.0));
+            }
         }
     }
     Ok(())
@@ -663,6 +676,37 @@ async fn attention(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             )?;
             let case =
                 format!("b {b} lq {lq} lk {lk} heads {heads} d {d}{} {dtype}", if causal { " causal" } else { "" });
+            let (atol, rtol) = tol(dtype, 1.0);
+            r.push(compare("attention", case, &got, &flat(&want)?, atol * 5.0, rtol * 5.0));
+        }
+        // q, k and v read in place from one (b, l, 3 hd) projection, and k, v from one (b, lk, 2 hd).
+        for (b, lq, lk, heads, d) in [(2usize, 70usize, 70usize, 2usize, 40usize), (2, 33, 77, 4, 8)] {
+            let hd = heads * d;
+            let self_attention = lq == lk;
+            let dqkv = rounded(rng.uniform(b * lq * 3 * hd, -1.0, 1.0), dtype);
+            let dkv = rounded(rng.uniform(b * lk * 2 * hd, -1.0, 1.0), dtype);
+            let qkv = Tensor::from_f32_as(ctx, &[b, lq, 3 * hd], &dqkv, dtype)?;
+            let kv = Tensor::from_f32_as(ctx, &[b, lk, 2 * hd], &dkv, dtype)?;
+            let scale = 1.0 / (d as f32).sqrt();
+            let (k, v) = if self_attention {
+                (ops::Cols { t: &qkv, col: hd, width: 3 * hd }, ops::Cols { t: &qkv, col: 2 * hd, width: 3 * hd })
+            } else {
+                (ops::Cols { t: &kv, col: 0, width: 2 * hd }, ops::Cols { t: &kv, col: hd, width: 2 * hd })
+            };
+            let q = ops::Cols { t: &qkv, col: 0, width: 3 * hd };
+            let got = ops::attention_cols(ctx, q, k, v, heads, hd, scale, false)?.to_vec_f32(ctx).await?;
+            let cqkv = cpu(&dqkv, &[b, lq, 3 * hd])?;
+            let ckv = cpu(&dkv, &[b, lk, 2 * hd])?;
+            let (ck, cv) = if self_attention {
+                (cqkv.narrow(2, hd, hd)?, cqkv.narrow(2, 2 * hd, hd)?)
+            } else {
+                (ckv.narrow(2, 0, hd)?, ckv.narrow(2, hd, hd)?)
+            };
+            let want = crate::ops::cpu::attention(&cqkv.narrow(2, 0, hd)?, &ck, &cv, heads, scale as f64, false)?;
+            let case = format!(
+                "b {b} lq {lq} lk {lk} heads {heads} d {d} from {} {dtype}",
+                if self_attention { "one qkv tensor" } else { "q and one kv tensor" }
+            );
             let (atol, rtol) = tol(dtype, 1.0);
             r.push(compare("attention", case, &got, &flat(&want)?, atol * 5.0, rtol * 5.0));
         }

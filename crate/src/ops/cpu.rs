@@ -218,21 +218,5 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 
 pub fn timestep_embedding(t: &Tensor, cfg: &super::TimestepEmbedding) -> Result<Tensor> {
     let ts = t.cpu()?.to_vec1::<f32>()?;
-    let half = cfg.dim / 2;
-    let mut out = Vec::with_capacity(ts.len() * cfg.dim);
-    for &tv in &ts {
-        let args: Vec<f32> = (0..half)
-            .map(|i| {
-                let freq = (-cfg.max_period.ln() * i as f32 / (half as f32 - cfg.downscale_freq_shift)).exp();
-                cfg.scale * tv * freq
-            })
-            .collect();
-        let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
-        let (first, second) = if cfg.flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
-        out.extend(first.iter().chain(&second));
-        if cfg.dim % 2 == 1 {
-            out.push(0.0);
-        }
-    }
-    wrap(CTensor::from_vec(out, (ts.len(), cfg.dim), &Device::Cpu)?)
+    wrap(CTensor::from_vec(cfg.values(&ts), (ts.len(), cfg.dim), &Device::Cpu)?)
 }

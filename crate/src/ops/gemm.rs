@@ -188,7 +188,7 @@ pub struct LnParams {
 impl LnParams {
     pub fn new(ctx: &GpuContext, gamma: Tensor, beta: Tensor, eps: f32) -> Result<Self> {
         let dim = gamma.numel();
-        let packed = Tensor::concat_rows(ctx, &[&gamma.reshape(&[1, dim])?, &beta.reshape(&[1, dim])?])?;
+        let packed = super::concat(ctx, &gamma, &beta, 0)?.reshape(&[2, dim])?;
         Ok(Self { gamma, beta, packed, eps })
     }
 }

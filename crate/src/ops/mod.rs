@@ -10,7 +10,7 @@ pub mod gemm;
 pub mod layout;
 pub mod norm;
 
-pub use attention::attention;
+pub use attention::{Cols, attention, attention_cols};
 pub use check::{FiniteCheck, all_finite};
 pub use elementwise::{
     Activation, BinaryOp, Term, add, affine, geglu, gelu, lincomb, mul, quick_gelu, relu, silu, soft_clamp, sub,
@@ -20,7 +20,7 @@ pub use layout::{
     TimestepEmbedding, cast, concat, embedding, nchw_to_tokens, timestep_embedding, tokens_to_nchw, transpose_last2,
     upsample_nearest2x,
 };
-pub use norm::{group_norm, layer_norm, softmax};
+pub use norm::{group_norm, group_norm_cat, layer_norm, softmax};
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Tensor};
