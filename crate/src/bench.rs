@@ -1,7 +1,7 @@
 //! Kernel benchmarks at Stable Diffusion 1.5's shapes (512x512, CFG batch 2): time per call, GFLOP/s for
 //! compute-bound kernels and GB/s for memory-bound ones. A program, not a test: it prints figures and JSON.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -9,6 +9,34 @@ use crate::error::Result;
 use crate::gpu::{CostReport, DType, GpuContext, Tensor};
 use crate::ops::{self, Conv2dOpts, MatmulOpts};
 use crate::selfcheck::Rng;
+
+/// A monotonic clock that works natively and in a browser (where `std::time::Instant` panics).
+#[derive(Clone, Copy)]
+struct Instant(f64);
+
+impl Instant {
+    fn now() -> Self {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+            Instant(START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64())
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            use wasm_bindgen::JsCast;
+            let global = js_sys::global();
+            let perf = match global.dyn_ref::<web_sys::Window>() {
+                Some(w) => w.performance(),
+                None => global.dyn_ref::<web_sys::WorkerGlobalScope>().and_then(|w| w.performance()),
+            };
+            Instant(perf.map_or_else(js_sys::Date::now, |p| p.now()) / 1e3)
+        }
+    }
+
+    fn elapsed(self) -> Duration {
+        Duration::from_secs_f64((Self::now().0 - self.0).max(0.0))
+    }
+}
 
 /// One kernel on one shape.
 #[derive(Clone, Debug, Serialize)]
@@ -318,6 +346,8 @@ pub struct PipelineBench {
     pub clip_ms: f64,
     /// One UNet evaluation at batch 2 (a classifier-free-guidance step).
     pub unet_cfg_step_ms: f64,
+    /// One UNet evaluation at batch 1 (a step without guidance, as SD-Turbo and LCM at guidance 1 run).
+    pub unet_step_b1_ms: f64,
     pub vae_decode_ms: f64,
     pub taesd_decode_ms: f64,
     /// The most GPU memory the tensor pool held at once (weights and activations).
@@ -342,6 +372,7 @@ impl std::fmt::Display for PipelineBench {
         writeln!(f, "load (random weights)    {:>10.2} s", self.load_s)?;
         writeln!(f, "CLIP, batch 2            {:>10.2} ms", self.clip_ms)?;
         writeln!(f, "UNet CFG step, batch 2   {:>10.2} ms", self.unet_cfg_step_ms)?;
+        writeln!(f, "UNet step, batch 1       {:>10.2} ms", self.unet_step_b1_ms)?;
         writeln!(f, "VAE decode               {:>10.2} ms", self.vae_decode_ms)?;
         writeln!(f, "TAESD decode             {:>10.2} ms", self.taesd_decode_ms)?;
         writeln!(f, "peak GPU memory          {:>10.1} MiB", self.peak_gpu_bytes as f64 / (1 << 20) as f64)?;
@@ -362,7 +393,7 @@ pub async fn bench_pipeline(
 ) -> Result<PipelineBench> {
     use crate::models::{clip, parse_config, taesd, unet_2d, vae};
     let (clip_cfg, unet_cfg) = arch_configs(arch);
-    let src = crate::weights::RandomWeights::new(7);
+    let src = random_weights(policy);
     let w = crate::weights::Weights::new(ctx, &src, policy);
     let start = Instant::now();
     progress("building the models with random weights");
@@ -394,11 +425,14 @@ pub async fn bench_pipeline(
     let context = clip.forward(ctx, &ids)?;
     let sample = Tensor::from_f32_as(ctx, &[2, 4, lat, lat], &rng.uniform(2 * 4 * lat * lat, -1.0, 1.0), act)?;
     let unet_ms = time_it("UNet CFG step", &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?;
+    // Cross-attention's keys and values for `context` are cached now, as in a generation's later steps.
+    let unet_cost = cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?;
+    let sample1 = Tensor::from_f32_as(ctx, &[1, 4, lat, lat], &rng.uniform(4 * lat * lat, -1.0, 1.0), act)?;
+    let context1 = clip.forward(ctx, &ids[..1])?;
+    let unet_b1_ms = time_it("UNet step, batch 1", &|| unet.forward(ctx, &sample1, 500.0, &context1, None)).await?;
     let z = Tensor::from_f32_as(ctx, &[1, 4, lat, lat], &rng.uniform(4 * lat * lat, -1.0, 1.0), act)?;
     let vae_ms = time_it("VAE decode", &|| decoder.forward(ctx, &z)).await?;
     let taesd_ms = time_it("TAESD decode", &|| tiny.forward(ctx, &z)).await?;
-    progress("UNet CFG step and VAE decode: cost");
-    let unet_cost = cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?;
     let vae_cost = cost(ctx, &|| decoder.forward(ctx, &z)).await?;
     let s = ctx.summary();
     Ok(PipelineBench {
@@ -412,6 +446,7 @@ pub async fn bench_pipeline(
         load_s,
         clip_ms,
         unet_cfg_step_ms: unet_ms,
+        unet_step_b1_ms: unet_b1_ms,
         vae_decode_ms: vae_ms,
         taesd_decode_ms: taesd_ms,
         peak_gpu_bytes: ctx.pool_stats().peak_bytes,
@@ -421,6 +456,93 @@ pub async fn bench_pipeline(
         unet_step_gflop: unet_cost.flops as f64 / 1e9,
         unet_step_cost: unet_cost,
         vae_decode_cost: vae_cost,
+    })
+}
+
+/// Random weights for `policy`: q4_0 blocks made directly when it asks for q4_0 (no quantizing).
+fn random_weights(policy: crate::weights::LoadPolicy) -> crate::weights::RandomWeights {
+    if policy.weights == DType::Q4_0 {
+        crate::weights::RandomWeights::q4_0(7)
+    } else {
+        crate::weights::RandomWeights::new(7)
+    }
+}
+
+/// What `bench unet` (and the diagnostics page's benchmark) measured: one architecture's UNet alone.
+#[derive(Clone, Debug, Serialize)]
+pub struct UnetBench {
+    pub arch: Arch,
+    /// Widths divided by this (1: the real model).
+    pub narrow: usize,
+    pub width: usize,
+    pub height: usize,
+    pub act: String,
+    pub weights: String,
+    pub adapter: String,
+    pub backend: String,
+    pub load_s: f64,
+    /// One UNet evaluation at batch 2 (a classifier-free-guidance step), mean of the timed runs.
+    pub unet_cfg_step_ms: f64,
+    pub unet_step_dispatches: u64,
+    pub peak_gpu_bytes: u64,
+}
+
+/// Times `arch`'s UNet (widths / `narrow`) with random weights at `size` x `size`, CFG batch 2: `repeat`
+/// runs after a warm-up. What a browser can afford to measure of any GPU without a download.
+pub async fn bench_unet(
+    ctx: &GpuContext,
+    arch: Arch,
+    narrow: usize,
+    size: usize,
+    policy: crate::weights::LoadPolicy,
+    repeat: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<UnetBench> {
+    let cfg = unet_config(arch, narrow)?;
+    let lat = size / 8;
+    if lat == 0 || !lat.is_multiple_of(cfg.downsampling()) {
+        return Err(crate::Error::Invalid(format!("a {size}x{size} image does not fit the UNet's downsampling")));
+    }
+    let context_dim = match &cfg.cross_attention_dim {
+        crate::models::PerBlock::One(d) => *d,
+        crate::models::PerBlock::Each(d) => d[0],
+    };
+    progress("building the UNet with random weights");
+    let start = Instant::now();
+    let src = random_weights(policy);
+    let unet =
+        crate::models::unet_2d::UNet2DConditionModel::load(&crate::weights::Weights::new(ctx, &src, policy), cfg)?;
+    ctx.sync().await?;
+    let load_s = start.elapsed().as_secs_f64();
+    let mut rng = Rng::new(3);
+    let sample = Tensor::from_f32_as(ctx, &[2, 4, lat, lat], &rng.uniform(2 * 4 * lat * lat, -1.0, 1.0), policy.act)?;
+    let context =
+        Tensor::from_f32_as(ctx, &[2, 77, context_dim], &rng.uniform(2 * 77 * context_dim, -1.0, 1.0), policy.act)?;
+    progress("warm-up step");
+    drop(unet.forward(ctx, &sample, 999.0, &context, None)?);
+    ctx.sync().await?;
+    let t = Instant::now();
+    for i in 0..repeat {
+        progress(&format!("timed step {} of {repeat}", i + 1));
+        drop(unet.forward(ctx, &sample, 500.0, &context, None)?);
+        ctx.sync().await?;
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3 / repeat.max(1) as f64;
+    let dispatches = cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?.dispatches;
+    let s = ctx.summary();
+    Ok(UnetBench {
+        arch,
+        narrow,
+        width: size,
+        height: size,
+        act: policy.act.name().into(),
+        weights: policy.weights.name().into(),
+        adapter: s.name.clone(),
+        backend: s.backend.clone(),
+        load_s,
+        unet_cfg_step_ms: ms,
+        unet_step_dispatches: dispatches,
+        peak_gpu_bytes: ctx.pool_stats().peak_bytes,
     })
 }
 
@@ -483,11 +605,13 @@ pub async fn unet_step_cost(
 }
 
 /// Records the tensors a model asks for while answering with [`crate::weights::RandomWeights`]'.
+#[cfg(not(target_arch = "wasm32"))]
 struct Recorder {
     random: crate::weights::RandomWeights,
     seen: std::cell::RefCell<Vec<(String, Vec<usize>)>>,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 impl crate::weights::TensorSource for Recorder {
     fn tensor(&self, _name: &str) -> Option<crate::weights::HostTensor<'_>> {
         None
@@ -507,6 +631,7 @@ impl crate::weights::TensorSource for Recorder {
 /// f16 diffusers folder at `dir` with its real configs, tokenizer and scheduler: a real-size model to load
 /// without a download (SD 1.5: 2.1 GB; SD-Turbo: 2.6 GB). Tensor names and shapes are the ones our models
 /// load, recorded by building them on the CPU.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn write_random_model(arch: Arch, dir: &std::path::Path, mut progress: impl FnMut(&str)) -> Result<u64> {
     use crate::models::{clip, parse_config, unet_2d, vae};
     use crate::weights::{SafetensorsPlan, TensorSource, Weights, write_safetensors};

@@ -302,6 +302,26 @@ mod cli {
             #[arg(long)]
             json: Option<PathBuf>,
         },
+        /// Time the UNet alone (CFG batch 2), as the diagnostics page's benchmark does: random weights made
+        /// on the spot (q4_0 blocks directly with --weights q4_0), optionally narrowed.
+        Unet {
+            #[arg(long, default_value = "sd15")]
+            arch: latent_gen::bench::Arch,
+            /// Divide every width by this (1: the real model).
+            #[arg(long, default_value_t = 1)]
+            narrow: usize,
+            /// Image side in pixels.
+            #[arg(long, default_value_t = 512)]
+            size: usize,
+            #[arg(long, value_enum, default_value = "f32")]
+            precision: Precision,
+            #[arg(long, value_enum, default_value = "q4_0")]
+            weights: WeightType,
+            #[arg(long, default_value_t = 3)]
+            repeat: usize,
+            #[arg(long)]
+            json: Option<PathBuf>,
+        },
         /// Write a real-size model with random weights (sd15 or sd-turbo) as an f16 diffusers folder: for
         /// loading tests at real size without a download.
         WriteModel {
@@ -380,6 +400,32 @@ mod cli {
                 if let Some(path) = json {
                     write_json(&path, &records)?;
                     println!("wrote {} records to {}", records.len(), path.display());
+                }
+            }
+            Bench::Unet { arch, narrow, size, precision, weights, repeat, json } => {
+                let policy = LoadPolicy { act: act_dtype(ctx, precision)?, weights: weight_dtype(weights) };
+                let r =
+                    latent_gen::bench::bench_unet(ctx, arch, narrow, size, policy, repeat.max(1), |m| eprintln!("{m}"))
+                        .await?;
+                println!(
+                    "{:?} UNet (widths / {}) at {}x{}, {} activations, {} weights, on {} ({}): {:.2} ms per CFG \
+                     step, {} dispatches, loaded in {:.2} s, peak GPU memory {:.1} MiB",
+                    r.arch,
+                    r.narrow,
+                    r.width,
+                    r.height,
+                    r.act,
+                    r.weights,
+                    r.adapter,
+                    r.backend,
+                    r.unet_cfg_step_ms,
+                    r.unet_step_dispatches,
+                    r.load_s,
+                    r.peak_gpu_bytes as f64 / (1 << 20) as f64
+                );
+                if let Some(path) = json {
+                    write_json(&path, &r)?;
+                    println!("wrote {}", path.display());
                 }
             }
             Bench::Pipeline { arch, quick, precision, weights, repeat, json } => {

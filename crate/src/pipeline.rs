@@ -482,7 +482,7 @@ impl StableDiffusion {
                 return Err(Error::Cancelled);
             }
         }
-        Ok(run.latents)
+        Ok(run.latents.clone())
     }
 
     /// Starts a generation that the caller drives one step at a time (and may await anything between steps,
@@ -968,6 +968,13 @@ async fn weighted_context(ctx: &GpuContext, parts: &[(Embedded, f32)]) -> Result
         sum.iter_mut().zip(&z).for_each(|(s, v)| *s += coef * v);
     }
     Tensor::from_f32_as(ctx, first.shape(), &sum, first.dtype())
+}
+
+impl Drop for Denoiser<'_> {
+    /// The generation is over (done, failed or cancelled): the UNet's per-prompt caches go with it.
+    fn drop(&mut self) {
+        self.sd.unet.release_context();
+    }
 }
 
 impl Denoiser<'_> {

@@ -56,6 +56,28 @@ impl Diagnostics {
         selfcheck::CHECKS.iter().map(|s| s.to_string()).collect()
     }
 
+    /// Times a UNet CFG step of `arch` ("sd15" or "sd-turbo") at `size` x `size` with random q4_0 weights
+    /// made on the spot (no download; f16 activations where the GPU has shader-f16), widths divided by
+    /// `narrow` (1: the real model). `on_progress(message)` is called as it goes. Resolves to the figures
+    /// (unet_cfg_step_ms, load_s, unet_step_dispatches, peak_gpu_bytes, adapter ...).
+    pub fn benchmark(&self, arch: String, size: u32, narrow: u32, on_progress: js_sys::Function) -> js_sys::Promise {
+        let ctx = self.ctx.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let e = |er: crate::Error| JsValue::from(js_err(er));
+            let arch: crate::bench::Arch = arch.parse().map_err(e)?;
+            let act = if ctx.has_f16() { DType::F16 } else { DType::F32 };
+            let policy = LoadPolicy { act, weights: DType::Q4_0 };
+            let progress = |m: &str| {
+                let _ = on_progress.call1(&JsValue::NULL, &m.into());
+            };
+            let r = crate::bench::bench_unet(&ctx, arch, narrow.max(1) as usize, size as usize, policy, 3, progress)
+                .await
+                .map_err(e)?;
+            ctx.trim_pool();
+            to_js(&r).map_err(JsValue::from)
+        })
+    }
+
     /// Runs one self-check; resolves to an array of case reports (passed, max_abs_err, worst, ...).
     #[wasm_bindgen(js_name = runCheck)]
     pub fn run_check(&self, name: String) -> js_sys::Promise {

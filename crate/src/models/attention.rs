@@ -95,6 +95,11 @@ impl Attention {
         Ok(out)
     }
 
+    /// Drops the cached keys and values (and the context they were made from).
+    pub fn release_context(&self) {
+        *self.kv_cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// x (batch, tokens, query_dim), layer-normalized by `norm` first, attending to `context` (batch,
     /// ctx_tokens, context_dim) or to itself; `residual` is added to the output.
     pub fn forward(
@@ -184,6 +189,10 @@ impl BasicTransformerBlock {
         })
     }
 
+    pub fn release_context(&self) {
+        self.attn2.release_context();
+    }
+
     pub fn forward(&self, ctx: &GpuContext, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = self.attn1.forward(ctx, x, self.norm1.params(), None, x)?;
         let x = self.attn2.forward(ctx, &x, self.norm2.params(), Some(context), &x)?;
@@ -238,6 +247,11 @@ impl Transformer2D {
                 .collect::<Result<_>>()?,
             proj_out: proj("proj_out")?,
         })
+    }
+
+    /// Drops the cross-attention keys and values cached for the last context.
+    pub fn release_context(&self) {
+        self.blocks.iter().for_each(|b| b.release_context());
     }
 
     /// x (batch, channels, h, w) conditioned on `context` (batch, tokens, context_dim).

@@ -306,6 +306,14 @@ impl UNet2DConditionModel {
         Ok(())
     }
 
+    /// Drops the cross-attention keys and values cached for the last context (`forward` computes them once
+    /// per context tensor): a generation calls this when it ends, so that they do not outlive it.
+    pub fn release_context(&self) {
+        self.down.iter().for_each(|b| b.release_context());
+        self.mid.release_context();
+        self.up.iter().for_each(|b| b.release_context());
+    }
+
     /// The noise (or v) prediction for `sample` (batch, in_channels, h, w) at `timestep`, conditioned on
     /// `context` (batch, tokens, cross_attention_dim) and, for LCM, `timestep_cond` (batch, time_cond_proj_dim).
     pub fn forward(

@@ -58,6 +58,10 @@ pub struct CrossAttn {
 }
 
 impl DownBlock {
+    pub fn release_context(&self) {
+        self.attentions.iter().for_each(|a| a.release_context());
+    }
+
     pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
         self.resnets.iter_mut()
     }
@@ -126,6 +130,10 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
+    pub fn release_context(&self) {
+        self.rest.iter().for_each(|(a, _)| a.release_context());
+    }
+
     pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
         std::iter::once(&mut self.first).chain(self.rest.iter_mut().map(|(_, r)| r))
     }
@@ -158,6 +166,10 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
+    pub fn release_context(&self) {
+        self.attentions.iter().for_each(|a| a.release_context());
+    }
+
     pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
         self.resnets.iter_mut()
     }
