@@ -348,7 +348,10 @@ pub struct PipelineBench {
     pub unet_cfg_step_ms: f64,
     /// One UNet evaluation at batch 1 (a step without guidance, as SD-Turbo and LCM at guidance 1 run).
     pub unet_step_b1_ms: f64,
+    /// The whole decode: the time of one tile times the tiles when the device's limits make it tiled.
     pub vae_decode_ms: f64,
+    /// Tiles the VAE decode runs in (1: whole).
+    pub vae_decode_tiles: usize,
     pub taesd_decode_ms: f64,
     /// The most GPU memory the tensor pool held at once (weights and activations).
     pub peak_gpu_bytes: u64,
@@ -430,9 +433,11 @@ pub async fn bench_pipeline(
     let sample1 = Tensor::from_f32_as(ctx, &[1, 4, lat, lat], &rng.uniform(4 * lat * lat, -1.0, 1.0), act)?;
     let context1 = clip.forward(ctx, &ids[..1])?;
     let unet_b1_ms = time_it("UNet step, batch 1", &|| unet.forward(ctx, &sample1, 500.0, &context1, None)).await?;
-    let z = Tensor::from_f32_as(ctx, &[1, 4, lat, lat], &rng.uniform(4 * lat * lat, -1.0, 1.0), act)?;
-    let vae_ms = time_it("VAE decode", &|| decoder.forward(ctx, &z)).await?;
-    let taesd_ms = time_it("TAESD decode", &|| tiny.forward(ctx, &z)).await?;
+    let (side, tiles) = vae_tiles(ctx, &decoder, lat, act)?;
+    let z = Tensor::from_f32_as(ctx, &[1, 4, side, side], &rng.uniform(4 * side * side, -1.0, 1.0), act)?;
+    let vae_ms = time_it("VAE decode", &|| decoder.forward(ctx, &z)).await? * tiles as f64;
+    let zfull = Tensor::from_f32_as(ctx, &[1, 4, lat, lat], &rng.uniform(4 * lat * lat, -1.0, 1.0), act)?;
+    let taesd_ms = time_it("TAESD decode", &|| tiny.forward(ctx, &zfull)).await?;
     let vae_cost = cost(ctx, &|| decoder.forward(ctx, &z)).await?;
     let s = ctx.summary();
     Ok(PipelineBench {
@@ -448,6 +453,7 @@ pub async fn bench_pipeline(
         unet_cfg_step_ms: unet_ms,
         unet_step_b1_ms: unet_b1_ms,
         vae_decode_ms: vae_ms,
+        vae_decode_tiles: tiles,
         taesd_decode_ms: taesd_ms,
         peak_gpu_bytes: ctx.pool_stats().peak_bytes,
         unet_step_dispatches: unet_cost.dispatches,
@@ -457,6 +463,130 @@ pub async fn bench_pipeline(
         unet_step_cost: unet_cost,
         vae_decode_cost: vae_cost,
     })
+}
+
+/// What a real-size model needs, counted without running it (a dry run: kernels checked, outputs allocated,
+/// nothing dispatched): memory and the cost of each part.
+#[derive(Clone, Debug, Serialize)]
+pub struct PipelineCount {
+    pub arch: Arch,
+    pub width: usize,
+    pub height: usize,
+    pub act: String,
+    pub weights: String,
+    /// GPU memory the weights of CLIP, the UNet, the VAE decoder and TAESD take.
+    pub weight_bytes: u64,
+    /// The most GPU memory the tensor pool held at once: weights and the largest part's activations.
+    pub peak_gpu_bytes: u64,
+    pub clip_cost: CostReport,
+    pub unet_step_cost: CostReport,
+    pub vae_decode_cost: CostReport,
+}
+
+impl std::fmt::Display for PipelineCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        writeln!(
+            f,
+            "{:?} at {}x{}, {} activations, {} weights (counted, not run)",
+            self.arch, self.width, self.height, self.act, self.weights
+        )?;
+        writeln!(f, "weights                  {:>10.1} MiB", mib(self.weight_bytes))?;
+        writeln!(f, "peak GPU memory          {:>10.1} MiB", mib(self.peak_gpu_bytes))?;
+        write!(f, "CLIP, batch 2: {}", self.clip_cost)?;
+        write!(f, "UNet CFG step: {}", self.unet_step_cost)?;
+        write!(f, "VAE decode: {}", self.vae_decode_cost)
+    }
+}
+
+/// Counts `arch` at `size` x `size` without running it (see [`PipelineCount`]).
+pub async fn count_pipeline(
+    ctx: &GpuContext,
+    arch: Arch,
+    size: usize,
+    policy: crate::weights::LoadPolicy,
+    mut progress: impl FnMut(&str),
+) -> Result<PipelineCount> {
+    use crate::models::{clip, parse_config, taesd, unet_2d, vae};
+    let (clip_cfg, unet_cfg) = arch_configs(arch);
+    let src = random_weights(policy);
+    let w = crate::weights::Weights::new(ctx, &src, policy);
+    progress("building the models with random weights");
+    let clip = clip::ClipTextModel::load(&w, parse_config(clip_cfg, "clip")?)?;
+    let unet = unet_2d::UNet2DConditionModel::load(&w, parse_config(unet_cfg, "unet")?)?;
+    let vae_config: vae::VaeConfig = parse_config(VAE, "vae")?;
+    let decoder = vae::Decoder::load(&w, &vae_config)?;
+    let tiny = taesd::TinyDecoder::load(&w, &parse_config(TAESD, "taesd")?)?;
+    ctx.sync().await?;
+    let weight_bytes = ctx.pool_stats().live_bytes;
+    let lat = size / 8;
+    let act = policy.act;
+    let mut rng = Rng::new(3);
+    ctx.set_dry_run(true);
+    let counted = async {
+        progress("counting");
+        let ids: Vec<Vec<u32>> = (0..2).map(|i| (0..77).map(|t| ((t * 7919 + i) % 49406) as u32).collect()).collect();
+        let clip_cost = cost(ctx, &|| clip.forward(ctx, &ids)).await?;
+        let context = clip.forward(ctx, &ids)?;
+        let sample = Tensor::from_f32_as(ctx, &[2, 4, lat, lat], &rng.uniform(2 * 4 * lat * lat, -1.0, 1.0), act)?;
+        drop(unet.forward(ctx, &sample, 999.0, &context, None)?);
+        let unet_step_cost = cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?;
+        let st = ctx.pool_stats();
+        progress(&format!(
+            "peak after the UNet step: {:.1} MiB (live {:.1})",
+            st.peak_bytes as f64 / (1 << 20) as f64,
+            st.peak_live_bytes as f64 / (1 << 20) as f64
+        ));
+        let (side, tiles) = vae_tiles(ctx, &decoder, lat, act)?;
+        let z = Tensor::from_f32_as(ctx, &[1, 4, side, side], &rng.uniform(4 * side * side, -1.0, 1.0), act)?;
+        let vae_decode_cost = cost(ctx, &|| decoder.forward(ctx, &z)).await?;
+        if tiles > 1 {
+            progress(&format!("the VAE decodes in {tiles} tiles of {side}x{side} latents: one tile counted"));
+        }
+        drop(tiny.forward(ctx, &z)?);
+        let st = ctx.pool_stats();
+        progress(&format!(
+            "peak: {:.1} MiB (live {:.1})",
+            st.peak_bytes as f64 / (1 << 20) as f64,
+            st.peak_live_bytes as f64 / (1 << 20) as f64
+        ));
+        Ok::<_, crate::Error>((clip_cost, unet_step_cost, vae_decode_cost))
+    }
+    .await;
+    ctx.set_dry_run(false);
+    let (clip_cost, unet_step_cost, vae_decode_cost) = counted?;
+    Ok(PipelineCount {
+        arch,
+        width: size,
+        height: size,
+        act: act.name().into(),
+        weights: policy.weights.name().into(),
+        weight_bytes,
+        peak_gpu_bytes: ctx.pool_stats().peak_bytes,
+        clip_cost,
+        unet_step_cost,
+        vae_decode_cost,
+    })
+}
+
+/// The latent side `decoder` decodes a `lat` x `lat` latent at on this device, and in how many tiles: the
+/// pipeline's tiled decode when the whole one exceeds a binding (f32 at 512x512 on 128 MiB devices).
+fn vae_tiles(
+    ctx: &GpuContext,
+    decoder: &crate::models::vae::Decoder,
+    lat: usize,
+    act: DType,
+) -> Result<(usize, usize)> {
+    let s = ctx.summary();
+    let limit = s.max_storage_buffer_binding_size.min(s.max_buffer_size);
+    if decoder.largest_activation_bytes(lat, lat, act) <= limit {
+        return Ok((lat, 1));
+    }
+    let t = decoder.decode_tile(limit, act).ok_or_else(|| {
+        crate::Error::Invalid(format!("the VAE decoder does not fit this device's {limit}-byte bindings"))
+    })?;
+    let per_side = (0..lat).step_by(t * 3 / 4).count();
+    Ok((t, per_side * per_side))
 }
 
 /// Random weights for `policy`: q4_0 blocks made directly when it asks for q4_0 (no quantizing).

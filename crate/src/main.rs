@@ -291,6 +291,10 @@ mod cli {
             /// 128x128 and one timed run instead of 512x512 and three: minutes, not hours, on lavapipe.
             #[arg(long)]
             quick: bool,
+            /// Count instead of timing: build the models, then check, allocate and count every kernel
+            /// without dispatching any (peak GPU memory, dispatches, bytes, FLOPs), in seconds on any machine.
+            #[arg(long)]
+            count_only: bool,
             #[arg(long, value_enum, default_value = "f32")]
             precision: Precision,
             #[arg(long, value_enum, default_value = "f32")]
@@ -428,9 +432,18 @@ mod cli {
                     println!("wrote {}", path.display());
                 }
             }
-            Bench::Pipeline { arch, quick, precision, weights, repeat, json } => {
+            Bench::Pipeline { arch, quick, count_only, precision, weights, repeat, json } => {
                 let policy = LoadPolicy { act: act_dtype(ctx, precision)?, weights: weight_dtype(weights) };
                 let (size, default_repeat) = if quick { (128, 1) } else { (512, 3) };
+                if count_only {
+                    let r = latent_gen::bench::count_pipeline(ctx, arch, size, policy, |m| eprintln!("{m}")).await?;
+                    println!("{r}");
+                    if let Some(path) = json {
+                        write_json(&path, &r)?;
+                        println!("wrote {}", path.display());
+                    }
+                    return Ok(());
+                }
                 let repeat = repeat.unwrap_or(default_repeat).max(1);
                 let r =
                     latent_gen::bench::bench_pipeline(ctx, arch, size, policy, repeat, |m| eprintln!("{m}")).await?;

@@ -771,8 +771,7 @@ impl StableDiffusion {
     /// The latent tile side a tiled decode uses: the largest that fits the device's limits.
     pub fn decode_tile(&self, act: crate::gpu::DType) -> Result<usize> {
         let limit = binding_limit(&self.ctx);
-        let fits = |t: usize| self.vae.largest_activation_bytes(t, t, act) <= limit;
-        [64, 48, 32, 24, 16, 8].into_iter().find(|&t| fits(t)).ok_or_else(|| Error::Limit {
+        self.vae.decode_tile(limit, act).ok_or_else(|| Error::Limit {
             op: "vae decode",
             what: "the VAE decoder's largest activation, even in 8x8-latent tiles",
             needed: self.vae.largest_activation_bytes(8, 8, act),

@@ -1016,3 +1016,24 @@ fn unet_step_dispatches_stay_within_budget() {
     assert!(cost.flops > 0 && cost.bytes_min > 0 && cost.bytes_read > 0);
     assert!(cost.dispatches <= 596 / 2, "{} dispatches per SD 1.5 UNet step", cost.dispatches);
 }
+
+/// Issue 10's memory target: SD 1.5 with q4_0 weights generates 512x512 within 1.2 GB of GPU memory (the
+/// pool's peak: weights plus every buffer it holds), counted in a dry run of the real-size model (random q4_0
+/// weights; nothing dispatched) under WebGPU's default 128 MiB bindings, where the VAE decodes in tiles.
+#[test]
+fn sd15_q4_0_at_512_fits_in_1_2_gb() {
+    use latent_gen::bench::{Arch, count_pipeline};
+    use latent_gen::gpu::{ContextOptions, DType};
+    let ctx = pollster::block_on(GpuContext::with_options(ContextOptions {
+        max_binding: Some(128 << 20),
+        max_buffer: Some(256 << 20),
+        ..Default::default()
+    }))
+    .expect("adapter");
+    let policy = LoadPolicy { act: DType::F32, weights: DType::Q4_0 };
+    let count = pollster::block_on(count_pipeline(&ctx, Arch::Sd15, 512, policy, |m| eprintln!("{m}"))).expect("count");
+    println!("{count}");
+    assert!(count.weight_bytes < 700 << 20, "weights take {} bytes", count.weight_bytes);
+    assert!(count.peak_gpu_bytes <= 1_200_000_000, "peak {} bytes", count.peak_gpu_bytes);
+    assert!(count.unet_step_cost.dispatches <= 298);
+}

@@ -89,6 +89,8 @@ pub(crate) struct Shared {
     pub bind_groups: BindGroupCache,
     pub batch: Mutex<Batch>,
     pub cost: CostTracker,
+    /// Dispatches are checked, their outputs allocated and their cost counted, but nothing is recorded.
+    pub dry_run: std::sync::atomic::AtomicBool,
     /// The first error wgpu reported outside an error scope; taken (and returned) at the next sync point.
     pub uncaptured: Arc<Mutex<Option<String>>>,
 }
@@ -194,6 +196,7 @@ impl GpuContext {
             bind_groups: BindGroupCache::default(),
             batch: Mutex::new(Batch::new(align, params_in_storage)),
             cost: CostTracker::default(),
+            dry_run: Default::default(),
             uncaptured,
             device,
             queue,
@@ -274,6 +277,15 @@ impl GpuContext {
     /// Bind groups created so far (each is made once per kernel layout and buffers, then reused).
     pub fn bind_groups_created(&self) -> u64 {
         self.shared().map(|s| s.bind_groups.created()).unwrap_or(0)
+    }
+
+    /// In a dry run, kernels are checked, their outputs allocated from the pool and their cost counted, but
+    /// nothing is dispatched: what a real-size model needs in memory and dispatches, on any machine, in
+    /// seconds (results are garbage). No-op on the CPU fallback.
+    pub fn set_dry_run(&self, on: bool) {
+        if let Ok(s) = self.shared() {
+            s.dry_run.store(on, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Submits the recorded commands now. Ops record into one batch; reading a tensor back flushes implicitly.

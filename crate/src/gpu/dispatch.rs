@@ -46,6 +46,9 @@ impl GpuContext {
         }
         let shared = self.shared()?;
         let timed = shared.cost.record(op, inputs, outputs)?;
+        if shared.dry_run.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let device = &shared.device;
         let pipeline = shared.pipelines.get(device, kernel, spec);
         let mut batch = shared.batch.lock().unwrap_or_else(|p| p.into_inner());

@@ -242,6 +242,12 @@ impl Decoder {
         DType::storage_bytes(act, max) as u64
     }
 
+    /// The latent tile side a tiled decode uses within `limit` bytes per binding: the largest of diffusers'
+    /// usual sizes (64 down to 8) whose activations fit, or None.
+    pub fn decode_tile(&self, limit: u64, act: DType) -> Option<usize> {
+        [64, 48, 32, 24, 16, 8].into_iter().find(|&t| self.largest_activation_bytes(t, t, act) <= limit)
+    }
+
     /// Decodes VAE latents (already divided by `scaling_factor`).
     pub fn forward(&self, ctx: &GpuContext, z: &Tensor) -> Result<Tensor> {
         let mut x = match &self.post_quant_conv {
