@@ -63,8 +63,9 @@ def main():
         "<= 72 (PyTorch fp32), then <= 48")
     row("SD 1.5 UNet step (batch 1), ms", "Sd15", "unet_step_b1_ms", "sd15 unet step (batch 1)")
     row("SD 1.5 CLIP (batch 2), ms", "Sd15", "clip_ms", "sd15 clip batch 2")
-    row("VAE decode 512x512, ms", "Sd15", "vae_decode_ms", "vae decode")
-    row("TAESD decode 512x512, ms", "Sd15", "taesd_decode_ms", "taesd decode")
+    size = torch.get("size") or next((r["width"] for r in ours.values()), 512)
+    row(f"VAE decode {size}x{size}, ms", "Sd15", "vae_decode_ms", "vae decode")
+    row(f"TAESD decode {size}x{size}, ms", "Sd15", "taesd_decode_ms", "taesd decode")
     row("SD 1.5 20 steps (CLIP + 20 CFG steps + VAE), ms", "Sd15", None,
         "sd15 20 steps (clip + 20 cfg steps + vae)", "<= 1500",
         combine=lambda r: r["clip_ms"] + 20 * r["unet_cfg_step_ms"] + r["vae_decode_ms"])
@@ -76,7 +77,7 @@ def main():
     out = []
     out.append(f"GPU: {torch.get('device', '?')}, driver {torch.get('driver', '?')}; measured {torch.get('date', '?')} "
                f"by `scripts/bench-gpu` (PyTorch {torch.get('torch', '?')}, diffusers {torch.get('diffusers', '?')}, "
-               "TF32 off; random weights, 512x512, 77 tokens).")
+               f"TF32 off; random weights, {torch.get('size', 512)}x{torch.get('size', 512)}, 77 tokens).")
     out.append("")
     if info:
         out.append("```")
@@ -118,7 +119,8 @@ def main():
         out.append("| kernel | shape | act | weights | ms | rate |")
         out.append("|---|---|---|---|---|---|")
         for k in kernels:
-            rate = f"{k['gflops'] / 1e3:.2f} TFLOP/s" if k.get("gflops") else f"{k.get('gbps', 0):.0f} GB/s"
+            g = k.get("gflops")
+            rate = (f"{g / 1e3:.2f} TFLOP/s" if g >= 1000 else f"{g:.1f} GFLOP/s") if g else f"{k.get('gbps', 0):.1f} GB/s"
             out.append(f"| {k['kernel']} | {k['shape']} | {k['dtype']} | {k['weights']} | {ms(k['ms'])} | {rate} |")
         pm = [r for r in torch["results"] if r["workload"].startswith("matmul")]
         for r in pm:
