@@ -491,6 +491,50 @@ async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
         let case = format!("x [2, 45, 40] w [33, 40] -> (2, 33, 45) +bias rows +residual {dtype}");
         let (atol, rtol) = dot_tol(dtype, 40);
         r.push(compare("fusions", case, &got, &flat(want.cpu()?)?, atol, rtol));
+        // Convolutions over a group-normalized input (+ SiLU), the norm applied as the input is loaded.
+        for (shape, more, silu, up, tile) in
+            [(&[2usize, 8, 9, 7][..], 0usize, true, false, Tile::Small), (&[2, 6, 6, 5], 2, false, true, Tile::Large)]
+        {
+            let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+            let (cin, groups, cout) = (c + more, 4, 9);
+            let data = rng.uniform(b * c * h * w, -3.0, 5.0);
+            let data = rounded(data, dtype);
+            let gx = Tensor::from_f32_as(ctx, shape, &data, dtype)?;
+            let cx = Tensor::from_f32(&cpu_ctx, shape, &data)?;
+            let (gm, cm) = pair(ctx, &mut rng, &[b, more.max(1), h, w], dtype)?;
+            let (gw, cw) = pair(ctx, &mut rng, &[cout, cin, 3, 3], dtype)?;
+            let (gbias, cbias) = pair(ctx, &mut rng, &[cout], dtype)?;
+            let (gg, cg) = pair(ctx, &mut rng, &[cin], dtype)?;
+            let (gbeta, cbeta) = pair(ctx, &mut rng, &[cin], dtype)?;
+            let gp = ops::GnParams::new(ctx, gg, gbeta, groups, 1e-5)?;
+            let cp = ops::GnParams::new(&cpu_ctx, cg, cbeta, groups, 1e-5)?;
+            let m = |t| (more > 0).then_some(t);
+            let gstats = ops::group_norm_stats(ctx, &gx, m(&gm), &gp)?;
+            let cstats = ops::group_norm_stats(&cpu_ctx, &cx, m(&cm), &cp)?;
+            let opts = |more, params, stats| Conv2dOpts {
+                padding: 1,
+                concat: more,
+                upsample: up,
+                norm: Some(ops::GnInput { params, stats, silu }),
+                tile: Some(tile),
+                ..Default::default()
+            };
+            let got = ops::conv2d(ctx, &gx, &gw, (3, 3), Some(&gbias), opts(m(&gm), &gp, &gstats))?;
+            let want = ops::conv2d(&cpu_ctx, &cx, &cw, (3, 3), Some(&cbias), opts(m(&cm), &cp, &cstats))?;
+            let case = format!(
+                "conv x {shape:?}{} group-normalized in {groups} groups{}{} {tile:?} {dtype}",
+                if more > 0 { format!(" ++ {more} channels") } else { String::new() },
+                if silu { " +silu" } else { "" },
+                if up { " upsampled" } else { "" }
+            );
+            let (atol, rtol) = dot_tol(dtype, cin * 9);
+            r.push(compare("fusions", case, &got.to_vec_f32(ctx).await?, &flat(want.cpu()?)?, atol * 2.0, rtol * 2.0));
+            // The statistics themselves.
+            let got = gstats.to_vec_f32(ctx).await?;
+            let (atol, rtol) = tol(dtype, 4.0);
+            let case = format!("group norm statistics of {shape:?}{} {dtype}", if more > 0 { " ++ more" } else { "" });
+            r.push(compare("fusions", case, &got, &flat(cstats.cpu()?)?, atol * 2.0, rtol * 2.0));
+        }
         // Convolutions: (x, concatenated, upsample, k, residual, bias rows, tile).
         type ConvCase = (&'static [usize], usize, bool, usize, bool, bool, Tile);
         let convs: [ConvCase; 5] = [

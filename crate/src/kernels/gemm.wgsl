@@ -3,7 +3,7 @@
 //
 //   C[b, m, n] = act(sum_k A(b, m, k) * B(b, k, n) + bias[off + b * sb + n]) (+ residual)
 //
-// The op's source provides the bindings a (1), b (2) and c (5) and
+// The op's source provides the bindings a (1), b (2) and c (7) and
 //   fn load_a(b: u32, m: u32, k: u32) -> f32     0 outside the matrix
 //   fn load_b(b: u32, k: u32, n: u32) -> f32     0 outside the matrix
 //   fn c_index(b: u32, m: u32, n: u32) -> u32    where C[b, m, n] goes in c
@@ -17,7 +17,8 @@
 //   AUX_LN   layer-normalizes A's rows before the product (matmul, A not transposed): aux is (gamma; beta),
 //            (2, k). Each workgroup computes its rows' mean and variance first (two passes over the rows,
 //            partial sums through the A tile's memory), so no extra workgroup memory is used.
-//   (conv2d reads aux as a second input when the op's source sets AUX_CAT; see conv2d.wgsl.)
+//   (conv2d reads aux as a second input with AUX_CAT, and group-normalizes its input as it loads it with
+//   GN_A; see conv2d.wgsl.)
 //   GEGLU    (8x8 tile only) B's columns (and the bias) are [hidden (n/2) | gate (n/2)] and C, n/2 wide, gets
 //            hidden * gelu(gate): the GEMM's columns are permuted so that each invocation's two column blocks,
 //            BN/2 apart, hold a hidden column and its gate.
@@ -43,11 +44,17 @@ struct Params {
     bias_sb: u32,   // batch stride of the bias (0: one bias row for the batch)
     split: u32,     // conv with AUX_CAT: channels read from a; the rest come from aux
     eps: f32,       // AUX_LN: layer norm epsilon
+    groups: u32,    // conv with GN_A: the group norm's groups
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(3) var<storage, read> bias: array<act>;  // bias rows, bound to a dummy when has_bias is 0
 @group(0) @binding(4) var<storage, read> aux: array<act>;   // see the fusions above; a dummy when none
+@group(0) @binding(5) var<storage, read> gn_stats: array<f32>;  // conv with GN_A: (batch * groups, 2) mean, 1/std
+@group(0) @binding(6) var<storage, read> gn_affine: array<act>; // conv with GN_A: (2, cin) gamma; beta
 
 const NT: u32 = (BM / TM) * (BN / TM);
 var<workgroup> As: array<vec4<f32>, BK * BM / 4u>;  // (BK, BM) tile of A, k-major

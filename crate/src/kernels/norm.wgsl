@@ -5,6 +5,9 @@
 // Optionally fused with SiLU. Statistics in f32, two passes (mean, then variance about the mean).
 // Group norm over a channel concatenation: with split > 0, channels from `split` on come from x2, so the
 // concatenated tensor is only ever written normalized.
+// STATS: only the statistics, (rows, 2) f32 (mean, 1 / std), for a conv that normalizes its input as it
+// loads it (kernels/conv2d.wgsl, GN_A): the normalized tensor is never written. `out_t` is f32 then, `act`
+// otherwise.
 
 struct Params {
     rows: u32,
@@ -25,7 +28,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> gamma: array<act>;      // (channels), or a dummy if affine is 0
 @group(0) @binding(3) var<storage, read> beta: array<act>;       // (channels), or a dummy if affine is 0
 @group(0) @binding(4) var<storage, read> x2: array<act>;         // (n, c2, s) with split > 0, else a dummy
-@group(0) @binding(5) var<storage, read_write> out: array<act>;  // (rows, len)
+@group(0) @binding(5) var<storage, read_write> out: array<out_t>;  // (rows, len), or (rows, 2) with STATS
 
 const WG: u32 = 256u;
 var<workgroup> partial: array<f32, WG>;
@@ -77,6 +80,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         sq += d * d;
     }
     let rstd = inverseSqrt(reduce_sum(lid, sq) / f32(p.len) + p.eps);
+    if (STATS) {
+        if (lid == 0u) {
+            out[2u * row] = out_t(mean);
+            out[2u * row + 1u] = out_t(rstd);
+        }
+        return;
+    }
     let channel0 = (row % p.groups) * (p.len / p.s);
     for (var i = lid; i < p.len; i += WG) {
         var y = (load_x(row, base, i) - mean) * rstd;
@@ -87,6 +97,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (p.silu != 0u) {
             y = y / (1.0 + exp(-y));
         }
-        out[base + i] = act(y);
+        out[base + i] = out_t(y);
     }
 }

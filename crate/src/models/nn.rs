@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
-use crate::ops::{self, Activation, Conv2dOpts, LnParams, MatmulOpts};
+use crate::ops::{self, Activation, Conv2dOpts, GnInput, GnParams, LnParams, MatmulOpts};
 use crate::weights::{Role, Weights};
 
 /// `nn.Linear`: weight (out, in), optional bias (out).
@@ -147,10 +147,7 @@ impl Conv2d {
 
 /// `nn.GroupNorm` with affine parameters.
 pub struct GroupNorm {
-    weight: Tensor,
-    bias: Tensor,
-    groups: usize,
-    eps: f32,
+    params: GnParams,
 }
 
 impl GroupNorm {
@@ -161,21 +158,36 @@ impl GroupNorm {
                 w.pp("weight").label()
             )));
         }
-        Ok(Self {
-            weight: w.get("weight", &[channels], Role::Param)?,
-            bias: w.get("bias", &[channels], Role::Param)?,
-            groups,
-            eps: eps as f32,
-        })
+        let gamma = w.get("weight", &[channels], Role::Param)?;
+        let beta = w.get("bias", &[channels], Role::Param)?;
+        Ok(Self { params: GnParams::new(w.ctx(), gamma, beta, groups, eps as f32)? })
     }
 
     pub fn forward(&self, ctx: &GpuContext, x: &Tensor, silu: bool) -> Result<Tensor> {
-        ops::group_norm(ctx, x, self.groups, &self.weight, &self.bias, self.eps, silu)
+        self.forward_cat(ctx, x, None, silu)
     }
 
     /// The norm over concat(x, more) on channels, the concatenation read in place.
     pub fn forward_cat(&self, ctx: &GpuContext, x: &Tensor, more: Option<&Tensor>, silu: bool) -> Result<Tensor> {
-        ops::group_norm_cat(ctx, x, more, self.groups, &self.weight, &self.bias, self.eps, silu)
+        let p = &self.params;
+        ops::group_norm_cat(ctx, x, more, p.groups, &p.gamma, &p.beta, p.eps, silu)
+    }
+
+    /// `conv` over this norm of x (concatenated with `extra.concat` when given), then SiLU when `silu`, the
+    /// norm applied as the conv loads its input: the normalized image is never made. `extra` adds the conv's
+    /// other fusions.
+    pub fn conv(
+        &self,
+        ctx: &GpuContext,
+        conv: &Conv2d,
+        x: &Tensor,
+        silu: bool,
+        bias_rows: Option<(&Tensor, usize, usize)>,
+        extra: Conv2dOpts<'_>,
+    ) -> Result<Tensor> {
+        let stats = ops::group_norm_stats(ctx, x, extra.concat, &self.params)?;
+        let norm = Some(GnInput { params: &self.params, stats: &stats, silu });
+        conv.forward_with(ctx, x, bias_rows, Conv2dOpts { norm, ..extra })
     }
 }
 

@@ -120,24 +120,21 @@ impl ResnetBlock2D {
             (Some(_), None) => return Err(crate::Error::Invalid("resnet: this block needs a time embedding".into())),
             (None, _) => None,
         };
-        // Each intermediate is dropped as soon as it has been read, so that its buffer goes back to the pool
-        // for the next one (at 512x512 the VAE's are 64-128 MiB each).
+        // Each norm is applied by the conv that reads it, as it loads its input, so no normalized image is
+        // ever made (at 512x512 the VAE's would be 64-128 MiB each).
         // 1. Norm, SiLU, conv1 with the time embedding as its per-sample bias.
         let bias = row.as_ref().map(|(t, off, stride)| (t, *off, *stride));
-        let normed = self.norm1.forward_cat(ctx, x, skip, true)?;
-        let h = self.conv1.forward_with(ctx, &normed, bias, Conv2dOpts::default())?;
-        drop(normed);
-        // 2. Norm, SiLU.
-        let normed = self.norm2.forward(ctx, &h, true)?;
-        drop(h);
-        // 3. The shortcut (a 1x1 conv when the width changes, else the input), added by conv2.
+        let h = self.norm1.conv(ctx, &self.conv1, x, true, bias, Conv2dOpts { concat: skip, ..Default::default() })?;
+        // 2. The shortcut (a 1x1 conv when the width changes, else the input), added by conv2.
         let shortcut = match (&self.conv_shortcut, skip) {
             (Some(conv), _) => conv.forward_with(ctx, x, None, Conv2dOpts { concat: skip, ..Default::default() })?,
             (None, Some(skip)) => ops::concat(ctx, x, skip, 1)?,
             (None, None) => x.clone(),
         };
+        // 3. Norm, SiLU, conv2 plus the shortcut.
         let residual = Conv2dOpts { residual: Some(&shortcut), ..Default::default() };
-        let out = self.conv2.forward_with(ctx, &normed, None, residual)?;
+        let out = self.norm2.conv(ctx, &self.conv2, &h, true, None, residual)?;
+        drop((h, shortcut));
         if self.output_scale == 1.0 { Ok(out) } else { ops::affine(ctx, &out, 1.0 / self.output_scale, 0.0) }
     }
 }

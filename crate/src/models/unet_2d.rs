@@ -385,7 +385,7 @@ impl UNet2DConditionModel {
             x = block.forward(ctx, &x, &mut states, &temb, context)?;
         }
         // 5. Norm, SiLU, conv out.
-        self.conv_out.forward(ctx, &self.conv_norm_out.forward(ctx, &x, true)?)
+        self.conv_norm_out.conv(ctx, &self.conv_out, &x, true, None, Default::default())
     }
 }
 

@@ -263,7 +263,7 @@ impl Decoder {
                 x = conv.forward_with(ctx, &x, None, Conv2dOpts { upsample: true, ..Default::default() })?;
             }
         }
-        self.conv_out.forward(ctx, &self.norm_out.forward(ctx, &x, true)?)
+        self.norm_out.conv(ctx, &self.conv_out, &x, true, None, Default::default())
     }
 }
 
@@ -323,7 +323,7 @@ impl Encoder {
             }
         }
         x = self.mid.forward(ctx, &x)?;
-        x = self.conv_out.forward(ctx, &self.norm_out.forward(ctx, &x, true)?)?;
+        x = self.norm_out.conv(ctx, &self.conv_out, &x, true, None, Default::default())?;
         match &self.quant_conv {
             Some(q) => q.forward(ctx, &x),
             None => Ok(x),

@@ -119,6 +119,11 @@ pub fn conv2d(
     if let Some(more) = opts.concat {
         x = CTensor::cat(&[&x, more.cpu()?], 1)?;
     }
+    if let Some(n) = &opts.norm {
+        let p = n.params;
+        let normed = group_norm(&Tensor::from_cpu(x), p.groups, &p.gamma, &p.beta, p.eps, n.silu)?;
+        x = normed.cpu()?.clone();
+    }
     if opts.upsample {
         let (_, _, h, w) = x.dims4()?;
         x = x.upsample_nearest2d(2 * h, 2 * w)?;

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{Activation, check_act};
+use super::{Activation, GnParams, check_act};
 use crate::error::{Error, Result, shape_err};
 use crate::gpu::{DType, GpuContext, Kernel, Spec, Tensor};
 
@@ -18,7 +18,7 @@ const CONV: &str = include_str!("../kernels/conv2d.wgsl");
 
 macro_rules! gemm_kernel {
     ($name:literal, $b:ident, $op:ident) => {
-        Kernel { name: $name, sources: &[COMMON, CORE, $b, $op], entry: "", inputs: 4, outputs: 1 }
+        Kernel { name: $name, sources: &[COMMON, CORE, $b, $op], entry: "", inputs: 6, outputs: 1 }
     };
 }
 
@@ -61,6 +61,8 @@ struct Params {
     bias_sb: u32,
     split: u32,
     eps: f32,
+    groups: u32,
+    _pad: [u32; 3],
 }
 
 /// A workgroup tile of the GEMM core.
@@ -303,7 +305,7 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
             .flag("C_TRANS", opts.trans_c)
     };
     let aux = opts.residual.or(opts.layer_norm.map(|ln| &ln.packed));
-    launch(ctx, OP, &KERNELS[0][kind], tile, spec, params, [a, b], opts.bias, aux, &out)?;
+    launch(ctx, OP, &KERNELS[0][kind], tile, spec, params, [a, b], opts.bias, aux, None, &out)?;
     Ok(out)
 }
 
@@ -315,6 +317,8 @@ struct Fuse {
     geglu: bool,
     concat: bool,
     upsample: bool,
+    /// Some(silu) when a conv group-normalizes its input as it loads it.
+    group_norm: Option<bool>,
 }
 
 impl Fuse {
@@ -324,6 +328,8 @@ impl Fuse {
             .flag("GEGLU", self.geglu)
             .flag("AUX_CAT", self.concat)
             .flag("UP2", self.upsample)
+            .flag("GN_A", self.group_norm.is_some())
+            .flag("GN_SILU", self.group_norm == Some(true))
     }
 }
 
@@ -386,7 +392,19 @@ pub struct Conv2dOpts<'a> {
     pub concat: Option<&'a Tensor>,
     /// The conv runs over x upsampled 2x (nearest) without the upsampled image being made.
     pub upsample: bool,
+    /// The input (x, or the concatenation) group-normalized as it is loaded: the `norm -> SiLU -> conv` of
+    /// every ResNet block without the normalized image being made.
+    pub norm: Option<GnInput<'a>>,
     pub tile: Option<Tile>,
+}
+
+/// A conv input's group norm: its parameters, its statistics ([`super::group_norm_stats`]) and whether SiLU
+/// follows.
+#[derive(Clone, Copy, Debug)]
+pub struct GnInput<'a> {
+    pub params: &'a GnParams,
+    pub stats: &'a Tensor,
+    pub silu: bool,
 }
 
 impl Default for Conv2dOpts<'_> {
@@ -400,6 +418,7 @@ impl Default for Conv2dOpts<'_> {
             residual: None,
             concat: None,
             upsample: false,
+            norm: None,
             tile: None,
         }
     }
@@ -463,6 +482,20 @@ pub fn conv2d(
     let wo = (w + pads - kw) / opts.stride + 1;
     check_bias(OP, bias, opts.bias_at, cout, batch, x.dtype())?;
     check_residual(OP, opts.residual, &[batch, cout, ho, wo], x.dtype())?;
+    if let Some(n) = &opts.norm {
+        let g = n.params.groups;
+        if g == 0 || !cin.is_multiple_of(g) || n.params.packed.shape() != [2, cin] || n.stats.shape() != [batch * g, 2]
+        {
+            return shape_err(
+                OP,
+                format!(
+                    "a group norm of {:?} with statistics {:?} does not fit {cin} input channels in {g} groups",
+                    n.params.gamma.shape(),
+                    n.stats.shape()
+                ),
+            );
+        }
+    }
     let kind = b_kind(OP, x.dtype(), weight, true)?;
     if ctx.is_cpu() {
         return super::cpu::conv2d(x, weight, cout, cin, (kh, kw), bias, &opts);
@@ -490,12 +523,15 @@ pub fn conv2d(
         bias_sb: opts.bias_at.1 as u32,
         split: cx as u32,
         eps: 0.0,
+        groups: opts.norm.map_or(1, |n| n.params.groups) as u32,
+        _pad: [0; 3],
     };
     let tile = opts.tile.unwrap_or(Tile::for_shape(m, cout, batch));
     let fuse = Fuse {
         residual: opts.residual.is_some(),
         concat: opts.concat.is_some(),
         upsample: opts.upsample,
+        group_norm: opts.norm.map(|n| n.silu),
         ..Default::default()
     };
     let spec = |spec: Spec| {
@@ -508,7 +544,8 @@ pub fn conv2d(
             .u32("KW", kw as u32)
     };
     let aux = opts.residual.or(opts.concat);
-    launch(ctx, OP, &KERNELS[1][kind], tile, spec, params, [x, weight], bias, aux, &out)?;
+    let gn = opts.norm.map(|n| [n.stats, &n.params.packed]);
+    launch(ctx, OP, &KERNELS[1][kind], tile, spec, params, [x, weight], bias, aux, gn, &out)?;
     Ok(out)
 }
 
@@ -523,21 +560,18 @@ fn launch(
     [a, b]: [&Tensor; 2],
     bias: Option<&Tensor>,
     aux: Option<&Tensor>,
+    group_norm: Option<[&Tensor; 2]>,
     out: &Tensor,
 ) -> Result<()> {
     let (bm, bn, bk, tm, entry) = tile.dims();
     let kernel = Kernel { entry, ..*kernel };
     let spec = spec(Spec::new(a.dtype() == DType::F16).u32("BM", bm).u32("BN", bn).u32("BK", bk).u32("TM", tm));
-    let dummy;
-    let (bias, aux) = match (bias, aux) {
-        (Some(b), Some(x)) => (b, x),
-        (b, x) => {
-            dummy = Tensor::empty(ctx, op, &[1], a.dtype())?;
-            (b.unwrap_or(&dummy), x.unwrap_or(&dummy))
-        }
-    };
+    let dummy = Tensor::empty(ctx, op, &[1], a.dtype())?;
+    let (bias, aux) = (bias.unwrap_or(&dummy), aux.unwrap_or(&dummy));
+    let [stats, affine] = group_norm.unwrap_or([&dummy, &dummy]);
     let groups = [params.n.div_ceil(bn), params.m.div_ceil(bm), params.batch];
-    ctx.dispatch(op, &kernel, &spec, bytemuck::bytes_of(&params), &[a, b, bias, aux], &[out], groups)?;
+    let inputs = [a, b, bias, aux, stats, affine];
+    ctx.dispatch(op, &kernel, &spec, bytemuck::bytes_of(&params), &inputs, &[out], groups)?;
     ctx.count_flops(op, 2 * params.m as u64 * params.n as u64 * params.k as u64 * params.batch as u64);
     Ok(())
 }

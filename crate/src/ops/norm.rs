@@ -83,7 +83,7 @@ fn norm(
     let dummy = Tensor::empty(ctx, op, &[1], x.dtype())?;
     let (g, b) = affine.unwrap_or((&dummy, &dummy));
     let x2 = more.unwrap_or(&dummy);
-    let spec = Spec::new(act_dtype(x)?);
+    let spec = Spec::new(act_dtype(x)?).alias("out_t", "act").flag("STATS", false);
     let groups = grid_1d(ctx, params.rows);
     ctx.dispatch(op, &NORM, &spec, bytemuck::bytes_of(&params), &[x, g, b, x2], &[&out], groups)?;
     Ok(out)
@@ -116,6 +116,18 @@ pub fn group_norm_cat(
     eps: f32,
     silu: bool,
 ) -> Result<Tensor> {
+    let (params, c) = group_norm_params(x, more, groups, eps, silu)?;
+    norm(ctx, "group_norm", x, more, Some((weight, bias)), c, params)
+}
+
+/// The kernel parameters of a group norm over concat(x, more) with `groups` groups, and its channels.
+fn group_norm_params(
+    x: &Tensor,
+    more: Option<&Tensor>,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<(NormParams, usize)> {
     const OP: &str = "group_norm";
     let c2 = match more {
         None => 0,
@@ -146,7 +158,62 @@ pub fn group_norm_cat(
         c2: c2 as u32,
         _pad: [0; 2],
     };
-    norm(ctx, OP, x, more, Some((weight, bias)), c, params)
+    Ok((params, c))
+}
+
+/// A group norm's parameters, with its scale and shift also packed as one (2, channels) tensor (gamma; beta)
+/// for the convolutions that normalize their input as they load it.
+#[derive(Clone, Debug)]
+pub struct GnParams {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub packed: Tensor,
+    pub groups: usize,
+    pub eps: f32,
+}
+
+impl GnParams {
+    pub fn new(ctx: &GpuContext, gamma: Tensor, beta: Tensor, groups: usize, eps: f32) -> Result<Self> {
+        let c = gamma.numel();
+        let packed = super::concat(ctx, &gamma, &beta, 0)?.reshape(&[2, c])?;
+        Ok(Self { gamma, beta, packed, groups, eps })
+    }
+}
+
+/// The statistics of [`group_norm_cat`]: per (sample, group) mean and 1 / std of concat(x, more), as a
+/// (batch * groups, 2) f32 tensor, for a conv that normalizes as it loads ([`super::Conv2dOpts::norm`]).
+pub fn group_norm_stats(ctx: &GpuContext, x: &Tensor, more: Option<&Tensor>, p: &GnParams) -> Result<Tensor> {
+    const OP: &str = "group_norm";
+    let (params, c) = group_norm_params(x, more, p.groups, p.eps, false)?;
+    if p.gamma.shape() != [c] {
+        return shape_err(OP, format!("{c} channels for a norm of {:?}", p.gamma.shape()));
+    }
+    let mut checked = vec![x];
+    checked.extend(more);
+    check_act(OP, &checked)?;
+    let rows = params.rows as usize;
+    if ctx.is_cpu() {
+        let joined;
+        let x = match more {
+            Some(m) => {
+                joined = super::concat(ctx, x, m, 1)?;
+                &joined
+            }
+            None => x,
+        };
+        let g = x.cpu()?.reshape((rows, ()))?;
+        let mean = g.mean_keepdim(1)?;
+        let var = g.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+        let rstd = (var + p.eps as f64)?.sqrt()?.recip()?;
+        return Ok(Tensor::from_cpu(candle_core::Tensor::cat(&[mean, rstd], 1)?));
+    }
+    let out = Tensor::empty(ctx, OP, &[rows, 2], crate::gpu::DType::F32)?;
+    let dummy = Tensor::empty(ctx, OP, &[1], x.dtype())?;
+    let spec = Spec::new(act_dtype(x)?).alias("out_t", "f32").flag("STATS", true);
+    let x2 = more.unwrap_or(&dummy);
+    let groups = grid_1d(ctx, params.rows);
+    ctx.dispatch(OP, &NORM, &spec, bytemuck::bytes_of(&params), &[x, &dummy, &dummy, x2], &[&out], groups)?;
+    Ok(out)
 }
 
 /// Layer norm over the last dimension, with optional elementwise weight and bias.
