@@ -72,6 +72,7 @@ kernel_tests!(
     layout,
     timestep_embedding,
     finite,
+    pack,
     errors,
 );
 
