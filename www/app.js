@@ -1,6 +1,6 @@
 // The generator page: form, progress, per-step preview, PNG download, history, models panel.
 import { client as getClient, decodeImage, formatBytes, paint } from './client.js';
-import { CONVERTED, deleteModel, listFiles } from './cache.js';
+import { ADAPTERS, CONVERTED, deleteModel, listFiles } from './cache.js';
 
 const $ = (id) => document.getElementById(id);
 const hasWebGpu = 'gpu' in navigator;
@@ -120,7 +120,7 @@ async function refreshModels() {
   const cached = await listFiles().catch(() => new Map());
   const local = [];
   for (const [id, files] of cached) {
-    if (catalog.some((m) => m.id === id) || decoders.some((m) => m.id === id)) continue;
+    if (id === ADAPTERS || catalog.some((m) => m.id === id) || decoders.some((m) => m.id === id)) continue;
     const size = files.reduce((s, f) => s + f.size, 0);
     // Big models (a real SD checkpoint) are held in f16 on the GPU; GGUF files keep their quantized blocks.
     const big = size > 256 * 2 ** 20 || files.some((f) => f.path.endsWith('.gguf'));
@@ -182,6 +182,70 @@ function renderCached(cached) {
     tr.append(td);
     body.append(tr);
   }
+}
+
+/** What an imported LoRA or embedding is, in words. */
+function describeAdapter(a) {
+  if (a.kind === 'lora') return `LoRA (${a.format}, ${a.layers} layers): <lora:${a.name}:1>`;
+  if (a.kind === 'embedding') return `embedding, ${a.vectors} vector${a.vectors === 1 ? '' : 's'}: trigger word "${a.name}"`;
+  return `unreadable: ${a.error}`;
+}
+
+/** The models panel's LoRAs and embeddings, and the LoRA picker under the prompt. */
+async function refreshAdapters() {
+  const list = await client.adapters().catch(() => []);
+  const body = $('adapters');
+  body.replaceChildren();
+  for (const a of list) {
+    const tr = document.createElement('tr');
+    tr.dataset.name = a.name;
+    tr.dataset.kind = a.kind;
+    for (const text of [a.name, describeAdapter(a), formatBytes(a.size)]) {
+      const td = document.createElement('td');
+      td.textContent = text; // text, never HTML
+      tr.append(td);
+    }
+    const td = document.createElement('td');
+    const del = document.createElement('button');
+    del.type = 'button';
+    del.textContent = 'Delete';
+    del.onclick = async () => {
+      del.disabled = true;
+      await client.deleteAdapter(a.path).catch(fail);
+      await refreshAdapters();
+      updateTokenMeter();
+    };
+    td.append(del);
+    tr.append(td);
+    body.append(tr);
+  }
+  const loras = list.filter((a) => a.kind === 'lora');
+  setChoices($('lora-pick'), loras.map((a) => [a.name, a.name]));
+  $('lora-pick').disabled = !loras.length;
+  $('lora-picker').hidden = !loras.length;
+}
+
+/** Imports LoRA / embedding files from disk into the cache. */
+async function importAdapters(files) {
+  if (!files.length) return;
+  try {
+    const infos = await client.importAdapters(files, onProgress);
+    setStatus('idle', `Imported ${infos.map((a) => `${a.kind === 'lora' ? 'the LoRA' : 'the embedding'} "${a.name}"`).join(', ')}.`);
+  } catch (e) {
+    fail(e);
+  }
+  await refreshAdapters();
+  updateTokenMeter();
+}
+
+/** The picker's LoRA as A1111's tag at the end of the prompt. */
+function addLoraTag() {
+  const name = $('lora-pick').value;
+  if (!name) return;
+  const weight = Number($('lora-weight').value);
+  const prompt = $('prompt');
+  prompt.value = `${prompt.value.trimEnd()} <lora:${name}:${Number.isFinite(weight) ? weight : 1}>`;
+  updateTokenMeter();
 }
 
 async function renderStorage() {
@@ -335,7 +399,8 @@ async function run(model, requests) {
       canvas.dataset.memory = JSON.stringify(image.memory); // what the worker holds: read by the long-session test
       addToHistory(entry);
       updateTokenMeter();
-      setStatus('done', `${of}Done in ${image.seconds.toFixed(1)} s (seed ${request.seed}).`);
+      const warnings = image.warnings?.length ? ` Warning: ${image.warnings.join('; ')}` : '';
+      setStatus('done', `${of}Done in ${image.seconds.toFixed(1)} s (seed ${request.seed}).${warnings}`);
     }
     refreshModels();
   } catch (e) {
@@ -444,6 +509,8 @@ async function main() {
   $('import').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.webkitRelativePath || file.name, file })));
   $('import-file').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.name, file })));
   $('prompt').addEventListener('input', updateTokenMeter);
+  $('import-adapter').onchange = (e) => importAdapters([...e.target.files]);
+  $('lora-add').onclick = addLoraTag;
   $('init-file').onchange = (e) => e.target.files[0] && setInitImage(e.target.files[0]);
   $('init-clear').onclick = () => setInitImage(null);
   const initBox = $('init');
@@ -485,6 +552,7 @@ async function main() {
     $('device').dataset.cpu = String(isCpu);
     $('device').dataset.reason = device.reason || '';
     await refreshModels();
+    await refreshAdapters();
     applyDefaults(modelById($('model').value));
     $('generate').disabled = false;
     setStatus('idle', 'Ready.');

@@ -67,6 +67,10 @@ function request(req) {
 
 export const fileKey = (model, path) => `${model}/${path}`;
 
+/** The cache's "model" that holds imported LoRAs and textual-inversion embeddings (one file each, by its name);
+ * no model id can take it (catalog ids are words, imported ones start with "local-"). */
+export const ADAPTERS = '#adapters';
+
 /** The one-file GGUF a model is kept in once converted to `type` (q4_0, q8_0 or f16), and its pattern. */
 export const convertedPath = (type) => `model.${type}.gguf`;
 export const CONVERTED = /^model\.(q4_0|q8_0|f16)\.gguf$/;

@@ -127,6 +127,24 @@ export class Client {
     return this.call({ type: 'tokens', prompt, literal });
   }
 
+  /** Imports LoRA and textual-inversion files (File objects) into the cache; resolves to their entries
+   * ({path, size, kind: 'lora' | 'embedding', name, ...}). A file that is neither is refused with the reason. */
+  async importAdapters(files, onProgress) {
+    await this.ready;
+    return this.call({ type: 'import-adapters', files }, onProgress);
+  }
+
+  /** The imported LoRAs and embeddings: [{path, size, kind, name, layers | vectors, ...}]. */
+  async adapters() {
+    await this.ready;
+    return this.call({ type: 'adapters' });
+  }
+
+  /** Deletes an imported LoRA or embedding (by its file name). */
+  deleteAdapter(path) {
+    return this.call({ type: 'delete-adapter', path });
+  }
+
   /** Forgets the loaded model (after its files were deleted). */
   unload(id) {
     if (this.loadedId === id) this.loadedId = this.loadedKey = this.loadedInfo = null;

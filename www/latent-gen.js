@@ -7,7 +7,8 @@
 // q4_0; the first is the default), preview ("latent", or "taesd" for models with a previewDecoder), prompt,
 // negative-prompt, seed, subseed and subseed-strength (a variation), init-image (the URL of an image to start
 // from: img2img; fetched with CORS from another origin) and strength, steps, guidance, width, height,
-// scheduler, and autostart (generate once connected). Methods: generate() (resolves to the PNG Blob),
+// scheduler, lora (LoRAs imported on this site, "NAME[:SCALE], ...", as the prompt's <lora:NAME:SCALE> tags do),
+// and autostart (generate once connected). Methods: generate() (resolves to the PNG Blob),
 // interpolate({toSeed, toPrompt, toNegativePrompt, frames}) (resolves to an array of PNG Blobs), cancel().
 // Events: progress (download/load progress), step (detail.preview: {width, height, rgba}; detail.frame while
 // interpolating), frame (detail.blob, detail.t: each interpolation frame), done (detail.blob,
@@ -78,6 +79,18 @@ export class LatentGen extends HTMLElement {
     return n;
   }
 
+  /** The `lora` attribute: "NAME[:SCALE], ..." as [{name, scale}] (scale 1 when absent). */
+  loras() {
+    const attr = this.getAttribute('lora');
+    if (!attr) return undefined;
+    return attr.split(',').map((s) => s.trim()).filter(Boolean).map((item) => {
+      const m = /^(.+?)(?::([^:]+))?$/.exec(item);
+      const scale = m[2] == null ? 1 : Number(m[2]);
+      if (!Number.isFinite(scale)) throw new Error(`the lora attribute's scale for "${m[1]}" must be a number, not "${m[2]}"`);
+      return { name: m[1].trim(), scale };
+    });
+  }
+
   /** The request the attributes describe, with the model's defaults filling the gaps. */
   async request() {
     const c = client();
@@ -108,6 +121,7 @@ export class LatentGen extends HTMLElement {
         preview: this.getAttribute('preview') || undefined,
         subseed: this.hasAttribute('subseed') ? this.num('subseed') >>> 0 : undefined,
         subseed_strength: this.num('subseed-strength', 0),
+        loras: this.loras(),
         ...init,
       },
     };

@@ -5,10 +5,12 @@
 //               { id, type: 'load-preview', model } (a TAESD catalog entry, for request.preview 'taesd')
 //               { id, type: 'import', model, files: [{ path, file }] } | { id, type: 'unload', model }
 //               { id, type: 'tokens', prompt, literal } (the loaded model's token count; null before a load)
+//               { id, type: 'import-adapters', files: [File] } (LoRAs / embeddings into the cache and the engine)
+//               { id, type: 'adapters' } | { id, type: 'delete-adapter', path }
 //               { type: 'cancel', target: id }
 // Messages out: { id, type: 'progress' | 'step' | 'result' | 'error', ... }
 import init, { Converter, Engine, Sha256 } from './pkg/latent_gen.js';
-import { CONVERTED, ChunkWriter, convertedPath, deleteFile, fileBlob, getFile, listFiles } from './cache.js';
+import { ADAPTERS, CONVERTED, ChunkWriter, convertedPath, deleteFile, fileBlob, getFile, listFiles } from './cache.js';
 
 let engine = null;
 let previewLoaded = null; // the id of the preview decoder in the engine
@@ -27,8 +29,70 @@ async function initEngine(cpu, gpu) {
   if (!engine || engineKey !== key) {
     engine = await Engine.create(cpu, gpu);
     engineKey = key;
+    adapters = new Map();
+    await syncAdapters();
   }
   return { adapter: engine.adapter(), isCpu: engine.isCpu(), reason: engine.fallbackReason() };
+}
+
+let adapters = new Map(); // path -> {path, size, kind, name, ...} of the LoRAs and embeddings the engine holds
+
+/** Registers with the engine every LoRA and embedding in the cache it does not hold yet (one that no longer
+ * reads is reported in its entry's `error`, not thrown: the others still load). */
+async function syncAdapters() {
+  const recs = ((await listFiles()).get(ADAPTERS) || []).filter((r) => r.complete);
+  for (const rec of recs) {
+    if (adapters.has(rec.path)) continue;
+    try {
+      adapters.set(rec.path, { path: rec.path, size: rec.size, ...engine.addAdapter(rec.path, await fileBlob(rec)) });
+    } catch (e) {
+      adapters.set(rec.path, { path: rec.path, size: rec.size, kind: 'unreadable', name: rec.path, error: e?.message || String(e) });
+    }
+  }
+  return [...adapters.values()];
+}
+
+/** Stores LoRA / embedding files in the cache and registers them; a file the engine refuses (not a LoRA
+ * or an embedding, another architecture's) is deleted again and its reason thrown. */
+async function importAdapters(id, files) {
+  const out = [];
+  for (const file of files) {
+    const path = file.name;
+    const writer = await ChunkWriter.open(ADAPTERS, path, { size: file.size, sha256: null, source: 'import' });
+    try {
+      const reader = file.stream().getReader();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        await writer.append(value);
+        post({ id, type: 'progress', phase: 'import', file: path, received: writer.received, total: file.size });
+      }
+      await writer.finish(new Sha256(), `${ADAPTERS}/${path}`);
+    } finally {
+      writer.close();
+    }
+    const old = adapters.get(path);
+    if (old) engine.removeAdapter(old.name);
+    adapters.delete(path);
+    try {
+      const info = { path, size: file.size, ...engine.addAdapter(path, await fileBlob(await getFile(ADAPTERS, path))) };
+      adapters.set(path, info);
+      out.push(info);
+    } catch (e) {
+      await deleteFile(ADAPTERS, path).catch(() => {});
+      throw new Error(`${path}: ${e?.message || e}`);
+    }
+  }
+  return out;
+}
+
+/** Removes a LoRA / embedding from the engine and the cache. */
+async function deleteAdapter(path) {
+  const info = adapters.get(path);
+  if (info) engine.removeAdapter(info.name);
+  adapters.delete(path);
+  await deleteFile(ADAPTERS, path);
+  return null;
 }
 
 /** A model file's URL: https, or this site's own (a catalog entry cannot send weights over plain http). */
@@ -270,7 +334,7 @@ async function generate(id, request) {
   const memory = { wasmBytes: wasm.memory.buffer.byteLength, gpuBuffers: gpu.buffers, gpuBindGroups: gpu.bindGroups,
     gpuPeakBytes: gpu.peak };
   return { width: image.width, height: image.height, rgba: image.rgba, png: image.png,
-    parameters: image.parameters, seconds: (performance.now() - t0) / 1000, memory };
+    parameters: image.parameters, warnings: image.warnings, seconds: (performance.now() - t0) / 1000, memory };
 }
 
 // One task at a time, in arrival order. 'cancel' (with the target task's id) acts at once: it stops the
@@ -302,6 +366,9 @@ self.onmessage = (ev) => {
       else if (msg.type === 'import') result = await importFiles(msg.id, msg.model, msg.files);
       else if (msg.type === 'unload') { if (loaded?.id === msg.model) loaded = null; result = null; }
       else if (msg.type === 'tokens') result = loaded ? { ...engine.countTokens(msg.prompt, !!msg.literal), model: loaded.id } : null;
+      else if (msg.type === 'import-adapters') result = await importAdapters(msg.id, msg.files);
+      else if (msg.type === 'adapters') result = await syncAdapters();
+      else if (msg.type === 'delete-adapter') result = await deleteAdapter(msg.path);
       else throw new Error(`unknown message ${msg.type}`);
       const transfer = result?.rgba ? [result.rgba.buffer, result.png.buffer] : [];
       post({ id: msg.id, type: 'result', result }, transfer);

@@ -9,9 +9,11 @@ mod cli {
     use clap::{Parser, Subcommand, ValueEnum};
     use latent_gen::gpu::{DType, GpuContext};
     use latent_gen::image::Image;
-    use latent_gen::pipeline::{Control, InitImage, Request, StableDiffusion};
+    use latent_gen::pipeline::{Adapters, Control, InitImage, Request, StableDiffusion};
     use latent_gen::schedulers::SchedulerKind;
     use latent_gen::weights::LoadPolicy;
+    use latent_gen::weights::embedding::Embedding;
+    use latent_gen::weights::lora::Lora;
 
     /// The model generation falls back to when no --model is given: the bundled tiny model.
     const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../www/models/tiny-shapes");
@@ -150,6 +152,15 @@ mod cli {
         /// Run on the CPU (candle) instead of the GPU; also the fallback when no GPU adapter is found.
         #[arg(long)]
         cpu: bool,
+        /// A LoRA to merge into the weights (.safetensors, kohya/A1111 or diffusers/PEFT), at SCALE (default
+        /// 1); repeat for several. The PNG's prompt records each as A1111's <lora:NAME:SCALE> tag.
+        #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+        loras: Vec<String>,
+        /// A textual-inversion embedding (A1111 .safetensors or .pt, diffusers' learned_embeds); repeat for
+        /// several. Its trigger word (A1111: the file name; diffusers: the token in the file) in a prompt
+        /// stands for its vectors.
+        #[arg(long = "embedding", value_name = "FILE")]
+        embeddings: Vec<PathBuf>,
     }
 
     #[derive(clap::Args)]
@@ -754,8 +765,22 @@ mod cli {
         let start = Instant::now();
         eprintln!("loading {}", model.display());
         let init = read_init_images(&g.init_images)?;
+        let loras = read_loras(&g.loras)?;
+        let embeddings = g.embeddings.iter().map(|p| Embedding::open(p)).collect::<Result<Vec<_>, _>>()?;
         let src = latent_gen::pipeline::open_model(&model, g.config.as_deref())?;
-        let mut sd = StableDiffusion::load(ctx, src.as_ref(), LoadPolicy { act, weights })?;
+        let lora_refs: Vec<(&Lora, f32)> = loras.iter().map(|(l, s)| (l, *s)).collect();
+        let embedding_refs: Vec<&Embedding> = embeddings.iter().collect();
+        let adapters = Adapters { loras: &lora_refs, embeddings: &embedding_refs };
+        let mut sd = StableDiffusion::load_with(ctx, src.as_ref(), LoadPolicy { act, weights }, adapters)?;
+        for warning in &sd.adapter_warnings {
+            eprintln!("warning: {warning}");
+        }
+        for (lora, scale) in &loras {
+            eprintln!("LoRA {} at {scale}: {} layers ({:?} format)", lora.name, lora.layers.len(), lora.format);
+        }
+        for e in &embeddings {
+            eprintln!("embedding {:?}: {} vectors", e.trigger, e.vectors());
+        }
         if !init.is_empty() {
             sd.load_vae_encoder(src.as_ref(), LoadPolicy { act, weights })?;
         }
@@ -764,8 +789,23 @@ mod cli {
             sd.scheduler_config.prediction_type = Some(p.config_name().into());
         }
         eprintln!("loaded in {:.2} s on {}", start.elapsed().as_secs_f64(), ctx.summary().name);
+        // LoRAs come from --lora; tags in the prompt are taken out, and the PNG's prompt names the loaded ones
+        // as A1111 writes them.
+        let (mut prompt, tags) = latent_gen::prompt::lora_tags(g.prompt.as_deref().unwrap_or_default());
+        if !tags.is_empty() && !g.literal_prompt {
+            eprintln!(
+                "warning: the CLI applies LoRAs given with --lora FILE[:SCALE]; the prompt's <lora:...> tags are ignored"
+            );
+        }
+        if g.literal_prompt {
+            prompt = g.prompt.clone().unwrap_or_default();
+        } else {
+            for (lora, scale) in &loras {
+                prompt.push_str(&format!(" <lora:{}:{scale}>", lora.name));
+            }
+        }
         let base = Request {
-            prompt: g.prompt.clone().unwrap_or_default(),
+            prompt,
             negative_prompt: g.negative.clone(),
             seed: g.seed,
             steps: g.steps,
@@ -799,6 +839,22 @@ mod cli {
         let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
         let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kb / 1024.0)
+    }
+
+    /// The --lora values: each file parsed, with its scale (1 when none is given).
+    fn read_loras(args: &[String]) -> Result<Vec<(Lora, f32)>, Box<dyn std::error::Error>> {
+        args.iter()
+            .map(|a| {
+                let (path, scale) = match a.rsplit_once(':') {
+                    Some((p, s)) if !p.is_empty() && s.parse::<f32>().is_ok() => (p, s.parse::<f32>()?),
+                    _ => (a.as_str(), 1.0),
+                };
+                if !scale.is_finite() {
+                    return Err(format!("--lora {a}: the scale must be a number").into());
+                }
+                Ok((Lora::open(Path::new(path))?, scale))
+            })
+            .collect()
     }
 
     /// The --init-image values: each PNG read, with its weight (1 when none is given).

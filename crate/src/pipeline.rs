@@ -18,7 +18,10 @@ use crate::ops::{self, Term};
 use crate::rng::TorchRng;
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind, StepPlan};
 use crate::tokenizer::{self, ClipTokenizer};
-use crate::weights::{LoadPolicy, TensorSource, Weights};
+use crate::weights::embedding::Embedding;
+use crate::weights::lora::{self, Lora};
+use crate::weights::original::Part;
+use crate::weights::{LoadPolicy, Patch, TensorSource, Weights};
 
 /// Where a model's files come from: a diffusers folder on disk, or files handed over by the page.
 pub trait ModelSource {
@@ -299,6 +302,31 @@ pub enum Control {
     Cancel,
 }
 
+/// LoRAs (each with its scale) and textual-inversion embeddings, applied to a model's text encoder and UNet
+/// as their weights load ([`StableDiffusion::load_with`], [`StableDiffusion::apply_adapters`]).
+#[derive(Clone, Copy, Default)]
+pub struct Adapters<'a> {
+    pub loras: &'a [(&'a Lora, f32)],
+    pub embeddings: &'a [&'a Embedding],
+}
+
+impl Adapters<'_> {
+    /// What the text encoder's (`Part::TextEncoder`) or the UNet's weights depend on: the LoRAs with layers
+    /// there (by identity and scale) and, for the text encoder, the embeddings.
+    fn signature(&self, part: Part) -> String {
+        let mut s: Vec<String> = self
+            .loras
+            .iter()
+            .filter(|(l, _)| l.layers.iter().any(|layer| layer.part == part))
+            .map(|(l, scale)| format!("{}@{:p}:{scale}", l.name, *l))
+            .collect();
+        if part == Part::TextEncoder {
+            s.extend(self.embeddings.iter().map(|e| format!("{}@{:p}", e.trigger, *e)));
+        }
+        s.join("\n")
+    }
+}
+
 /// A loaded Stable Diffusion model.
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
@@ -310,28 +338,76 @@ pub struct StableDiffusion {
     pub vae_encoder: Option<Encoder>,
     pub vae_config: VaeConfig,
     pub scheduler_config: SchedulerConfig,
+    /// Warnings about the adapters applied (LoRA tensors this model has no place for).
+    pub adapter_warnings: Vec<String>,
+    /// The adapters' signatures the text encoder and the UNet were loaded with.
+    applied: [String; 2],
     ctx: GpuContext,
+}
+
+/// A text encoder and its tokenizer, with the embeddings added and the patch's LoRA updates merged.
+fn load_text(
+    ctx: &GpuContext,
+    src: &dyn ModelSource,
+    te: &dyn TensorSource,
+    policy: LoadPolicy,
+    patch: &mut Patch<'_>,
+    embeddings: &[&Embedding],
+) -> Result<(ClipTokenizer, ClipTextModel)> {
+    let mut clip_config: ClipConfig = parse_config(&src.text("text_encoder/config.json")?, "text_encoder")?;
+    let pad = tokenizer::pad_token(
+        src.text("tokenizer/tokenizer_config.json").ok().as_deref(),
+        src.text("tokenizer/special_tokens_map.json").ok().as_deref(),
+    )?;
+    let mut tokenizer = ClipTokenizer::from_files(
+        &src.text("tokenizer/vocab.json")?,
+        &src.text("tokenizer/merges.txt")?,
+        &pad,
+        clip_config.max_position_embeddings,
+    )?;
+    if !embeddings.is_empty() {
+        // New rows after the vocabulary, one per vector, as diffusers' load_textual_inversion appends them.
+        let table = ["text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight"]
+            .into_iter()
+            .find(|n| te.shape(n).is_some())
+            .ok_or_else(|| Error::Invalid("the text encoder has no token embedding table".into()))?;
+        let (mut values, mut rows) = (Vec::new(), 0);
+        for e in embeddings {
+            e.check_width(clip_config.hidden_size)?;
+            tokenizer.add_embedding(&e.trigger, (clip_config.vocab_size + rows) as u32, e.vectors())?;
+            values.extend_from_slice(&e.values);
+            rows += e.vectors();
+        }
+        patch.rows.insert(table.to_string(), (values, rows));
+        clip_config.vocab_size += rows;
+    }
+    let text_encoder = ClipTextModel::load(&Weights::new(ctx, te, policy).with_patch(patch), clip_config)?;
+    Ok((tokenizer, text_encoder))
 }
 
 impl StableDiffusion {
     /// Loads every component from `src` with weights stored as `policy` says.
     pub fn load(ctx: &GpuContext, src: &dyn ModelSource, policy: LoadPolicy) -> Result<Self> {
-        let clip_config: ClipConfig = parse_config(&src.text("text_encoder/config.json")?, "text_encoder")?;
-        let pad = tokenizer::pad_token(
-            src.text("tokenizer/tokenizer_config.json").ok().as_deref(),
-            src.text("tokenizer/special_tokens_map.json").ok().as_deref(),
-        )?;
-        let tokenizer = ClipTokenizer::from_files(
-            &src.text("tokenizer/vocab.json")?,
-            &src.text("tokenizer/merges.txt")?,
-            &pad,
-            clip_config.max_position_embeddings,
-        )?;
+        Self::load_with(ctx, src, policy, Adapters::default())
+    }
+
+    /// [`StableDiffusion::load`] with LoRAs merged into the text encoder's and UNet's weights and embeddings
+    /// added to the text encoder.
+    pub fn load_with(
+        ctx: &GpuContext,
+        src: &dyn ModelSource,
+        policy: LoadPolicy,
+        adapters: Adapters<'_>,
+    ) -> Result<Self> {
         let te = src.tensors(&weights_file(src, "text_encoder", "model")?)?;
-        let text_encoder = ClipTextModel::load(&Weights::new(ctx, te.as_ref(), policy), clip_config)?;
-        let unet_config: UNetConfig = parse_config(&src.text("unet/config.json")?, "unet")?;
         let un = src.tensors(&weights_file(src, "unet", "diffusion_pytorch_model")?)?;
-        let unet = UNet2DConditionModel::load(&Weights::new(ctx, un.as_ref(), policy), unet_config)?;
+        let (mut te_patch, un_patch, adapter_warnings) = lora::patches(adapters.loras, te.as_ref(), un.as_ref())?;
+        let (tokenizer, text_encoder) = load_text(ctx, src, te.as_ref(), policy, &mut te_patch, adapters.embeddings)?;
+        drop(te);
+        let unet_config: UNetConfig = parse_config(&src.text("unet/config.json")?, "unet")?;
+        let unet =
+            UNet2DConditionModel::load(&Weights::new(ctx, un.as_ref(), policy).with_patch(&un_patch), unet_config)?;
+        drop(un);
         let vae_config: VaeConfig = parse_config(&src.text("vae/config.json")?, "vae")?;
         let va = src.tensors(&weights_file(src, "vae", "diffusion_pytorch_model")?)?;
         let vae = Decoder::load(&Weights::new(ctx, va.as_ref(), policy), &vae_config)?;
@@ -350,8 +426,43 @@ impl StableDiffusion {
             vae_encoder: None,
             vae_config,
             scheduler_config,
+            adapter_warnings,
+            applied: [adapters.signature(Part::TextEncoder), adapters.signature(Part::Unet)],
             ctx: ctx.clone(),
         })
+    }
+
+    /// Re-merges the adapters when they changed: the text encoder (and tokenizer) and the UNet are reloaded
+    /// from `src`, the same files with the same policy, with `adapters` applied; each only when the LoRAs,
+    /// scales or embeddings it depends on differ from those it has. Returns whether anything was reloaded.
+    pub fn apply_adapters(
+        &mut self,
+        src: &dyn ModelSource,
+        policy: LoadPolicy,
+        adapters: Adapters<'_>,
+    ) -> Result<bool> {
+        let want = [adapters.signature(Part::TextEncoder), adapters.signature(Part::Unet)];
+        if want == self.applied {
+            return Ok(false);
+        }
+        let te = src.tensors(&weights_file(src, "text_encoder", "model")?)?;
+        let un = src.tensors(&weights_file(src, "unet", "diffusion_pytorch_model")?)?;
+        let (mut te_patch, un_patch, warnings) = lora::patches(adapters.loras, te.as_ref(), un.as_ref())?;
+        if want[0] != self.applied[0] {
+            let (tokenizer, text_encoder) =
+                load_text(&self.ctx, src, te.as_ref(), policy, &mut te_patch, adapters.embeddings)?;
+            (self.tokenizer, self.text_encoder) = (tokenizer, text_encoder);
+        }
+        drop(te);
+        if want[1] != self.applied[1] {
+            // The old UNet's weights go back to the pool before the new ones are made.
+            let config = self.unet.config.clone();
+            let w = Weights::new(&self.ctx, un.as_ref(), policy).with_patch(&un_patch);
+            self.unet = UNet2DConditionModel::load(&w, config)?;
+        }
+        self.adapter_warnings = warnings;
+        self.applied = want;
+        Ok(true)
     }
 
     /// Loads the VAE's encoder from the same files (a no-op when it is loaded), for img2img.

@@ -111,9 +111,46 @@ pub fn apply_weights(z: &mut [f32], weights: &[f32], tokens: usize, dim: usize) 
     }
 }
 
+/// A1111's LoRA tags, `<lora:NAME:WEIGHT>` or `<lora:NAME>` (weight 1; `<lyco:...>` too): the prompt without
+/// them, and each (name, weight) in order. A tag whose weight is not a number stays in the text.
+pub fn lora_tags(text: &str) -> (String, Vec<(String, f32)>) {
+    let (mut out, mut tags) = (String::with_capacity(text.len()), Vec::new());
+    let mut rest = text;
+    while let Some(start) = rest.find('<') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        let parsed = tail.find('>').and_then(|end| {
+            let inner = &tail[1..end];
+            let (kind, args) = inner.split_once(':')?;
+            if !matches!(kind, "lora" | "lyco") {
+                return None;
+            }
+            let mut parts = args.split(':');
+            let name = parts.next()?.trim();
+            let weight = match parts.next() {
+                Some(w) => w.trim().parse::<f32>().ok().filter(|w| w.is_finite())?,
+                None => 1.0,
+            };
+            (!name.is_empty()).then(|| ((name.to_string(), weight), end + 1))
+        });
+        match parsed {
+            Some((tag, len)) => {
+                tags.push(tag);
+                rest = &tail[len..];
+            }
+            None => {
+                out.push('<');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    (out, tags)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_weighted;
+    use super::{lora_tags, parse_weighted};
 
     fn p(text: &str) -> Vec<(String, f32)> {
         parse_weighted(text).into_iter().map(|(t, w)| (t, (w * 10000.0).round() / 10000.0)).collect()
@@ -149,6 +186,16 @@ mod tests {
         assert_eq!(p("[word]"), v(&[("word", 0.9091)]));
         assert_eq!(p("time: 5pm"), v(&[("time: 5pm", 1.0)]));
         assert_eq!(p("a ) b ]"), v(&[("a ) b ]", 1.0)]));
+    }
+
+    #[test]
+    fn lora_tags_are_taken_out_of_the_prompt() {
+        let (text, tags) = lora_tags("a <lora:pinkish:0.8>pink circle<lora:ring>, <lyco:x: -1.5 > <b>");
+        assert_eq!(text, "a pink circle,  <b>");
+        assert_eq!(tags, vec![("pinkish".into(), 0.8), ("ring".into(), 1.0), ("x".into(), -1.5)]);
+        let (text, tags) = lora_tags("<lora:bad:much> <tiny-cat> 2 < 3 <lora:");
+        assert_eq!(text, "<lora:bad:much> <tiny-cat> 2 < 3 <lora:");
+        assert!(tags.is_empty());
     }
 
     #[test]

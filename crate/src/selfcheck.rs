@@ -58,6 +58,7 @@ pub const CHECKS: &[&str] = &[
     "layout",
     "timestep_embedding",
     "finite",
+    "pack",
     "errors",
 ];
 
@@ -92,6 +93,7 @@ pub async fn run(ctx: &GpuContext, name: &str) -> Result<Vec<CheckReport>> {
         "layout" => layout(ctx, &mut r).await?,
         "timestep_embedding" => timestep_embedding(ctx, &mut r).await?,
         "finite" => finite(ctx, &mut r).await?,
+        "pack" => pack(ctx, &mut r).await?,
         "errors" => errors(ctx, &mut r)?,
         _ => return Err(crate::Error::Invalid(format!("no self-check named {name}"))),
     }
@@ -882,6 +884,41 @@ async fn timestep_embedding(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Resul
 /// The non-finite check (the pipeline's NaN guard) against Rust's `is_finite` on the same values: clean
 /// tensors, a NaN, +-infinity and f16 overflow, anywhere (first, last, the high half of an f16 word, past the
 /// first pass of the grid-stride loop), f32 and f16 layouts (f16 needs no shader-f16: words are read raw).
+/// Weights computed on the GPU stored as f16 pairs or q8_0/q4_0 blocks (`ops::pack`) against the host's
+/// conversion (half's rounding; candle's GGML quantization), odd block counts and an odd length included. A
+/// quant may differ by one step where a GPU's division rounds differently at a tie; more than 0.1% of them,
+/// or any by more, fails.
+async fn pack(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let mut rng = Rng::new(37);
+    for shape in [vec![3usize, 11usize], vec![3, 32], vec![7, 96], vec![40, 320], vec![5, 64, 3, 3]] {
+        let n: usize = shape.iter().product();
+        let mut data = rng.uniform(n, -2.0, 2.0);
+        data[1] = 0.0;
+        let x = Tensor::from_f32(ctx, &[n], &data)?;
+        for dtype in [DType::F16, DType::Q8_0, DType::Q4_0] {
+            let flat_shape = [shape[0], n / shape[0]];
+            if dtype.is_quantized() && !flat_shape[1].is_multiple_of(32) {
+                continue;
+            }
+            let got = ops::pack(ctx, &x, dtype, &flat_shape)?.to_vec_f32(ctx).await?;
+            let case = format!("{shape:?} as {dtype}");
+            if dtype == DType::F16 {
+                r.push(compare("pack", case, &got, &rounded(data.clone(), DType::F16), 1e-7, 1e-3));
+                continue;
+            }
+            let gdtype = if dtype == DType::Q8_0 { GgmlDType::Q8_0 } else { GgmlDType::Q4_0 };
+            let want = flat(&QTensor::quantize(&cpu(&data, &flat_shape)?, gdtype)?.dequantize(&Device::Cpu)?)?;
+            let step = 2.0 / if dtype == DType::Q8_0 { 127.0 } else { 8.0 } * 1.01;
+            let differ = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+            let mut report = compare("pack", case, &got, &want, step, 0.0);
+            report.passed &= differ * 1000 <= n;
+            report.worst = format!("{differ} of {n} values differ from candle's; {}", report.worst);
+            r.push(report);
+        }
+    }
+    Ok(())
+}
+
 async fn finite(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     let mut rng = Rng::new(31);
     let cases: [(usize, Option<(usize, f32)>); 7] = [

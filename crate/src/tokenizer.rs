@@ -19,6 +19,9 @@ const EOS: &str = "<|endoftext|>";
 /// CLIP's pre-tokenization regex (words, single digits, runs of other symbols).
 const WORDS: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+/// A token's byte range in the (cleaned) text.
+type Offsets = (usize, usize);
+
 /// A CLIP tokenizer with its padding rule.
 pub struct ClipTokenizer {
     tokenizer: Tokenizer,
@@ -26,6 +29,8 @@ pub struct ClipTokenizer {
     eos: u32,
     pad: u32,
     max_len: usize,
+    /// Textual-inversion triggers: the id the tokenizer gives each, and the embedding rows it stands for.
+    added: HashMap<u32, Vec<u32>>,
 }
 
 fn err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -79,7 +84,43 @@ impl ClipTokenizer {
             AddedToken::from(EOS, true),
             AddedToken::from(pad_token, true),
         ]);
-        Ok(Self { tokenizer, bos, eos, pad, max_len })
+        Ok(Self { tokenizer, bos, eos, pad, max_len, added: HashMap::new() })
+    }
+
+    /// Makes `trigger` (matched anywhere in a prompt, as diffusers' `load_textual_inversion` adds it) stand for
+    /// the `vectors` embedding rows from `first_row` on: one token id per vector, as diffusers' multi-vector
+    /// tokens `trigger trigger_1 ...` do.
+    pub fn add_embedding(&mut self, trigger: &str, first_row: u32, vectors: usize) -> Result<()> {
+        let trigger = clean(trigger);
+        if self.tokenizer.get_added_vocabulary().get_vocab().contains_key(&trigger) {
+            return Err(err("embeddings", format!("two embeddings are triggered by {trigger:?}")));
+        }
+        self.tokenizer.add_tokens(&[AddedToken::from(trigger.clone(), false)]);
+        let id = self
+            .tokenizer
+            .token_to_id(&trigger)
+            .ok_or_else(|| err("embeddings", format!("{trigger:?} could not be added")))?;
+        self.added.insert(id, (first_row..first_row + vectors as u32).collect());
+        Ok(())
+    }
+
+    /// The ids (textual-inversion triggers expanded to their rows) and offsets of cleaned text.
+    fn ids(&self, cleaned: &str) -> Result<(Vec<u32>, Vec<Offsets>)> {
+        let enc = self.tokenizer.encode(cleaned, false).map_err(|e| err("encode", e))?;
+        let (mut ids, mut offsets) = (Vec::new(), Vec::new());
+        for (&id, &off) in enc.get_ids().iter().zip(enc.get_offsets()) {
+            match self.added.get(&id) {
+                Some(rows) => {
+                    ids.extend_from_slice(rows);
+                    offsets.extend(std::iter::repeat_n(off, rows.len()));
+                }
+                None => {
+                    ids.push(id);
+                    offsets.push(off);
+                }
+            }
+        }
+        Ok((ids, offsets))
     }
 
     /// Reads a model's `tokenizer/` folder: vocab.json, merges.txt and the pad token from tokenizer_config.json
@@ -98,8 +139,7 @@ impl ClipTokenizer {
 
     /// `max_len` ids: start token, up to `max_len - 2` tokens of `text`, end token, then padding.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(clean(text), false).map_err(|e| err("encode", e))?;
-        Ok(self.frame(enc.get_ids()))
+        Ok(self.frame(&self.ids(&clean(text))?.0))
     }
 
     /// The start token, at most `max_len - 2` of `body`, the end token, then padding to `max_len`.
@@ -114,10 +154,11 @@ impl ClipTokenizer {
     }
 
     /// [`ClipTokenizer::encode`] of a prompt in A1111's weighting syntax ([`crate::prompt::parse_weighted`]):
-    /// each run tokenized alone, the brackets and weights removed, and each id's weight (1 for the start,
-    /// end and padding tokens). A prompt without weighting syntax gives `encode`'s ids, all weights 1.
+    /// each run tokenized alone, the brackets and weights removed (and LoRA tags, [`crate::prompt::lora_tags`]),
+    /// and each id's weight (1 for the start, end and padding tokens). A prompt without weighting syntax gives
+    /// `encode`'s ids, all weights 1.
     pub fn encode_weighted(&self, text: &str) -> Result<(Vec<u32>, Vec<f32>)> {
-        let runs = crate::prompt::parse_weighted(text);
+        let runs = crate::prompt::parse_weighted(&crate::prompt::lora_tags(text).0);
         if let [(only, w)] = runs.as_slice()
             && *w == 1.0
         {
@@ -125,9 +166,9 @@ impl ClipTokenizer {
         }
         let (mut body, mut weights) = (Vec::new(), Vec::new());
         for (run, w) in &runs {
-            let enc = self.tokenizer.encode(clean(run), false).map_err(|e| err("encode", e))?;
-            body.extend_from_slice(enc.get_ids());
-            weights.extend(std::iter::repeat_n(*w, enc.get_ids().len()));
+            let ids = self.ids(&clean(run))?.0;
+            weights.extend(std::iter::repeat_n(*w, ids.len()));
+            body.extend(ids);
         }
         let keep = body.len().min(self.limit());
         let ids = self.frame(&body);
@@ -146,13 +187,17 @@ impl ClipTokenizer {
     /// The tokens a prompt has (brackets and weights not counted when `weighted`) and the words past the
     /// limit of `max_len - 2`.
     pub fn measure(&self, text: &str, weighted: bool) -> Result<(usize, Option<String>)> {
-        let runs = if weighted { crate::prompt::parse_weighted(text) } else { vec![(text.to_string(), 1.0)] };
+        let runs = if weighted {
+            crate::prompt::parse_weighted(&crate::prompt::lora_tags(text).0)
+        } else {
+            vec![(text.to_string(), 1.0)]
+        };
         let mut room = self.max_len.saturating_sub(2);
         let (mut total, mut cut) = (0, Vec::new());
         for (run, _) in &runs {
             let cleaned = clean(run);
-            let enc = self.tokenizer.encode(cleaned.as_str(), false).map_err(|e| err("encode", e))?;
-            let n = enc.get_ids().len();
+            let (ids, offsets) = self.ids(&cleaned)?;
+            let n = ids.len();
             total += n;
             if room == 0 {
                 cut.push(cleaned);
@@ -160,7 +205,7 @@ impl ClipTokenizer {
                 room -= n;
             } else {
                 // Offsets are in the normalized text (lowercased, whitespace collapsed).
-                let start = enc.get_offsets()[room].0;
+                let start = offsets[room].0;
                 cut.push(cleaned.to_lowercase().get(start..).unwrap_or_default().to_string());
                 room = 0;
             }
@@ -176,7 +221,7 @@ impl ClipTokenizer {
 
     /// How many tokens of `text` fit (the rest is cut): (used, total).
     pub fn count(&self, text: &str) -> Result<(usize, usize)> {
-        let n = self.tokenizer.encode(clean(text), false).map_err(|e| err("encode", e))?.get_ids().len();
+        let n = self.ids(&clean(text))?.0.len();
         Ok((n.min(self.max_len.saturating_sub(2)), n))
     }
 }

@@ -10,12 +10,16 @@ use wasm_bindgen::prelude::*;
 use crate::checkpoint::Checkpoint;
 use crate::convert::{Conversion, Format};
 use crate::gpu::{DType, GpuContext};
-use crate::pipeline::{Image, InitImage, MemorySource, ModelSource, Request, StableDiffusion, parameters_text_from};
+use crate::pipeline::{
+    Adapters, Image, InitImage, MemorySource, ModelSource, Request, StableDiffusion, parameters_text_from,
+};
 use crate::preview::{PreviewFactors, TinyPreview};
 use crate::selfcheck;
 use crate::weights::LoadPolicy;
-use crate::weights::RangedSafetensors;
+use crate::weights::embedding::Embedding;
 use crate::weights::gguf::Gguf;
+use crate::weights::lora::{self, Lora};
+use crate::weights::{RangedSafetensors, TensorSource};
 
 #[wasm_bindgen(start)]
 fn start() {
@@ -107,6 +111,12 @@ struct EngineInner {
     /// The TAESD decoder for `preview: "taesd"` requests, once loaded.
     taesd: RefCell<Option<Rc<TinyPreview>>>,
     cancel: Cell<bool>,
+    /// Imported LoRAs by name (read from the cache a tensor at a time when merged), in import order.
+    loras: RefCell<Vec<Rc<Lora>>>,
+    /// Imported textual-inversion embeddings, in import order (their rows follow the vocabulary in it).
+    embeddings: RefCell<Vec<Rc<Embedding>>>,
+    /// The LoRAs (name, scale) the loaded model has merged.
+    active: RefCell<Vec<(String, f32)>>,
 }
 
 /// Reads byte ranges of a Blob synchronously (FileReaderSync: dedicated workers only).
@@ -198,6 +208,9 @@ impl Engine {
             preview: Default::default(),
             taesd: Default::default(),
             cancel: Default::default(),
+            loras: Default::default(),
+            embeddings: Default::default(),
+            active: Default::default(),
         };
         Ok(Engine { inner: Rc::new(inner), reason })
     }
@@ -246,7 +259,14 @@ impl Engine {
         *self.inner.model.borrow_mut() = None;
         *self.inner.model_files.borrow_mut() = None;
         self.inner.ctx.trim_pool();
-        let sd = StableDiffusion::load(&self.inner.ctx, src.as_ref(), LoadPolicy { act, weights }).map_err(js_err)?;
+        let config: crate::models::clip::ClipConfig =
+            crate::models::parse_config(&src.text("text_encoder/config.json").map_err(js_err)?, "text_encoder")
+                .map_err(js_err)?;
+        let (embeddings, _) = self.inner.fitting_embeddings(config.hidden_size);
+        let refs: Vec<&Embedding> = embeddings.iter().map(|e| e.as_ref()).collect();
+        let adapters = Adapters { loras: &[], embeddings: &refs };
+        let sd = StableDiffusion::load_with(&self.inner.ctx, src.as_ref(), LoadPolicy { act, weights }, adapters)
+            .map_err(js_err)?;
         let factors = match src.text("preview.json") {
             Ok(text) => PreviewFactors::from_json(&text).map_err(js_err)?,
             Err(_) => PreviewFactors::default(),
@@ -260,7 +280,67 @@ impl Engine {
         *self.inner.model_name.borrow_mut() = name;
         *self.inner.model.borrow_mut() = Some(Rc::new(sd));
         *self.inner.model_files.borrow_mut() = Some((files, LoadPolicy { act, weights }));
+        self.inner.active.borrow_mut().clear();
         Ok(info.into())
+    }
+
+    /// Adds a LoRA or a textual-inversion embedding from its file (`name`: the file's name; `blob`: its bytes,
+    /// in the cache): `.safetensors` with LoRA layers is a LoRA (read a tensor at a time when it is merged),
+    /// anything else an embedding (A1111 `.safetensors` / `.pt`, diffusers' `learned_embeds`). One with the
+    /// same name is replaced. Resolves to `{kind: "lora", name, format, layers, unknown}` or `{kind:
+    /// "embedding", name (the trigger word), vectors, dim}`; a file that is neither, or one for another
+    /// architecture, is refused with the reason. A new embedding is added to the loaded model at once, so the
+    /// token meter counts its vectors.
+    #[wasm_bindgen(js_name = addAdapter)]
+    pub fn add_adapter(&self, name: String, blob: web_sys::Blob) -> Result<JsValue, JsError> {
+        let size = blob.size() as u64;
+        let stem =
+            std::path::Path::new(&name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let lower = name.to_ascii_lowercase();
+        let info = js_sys::Object::new();
+        if lower.ends_with(".safetensors") {
+            let file = RangedSafetensors::new(blob_reader(blob.clone()), size, name.clone()).map_err(js_err)?;
+            let names = file.names();
+            if names.iter().any(|n| n.starts_with("lora_") || n.contains(".lora_") || n.contains("hada_w")) {
+                let metadata = file.metadata_value(lora::ADAPTER_METADATA);
+                let l = Lora::new(stem.clone(), Box::new(file), metadata.as_deref()).map_err(js_err)?;
+                set(&info, "kind", "lora")?;
+                set(&info, "name", l.name.clone())?;
+                set(&info, "format", format!("{:?}", l.format).to_lowercase())?;
+                set(&info, "layers", l.layers.len() as u32)?;
+                set(&info, "unknown", l.unknown.len() as u32)?;
+                let mut loras = self.inner.loras.borrow_mut();
+                loras.retain(|x| x.name != l.name);
+                loras.push(Rc::new(l));
+                return Ok(info.into());
+            }
+        }
+        let bytes = blob_reader(blob)(0, size as usize).map_err(js_err)?;
+        let e = Embedding::from_bytes(&name, bytes).map_err(js_err)?;
+        set(&info, "kind", "embedding")?;
+        set(&info, "name", e.trigger.clone())?;
+        set(&info, "vectors", e.vectors() as u32)?;
+        set(&info, "dim", e.dim as u32)?;
+        {
+            let mut embeddings = self.inner.embeddings.borrow_mut();
+            embeddings.retain(|x| x.trigger != e.trigger);
+            embeddings.push(Rc::new(e));
+        }
+        self.inner.reapply()?;
+        Ok(info.into())
+    }
+
+    /// Forgets the LoRA or embedding called `name` (a LoRA's name or an embedding's trigger word); the loaded
+    /// model drops it at its next generation (an embedding at once).
+    #[wasm_bindgen(js_name = removeAdapter)]
+    pub fn remove_adapter(&self, name: String) -> Result<(), JsError> {
+        self.inner.loras.borrow_mut().retain(|l| l.name != name);
+        let before = self.inner.embeddings.borrow().len();
+        self.inner.embeddings.borrow_mut().retain(|e| e.trigger != name);
+        if self.inner.embeddings.borrow().len() != before {
+            self.inner.reapply()?;
+        }
+        Ok(())
     }
 
     /// Loads the TAESD decoder that `preview: "taesd"` requests use, from a diffusers AutoencoderTiny folder's
@@ -301,8 +381,20 @@ impl Engine {
             };
             let init = init_images(&request).map_err(e)?;
             let toward = js_sys::Reflect::get(&request, &"interpolate".into()).unwrap_or(JsValue::UNDEFINED);
-            let req: Request =
+            let chosen = request_loras(&request).map_err(e)?;
+            let mut req: Request =
                 serde_wasm_bindgen::from_value(request).map_err(|er| e(JsError::new(&format!("bad request: {er}"))))?;
+            // LoRAs: the request's `loras`, then the prompt's tags (a tag overrides the same name's scale). The
+            // request's become tags in the prompt too, so the PNG's parameters name them as A1111 does.
+            let mut wanted = chosen.clone();
+            for (name, scale) in crate::prompt::lora_tags(&req.prompt).1 {
+                wanted.retain(|(n, _)| *n != name);
+                wanted.push((name, scale));
+            }
+            for (name, scale) in &chosen {
+                req.prompt.push_str(&format!(" <lora:{name}:{scale}>"));
+            }
+            let warnings = inner.apply_loras(&wanted).map_err(e)?;
             let toward = interpolation(&req, &toward).map_err(e)?;
             if toward.is_some() && !init.is_empty() {
                 return Err(e(JsError::new("a request cannot both interpolate and start from init images")));
@@ -354,6 +446,11 @@ impl Engine {
             let png = image.to_png(&parameters).map_err(|er| e(js_err(er)))?;
             let out = image_to_js(&image).map_err(e)?;
             set(&out, "parameters", parameters).map_err(e)?;
+            let list = js_sys::Array::new();
+            for w in warnings {
+                list.push(&w.into());
+            }
+            set(&out, "warnings", list).map_err(e)?;
             set(&out, "png", js_sys::Uint8Array::from(png.as_slice())).map_err(e)?;
             Ok(out.into())
         })
@@ -381,6 +478,67 @@ impl Engine {
 }
 
 impl EngineInner {
+    /// Merges the LoRAs `wanted` (name, scale) and the imported embeddings into the loaded model, re-merging
+    /// what changed since the last time (nothing when nothing did). Returns the warnings about them.
+    fn apply_loras(&self, wanted: &[(String, f32)]) -> Result<Vec<String>, JsError> {
+        let chosen: Vec<(Rc<Lora>, f32)> = {
+            let loras = self.loras.borrow();
+            wanted
+                .iter()
+                .map(|(name, scale)| {
+                    let l = loras.iter().find(|l| l.name == *name).ok_or_else(|| {
+                        JsError::new(&format!(
+                            "no LoRA named \"{name}\" is imported: import its file in the models panel (imported: {})",
+                            if loras.is_empty() {
+                                "none".into()
+                            } else {
+                                loras.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
+                            }
+                        ))
+                    })?;
+                    Ok((l.clone(), *scale))
+                })
+                .collect::<Result<_, JsError>>()?
+        };
+        let mut slot = self.model.borrow_mut();
+        let Some(rc) = slot.as_mut() else { return Ok(Vec::new()) };
+        let (embeddings, mut warnings) = self.fitting_embeddings(rc.text_encoder.config.hidden_size);
+        let loras: Vec<(&Lora, f32)> = chosen.iter().map(|(l, s)| (l.as_ref(), *s)).collect();
+        let refs: Vec<&Embedding> = embeddings.iter().map(|e| e.as_ref()).collect();
+        let sd = Rc::get_mut(rc).ok_or_else(|| JsError::new("the model is busy: wait for the generation to end"))?;
+        let files = self.model_files.borrow();
+        let (files, policy) = files.as_ref().ok_or_else(|| JsError::new("no model is loaded"))?;
+        let src = model_source(files)?;
+        let adapters = Adapters { loras: &loras, embeddings: &refs };
+        sd.apply_adapters(src.as_ref(), *policy, adapters).map_err(js_err)?;
+        *self.active.borrow_mut() = wanted.to_vec();
+        warnings.extend(sd.adapter_warnings.iter().cloned());
+        Ok(warnings)
+    }
+
+    /// The imported embeddings whose vectors fit a text encoder `width` wide, and a note for each that does
+    /// not (an SD 2.x embedding while an SD 1.x model is loaded is kept for later, not an error).
+    fn fitting_embeddings(&self, width: usize) -> (Vec<Rc<Embedding>>, Vec<String>) {
+        let (fit, other): (Vec<Rc<Embedding>>, Vec<Rc<Embedding>>) =
+            self.embeddings.borrow().iter().cloned().partition(|e| e.check_width(width).is_ok());
+        let notes = other
+            .iter()
+            .map(|e| {
+                format!("the embedding {} is {} wide, this model's text encoder {width}: not used", e.trigger, e.dim)
+            })
+            .collect();
+        (fit, notes)
+    }
+
+    /// Re-applies the last LoRA set with the current embeddings (after an embedding was added or removed).
+    fn reapply(&self) -> Result<(), JsError> {
+        let active = self.active.borrow().clone();
+        // A LoRA removed since is dropped rather than failing.
+        let names: Vec<String> = self.loras.borrow().iter().map(|l| l.name.clone()).collect();
+        let active: Vec<(String, f32)> = active.into_iter().filter(|(n, _)| names.contains(n)).collect();
+        self.apply_loras(&active).map(|_| ())
+    }
+
     /// Loads the current model's VAE encoder (img2img) unless it is loaded.
     fn load_vae_encoder(&self) -> Result<(), JsError> {
         let mut slot = self.model.borrow_mut();
@@ -418,6 +576,27 @@ fn interpolation(req: &Request, value: &JsValue) -> Result<Option<(Request, f32)
         b.negative_prompt = p;
     }
     Ok(Some((b, t as f32)))
+}
+
+/// A request's `loras: [{name, scale}]` (scale 1 when absent).
+fn request_loras(request: &JsValue) -> Result<Vec<(String, f32)>, JsError> {
+    let list = js_sys::Reflect::get(request, &"loras".into()).unwrap_or(JsValue::UNDEFINED);
+    if list.is_undefined() || list.is_null() {
+        return Ok(Vec::new());
+    }
+    let list: js_sys::Array = list.dyn_into().map_err(|_| JsError::new("loras must be an array of {name, scale}"))?;
+    list.iter()
+        .map(|item| {
+            let get = |k: &str| js_sys::Reflect::get(&item, &k.into()).unwrap_or(JsValue::UNDEFINED);
+            let name = get("name").as_string().ok_or_else(|| JsError::new("each of loras needs a name"))?;
+            let scale = get("scale");
+            let scale = if scale.is_undefined() { 1.0 } else { scale.as_f64().unwrap_or(f64::NAN) };
+            if !scale.is_finite() {
+                return Err(JsError::new(&format!("the LoRA {name}'s scale must be a number")));
+            }
+            Ok((name, scale as f32))
+        })
+        .collect()
 }
 
 /// A request's `init_images`: `[{width, height, rgba, weight}]`, each checked for size.

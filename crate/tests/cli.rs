@@ -557,3 +557,76 @@ fn prompt_weights_change_the_image_and_weight_one_does_not() {
     assert!(err.contains("cut off: \"") && err.contains("tail end words\""), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The reference image of a case in tests/fixtures/refs/lora (scripts/make-lora-fixtures), as RGB bytes.
+fn lora_reference(case: &str) -> Vec<u8> {
+    let refs = std::fs::read(fixtures().join(format!("refs/lora/{case}.safetensors"))).unwrap();
+    safetensors::SafeTensors::deserialize(&refs).unwrap().tensor("image").unwrap().data().to_vec()
+}
+
+fn psnr_rgba(rgba: &[u8], rgb: &[u8]) -> f64 {
+    let got: Vec<u8> = rgba.chunks(4).flat_map(|p| p[..3].to_vec()).collect();
+    let mse: f64 = got.iter().zip(rgb).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>() / got.len() as f64;
+    10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10()
+}
+
+/// `--lora FILE:SCALE` and `--embedding FILE` give diffusers' fused-LoRA and textual-inversion images; the
+/// PNG's prompt records the LoRA as A1111's tag; a file that is not a LoRA is refused by name.
+#[test]
+fn lora_and_embedding_flags_give_diffusers_images() {
+    let dir = std::env::temp_dir().join(format!("latent-gen-cli-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = fixtures().join("models/sd1-tiny");
+    let lora = fixtures().join("lora/sd1-kohya.safetensors");
+    let emb = |f: &str| fixtures().join("embeddings").join(f).to_str().unwrap().to_string();
+    let out = dir.join("lora.png");
+    let common = |out: &std::path::Path, prompt: &str| -> Vec<String> {
+        [
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--negative",
+            "blurry, low quality",
+            "--seed",
+            "3",
+            "--steps",
+            "4",
+            "--scheduler",
+            "ddim",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let mut args = common(&out, "a photograph of an astronaut riding a horse");
+    args.extend(["--lora".into(), format!("{}:0.8", lora.display())]);
+    let o = Command::new(env!("CARGO_BIN_EXE_latent-gen")).args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "latent-gen failed: {stderr}");
+    let (rgba, _, _, params) = read_png(&out);
+    assert!(params.starts_with("a photograph of an astronaut riding a horse <lora:sd1-kohya:0.8>\n"), "{params}");
+    let db = psnr_rgba(&rgba, &lora_reference("sd1-kohya"));
+    assert!(db >= 40.0, "--lora: PSNR {db:.1} dB against diffusers");
+
+    let out = dir.join("embeddings.png");
+    let mut args = common(&out, "a tiny-style photograph of tiny-thing and a <tiny-cat>, riding a horse");
+    for f in ["tiny-style.safetensors", "tiny-thing.pt", "tiny-cat.safetensors"] {
+        args.extend(["--embedding".into(), emb(f)]);
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_latent-gen")).args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "latent-gen failed: {stderr}");
+    assert!(stderr.contains("embedding \"tiny-thing\": 3 vectors"), "{stderr}");
+    let db = psnr_rgba(&read_png(&out).0, &lora_reference("sd1-embeddings"));
+    assert!(db >= 40.0, "--embedding: PSNR {db:.1} dB against diffusers");
+
+    let mut args = common(&dir.join("never.png"), "a horse");
+    args.extend(["--lora".into(), emb("tiny-style.safetensors")]);
+    let o = Command::new(env!("CARGO_BIN_EXE_latent-gen")).args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("tiny-style.safetensors is not a LoRA"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}

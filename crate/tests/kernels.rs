@@ -73,6 +73,7 @@ kernel_tests!(
     layout,
     timestep_embedding,
     finite,
+    pack,
     errors,
 );
 

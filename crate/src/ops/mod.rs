@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod gemm;
 pub mod layout;
 pub mod norm;
+pub mod pack;
 
 pub use attention::{Cols, attention, attention_cols};
 pub use check::{FiniteCheck, all_finite};
@@ -21,6 +22,7 @@ pub use layout::{
     upsample_nearest2x,
 };
 pub use norm::{GnParams, group_norm, group_norm_cat, group_norm_stats, layer_norm, softmax};
+pub use pack::pack;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Tensor};

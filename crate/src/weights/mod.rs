@@ -2,7 +2,9 @@
 //! shape the model expects, converted to the load policy's dtypes and uploaded. A missing or mis-shaped
 //! tensor is an error naming the tensor, the expected and the found shape.
 
+pub mod embedding;
 pub mod gguf;
+pub mod lora;
 pub mod original;
 
 use std::borrow::Cow;
@@ -13,6 +15,7 @@ use safetensors::{Dtype, tensor::Metadata};
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, GpuContext, QBLOCK, Tensor};
+use crate::ops;
 
 /// How a tensor is used, which decides the dtype it is stored in on the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,6 +362,35 @@ impl TensorSource for RangedSafetensors {
     }
 }
 
+/// What changes a network's tensors as they load, by tensor name: LoRA updates merged into weights, rows
+/// appended to an embedding table (textual inversion). Models never see it: they get the changed tensors.
+#[derive(Default)]
+pub struct Patch<'a> {
+    /// Low-rank updates per weight.
+    pub(crate) lora: HashMap<String, Vec<Update<'a>>>,
+    /// Rows appended to a table: (row-major values, rows).
+    pub(crate) rows: HashMap<String, (Vec<f32>, usize)>,
+}
+
+impl Patch<'_> {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.lora.is_empty() && self.rows.is_empty()
+    }
+
+    /// The tensors it changes.
+    pub fn changed(&self) -> usize {
+        self.lora.len() + self.rows.len()
+    }
+}
+
+/// One LoRA layer's update of a weight: `coef` (the user's scale times alpha / rank) * up @ down.
+pub(crate) struct Update<'a> {
+    pub(crate) lora: &'a lora::Lora,
+    pub(crate) layer: usize,
+    pub(crate) coef: f32,
+}
+
 /// A view of a tensor source under a name prefix, uploading what models ask for.
 #[derive(Clone)]
 pub struct Weights<'a> {
@@ -366,11 +398,17 @@ pub struct Weights<'a> {
     src: &'a dyn TensorSource,
     policy: LoadPolicy,
     prefix: String,
+    patch: Option<&'a Patch<'a>>,
 }
 
 impl<'a> Weights<'a> {
     pub fn new(ctx: &'a GpuContext, src: &'a dyn TensorSource, policy: LoadPolicy) -> Self {
-        Self { ctx, src, policy, prefix: String::new() }
+        Self { ctx, src, policy, prefix: String::new(), patch: None }
+    }
+
+    /// The same weights with `patch` applied as they load.
+    pub fn with_patch(self, patch: &'a Patch<'a>) -> Self {
+        Self { patch: Some(patch), ..self }
     }
 
     /// The same source under `prefix.` (e.g. `down_blocks.0`).
@@ -408,10 +446,27 @@ impl<'a> Weights<'a> {
 
     /// The tensor `name`, which must have `shape`, uploaded for `role`. Tensors over [`UPLOAD_CHUNK`] bytes
     /// are read, converted and written in row blocks, so memory holds one block, never the whole tensor.
+    /// A [`Patch`] given with [`Weights::with_patch`] changes the tensors it names on the way.
     pub fn get(&self, name: &str, shape: &[usize], role: Role) -> Result<Tensor> {
         let full = self.full(name);
-        let missing =
-            || Error::Invalid(format!("missing tensor {full} (expected shape {shape:?}) in {}", self.src.label()));
+        if let Some(patch) = self.patch {
+            if let Some(updates) = patch.lora.get(&full) {
+                return self.merged(&full, shape, role, updates);
+            }
+            if let Some((values, rows)) = patch.rows.get(&full) {
+                return self.extended(&full, shape, role, values, *rows);
+            }
+        }
+        self.load(&full, shape, role, None)
+    }
+
+    fn missing(&self, full: &str, shape: &[usize]) -> Error {
+        Error::Invalid(format!("missing tensor {full} (expected shape {shape:?}) in {}", self.src.label()))
+    }
+
+    /// The stored tensor `full` uploaded for `role`, or, with `force`, in that dtype and the file's shape.
+    fn load(&self, full: &str, shape: &[usize], role: Role, force: Option<DType>) -> Result<Tensor> {
+        let missing = || self.missing(full, shape);
         // Convolutions quantized by `convert --quantize-convs` are stored as the (out, in * kh * kw) matrix
         // the GPU keeps them as.
         let flat_conv = |found: &[usize], dtype: HostDType| {
@@ -430,23 +485,37 @@ impl<'a> Weights<'a> {
             }
             Ok(())
         };
+        let target = |found: &[usize], host: HostDType| match force {
+            Some(dtype) => (dtype, found.to_vec()),
+            None => self.target(full, host, shape, role),
+        };
         let numel: usize = shape.iter().product();
         // A file says shape and dtype without reading data; sources that make tensors up do not.
-        let meta = self.src.shape(&full).zip(self.src.dtype(&full));
+        let meta = self.src.shape(full).zip(self.src.dtype(full));
         let stored = meta.as_ref().and_then(|(_, d)| d.bytes(numel)).unwrap_or(0);
         if self.ctx.is_cpu() || stored <= UPLOAD_CHUNK || shape.len() < 2 {
-            let host = self.src.tensor_shaped(&full, shape).ok_or_else(missing)?;
+            let host = self.src.tensor_shaped(full, shape).ok_or_else(missing)?;
             check(&host.shape, host.dtype)?;
-            let (dtype, gpu_shape) = self.target(&full, host.dtype, shape, role);
-            let bytes = gpu_bytes(&host, dtype, &full)?;
+            let (dtype, gpu_shape) = target(&host.shape, host.dtype);
+            let bytes = gpu_bytes(&host, dtype, full)?;
             return Tensor::from_bytes(self.ctx, &gpu_shape, dtype, &bytes);
         }
         let (found, host_dtype) = meta.ok_or_else(missing)?;
         check(&found, host_dtype)?;
-        let (dtype, gpu_shape) = self.target(&full, host_dtype, shape, role);
+        let (dtype, gpu_shape) = target(&found, host_dtype);
         let t = Tensor::empty(self.ctx, "upload", &gpu_shape, dtype)?;
-        let (rows, row) = (shape[0], numel / shape[0]);
-        let row_stored = stored / rows;
+        self.write_rows(&t, full, &found, host_dtype)?;
+        Ok(t)
+    }
+
+    /// Writes the stored tensor `full` (`found`, `host_dtype`) at the start of `t`, converted to `t`'s dtype,
+    /// in row blocks of about [`UPLOAD_CHUNK`] bytes.
+    fn write_rows(&self, t: &Tensor, full: &str, found: &[usize], host_dtype: HostDType) -> Result<()> {
+        let dtype = t.dtype();
+        let numel = t.numel();
+        let (rows, row) = (found[0], found[1..].iter().product::<usize>());
+        let stored = host_dtype.bytes(rows * row).ok_or_else(|| self.missing(full, found))?;
+        let row_stored = stored / rows.max(1);
         // An even number of rows per block keeps every write offset (f16 rows, q8_0/q4_0 scales) 4-aligned.
         let per = (UPLOAD_CHUNK / row_stored.max(1)).max(2) & !1;
         let mut r0 = 0;
@@ -454,11 +523,11 @@ impl<'a> Weights<'a> {
             let r1 = (r0 + per).min(rows);
             let data = self
                 .src
-                .tensor_bytes(&full, r0 * row_stored..r1 * row_stored)
+                .tensor_bytes(full, r0 * row_stored..r1 * row_stored)
                 .map_err(|e| Error::Invalid(format!("rows {r0}..{r1} of {full} from {}: {e}", self.src.label())))?;
             let block_shape: Vec<usize> = [&[r1 - r0], &found[1..]].concat();
             let host = HostTensor { dtype: host_dtype, shape: Cow::Owned(block_shape), data };
-            let bytes = gpu_bytes(&host, dtype, &full)?;
+            let bytes = gpu_bytes(&host, dtype, full)?;
             if dtype.is_quantized() {
                 let n = (r1 - r0) * row;
                 let (quants, scales) = bytes.split_at(dtype.scales_offset(n));
@@ -471,6 +540,75 @@ impl<'a> Weights<'a> {
             }
             r0 = r1;
         }
+        Ok(())
+    }
+
+    /// A weight with LoRA updates merged, on the device: W + sum(coef * up @ down), then stored as the
+    /// policy says (quantized on the GPU when it says q8_0/q4_0). A weight stored quantized is dequantized
+    /// first, one row block at a time, and requantized after the merge.
+    fn merged(&self, full: &str, shape: &[usize], role: Role, updates: &[Update<'_>]) -> Result<Tensor> {
+        let host_dtype = self.src.dtype(full).ok_or_else(|| self.missing(full, shape))?;
+        let (out, k) = (shape[0], shape.iter().product::<usize>() / shape[0].max(1));
+        // 1. The stored weight as f32 on the device.
+        let base = self.load(full, shape, role, Some(DType::F32))?.reshape(&[out, k])?;
+        // 2. The updates' factors, each up scaled by its coefficient, stacked along the rank: one product.
+        let rank: usize = updates.iter().map(|u| u.lora.layers[u.layer].down_shape[0]).sum();
+        let (mut up, mut down) = (vec![0f32; out * rank], Vec::with_capacity(rank * k));
+        let mut r0 = 0;
+        for u in updates {
+            let (fu, fd) = u.lora.factors(u.layer)?;
+            let r = u.lora.layers[u.layer].down_shape[0];
+            if fu.len() != out * r || fd.len() != r * k {
+                return Err(Error::Invalid(format!("{}: the LoRA factors for {full} do not fit it", u.lora.label())));
+            }
+            for (o, row) in fu.chunks_exact(r).enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    up[o * rank + r0 + j] = v * u.coef;
+                }
+            }
+            down.extend_from_slice(&fd);
+            r0 += r;
+        }
+        // 3. The sum on the device, stored in the policy's dtype.
+        let up = Tensor::from_f32(self.ctx, &[out, rank], &up)?;
+        let down = Tensor::from_f32(self.ctx, &[rank, k], &down)?;
+        let delta = ops::matmul(self.ctx, &up, &down, ops::MatmulOpts::default())?;
+        let merged = ops::add(self.ctx, &base, &delta)?;
+        let (dtype, gpu_shape) = self.target(full, host_dtype, shape, role);
+        ops::pack(self.ctx, &merged, dtype, &gpu_shape)
+    }
+
+    /// An embedding table with `n` rows of `values` appended (textual inversion's new tokens).
+    fn extended(&self, full: &str, shape: &[usize], role: Role, values: &[f32], n: usize) -> Result<Tensor> {
+        let missing = || self.missing(full, shape);
+        let (found, host_dtype) = self.src.shape(full).zip(self.src.dtype(full)).ok_or_else(missing)?;
+        let &[rows, dim] = shape else { return Err(missing()) };
+        if role != Role::Embedding || found != [rows.saturating_sub(n), dim] || values.len() != n * dim {
+            return Err(Error::Invalid(format!(
+                "tensor {full} has shape {found:?}: {n} rows of {} values cannot extend it to {shape:?}",
+                values.len() / n.max(1)
+            )));
+        }
+        let (dtype, gpu_shape) = self.target(full, host_dtype, shape, role);
+        if self.ctx.is_cpu() {
+            let host = self.src.tensor(full).ok_or_else(missing)?;
+            let mut all = host.to_f32(full)?;
+            all.extend_from_slice(values);
+            return Tensor::from_f32(self.ctx, shape, &all);
+        }
+        let t = Tensor::empty(self.ctx, "upload", &gpu_shape, dtype)?;
+        self.write_rows(&t, full, &found, host_dtype)?;
+        let extra = HostTensor {
+            dtype: HostDType::F32,
+            shape: Cow::Owned(vec![n, dim]),
+            data: Cow::Owned(bytemuck::cast_slice(values).to_vec()),
+        };
+        let elem = if dtype == DType::F32 { 4 } else { 2 };
+        let offset = found[0] * dim * elem;
+        if !offset.is_multiple_of(4) {
+            return Err(Error::Invalid(format!("{full}: an odd-sized f16 table cannot take new rows")));
+        }
+        t.write_at(self.ctx, offset, &gpu_bytes(&extra, dtype, full)?)?;
         Ok(t)
     }
 
@@ -600,12 +738,22 @@ impl Safetensors {
     pub fn embedded_files(&self) -> HashMap<String, String> {
         embedded_in(&self.metadata)
     }
+
+    /// The header's `__metadata__` value for `key`.
+    pub fn metadata_value(&self, key: &str) -> Option<String> {
+        self.metadata.metadata().as_ref()?.get(key).cloned()
+    }
 }
 
 impl RangedSafetensors {
     /// The diffusers files a converted checkpoint carries in its metadata.
     pub fn embedded_files(&self) -> HashMap<String, String> {
         embedded_in(&self.metadata)
+    }
+
+    /// The header's `__metadata__` value for `key`.
+    pub fn metadata_value(&self, key: &str) -> Option<String> {
+        self.metadata.metadata().as_ref()?.get(key).cloned()
     }
 }
 
@@ -806,5 +954,151 @@ mod tests {
         let e =
             Safetensors::new(Bytes::Owned(b"not a model".to_vec()), "junk").err().expect("junk is refused").to_string();
         assert!(e.contains("junk"), "{e}");
+    }
+
+    /// Named tensors in memory, in any stored dtype.
+    struct Mem(HashMap<String, (HostDType, Vec<usize>, Vec<u8>)>);
+
+    impl TensorSource for Mem {
+        fn tensor(&self, name: &str) -> Option<HostTensor<'_>> {
+            let (dtype, shape, data) = self.0.get(name)?;
+            Some(HostTensor { dtype: *dtype, shape: Cow::Borrowed(shape), data: Cow::Borrowed(data) })
+        }
+
+        fn names(&self) -> Vec<String> {
+            self.0.keys().cloned().collect()
+        }
+
+        fn label(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    /// LoRA updates merge on the device, then take the policy's dtype there: equal to merging on the host and
+    /// converting there (half's f16, candle's q8_0/q4_0 blocks), for an f32 weight, for a q8_0 one from a GGUF
+    /// (dequantized, merged, requantized) and on the CPU fallback.
+    #[test]
+    fn lora_updates_merge_before_quantizing() {
+        let gpu = pollster::block_on(GpuContext::new()).expect("adapter");
+        // The second weight is over UPLOAD_CHUNK in f32: read and dequantized in row blocks.
+        for (out, k) in [(64usize, 96usize), (1040, 1152)] {
+            let (r, scale) = (4usize, 0.7f32);
+            let mut rng = crate::selfcheck::Rng::new(11);
+            let (w, up, down) =
+                (rng.uniform(out * k, -1.0, 1.0), rng.uniform(out * r, -1.0, 1.0), rng.uniform(r * k, -1.0, 1.0));
+            let views = vec![
+                (
+                    "lora_unet_lin.lora_down.weight",
+                    safetensors::tensor::TensorView::new(Dtype::F32, vec![r, k], bytemuck::cast_slice(&down)).unwrap(),
+                ),
+                (
+                    "lora_unet_lin.lora_up.weight",
+                    safetensors::tensor::TensorView::new(Dtype::F32, vec![out, r], bytemuck::cast_slice(&up)).unwrap(),
+                ),
+                (
+                    "lora_unet_lin.alpha",
+                    safetensors::tensor::TensorView::new(Dtype::F32, vec![], bytemuck::cast_slice(&[2.0f32])).unwrap(),
+                ),
+            ];
+            let lora = lora::Lora::from_bytes("lin", safetensors::serialize(views, None).unwrap()).unwrap();
+            assert_eq!(lora.layers[0].scaling, 0.5);
+            let coef = scale * lora.layers[0].scaling;
+            let mut patch = Patch::default();
+            patch.lora.insert("lin.weight".into(), vec![Update { lora: &lora, layer: 0, coef }]);
+            let merged_with = |base: &[f32]| -> Vec<f32> {
+                (0..out * k)
+                    .map(|i| base[i] + coef * (0..r).map(|j| up[i / k * r + j] * down[j * k + i % k]).sum::<f32>())
+                    .collect()
+            };
+            let q8 = crate::gpu::quant::quantize_ggml(DType::Q8_0, &w).unwrap();
+            let sources = [
+                ("f32", HostDType::F32, bytemuck::cast_slice(&w).to_vec()),
+                ("q8_0 GGUF", HostDType::Ggml(GgmlDType::Q8_0), q8),
+            ];
+            for (what, host_dtype, bytes) in sources {
+                let src = Mem(HashMap::from([("lin.weight".to_string(), (host_dtype, vec![out, k], bytes))]));
+                let stored = src.tensor("lin.weight").unwrap().to_f32("lin.weight").unwrap();
+                let merged = merged_with(&stored);
+                for weights in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0] {
+                    let policy = LoadPolicy { act: DType::F32, weights };
+                    let got =
+                        Weights::new(&gpu, &src, policy).with_patch(&patch).get("lin.weight", &[out, k], Role::Linear);
+                    let got = pollster::block_on(got.unwrap().to_vec_f32(&gpu)).unwrap();
+                    // A GGUF's q8_0 stays q8_0 whatever the policy says.
+                    let dtype = if host_dtype == HostDType::F32 { weights } else { DType::Q8_0 };
+                    let want = pollster::block_on(
+                        Tensor::from_f32_as(&gpu, &[out, k], &merged, dtype).unwrap().to_vec_f32(&gpu),
+                    )
+                    .unwrap();
+                    let step = if dtype == DType::Q4_0 { 0.5 } else { 0.05 };
+                    let tol = |w: f32| match dtype {
+                        DType::F32 => 1e-5,
+                        DType::F16 => 1e-3 * w.abs().max(1e-3),
+                        _ => step,
+                    };
+                    let differ = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+                    let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / tol(*w)).fold(0.0f32, f32::max);
+                    assert!(worst <= 1.0, "{what} as {dtype}: off by {worst} tolerances");
+                    if dtype.is_quantized() {
+                        assert!(
+                            differ * 1000 <= got.len(),
+                            "{what} as {dtype}: {differ} values differ from the host's"
+                        );
+                    }
+                    let unmerged = pollster::block_on(
+                        Tensor::from_f32_as(&gpu, &[out, k], &stored, dtype).unwrap().to_vec_f32(&gpu),
+                    )
+                    .unwrap();
+                    assert!(got != unmerged, "{what} as {dtype}: nothing was merged");
+                }
+            }
+            // The CPU fallback merges in f32.
+            let cpu = GpuContext::cpu();
+            let src = Mem(HashMap::from([(
+                "lin.weight".to_string(),
+                (HostDType::F32, vec![out, k], bytemuck::cast_slice(&w).to_vec()),
+            )]));
+            let got = Weights::new(&cpu, &src, LoadPolicy::F32)
+                .with_patch(&patch)
+                .get("lin.weight", &[out, k], Role::Linear)
+                .unwrap();
+            let got = pollster::block_on(got.to_vec_f32(&cpu)).unwrap();
+            let want = merged_with(&w);
+            let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-5, "CPU merge off by {worst}");
+        }
+    }
+
+    /// Textual inversion's rows follow the stored table, on the device (f32 and f16) and on the CPU.
+    #[test]
+    fn embedding_tables_take_new_rows() {
+        let gpu = pollster::block_on(GpuContext::new()).expect("adapter");
+        let (rows, dim, n) = (300usize, 8usize, 3usize);
+        let mut rng = crate::selfcheck::Rng::new(12);
+        let (table, extra) = (rng.uniform(rows * dim, -1.0, 1.0), rng.uniform(n * dim, -1.0, 1.0));
+        let src = Mem(HashMap::from([(
+            "t.weight".to_string(),
+            (HostDType::F32, vec![rows, dim], bytemuck::cast_slice(&table).to_vec()),
+        )]));
+        let mut patch = Patch::default();
+        patch.rows.insert("t.weight".into(), (extra.clone(), n));
+        let want: Vec<f32> = table.iter().chain(&extra).copied().collect();
+        for (ctx, weights) in [(&gpu, DType::F32), (&gpu, DType::F16), (&GpuContext::cpu(), DType::F32)] {
+            let policy = LoadPolicy { act: DType::F32, weights };
+            let t = Weights::new(ctx, &src, policy)
+                .with_patch(&patch)
+                .get("t.weight", &[rows + n, dim], Role::Embedding)
+                .unwrap();
+            assert_eq!(t.shape(), [rows + n, dim]);
+            let got = pollster::block_on(t.to_vec_f32(ctx)).unwrap();
+            let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= if weights == DType::F16 { 1e-3 } else { 0.0 }, "{weights}: off by {worst}");
+        }
+        let e = Weights::new(&gpu, &src, LoadPolicy::F32).with_patch(&patch).get(
+            "t.weight",
+            &[rows + n + 1, dim],
+            Role::Embedding,
+        );
+        assert!(e.unwrap_err().to_string().contains("cannot extend"));
     }
 }

@@ -108,6 +108,25 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// The UNet's layout read off diffusers names (a UNet's own weights file), for naming its tensors the
+    /// original way; the VAE's fields stay 0.
+    pub fn from_diffusers_unet(names: &[String]) -> Self {
+        let count = |prefix: &str| {
+            names
+                .iter()
+                .filter_map(|k| k.strip_prefix(prefix)?.split_once('.')?.0.parse::<usize>().ok())
+                .max()
+                .map_or(0, |m| m + 1)
+        };
+        let unet_levels = count("down_blocks.");
+        let up_attention = (0..unet_levels)
+            .map(|b| names.iter().any(|k| k.starts_with(&format!("up_blocks.{b}.attentions."))))
+            .collect();
+        Self { unet_levels, unet_layers: count("down_blocks.0.resnets."), up_attention, ..Default::default() }
+    }
+}
+
 /// The names of a checkpoint's networks, from its tensor names.
 #[derive(Debug, Default)]
 pub struct Mapping {
