@@ -31,6 +31,8 @@ export class Client {
       p.resolve(msg.result);
     } else if (msg.type === 'error') {
       this.pending.delete(msg.id);
+      // The worker dropped the lost device's engine and model: the next request loads the model again.
+      if (msg.name === 'DeviceLostError') this.loadedId = this.loadedKey = this.loadedInfo = null;
       p.reject(Object.assign(new Error(msg.message), { name: msg.name }));
     } else {
       p.onEvent?.(msg);

@@ -8,6 +8,7 @@
 //               { id, type: 'import-adapters', files: [File] } (LoRAs / embeddings into the cache and the engine)
 //               { id, type: 'adapters' } | { id, type: 'delete-adapter', path }
 //               { type: 'cancel', target: id }
+//               { type: 'lose-device' } (destroys the GPU device, as a driver reset would: for tests)
 // Messages out: { id, type: 'progress' | 'step' | 'result' | 'error', ... }
 import init, { Converter, Engine, Sha256 } from './pkg/latent_gen.js';
 import { ADAPTERS, CONVERTED, ChunkWriter, convertedPath, deleteFile, fileBlob, getFile, listFiles } from './cache.js';
@@ -21,9 +22,11 @@ const post = (msg, transfer) => self.postMessage(msg, transfer || []);
 let wasm = null; // the module's exports (its memory)
 
 let engineKey = null;
+let initArgs = { cpu: false, gpu: false }; // how the page asked for the engine, to make a new one after a loss
 
 /** `cpu`: the CPU path only; `gpu`: WebGPU even on a software adapter (which is slower than the CPU path). */
 async function initEngine(cpu, gpu) {
+  initArgs = { cpu, gpu };
   wasm = await init();
   const key = `${cpu}:${gpu}`;
   if (!engine || engineKey !== key) {
@@ -55,6 +58,7 @@ async function syncAdapters() {
 /** Stores LoRA / embedding files in the cache and registers them; a file the engine refuses (not a LoRA
  * or an embedding, another architecture's) is deleted again and its reason thrown. */
 async function importAdapters(id, files) {
+  await ensureEngine();
   const out = [];
   for (const file of files) {
     const path = file.name;
@@ -88,6 +92,7 @@ async function importAdapters(id, files) {
 
 /** Removes a LoRA / embedding from the engine and the cache. */
 async function deleteAdapter(path) {
+  await ensureEngine();
   const info = adapters.get(path);
   if (info) engine.removeAdapter(info.name);
   adapters.delete(path);
@@ -167,8 +172,28 @@ async function converted(model, keep) {
   return done.find((r) => r.path === convertedPath(keep)) || done[0];
 }
 
+/** The engine, made anew (as the page first asked for it) when a lost device dropped the last one. */
+async function ensureEngine() {
+  if (!engine) await initEngine(initArgs.cpu, initArgs.gpu);
+}
+
+/** After the GPU device was lost: the engine, its model, preview decoder and adapters go; the next load
+ * makes a new engine (a new device) and loads the model again from the cache. */
+function dropEngine() {
+  try {
+    engine?.free();
+  } catch (e) {
+    console.warn('freeing the lost engine:', e);
+  }
+  engine = null;
+  loaded = null;
+  previewLoaded = null;
+  adapters = new Map();
+}
+
 /** Makes sure every file of `model` is in the cache, downloading what is missing, then loads it. */
 async function load(id, model) {
+  await ensureEngine();
   const keep = keepAs(model);
   const key = `${model.id}:${keep}`;
   if (loaded?.key === key) return loaded.info;
@@ -285,6 +310,7 @@ async function convertInCache(id, model, type, signal) {
 
 /** Downloads (once) and loads the TAESD preview decoder `decoder` (a catalog entry of kind preview-decoder). */
 async function loadPreview(id, decoder) {
+  await ensureEngine();
   if (previewLoaded === decoder.id) return null;
   abort = new AbortController();
   await fetchAll(id, decoder, abort.signal);
@@ -344,6 +370,10 @@ let current = null;
 const dropped = new Set();
 self.onmessage = (ev) => {
   const msg = ev.data;
+  if (msg.type === 'lose-device') {
+    engine?.loseDevice();
+    return;
+  }
   if (msg.type === 'cancel') {
     if (msg.target === current) {
       abort?.abort();
@@ -367,15 +397,26 @@ self.onmessage = (ev) => {
       else if (msg.type === 'unload') { if (loaded?.id === msg.model) loaded = null; result = null; }
       else if (msg.type === 'tokens') result = loaded ? { ...engine.countTokens(msg.prompt, !!msg.literal), model: loaded.id } : null;
       else if (msg.type === 'import-adapters') result = await importAdapters(msg.id, msg.files);
-      else if (msg.type === 'adapters') result = await syncAdapters();
+      else if (msg.type === 'adapters') result = await ensureEngine().then(syncAdapters);
       else if (msg.type === 'delete-adapter') result = await deleteAdapter(msg.path);
       else throw new Error(`unknown message ${msg.type}`);
       const transfer = result?.rgba ? [result.rgba.buffer, result.png.buffer] : [];
       post({ id: msg.id, type: 'result', result }, transfer);
     } catch (e) {
       abort = null;
+      // A lost device fails whatever ran on it; the browser reports the loss itself a moment later.
       const message = e?.message || String(e);
-      post({ id: msg.id, type: 'error', name: e?.name || 'Error', message });
+      if (engine && /GPU|device/.test(message)) {
+        for (let i = 0; i < 40 && !engine.deviceLost(); i++) await new Promise((r) => setTimeout(r, 25));
+      }
+      const lost = engine?.deviceLost();
+      if (lost) {
+        dropEngine();
+        post({ id: msg.id, type: 'error', name: 'DeviceLostError',
+          message: `The GPU device was lost (${lost}). The next generation starts a new one and loads the model again.` });
+      } else {
+        post({ id: msg.id, type: 'error', name: e?.name || 'Error', message });
+      }
     } finally {
       current = null;
     }

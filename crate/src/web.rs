@@ -475,6 +475,20 @@ impl Engine {
     pub fn cancel(&self) {
         self.inner.cancel.set(true);
     }
+
+    /// Why the GPU device was lost, or undefined while it works: once lost, this engine is done and a new one
+    /// (with the model loaded again) is needed.
+    #[wasm_bindgen(js_name = deviceLost)]
+    pub fn device_lost(&self) -> Option<String> {
+        self.inner.ctx.device_lost()
+    }
+
+    /// Destroys the GPU device, as a driver reset or a GPU-process crash would lose it: for testing what
+    /// the page and the element do then.
+    #[wasm_bindgen(js_name = loseDevice)]
+    pub fn lose_device(&self) {
+        self.inner.ctx.destroy_device();
+    }
 }
 
 impl EngineInner {

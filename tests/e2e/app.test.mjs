@@ -469,7 +469,9 @@ test('30 generations in one page keep wasm memory, the JS heap, GPU buffers and 
   console.log(JSON.stringify({ first, warm, last }));
   assert.ok(first.gpuBuffers > 0 && first.gpuBindGroups > 0, 'the WebGPU path ran');
   assert.equal(last.gpuBuffers, first.gpuBuffers, 'later generations reuse the first one\'s GPU buffers');
-  assert.equal(last.gpuBindGroups, first.gpuBindGroups, 'and its bind groups');
+  // The pool lends the smallest idle buffer that fits (up to twice a request), so the second image may pair
+  // buffers differently from the first, which started with an empty pool; within a few images it settles.
+  assert.equal(last.gpuBindGroups, warm.gpuBindGroups, 'bind groups stop growing after the first images');
   assert.equal(last.wasmBytes, warm.wasmBytes, 'wasm memory stops growing');
   assert.ok(last.heap < warm.heap + 16 * 2 ** 20, `the page's JS heap grew from ${warm.heap} to ${last.heap} bytes`);
   await context.close();
@@ -608,5 +610,32 @@ test('"Variations" under a result adds four nearby images with their variation s
   const a = scene(original);
   const b = scene(last);
   assert.ok(Math.hypot(...a.bg.map((v, c) => v - b.bg[c])) < 60, `a variation stays near the original: ${a.bg} vs ${b.bg}`);
+  await context.close();
+});
+
+test('a GPU device lost in the middle of a generation is reported, and the next generation works on a new device', { timeout: 600_000 }, async () => {
+  const context = await env.browser.newContext();
+  const { page, errors } = await openApp(context, '?gpu');
+  let result = await generate(page, { ...REQUEST, steps: 2, guidance: 1 });
+  assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+  const before = await canvasPixels(page);
+  // At the first step of the next generation the worker destroys its device, as a driver reset would.
+  await page.evaluate(async () => {
+    const { client } = await import('./client.js');
+    const canvas = document.getElementById('canvas');
+    const watch = new MutationObserver(() => {
+      if (!/^\d+$/.test(canvas.dataset.step)) return;
+      watch.disconnect();
+      client().worker.postMessage({ type: 'lose-device' });
+    });
+    watch.observe(canvas, { attributes: true, attributeFilter: ['data-step'] });
+  });
+  result = await generate(page, { ...REQUEST, steps: 20 });
+  assert.equal(result.state, 'error', result.text);
+  assert.match(result.text, /GPU device was lost.*next generation starts a new one/);
+  // The next generation makes a new device, loads the model again from the cache and draws as before.
+  result = await generate(page, { ...REQUEST, steps: 2, guidance: 1 });
+  assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+  assert.deepEqual((await canvasPixels(page)).rgba, before.rgba, 'the same request draws the same image on the new device');
   await context.close();
 });

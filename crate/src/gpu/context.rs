@@ -93,6 +93,8 @@ pub(crate) struct Shared {
     pub dry_run: std::sync::atomic::AtomicBool,
     /// The first error wgpu reported outside an error scope; taken (and returned) at the next sync point.
     pub uncaptured: Arc<Mutex<Option<String>>>,
+    /// Why the device was lost, once it was: every later sync point returns [`Error::DeviceLost`].
+    pub lost: Arc<Mutex<Option<String>>>,
 }
 
 /// A device ready for latent-gen's kernels, or the CPU fallback ([`GpuContext::cpu`]) on which every op runs
@@ -181,6 +183,16 @@ impl GpuContext {
                 *slot = Some(e.to_string());
             }
         }));
+        let lost = Arc::new(Mutex::new(None::<String>));
+        let slot = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            let why = match reason {
+                wgpu::DeviceLostReason::Destroyed => "the device was destroyed".to_string(),
+                _ if msg.is_empty() => "reason unknown".to_string(),
+                _ => msg,
+            };
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        });
         // Kernel parameters go in a storage buffer on lavapipe (see PipelineCache::new), a uniform buffer
         // elsewhere.
         let params_in_storage = summary.driver == "llvmpipe";
@@ -198,6 +210,7 @@ impl GpuContext {
             cost: CostTracker::default(),
             dry_run: Default::default(),
             uncaptured,
+            lost,
             device,
             queue,
         };
@@ -316,8 +329,23 @@ impl GpuContext {
         Ok(())
     }
 
-    /// Returns the first uncaptured wgpu error since the last call, as an error value.
+    /// Why the device was lost, if it was (None on the CPU fallback and while the device works).
+    pub fn device_lost(&self) -> Option<String> {
+        self.shared().ok().and_then(|s| s.lost.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Destroys the device, as a driver reset would lose it: for testing what users see then.
+    pub fn destroy_device(&self) {
+        if let Ok(s) = self.shared() {
+            s.device.destroy();
+        }
+    }
+
+    /// Returns the first uncaptured wgpu error since the last call (or the device's loss), as an error value.
     pub(crate) fn take_uncaptured(&self) -> Result<()> {
+        if let Some(why) = self.device_lost() {
+            return Err(Error::DeviceLost(why));
+        }
         let Ok(s) = self.shared() else { return Ok(()) };
         let mut slot = s.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
         match slot.take() {
