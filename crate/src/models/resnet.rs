@@ -104,14 +104,16 @@ impl ResnetBlock2D {
 
     /// x (batch, cin, h, w); blocks with a time embedding need `temb`.
     pub fn forward(&self, ctx: &GpuContext, x: &Tensor, temb: Option<&TimeRows>) -> Result<Tensor> {
-        self.forward_cat(ctx, x, None, temb)
+        self.forward_cat(ctx, x.clone(), None, temb)
     }
 
     /// The block over concat(x, skip) on channels (the UNet's up path), the concatenation read in place.
+    /// Taking x lets the block drop it once read (when the caller holds no other reference), so its buffer
+    /// serves the block's output: at the VAE's last stage x is a 128 MiB image.
     pub fn forward_cat(
         &self,
         ctx: &GpuContext,
-        x: &Tensor,
+        x: Tensor,
         skip: Option<&Tensor>,
         temb: Option<&TimeRows>,
     ) -> Result<Tensor> {
@@ -124,13 +126,14 @@ impl ResnetBlock2D {
         // ever made (at 512x512 the VAE's would be 64-128 MiB each).
         // 1. Norm, SiLU, conv1 with the time embedding as its per-sample bias.
         let bias = row.as_ref().map(|(t, off, stride)| (t, *off, *stride));
-        let h = self.norm1.conv(ctx, &self.conv1, x, true, bias, Conv2dOpts { concat: skip, ..Default::default() })?;
+        let h = self.norm1.conv(ctx, &self.conv1, &x, true, bias, Conv2dOpts { concat: skip, ..Default::default() })?;
         // 2. The shortcut (a 1x1 conv when the width changes, else the input), added by conv2.
         let shortcut = match (&self.conv_shortcut, skip) {
-            (Some(conv), _) => conv.forward_with(ctx, x, None, Conv2dOpts { concat: skip, ..Default::default() })?,
-            (None, Some(skip)) => ops::concat(ctx, x, skip, 1)?,
+            (Some(conv), _) => conv.forward_with(ctx, &x, None, Conv2dOpts { concat: skip, ..Default::default() })?,
+            (None, Some(skip)) => ops::concat(ctx, &x, skip, 1)?,
             (None, None) => x.clone(),
         };
+        drop(x);
         // 3. Norm, SiLU, conv2 plus the shortcut.
         let residual = Conv2dOpts { residual: Some(&shortcut), ..Default::default() };
         let out = self.norm2.conv(ctx, &self.conv2, &h, true, None, residual)?;

@@ -214,7 +214,7 @@ impl UpBlock {
         let mut x = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = states.pop().ok_or_else(|| crate::Error::Invalid("unet: ran out of skip connections".into()))?;
-            x = resnet.forward_cat(ctx, &x, Some(&skip), Some(temb))?;
+            x = resnet.forward_cat(ctx, x, Some(&skip), Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 x = attn.forward(ctx, &x, context)?;
             }

@@ -257,7 +257,7 @@ impl Decoder {
         x = self.mid.forward(ctx, &self.conv_in.forward(ctx, &x)?)?;
         for stage in &self.up {
             for r in &stage.resnets {
-                x = r.forward(ctx, &x, None)?;
+                x = r.forward_cat(ctx, x, None, None)?;
             }
             if let Some(conv) = &stage.sampler {
                 x = conv.forward_with(ctx, &x, None, Conv2dOpts { upsample: true, ..Default::default() })?;
@@ -316,7 +316,7 @@ impl Encoder {
         let mut x = self.conv_in.forward(ctx, image)?;
         for stage in &self.down {
             for r in &stage.resnets {
-                x = r.forward(ctx, &x, None)?;
+                x = r.forward_cat(ctx, x, None, None)?;
             }
             if let Some(conv) = &stage.sampler {
                 x = conv.forward(ctx, &x)?;

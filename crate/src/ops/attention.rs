@@ -41,7 +41,7 @@ fn unfused(
         );
     }
     let scores = super::matmul(ctx, q, k, super::MatmulOpts { trans_b: true, ..Default::default() })?;
-    let probs = super::softmax(ctx, &super::affine(ctx, &scores, scale, 0.0)?)?;
+    let probs = super::norm::softmax_scaled(ctx, &scores, scale)?;
     drop(scores);
     super::matmul(ctx, &probs, v, super::MatmulOpts::default())
 }

@@ -240,17 +240,26 @@ pub fn layer_norm(ctx: &GpuContext, x: &Tensor, affine: Option<(&Tensor, &Tensor
 
 /// Softmax over the last dimension.
 pub fn softmax(ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
+    softmax_scaled(ctx, x, 1.0)
+}
+
+/// Softmax over the last dimension of x * scale.
+pub fn softmax_scaled(ctx: &GpuContext, x: &Tensor, scale: f32) -> Result<Tensor> {
     const OP: &str = "softmax";
     check_act(OP, &[x])?;
     if x.rank() == 0 || x.dim(-1) == 0 {
         return shape_err(OP, format!("cannot take a softmax over {:?}", x.shape()));
     }
     if ctx.is_cpu() {
-        return super::cpu::softmax(x);
+        return if scale == 1.0 {
+            super::cpu::softmax(x)
+        } else {
+            super::cpu::softmax(&super::affine(ctx, x, scale, 0.0)?)
+        };
     }
     let out = Tensor::empty(ctx, OP, x.shape(), x.dtype())?;
     let rows = (x.numel() / x.dim(-1)) as u32;
-    let params = [rows, x.dim(-1) as u32, 0, 0];
+    let params = [rows, x.dim(-1) as u32, scale.to_bits(), 0];
     let spec = Spec::new(act_dtype(x)?);
     ctx.dispatch(OP, &SOFTMAX, &spec, bytemuck::cast_slice(&params), &[x], &[&out], grid_1d(ctx, rows))?;
     Ok(out)
