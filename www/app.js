@@ -271,6 +271,13 @@ function updateTokenMeter() {
     if (!count) return;
     meter.dataset.tokens = String(count.tokens);
     meter.dataset.over = String(count.tokens > count.limit);
+    if ($('long-prompt').checked && count.tokens > count.limit) {
+      const chunks = Math.ceil(count.tokens / count.limit);
+      meter.dataset.chunks = String(chunks);
+      meter.append(`${count.tokens} tokens, in ${chunks} chunks of ${count.limit}: all seen by the model`);
+      return;
+    }
+    delete meter.dataset.chunks;
     meter.append(`${count.tokens} / ${count.limit} tokens`);
     if (count.cutOff) {
       const cut = document.createElement('mark');
@@ -307,6 +314,7 @@ function readForm() {
       height: Number($('height').value),
       scheduler: $('scheduler').value || undefined,
       preview: $('preview').value || undefined,
+      long_prompt: $('long-prompt').checked ? 'chunks' : undefined,
       ...variation(),
       ...(initImage ? {
         strength: Number($('strength').value),
@@ -324,6 +332,7 @@ function restore(entry) {
   $('preview').value = entry.request.preview || 'latent';
   $('prompt').value = r.prompt;
   $('negative').value = r.negative_prompt;
+  $('long-prompt').checked = r.long_prompt === 'chunks';
   $('seed').value = r.seed;
   $('seed-mode').value = 'fixed';
   $('steps').value = r.steps;
@@ -509,6 +518,7 @@ async function main() {
   $('import').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.webkitRelativePath || file.name, file })));
   $('import-file').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.name, file })));
   $('prompt').addEventListener('input', updateTokenMeter);
+  $('long-prompt').addEventListener('change', updateTokenMeter);
   $('import-adapter').onchange = (e) => importAdapters([...e.target.files]);
   $('lora-add').onclick = addLoraTag;
   $('init-file').onchange = (e) => e.target.files[0] && setInitImage(e.target.files[0]);

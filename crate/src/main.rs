@@ -101,6 +101,10 @@ mod cli {
         /// ("(word)" x1.1, "(word:1.5)", "[word]" /1.1, "\(" for a literal bracket).
         #[arg(long)]
         literal_prompt: bool,
+        /// Prompts past the text encoder's 75 tokens: "truncate" (diffusers') or "chunks": encoded in
+        /// 75-token chunks side by side (A1111's).
+        #[arg(long, default_value = "truncate")]
+        long_prompt: latent_gen::pipeline::LongPrompt,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long, default_value_t = 20)]
@@ -817,6 +821,7 @@ mod cli {
             subseed_strength: g.subseed_strength,
             strength: g.strength,
             literal_prompt: g.literal_prompt,
+            long_prompt: g.long_prompt,
         };
         // Without a size, img2img takes the first init image's, rounded down to what the model takes.
         let mut base = base;
@@ -887,9 +892,14 @@ mod cli {
         let init: Vec<InitImage> =
             init.iter().map(|(image, weight)| InitImage { image: image.resized(w, h), weight: *weight }).collect();
         let kind = sd.scheduler_kind(req)?;
-        for (which, text) in [("prompt", &req.prompt), ("negative prompt", &req.negative_prompt)] {
+        let truncated = req.long_prompt == latent_gen::pipeline::LongPrompt::Truncate;
+        let prompts = [("prompt", &req.prompt), ("negative prompt", &req.negative_prompt)];
+        for (which, text) in prompts.into_iter().filter(|_| truncated) {
             if let Some(words) = sd.tokenizer.cut_off(text, !req.literal_prompt)? {
-                eprintln!("warning: the {which} is longer than the text encoder's 75 tokens; cut off: \"{words}\"");
+                eprintln!(
+                    "warning: the {which} is longer than the text encoder's 75 tokens; cut off: \"{words}\" \
+                     (--long-prompt chunks keeps it all)"
+                );
             }
         }
         let mut dump: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();

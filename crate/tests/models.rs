@@ -1037,3 +1037,36 @@ fn sd15_q4_0_at_512_fits_in_1_2_gb() {
     assert!(count.peak_gpu_bytes <= 1_200_000_000, "peak {} bytes", count.peak_gpu_bytes);
     assert!(count.unet_step_cost.dispatches <= 298);
 }
+
+/// `long_prompt: chunks` (A1111's long prompts): a prompt within 75 tokens draws exactly what it draws
+/// truncated; past 75 tokens, the tail that truncation loses is kept (in a second chunk) and changes the image.
+#[test]
+fn long_prompts_encode_in_chunks() {
+    use latent_gen::pipeline::LongPrompt;
+    let ctx = context();
+    let sd = StableDiffusion::load_dir(&ctx, &fixtures().join("models/sd1-tiny"), LoadPolicy::F32).unwrap();
+    let run = |req: &Request| {
+        let mut go = |_: &latent_gen::pipeline::Step<'_>| Ok(Control::Continue);
+        pollster::block_on(sd.generate(req, &mut go)).unwrap().rgba
+    };
+    let base = Request {
+        prompt: "a red circle on a blue background".into(),
+        negative_prompt: "blurry".into(),
+        seed: 3,
+        steps: 2,
+        guidance: 5.0,
+        width: Some(64),
+        height: Some(64),
+        scheduler: Some("euler".parse().unwrap()),
+        ..Default::default()
+    };
+    let chunks = |r: &Request| Request { long_prompt: LongPrompt::Chunks, ..r.clone() };
+    assert_eq!(run(&base), run(&chunks(&base)), "one chunk is the plain prompt");
+    // 80 tokens of filler, then the words that matter: cut off when truncated, kept in the second chunk.
+    let filler = "and ".repeat(80);
+    let long = Request { prompt: format!("{filler}a green triangle on a yellow background"), ..base.clone() };
+    let filler_only = Request { prompt: filler.clone(), ..base.clone() };
+    assert_eq!(run(&long), run(&filler_only), "truncated, the tail is lost");
+    assert_ne!(run(&chunks(&long)), run(&chunks(&filler_only)), "in chunks, the tail changes the image");
+    assert_ne!(run(&chunks(&long)), run(&long), "and differs from the truncated image");
+}

@@ -533,6 +533,14 @@ test('the token meter counts the prompt for the loaded model and marks the words
   assert.match(await meter.textContent(), /past the limit/);
   assert.match(await page.locator('#token-meter .cut-off').textContent(), /<b>shiny<\/b> end$/, 'cut-off words shown as text');
   assert.equal(await page.locator('#token-meter b').count(), 0, 'never as HTML');
+  // In 75-token chunks nothing is cut off, and the request generates with them.
+  await page.check('#long-prompt');
+  await page.locator('#token-meter[data-chunks="2"]').waitFor();
+  assert.match(await meter.textContent(), /in 2 chunks of 75: all seen by the model/);
+  await page.click('#generate');
+  const status = page.locator('#status');
+  await status.and(page.locator('[data-state="done"], [data-state="error"]')).waitFor({ timeout: 120_000 });
+  assert.equal(await status.getAttribute('data-state'), 'done', `${await status.textContent()}\n${errors.join('\n')}`);
   await context.close();
 });
 
