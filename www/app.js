@@ -59,12 +59,15 @@ function onProgress(ev) {
   const p = $('progress');
   if (ev.phase === 'download') {
     const left = ev.total - ev.received;
-    setStatus('downloading', `Downloading ${ev.file}: ${formatBytes(ev.received)} of ${formatBytes(ev.total)}, ` +
+    const again = ev.evicted ? 'The browser evicted the cached files; downloading again: ' : '';
+    setStatus('downloading', `${again}Downloading ${ev.file}: ${formatBytes(ev.received)} of ${formatBytes(ev.total)}, ` +
       `${formatBytes(ev.bytesPerSec)}/s, ${seconds(left / ev.bytesPerSec)} left`);
   } else if (ev.phase === 'convert') {
     const left = ev.total - ev.received;
     setStatus('converting', `Converting to ${ev.weights} for storage (once): tensor ${ev.done} of ${ev.tensors}, ` +
       `${formatBytes(ev.received)} of ${formatBytes(ev.total)}, ${seconds(left / ev.bytesPerSec)} left`);
+  } else if (ev.phase === 'wait') {
+    setStatus('waiting', `Waiting for another tab that is downloading or changing ${ev.file}…`);
   } else if (ev.phase === 'import') {
     setStatus('importing', `Importing ${ev.file}: ${formatBytes(ev.received)} of ${formatBytes(ev.total)}`);
   } else {
@@ -174,7 +177,7 @@ function renderCached(cached) {
       del.onclick = async () => {
         del.disabled = true;
         await client.unload(m.id).catch(() => {});
-        await deleteModel(m.id).catch(fail);
+        await deleteModel(m.id, { onWait: () => setStatus('waiting', `Waiting for another tab using ${m.id}…`) }).catch(fail);
         await refreshModels();
       };
       td.append(del);

@@ -180,6 +180,7 @@ export class LatentGen extends HTMLElement {
 
   onProgress(p, frame) {
     if (p.phase === 'download') this.setStatus('downloading', `Downloading ${Math.round((100 * p.received) / (p.total || 1))}%`);
+    else if (p.phase === 'wait') this.setStatus('waiting', 'Waiting for another tab');
     this.dispatchEvent(new CustomEvent('progress', { detail: { ...p, frame } }));
   }
 

@@ -647,3 +647,105 @@ test('a GPU device lost in the middle of a generation is reported, and the next 
   assert.deepEqual((await canvasPixels(page)).rgba, before.rgba, 'the same request draws the same image on the new device');
   await context.close();
 });
+
+/** Records every status text of `page` in `window.statuses` (messages that show for a moment only). */
+const recordStatuses = (page) => page.evaluate(() => {
+  const el = document.getElementById('status');
+  window.statuses = [];
+  new MutationObserver(() => window.statuses.push(el.textContent))
+    .observe(el, { childList: true, characterData: true, subtree: true });
+});
+
+/** How many requests each model file got, by path. */
+const requestCounts = async () => {
+  const counts = {};
+  for (const [, path] of await weightRequests()) counts[path] = (counts[path] || 0) + 1;
+  return counts;
+};
+
+test('two tabs loading one model: the second waits, takes over the download the first cancels, and both generate', { timeout: 600_000 }, async () => {
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
+  await env.server.faults({ slow: { path: WEIGHTS, bytesPerSec: 1_000_000 } });
+  const a = await openApp(context);
+  const b = await openApp(context);
+  for (const tab of [a, b]) await recordStatuses(tab.page);
+  const req = { ...REQUEST, steps: 2 };
+  const first = generate(a.page, req);
+  await a.page.locator('#status', { hasText: 'Downloading unet/diffusion_pytorch_model.safetensors' }).waitFor({ timeout: 120_000 });
+  const second = generate(b.page, req);
+  await b.page.locator('#status[data-state="waiting"]').waitFor({ timeout: 60_000 });
+  await a.page.click('#cancel');
+  assert.equal((await first).state, 'cancelled');
+  // The cancelled file keeps what arrived, marked incomplete (the second tab may be resuming it by now).
+  const unet = await a.page.evaluate(async (model) => {
+    const { getFile } = await import('./cache.js');
+    return getFile(model, 'unet/diffusion_pytorch_model.safetensors');
+  }, MODEL);
+  assert.ok(unet.received > 0 && (!unet.complete || unet.received === unet.size), JSON.stringify(unet));
+  const done = await second;
+  assert.equal(done.state, 'done', `${done.text}\n${b.errors.join('\n')}`);
+  assert.ok((await b.page.evaluate(() => window.statuses)).some((s) => /Waiting for another tab/.test(s)));
+  // Every file was fetched once; the one cut by the cancel was resumed by the second tab from where it stopped.
+  const gets = (await weightRequests()).filter(([, path]) => path === WEIGHTS);
+  assert.equal(gets.length, 2, JSON.stringify(gets));
+  assert.equal(gets[0][2], null);
+  assert.ok(Number(/^bytes=(\d+)-$/.exec(gets[1][2])?.[1]) > 0, `resumed with ${gets[1][2]}`);
+  for (const [path, n] of Object.entries(await requestCounts())) assert.equal(n, path === WEIGHTS ? 2 : 1, path);
+  // The first tab now loads what the second stored, without a request, and draws the same image.
+  await env.server.faults({ reset: true });
+  const again = await generate(a.page, req);
+  assert.equal(again.state, 'done', `${again.text}\n${a.errors.join('\n')}`);
+  assert.deepEqual(await weightRequests(), []);
+  assert.deepEqual(await canvasPixels(a.page), await canvasPixels(b.page));
+  await context.close();
+});
+
+test('cached files the browser evicted are downloaded again with a message, and the model generates', { timeout: 600_000 }, async () => {
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
+  const { page } = await openApp(context);
+  const req = { ...REQUEST, steps: 2 };
+  assert.equal((await generate(page, req)).state, 'done');
+  // The data goes and the records stay, saying complete: the worst case for the cache.
+  await page.evaluate(async () => (await navigator.storage.getDirectory()).removeEntry('latent-gen', { recursive: true }));
+  await env.server.faults({ reset: true });
+  const tab = await openApp(context);
+  await recordStatuses(tab.page);
+  const result = await generate(tab.page, req);
+  assert.equal(result.state, 'done', `${result.text}\n${tab.errors.join('\n')}`);
+  assert.ok((await tab.page.evaluate(() => window.statuses)).some((s) => /evicted the cached files; downloading again/.test(s)));
+  const counts = await requestCounts();
+  assert.ok(Object.keys(counts).length >= 10 && Object.values(counts).every((n) => n === 1), JSON.stringify(counts));
+  assert.deepEqual(await canvasPixels(tab.page), await canvasPixels(page));
+  await context.close();
+});
+
+test('a generation cancelled mid-way leaves the cache and the history as they were, and the next one works', { timeout: 300_000 }, async () => {
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
+  const { page, errors } = await openApp(context);
+  const req = { ...REQUEST, steps: 2 };
+  assert.equal((await generate(page, req)).state, 'done');
+  const cache = () => page.evaluate(async (model) => {
+    const { listFiles } = await import('./cache.js');
+    return ((await listFiles()).get(model) || []).map((r) => [r.path, r.received, r.complete]).sort();
+  }, MODEL);
+  const before = await cache();
+  const history = await page.locator('#history img').count();
+  // Cancel as soon as the first step is drawn.
+  await page.evaluate(() => new MutationObserver((_, obs) => {
+    if (document.getElementById('canvas').dataset.step === '0') {
+      obs.disconnect();
+      document.getElementById('cancel').click();
+    }
+  }).observe(document.getElementById('canvas'), { attributes: true, attributeFilter: ['data-step'] }));
+  const cancelled = await generate(page, { ...req, steps: 20 });
+  assert.equal(cancelled.state, 'cancelled', cancelled.text);
+  assert.equal(await page.locator('#history img').count(), history);
+  assert.deepEqual(await cache(), before);
+  const again = await generate(page, req);
+  assert.equal(again.state, 'done', `${again.text}\n${errors.join('\n')}`);
+  assert.equal(await page.locator('#history img').count(), history + 1);
+  await context.close();
+});
