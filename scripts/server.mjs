@@ -85,7 +85,12 @@ async function control(req, res, url) {
 async function handle(req, res) {
   const url = new URL(req.url, 'http://localhost');
   if (faultsEnabled && url.pathname.startsWith('/__')) return control(req, res, url);
-  if (faultsEnabled) requests.push([req.method, url.pathname, req.headers.range || null]);
+  if (faultsEnabled) requests.push([req.method, url.pathname, req.headers.range || null, req.headers.origin || null]);
+  if (req.method === 'OPTIONS') {
+    res.writeHead(204, { 'Access-Control-Allow-Origin': '*', 'Access-Control-Allow-Methods': 'GET, HEAD',
+      'Access-Control-Allow-Headers': 'Range', 'Access-Control-Max-Age': '600' });
+    return res.end();
+  }
   let file = resolvePath(url.pathname);
   if (!file) return send(res, 403, 'forbidden');
   let info = await stat(file).catch(() => null);
@@ -101,6 +106,8 @@ async function handle(req, res) {
     'Cross-Origin-Opener-Policy': 'same-origin',
     'Cross-Origin-Embedder-Policy': 'require-corp',
     'Cross-Origin-Resource-Policy': 'cross-origin',
+    // Sites may embed the element from here (script, worker module, wasm, catalog and weights by CORS).
+    'Access-Control-Allow-Origin': '*',
   };
   if (faults.csp) headers['Content-Security-Policy'] = faults.csp;
   const range = /^bytes=(\d*)-(\d*)$/.exec(req.headers.range || '');

@@ -11,9 +11,21 @@ export function client(options = {}) {
   return shared;
 }
 
+/**
+ * The model worker. A page that loads this library from another origin (a site embedding the element from a
+ * CDN) cannot start a worker from that origin's URL, so it starts one from a same-origin blob that imports the
+ * module by URL (with CORS): the worker then runs with the page's origin, and the weight cache is the
+ * embedding site's.
+ */
+function startWorker(url) {
+  if (url.origin === location.origin) return new Worker(url, { type: 'module' });
+  const source = `import ${JSON.stringify(url.href)};`;
+  return new Worker(URL.createObjectURL(new Blob([source], { type: 'text/javascript' })), { type: 'module' });
+}
+
 export class Client {
   constructor({ cpu = false, gpu = false } = {}) {
-    this.worker = new Worker(new URL('./worker.js', here), { type: 'module' });
+    this.worker = startWorker(new URL('./worker.js', here));
     this.nextId = 1;
     this.pending = new Map();
     this.catalog = null;

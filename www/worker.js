@@ -104,10 +104,15 @@ async function deleteAdapter(path) {
   return null;
 }
 
-/** A model file's URL: https, or this site's own (a catalog entry cannot send weights over plain http). */
+/** The origins model files may come from over plain http: the page's and this library's own (which differ when a
+ * site embeds the element from another origin; the worker then runs with the page's origin). */
+const OWN_ORIGINS = new Set([self.location.origin, new URL(import.meta.url).origin]);
+
+/** A model file's URL: https, or this site's or this library's own (a catalog entry cannot send weights over
+ * plain http from anywhere else). */
 function fileUrl(model, f) {
   const url = new URL(f.url || model.base + f.path, model.catalogUrl || self.location.href);
-  if (url.protocol !== 'https:' && url.origin !== self.location.origin) {
+  if (url.protocol !== 'https:' && !OWN_ORIGINS.has(url.origin)) {
     throw new Error(`${model.id}/${f.path}: ${url.href} is neither https nor this site's; model files must be one of the two`);
   }
   return url.href;

@@ -749,3 +749,34 @@ test('a generation cancelled mid-way leaves the cache and the history as they we
   assert.equal(await page.locator('#history img').count(), history + 1);
   await context.close();
 });
+
+test('a page of another origin embeds the element from this one: the worker starts from a blob, weights come by CORS into the site\'s own cache', { timeout: 300_000 }, async () => {
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
+  const lib = env.server.url; // http://127.0.0.1:PORT/
+  const site = lib.replace('127.0.0.1', 'localhost'); // another origin, still a secure context
+  const page = await context.newPage();
+  const errors = recordErrors(page);
+  await page.goto(`${site}embedder/index.html?lib=${encodeURIComponent(lib)}`);
+  const result = await page.evaluate(async (prompt) => {
+    await customElements.whenDefined('latent-gen');
+    const el = document.querySelector('latent-gen');
+    el.setAttribute('prompt', prompt);
+    const blob = await el.generate();
+    return { type: blob.type, state: el.dataset.state };
+  }, REQUEST.prompt).catch((e) => assert.fail(`${e.message}\n${errors.join('\n')}`));
+  assert.deepEqual(result, { type: 'image/png', state: 'done' });
+  // The weights were asked for by the embedding site (CORS requests from its origin)...
+  const gets = await weightRequests();
+  assert.ok(gets.length >= 10 && gets.every((r) => r[3] === site.slice(0, -1)), JSON.stringify(gets));
+  // ...and are kept in its storage, not the library origin's.
+  const files = async ([origin, model]) => {
+    const { listFiles } = await import(`${origin}cache.js`);
+    return ((await listFiles()).get(model) || []).filter((r) => r.complete).length;
+  };
+  assert.ok(await page.evaluate(files, [lib, MODEL]) >= 10);
+  const own = await context.newPage();
+  await own.goto(`${lib}embed.html`);
+  assert.equal(await own.evaluate(files, ['./', MODEL]), 0);
+  await context.close();
+});
