@@ -159,6 +159,24 @@ export class Client {
     return this.call({ type: 'delete-adapter', path });
   }
 
+  /** A sweep's cells: `base` (a request) with axis `x` ("KEY=V1,V2,...": seed, guidance, steps, scheduler,
+   * strength, subseed-strength, or prompt=SEARCH,REPLACE...) and optionally `y`, row by row, as the CLI's
+   * `grid` makes them; a bad axis or value is refused before any work. */
+  async gridRequests(base, x, y) {
+    await this.ready;
+    return this.call({ type: 'grid-requests', base, x, y });
+  }
+
+  /** The sweep's grid PNG (Uint8Array) from its cells' images ({width, height, rgba}), labelled with the axes. */
+  gridPng(cells, x, y, parameters) {
+    return this.call({ type: 'grid-png', cells, x, y, parameters });
+  }
+
+  /** An interpolation's frames ({width, height, rgba}) as a strip PNG and a looping GIF: {png, gif}. */
+  walkImages(frames, parameters, frameMs = 250) {
+    return this.call({ type: 'walk-images', frames, parameters, frameMs });
+  }
+
   /** Forgets the loaded model (after its files were deleted). */
   unload(id) {
     if (this.loadedId === id) this.loadedId = this.loadedKey = this.loadedInfo = null;

@@ -8,9 +8,11 @@
 //               { id, type: 'import-adapters', files: [File] } (LoRAs / embeddings into the cache and the engine)
 //               { id, type: 'adapters' } | { id, type: 'delete-adapter', path }
 //               { type: 'cancel', target: id }
+//               { id, type: 'grid-requests', base, x, y } (a sweep's cells' requests)
+//               { id, type: 'grid-png', cells, x, y, parameters } | { id, type: 'walk-images', frames, parameters, frameMs }
 //               { type: 'lose-device' } (destroys the GPU device, as a driver reset would: for tests)
 // Messages out: { id, type: 'progress' | 'step' | 'result' | 'error', ... }
-import init, { Converter, Engine, Sha256 } from './pkg/latent_gen.js';
+import init, { Converter, Engine, Sha256, animationGif, gridPng, gridRequests, stripPng } from './pkg/latent_gen.js';
 import { ADAPTERS, CONVERTED, ChunkWriter, convertedPath, deleteFile, fileBlob, getFile, listFiles, withModelLock } from './cache.js';
 
 let engine = null;
@@ -468,6 +470,11 @@ self.onmessage = (ev) => {
       else if (msg.type === 'import-adapters') result = await importAdapters(msg.id, msg.files);
       else if (msg.type === 'adapters') result = await ensureEngine().then(syncAdapters);
       else if (msg.type === 'delete-adapter') result = await deleteAdapter(msg.path);
+      else if (msg.type === 'grid-requests') result = gridRequests(msg.base, msg.x, msg.y || undefined);
+      else if (msg.type === 'grid-png') result = gridPng(msg.cells, msg.x, msg.y || undefined, msg.parameters);
+      else if (msg.type === 'walk-images') {
+        result = { png: stripPng(msg.frames, msg.parameters), gif: animationGif(msg.frames, msg.frameMs || 250) };
+      }
       else throw new Error(`unknown message ${msg.type}`);
       const transfer = result?.rgba ? [result.rgba.buffer, result.png.buffer] : [];
       post({ id: msg.id, type: 'result', result }, transfer);

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod compose;
 pub mod convert;
 pub mod error;
 pub mod gpu;

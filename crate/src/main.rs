@@ -7,6 +7,7 @@ mod cli {
     use std::time::Instant;
 
     use clap::{Parser, Subcommand, ValueEnum};
+    use latent_gen::compose::{self, Axis};
     use latent_gen::gpu::{DType, GpuContext};
     use latent_gen::image::Image;
     use latent_gen::pipeline::{Adapters, Control, InitImage, Request, StableDiffusion};
@@ -203,62 +204,6 @@ mod cli {
         /// The rows, as --x.
         #[arg(long)]
         y: Option<String>,
-    }
-
-    /// One axis of a grid: the setting and its values.
-    struct Axis {
-        key: String,
-        values: Vec<String>,
-    }
-
-    impl Axis {
-        const KEYS: [&'static str; 7] =
-            ["seed", "guidance", "steps", "scheduler", "strength", "subseed-strength", "prompt"];
-
-        fn parse(arg: &str) -> Result<Axis, Box<dyn std::error::Error>> {
-            let (key, values) =
-                arg.split_once('=').ok_or_else(|| format!("a grid axis is KEY=V1,V2,..., not {arg:?}"))?;
-            if !Self::KEYS.contains(&key) {
-                return Err(format!("unknown grid axis {key:?}: use one of {}", Self::KEYS.join(", ")).into());
-            }
-            let values: Vec<String> = values.split(',').map(|v| v.trim().to_string()).collect();
-            if values.iter().any(String::is_empty) || values.len() > 64 {
-                return Err(format!("grid axis {key}: 1 to 64 values separated by commas, got {values:?}").into());
-            }
-            Ok(Axis { key: key.into(), values })
-        }
-
-        /// `req` with this axis at value `i`.
-        fn apply(&self, req: &Request, i: usize) -> Result<Request, Box<dyn std::error::Error>> {
-            let v = &self.values[i];
-            let bad = |e: &dyn std::fmt::Display| format!("grid axis {}: {v:?}: {e}", self.key);
-            let mut r = req.clone();
-            match self.key.as_str() {
-                "seed" => r.seed = v.parse().map_err(|e| bad(&e))?,
-                "guidance" => r.guidance = v.parse().map_err(|e| bad(&e))?,
-                "steps" => r.steps = v.parse().map_err(|e| bad(&e))?,
-                "scheduler" => r.scheduler = Some(v.parse().map_err(|e| bad(&e))?),
-                "strength" => r.strength = v.parse().map_err(|e| bad(&e))?,
-                "subseed-strength" => r.subseed_strength = v.parse().map_err(|e| bad(&e))?,
-                "prompt" => {
-                    let search = &self.values[0];
-                    if !req.prompt.contains(search.as_str()) {
-                        return Err(
-                            format!("grid axis prompt: {search:?} is not in the prompt {:?}", req.prompt).into()
-                        );
-                    }
-                    r.prompt = req.prompt.replacen(search.as_str(), v, 1);
-                }
-                _ => unreachable!("checked in parse"),
-            }
-            Ok(r)
-        }
-
-        /// "key=value", or only the value when that does not fit `chars` characters.
-        fn label(&self, i: usize, chars: usize) -> String {
-            let full = format!("{}={}", self.key, self.values[i]);
-            if full.len() <= chars { full } else { self.values[i].clone() }
-        }
     }
 
     #[derive(clap::Args)]
@@ -627,13 +572,7 @@ mod cli {
             frames.push(sd.decode(run.latents()).await?);
             eprintln!("frame {}/{} (t={t:.3}) at {:.1} s", f + 1, i.frames, start.elapsed().as_secs_f64());
         }
-        let mut strip = Image { width: w * frames.len(), height: h, rgba: vec![0; w * frames.len() * h * 4] };
-        for (f, frame) in frames.iter().enumerate() {
-            for y in 0..h {
-                let dst = (y * strip.width + f * w) * 4;
-                strip.rgba[dst..dst + w * 4].copy_from_slice(&frame.rgba[y * w * 4..(y + 1) * w * 4]);
-            }
-        }
+        let strip = compose::strip(&frames)?;
         let mut parameters = latent_gen::pipeline::parameters_text(&a, kind.name(), w, h, &model_name);
         parameters.push_str(&format!(
             "\nInterpolation: {} frames to seed {}, prompt: {}, negative prompt: {}",
@@ -642,7 +581,8 @@ mod cli {
         std::fs::write(&out, strip.to_png(&parameters)?).map_err(|e| format!("writing {}: {e}", out.display()))?;
         eprintln!("wrote {} ({} frames of {w}x{h})", out.display(), frames.len());
         if let Some(path) = &i.animation {
-            write_gif(path, &frames, i.frame_ms)?;
+            std::fs::write(path, compose::gif(&frames, i.frame_ms)?)
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
             eprintln!("wrote {}", path.display());
         }
         Ok(())
@@ -656,110 +596,28 @@ mod cli {
         let x = Axis::parse(&g.x)?;
         let y = g.y.as_deref().map(Axis::parse).transpose()?;
         let Loaded { sd, model_name, base, init } = load(ctx, &g.base)?;
-        let rows = y.as_ref().map_or(1, |a| a.values.len());
         let (w, h) = sd.size(&base)?;
-        // Every cell's request first, so that a bad value fails before any work.
-        let mut cells = Vec::new();
-        for row in 0..rows {
-            for col in 0..x.values.len() {
-                let r = match &y {
-                    Some(a) => a.apply(&base, row)?,
-                    None => base.clone(),
-                };
-                cells.push(x.apply(&r, col)?);
-            }
-        }
+        let cells = compose::grid_requests(&base, &x, y.as_ref())?;
         let init: Vec<InitImage> =
             init.iter().map(|(image, weight)| InitImage { image: image.resized(w, h), weight: *weight }).collect();
-        let scale = (w / 128).clamp(1, 4);
-        let band = 8 * scale + 4;
-        let left = y.as_ref().map_or(0, |a| (0..rows).map(|i| a.label(i, 24).len()).max().unwrap_or(0) * 8 * scale + 6);
-        let (gw, gh) = (left + w * x.values.len(), band + h * rows);
-        let mut grid = Image { width: gw, height: gh, rgba: [255u8, 255, 255, 255].repeat(gw * gh) };
         let start = Instant::now();
+        let mut images = Vec::with_capacity(cells.len());
         for (n, req) in cells.iter().enumerate() {
-            let (row, col) = (n / x.values.len(), n % x.values.len());
             let mut go = |_: &latent_gen::pipeline::Step<'_>| Ok(Control::Continue);
-            let image = sd.generate_from(req, &init, &mut go).await?;
-            paste(&mut grid, &image, left + col * w, band + row * h);
+            images.push(sd.generate_from(req, &init, &mut go).await?);
             eprintln!("cell {}/{} at {:.1} s", n + 1, cells.len(), start.elapsed().as_secs_f64());
         }
-        for col in 0..x.values.len() {
-            draw_text(&mut grid, left + col * w + 2, 2, &x.label(col, (w - 2) / (8 * scale)), scale, w - 2);
-        }
-        if let Some(a) = &y {
-            for row in 0..rows {
-                draw_text(&mut grid, 2, band + row * h + 2, &a.label(row, 24), scale, left);
-            }
-        }
+        let grid = compose::grid_image(&images, &x, y.as_ref())?;
+        let rows = y.as_ref().map_or(1, |a| a.values.len());
         let kind = sd.scheduler_kind(&base)?;
         let mut parameters =
             latent_gen::pipeline::parameters_text_from(&base, kind.name(), w, h, &model_name, !init.is_empty());
-        let axis = |a: &Axis| format!("{}: {}", a.key, a.values.join(", "));
-        parameters.push_str(&format!("\nGrid: x {}", axis(&x)));
+        parameters.push_str(&format!("\nGrid: x {}", x.describe()));
         if let Some(a) = &y {
-            parameters.push_str(&format!("; y {}", axis(a)));
+            parameters.push_str(&format!("; y {}", a.describe()));
         }
         std::fs::write(&out, grid.to_png(&parameters)?).map_err(|e| format!("writing {}: {e}", out.display()))?;
         eprintln!("wrote {} ({} x {} cells of {w}x{h})", out.display(), x.values.len(), rows);
-        Ok(())
-    }
-
-    /// Copies `src` into `dst` with its top left corner at (x, y).
-    fn paste(dst: &mut Image, src: &Image, x: usize, y: usize) {
-        for row in 0..src.height {
-            let d = ((y + row) * dst.width + x) * 4;
-            dst.rgba[d..d + src.width * 4].copy_from_slice(&src.rgba[row * src.width * 4..(row + 1) * src.width * 4]);
-        }
-    }
-
-    /// Black 8x8 text (font8x8's public-domain glyphs, `scale` times larger) at (x, y), cut at `max_width`
-    /// pixels; characters outside Basic Latin draw as '?'.
-    fn draw_text(img: &mut Image, x: usize, y: usize, text: &str, scale: usize, max_width: usize) {
-        use font8x8::UnicodeFonts;
-        for (i, ch) in text.chars().enumerate() {
-            let x0 = x + i * 8 * scale;
-            if (i + 1) * 8 * scale > max_width {
-                break;
-            }
-            let glyph = font8x8::BASIC_FONTS.get(ch).or_else(|| font8x8::BASIC_FONTS.get('?')).unwrap_or([0; 8]);
-            for (gy, bits) in glyph.iter().enumerate() {
-                for gx in 0..8 {
-                    if bits & (1 << gx) == 0 {
-                        continue;
-                    }
-                    for sy in 0..scale {
-                        for sx in 0..scale {
-                            let (px, py) = (x0 + gx * scale + sx, y + gy * scale + sy);
-                            if px < img.width && py < img.height {
-                                img.rgba[(py * img.width + px) * 4..][..3].copy_from_slice(&[0, 0, 0]);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// The frames forth and back (the ends shown once) as a looping GIF.
-    fn write_gif(path: &Path, frames: &[Image], frame_ms: u16) -> Result<(), Box<dyn std::error::Error>> {
-        let (w, h) = (frames[0].width, frames[0].height);
-        if w > u16::MAX as usize || h > u16::MAX as usize {
-            return Err(format!("a {w}x{h} frame is too large for a GIF").into());
-        }
-        let mut bytes = Vec::new();
-        {
-            let mut enc = gif::Encoder::new(&mut bytes, w as u16, h as u16, &[])?;
-            enc.set_repeat(gif::Repeat::Infinite)?;
-            let order = (0..frames.len()).chain((1..frames.len().saturating_sub(1)).rev());
-            for f in order {
-                let mut rgba = frames[f].rgba.clone();
-                let mut frame = gif::Frame::from_rgba_speed(w as u16, h as u16, &mut rgba, 10);
-                frame.delay = frame_ms.div_ceil(10);
-                enc.write_frame(&frame)?;
-            }
-        }
-        std::fs::write(path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
         Ok(())
     }
 

@@ -780,3 +780,70 @@ test('a page of another origin embeds the element from this one: the worker star
   assert.equal(await own.evaluate(files, ['./', MODEL]), 0);
   await context.close();
 });
+
+/** The bytes behind link `id` (a blob URL), base64. */
+const linkBytes = (page, id) => page.evaluate(async (linkId) => {
+  const bytes = new Uint8Array(await (await fetch(document.getElementById(linkId).href)).arrayBuffer());
+  let s = '';
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}, id);
+
+/** The w x h block of `img` at (x, y), RGBA. */
+const crop = (img, x, y, w, h) => {
+  const out = [];
+  for (let row = y; row < y + h; row++) out.push(...img.rgba.slice((row * img.width + x) * 4, (row * img.width + x + w) * 4));
+  return out;
+};
+
+test('the page interpolates between two history images (ends equal them) and sweeps into a labelled grid of single generations', { timeout: 600_000 }, async () => {
+  const context = await env.browser.newContext();
+  await env.server.faults({ reset: true });
+  const { page, errors } = await openApp(context);
+  const req = { ...REQUEST, steps: 4 };
+  assert.equal((await generate(page, req)).state, 'done');
+  const imgA = await canvasPixels(page);
+  assert.equal((await generate(page, { ...req, seed: 8, prompt: 'a small blue circle on a yellow background' })).state, 'done');
+  const imgB = await canvasPixels(page);
+
+  // Interpolate: under the first image (now second in the history), then under the other.
+  await page.click('#explore-panel summary');
+  await page.fill('#walk-frames', '3');
+  await page.locator('#history .history-item').nth(1).locator('.interpolate').click();
+  const end = page.locator('#history .history-item').nth(0).locator('.interpolate');
+  assert.equal(await end.textContent(), 'Interpolate to here');
+  await end.click();
+  const status = page.locator('#status');
+  await status.and(page.locator('[data-state="done"], [data-state="error"]')).waitFor({ timeout: 300_000 });
+  assert.equal(await status.getAttribute('data-state'), 'done', `${await status.textContent()}\n${errors.join('\n')}`);
+  const strip = await decodePng(page, await linkBytes(page, 'explore-png'));
+  assert.deepEqual([strip.width, strip.height], [3 * 64, 64]);
+  assert.deepEqual(crop(strip, 0, 0, 64, 64), imgA.rgba, 'the first frame is the first image');
+  assert.deepEqual(crop(strip, 128, 0, 64, 64), imgB.rgba, 'the last frame is the other');
+  const middle = crop(strip, 64, 0, 64, 64);
+  assert.notDeepEqual(middle, imgA.rgba);
+  assert.notDeepEqual(middle, imgB.rgba);
+  assert.equal(atob(await linkBytes(page, 'explore-gif')).slice(0, 6), 'GIF89a');
+
+  // Sweep guidance 3 and 5 over the first image's settings: the second cell is that image.
+  await page.fill('#prompt', req.prompt);
+  await page.fill('#seed', String(req.seed));
+  await page.fill('#steps', String(req.steps));
+  await page.selectOption('#sweep-x-key', 'guidance');
+  await page.fill('#sweep-x', '3, 5');
+  await page.selectOption('#sweep-y-key', '');
+  await page.click('#sweep');
+  await status.and(page.locator('[data-state="done"], [data-state="error"]')).waitFor({ timeout: 300_000 });
+  assert.equal(await status.getAttribute('data-state'), 'done', `${await status.textContent()}\n${errors.join('\n')}`);
+  const grid = await decodePng(page, await linkBytes(page, 'explore-png'));
+  assert.deepEqual([grid.width, grid.height], [128, 64 + 12], 'two cells under a 12-pixel label band');
+  assert.deepEqual(crop(grid, 64, 12, 64, 64), imgA.rgba, 'the guidance 5 cell is the single generation');
+  assert.notDeepEqual(crop(grid, 0, 12, 64, 64), imgA.rgba);
+  assert.ok(crop(grid, 0, 0, 128, 12).some((v, i) => i % 4 === 0 && v === 0), 'labels drawn');
+  // A bad value is refused before any work, naming it.
+  await page.fill('#sweep-x', '3, lots');
+  await page.click('#sweep');
+  await status.and(page.locator('[data-state="error"]')).waitFor({ timeout: 60_000 });
+  assert.match(await status.textContent(), /grid axis guidance: "lots"/);
+  await context.close();
+});
