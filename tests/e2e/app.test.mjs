@@ -847,3 +847,33 @@ test('the page interpolates between two history images (ends equal them) and swe
   assert.match(await status.textContent(), /grid axis guidance: "lots"/);
   await context.close();
 });
+
+test('the element\'s subseed and subseed-strength make variations: 0 is the seed\'s image, 1 the subseed\'s', { timeout: 300_000 }, async () => {
+  const context = await env.browser.newContext();
+  const page = await context.newPage();
+  const errors = recordErrors(page);
+  await page.goto(`${env.server.url}embed.html`);
+  const images = await page.evaluate(async () => {
+    await customElements.whenDefined('latent-gen');
+    const el = document.querySelector('latent-gen');
+    const pixels = () => Array.from(el.shadowRoot.querySelector('canvas').getContext('2d').getImageData(0, 0, 64, 64).data);
+    const run = async (attrs) => {
+      for (const name of ['seed', 'subseed', 'subseed-strength']) el.removeAttribute(name);
+      for (const [k, v] of Object.entries({ steps: '4', ...attrs })) el.setAttribute(k, v);
+      await el.generate();
+      return pixels();
+    };
+    return {
+      seed: await run({ seed: '1' }),
+      other: await run({ seed: '2' }),
+      none: await run({ seed: '1', subseed: '2', 'subseed-strength': '0' }),
+      all: await run({ seed: '1', subseed: '2', 'subseed-strength': '1' }),
+      some: await run({ seed: '1', subseed: '2', 'subseed-strength': '0.3' }),
+    };
+  }).catch((e) => assert.fail(`${e.message}\n${errors.join('\n')}`));
+  assert.deepEqual(images.none, images.seed);
+  assert.deepEqual(images.all, images.other);
+  assert.notDeepEqual(images.some, images.seed);
+  assert.notDeepEqual(images.some, images.other);
+  await context.close();
+});
