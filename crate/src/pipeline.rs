@@ -708,16 +708,17 @@ impl StableDiffusion {
     }
 
     /// The first step an img2img run takes: diffusers' `get_timesteps` (`steps * strength` steps run,
-    /// rounded down), refusing a strength that runs none.
+    /// rounded down), refusing a strength that runs none; 0 for latent consistency models, whose scheduler
+    /// takes the strength into its timesteps instead.
     fn first_step(&self, req: &Request) -> Result<usize> {
         let s = req.strength;
         if !(s > 0.0 && s <= 1.0) {
             return Err(Error::Invalid(format!("the denoising strength must be in (0, 1], got {s}")));
         }
         if self.is_lcm() {
-            return Err(Error::Invalid(
-                "img2img with a latent consistency model (LCM) is not supported yet: use an SD model".into(),
-            ));
+            // A latent consistency model takes the strength into its schedule and runs every step from the
+            // first (checked when the scheduler is built).
+            return Ok(0);
         }
         let run = ((req.steps as f64 * s as f64) as usize).min(req.steps);
         if run == 0 {
@@ -769,7 +770,14 @@ impl StableDiffusion {
     fn begin(&self, req: &Request, init: Option<Init>, toward: Option<(&Request, f32)>) -> Result<Denoiser<'_>> {
         let ctx = &self.ctx;
         let (w, h) = self.validate(req)?;
-        let scheduler = self.scheduler_kind(req)?.build(&self.scheduler_config, req.steps)?;
+        let kind = self.scheduler_kind(req)?;
+        let scheduler = if init.is_some() && self.is_lcm() {
+            // The strength as written (f32 to f64 adds digits that move Python's int(50 * 0.7)).
+            let strength = (req.strength as f64 * 1e6).round() / 1e6;
+            kind.build_lcm_img2img(&self.scheduler_config, req.steps, strength)?
+        } else {
+            kind.build(&self.scheduler_config, req.steps)?
+        };
         // 1. Conditioning: CFG batches [negative, prompt]; LCM embeds the guidance scale instead.
         let cfg = req.guidance > 1.0 && !self.is_lcm();
         let prompts = |r: &Request| -> Vec<String> {

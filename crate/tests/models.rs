@@ -445,6 +445,21 @@ fn img2img_matches_diffusers() {
     assert!(e.contains("init image 1 is 64x64 but the generation is 96x64"), "{e}");
     let e = refuse(&req, &[InitImage { image, weight: 0.0 }]);
     assert!(e.contains("add up to 0"), "{e}");
+    // A latent consistency model runs every step from a schedule the strength cuts: too few timesteps left for
+    // the steps, or another scheduler, is refused.
+    let lcm = &models["lcm-tiny"];
+    for (r, want) in [
+        (
+            Request { strength: 0.05, scheduler: Some("lcm".parse().unwrap()), ..req.clone() },
+            "keeps 2 of the model's 50",
+        ),
+        (Request { strength: 0.5, scheduler: Some("euler".parse().unwrap()), ..req.clone() }, "runs the LCM scheduler"),
+    ] {
+        match pollster::block_on(lcm.start_from(&r, &init)) {
+            Ok(_) => panic!("{r:?} was not refused"),
+            Err(e) => assert!(e.to_string().contains(want), "{e}"),
+        }
+    }
     let text = latent_gen::pipeline::parameters_text_from(&req, "ddim", 64, 64, "m", true);
     assert!(text.ends_with("Model: m, Denoising strength: 0.75"), "{text}");
 }

@@ -11,6 +11,13 @@ pub struct Lcm {
 
 impl Lcm {
     pub fn new(common: Common, config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        Self::with_strength(common, config, steps, 1.0)
+    }
+
+    /// img2img with a latent consistency model (diffusers' `LCMScheduler.set_timesteps(strength=...)`): the
+    /// distillation schedule keeps its `original_inference_steps * strength` least noisy timesteps, and all
+    /// `steps` are taken from those.
+    pub fn with_strength(common: Common, config: &SchedulerConfig, steps: usize, strength: f64) -> Result<Self> {
         common.check_steps(steps)?;
         let original = config.original_inference_steps.unwrap_or(50);
         let t = common.train_steps;
@@ -19,10 +26,19 @@ impl Lcm {
                 "LCM: {steps} steps need 1 <= steps <= original_inference_steps ({original}) <= {t}"
             )));
         }
+        // int(original * strength) in Python, with the strength as written (an f32's last bits would turn
+        // 50 x 0.7 into 34).
+        let kept = (original as f64 * strength + 1e-6).floor() as usize;
+        if kept < steps {
+            return Err(Error::Invalid(format!(
+                "LCM img2img: strength {strength} keeps {kept} of the model's {original} distillation timesteps, fewer \
+                 than the {steps} steps asked for: lower the steps or raise the strength"
+            )));
+        }
         // The distillation schedule (k, 2k, ... minus one), reversed, sampled at floor(linspace(0, len, steps)).
         let k = t / original;
-        let origin: Vec<usize> = (1..=original).rev().map(|i| i * k - 1).collect();
-        let timesteps = (0..steps).map(|i| origin[i * original / steps] as f64).collect();
+        let origin: Vec<usize> = (1..=kept).rev().map(|i| i * k - 1).collect();
+        let timesteps = (0..steps).map(|i| origin[i * kept / steps] as f64).collect();
         // (set_alpha_to_one would only matter for a previous timestep below 0, which LCM never has.)
         let timestep_scaling = config.timestep_scaling.unwrap_or(10.0);
         Ok(Self { common, timesteps, timestep_scaling })

@@ -126,6 +126,25 @@ impl SchedulerKind {
     }
 }
 
+impl SchedulerKind {
+    /// Builds this algorithm for img2img with a latent consistency model, which takes the strength into its
+    /// timesteps (diffusers' `LatentConsistencyModelImg2ImgPipeline`); only the LCM scheduler does.
+    pub fn build_lcm_img2img(
+        self,
+        config: &SchedulerConfig,
+        steps: usize,
+        strength: f64,
+    ) -> Result<Box<dyn Scheduler>> {
+        if self != SchedulerKind::Lcm {
+            return Err(Error::Invalid(format!(
+                "img2img with a latent consistency model (LCM) runs the LCM scheduler, not {}",
+                self.name()
+            )));
+        }
+        Ok(Box::new(Lcm::with_strength(Common::new(config, self)?, config, steps, strength)?))
+    }
+}
+
 impl std::str::FromStr for SchedulerKind {
     type Err = Error;
 
