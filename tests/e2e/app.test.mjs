@@ -602,6 +602,20 @@ test('a catalog entry whose files are plain http on another origin is refused be
 
 test('"Variations" under a result adds four nearby images with their variation seeds', { timeout: 300_000 }, async () => {
   const context = await env.browser.newContext();
+  // The page draws the variation seeds at random: a fixed sequence makes the test repeatable (a variation can
+  // flip this toy model's background colour, a category, for some seeds).
+  await context.addInitScript(() => {
+    let x = 2463534242;
+    const draw = crypto.getRandomValues.bind(crypto);
+    crypto.getRandomValues = (a) => {
+      if (!(a instanceof Uint32Array)) return draw(a);
+      for (let i = 0; i < a.length; i++) {
+        x ^= x << 13; x ^= x >>> 17; x ^= x << 5;
+        a[i] = x >>> 0;
+      }
+      return a;
+    };
+  });
   const { page, errors } = await openApp(context);
   let result = await generate(page, { ...REQUEST, steps: 4 });
   assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
