@@ -570,15 +570,14 @@ pub async fn count_pipeline(
 }
 
 /// The latent side `decoder` decodes a `lat` x `lat` latent at on this device, and in how many tiles: the
-/// pipeline's tiled decode when the whole one exceeds a binding (f32 at 512x512 on 128 MiB devices).
+/// pipeline's tiled decode when the whole one exceeds its budget (512x512 on 128 MiB devices).
 fn vae_tiles(
     ctx: &GpuContext,
     decoder: &crate::models::vae::Decoder,
     lat: usize,
     act: DType,
 ) -> Result<(usize, usize)> {
-    let s = ctx.summary();
-    let limit = s.max_storage_buffer_binding_size.min(s.max_buffer_size);
+    let limit = crate::pipeline::vae_tile_budget(ctx);
     if decoder.largest_activation_bytes(lat, lat, act) <= limit {
         return Ok((lat, 1));
     }

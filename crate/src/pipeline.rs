@@ -930,13 +930,13 @@ impl StableDiffusion {
         self.text_encoder.dtype()
     }
 
-    /// Decodes UNet-space latents to an RGBA image; in overlapping tiles when the whole decode would not fit
-    /// the device's buffer limits.
+    /// Decodes UNet-space latents to an RGBA image; in overlapping tiles when the whole decode's largest
+    /// activation would take more than [`vae_tile_budget`].
     pub async fn decode(&self, latents: &Tensor) -> Result<Image> {
         let ctx = &self.ctx;
         let z = ops::affine(ctx, latents, (1.0 / self.vae_config.scaling_factor) as f32, 0.0)?;
         let (h, w) = (z.dim(2), z.dim(3));
-        if ctx.is_cpu() || self.vae.largest_activation_bytes(h, w, z.dtype()) <= binding_limit(ctx) {
+        if ctx.is_cpu() || self.vae.largest_activation_bytes(h, w, z.dtype()) <= vae_tile_budget(ctx) {
             let image = self.vae.forward(ctx, &z)?;
             let data = image.to_vec_f32(ctx).await?;
             check_image(&data, z.dtype())?;
@@ -945,9 +945,9 @@ impl StableDiffusion {
         self.decode_tiled(&z).await
     }
 
-    /// The latent tile side a tiled decode uses: the largest that fits the device's limits.
+    /// The latent tile side a tiled decode uses: the largest within [`vae_tile_budget`].
     pub fn decode_tile(&self, act: crate::gpu::DType) -> Result<usize> {
-        let limit = binding_limit(&self.ctx);
+        let limit = vae_tile_budget(&self.ctx);
         self.vae.decode_tile(limit, act).ok_or_else(|| Error::Limit {
             op: "vae decode",
             what: "the VAE decoder's largest activation, even in 8x8-latent tiles",
@@ -966,7 +966,7 @@ impl StableDiffusion {
         let t = self.decode_tile(z.dtype())?;
         let (stride, blend, keep) = (t * 3 / 4, t * f / 4, t * f - t * f / 4);
         let latent = z.to_vec_f32(ctx).await?;
-        log::info!("decoding {w}x{h} latents in {t}x{t} tiles (the device's buffer limits)");
+        log::info!("decoding {w}x{h} latents in {t}x{t} tiles (the device's buffer limits and memory)");
         // rows[i][j]: (height, width, 3 planes) of the decoded tile.
         let mut rows: Vec<Vec<(usize, usize, Vec<f32>)>> = Vec::new();
         for i in (0..h).step_by(stride) {
@@ -1254,6 +1254,15 @@ pub fn apply_plan(
 fn binding_limit(ctx: &GpuContext) -> u64 {
     let s = ctx.summary();
     s.max_storage_buffer_binding_size.min(s.max_buffer_size)
+}
+
+/// The bytes the VAE decoder's largest activation may take before the decode goes in tiles: half a binding.
+/// WebGPU says nothing of a device's memory, but devices with small bindings (128 MiB: phones, integrated
+/// GPUs) are the ones short of it, and there a whole 512x512 decode would set the generation's memory peak
+/// (SD 1.5 q4_0 with f16 activations: 1207 MiB decoded whole, less in tiles; `bench pipeline --count-only`)
+/// for about 2x the decoder's (not the UNet's) work in tiles.
+pub fn vae_tile_budget(ctx: &GpuContext) -> u64 {
+    binding_limit(ctx) / 2
 }
 
 /// (batch 1, 3, h, w) in [-1, 1] to RGBA bytes, rounding as diffusers does: round((x / 2 + 0.5).clamp(0, 1) * 255).
