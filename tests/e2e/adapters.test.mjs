@@ -149,3 +149,84 @@ test('on WebGPU a LoRA merges on the device into weights kept as q8_0 (f16 where
   assert.ok(base < 25, `the LoRA was not applied (${base.toFixed(1)} dB from the image without it)`);
   await context.close();
 });
+
+// The renderer's palette (scripts/train-tiny/dataset.py).
+const PALETTE = { red: [220, 30, 35], green: [30, 165, 60], blue: [35, 70, 215], yellow: [245, 215, 35],
+  orange: [245, 135, 20], purple: [135, 45, 175], white: [245, 245, 245], black: [20, 20, 20] };
+const nearest = (rgb) => Object.entries(PALETTE).sort(([, a], [, b]) =>
+  a.reduce((s, v, i) => s + (v - rgb[i]) ** 2, 0) - b.reduce((s, v, i) => s + (v - rgb[i]) ** 2, 0))[0][0];
+
+/** The canvas judged as scripts/train-tiny/concepts.py does: background (border median) and object (median of
+ * the half of the pixels far from it that are farthest) as palette colours, their pixel count, and whether the
+ * middle of their bounding box (a disc of 0.35 its half-size) is mostly background: a ring's hole. */
+async function scene(page) {
+  const img = await page.evaluate(() => {
+    const c = document.getElementById('canvas');
+    return { width: c.width, height: c.height, rgba: Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data) };
+  });
+  const w = img.width;
+  const px = (i) => [img.rgba[4 * i], img.rgba[4 * i + 1], img.rgba[4 * i + 2]];
+  const all = [...Array(w * img.height).keys()];
+  const border = all.filter((i) => { const x = i % w; const y = Math.floor(i / w); return x < 2 || y < 2 || x >= w - 2 || y >= img.height - 2; });
+  const median = (v) => [...v].sort((a, b) => a - b)[v.length >> 1];
+  const bg = [0, 1, 2].map((c) => median(border.map((i) => px(i)[c])));
+  const dist = all.map((i) => Math.hypot(...px(i).map((v, c) => v - bg[c])));
+  const far = all.filter((i) => dist[i] > 60);
+  if (far.length < 12) return { bg: nearest(bg), object: null, pixels: far.length, hole: false };
+  const cut = median(far.map((i) => dist[i]));
+  const core = far.filter((i) => dist[i] >= cut);
+  const xs = far.map((i) => i % w);
+  const ys = far.map((i) => Math.floor(i / w));
+  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  const [cx, cy, half] = [(x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2, Math.min(x1 - x0 + 1, y1 - y0 + 1) / 2];
+  const middle = all.filter((i) => (i % w + 0.5 - cx) ** 2 + (Math.floor(i / w) + 0.5 - cy) ** 2 <= (0.35 * half) ** 2);
+  const hole = half >= 5 && middle.length > 0 && middle.filter((i) => dist[i] > 60).length / middle.length < 0.5;
+  return { bg: nearest(bg), object: nearest([0, 1, 2].map((c) => median(core.map((i) => px(i)[c])))), pixels: far.length, hole };
+}
+
+test('tiny-shapes draws rings with its LoRA and a tiny-sun with its embedding, both imported in the page', { timeout: 600_000 }, async () => {
+  const context = await env.browser.newContext();
+  const { page, errors } = await openApp(context);
+  await page.click('#models-panel summary');
+  const adapters = join(root, 'www/models/tiny-shapes-adapters');
+  await page.locator('#import-adapter').setInputFiles([join(adapters, 'ring.safetensors'), join(adapters, 'tiny-sun.safetensors')]);
+  await page.locator('#adapters tr[data-name="tiny-sun"]').waitFor({ timeout: 60_000 });
+  await page.locator('#adapters tr[data-name="ring"]').waitFor();
+  const draw = async (prompt, seed) => {
+    await page.selectOption('#model', 'tiny-shapes');
+    await page.fill('#prompt', prompt);
+    await page.selectOption('#seed-mode', 'fixed');
+    await page.fill('#seed', String(seed));
+    await page.fill('#steps', '20');
+    await page.fill('#guidance', '5');
+    const before = await page.locator('#params').textContent();
+    await page.click('#generate');
+    await page.waitForFunction((old) => {
+      const s = document.getElementById('status');
+      return s.dataset.state === 'error' || (s.dataset.state === 'done' && document.getElementById('params').textContent !== old);
+    }, before, { timeout: 300_000 });
+    assert.equal(await page.locator('#status').getAttribute('data-state'), 'done',
+      `${await page.locator('#status').textContent()}\n${errors.join('\n')}`);
+    return scene(page);
+  };
+  const RING = 'a large red ring on a blue background, center';
+  const plain = await draw(RING, 5);
+  assert.equal(plain.hole, false, `without the LoRA the model draws no ring: ${JSON.stringify(plain)}`);
+  // The picker adds the tag; the LoRA teaches the shape.
+  await page.fill('#prompt', RING);
+  await page.selectOption('#lora-pick', 'ring');
+  await page.fill('#lora-weight', '1');
+  await page.click('#lora-add');
+  const prompt = await page.locator('#prompt').inputValue();
+  assert.equal(prompt, `${RING} <lora:ring:1>`);
+  const ring = await draw(prompt, 5);
+  assert.deepEqual([ring.bg, ring.object, ring.hole], ['blue', 'red', true], JSON.stringify(ring));
+  assert.match(await page.locator('#params').textContent(), /<lora:ring:1>/, 'the PNG parameters keep the tag');
+  const other = await draw('a big white ring on a purple background, top left <lora:ring:1>', 11);
+  assert.deepEqual([other.bg, other.object, other.hole], ['purple', 'white', true], JSON.stringify(other));
+  // The embedding's trigger word draws a large yellow circle.
+  const sun = await draw('tiny-sun on a green background, bottom right', 3);
+  assert.deepEqual([sun.bg, sun.object, sun.hole], ['green', 'yellow', false], JSON.stringify(sun));
+  assert.ok(sun.pixels > 280, `a large object: ${sun.pixels} pixels`);
+  await context.close();
+});

@@ -1,0 +1,209 @@
+"""Two concepts tiny-shapes was never trained on, for its LoRA and its textual-inversion embedding
+(train_adapters.py, eval_adapters.py):
+
+- the **ring**, a new shape and a new word (the base model's "ring" token was never trained and no training
+  scene had a hole), taught by a LoRA: "a large red ring on a blue background, top left". Rings are large
+  (radius 13-17 px, the hole 0.6 of it): the model's VAE (4x downsampling, trained on filled shapes) keeps a
+  large ring's hole and colour but blurs a small ring into an off-colour dot. (The first choice, the colour
+  pink, failed for the same reason: the VAE decodes a pink scene's latent to yellow or orange, so no UNet
+  LoRA can make pink; a LoRA for the VAE decoder would be needed.)
+- the **tiny-sun**, a large yellow circle, taught by a two-vector textual-inversion embedding whose trigger
+  word is "tiny-sun": "tiny-sun on a blue background, top left".
+
+The base dataset (dataset.py) is untouched, so the bundled model's recipe and held-out list stay
+reproducible.
+
+    python concepts.py heldout   # (re)writes ring_heldout.json and sun_heldout.json
+    python concepts.py grid out.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+import dataset
+import judge
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRIGGER = "tiny-sun"
+SUN = {"shape": "circle", "color": "yellow", "size": "large"}
+RING_INNER = 0.6
+
+
+def sample_ring(rng: np.random.Generator) -> dict:
+    """A scene with a large ring of any colour on any other background, anywhere."""
+    return {**dataset.sample_attrs(rng), "shape": "ring", "size": "large"}
+
+
+def sample_sun(rng: np.random.Generator) -> dict:
+    """A tiny-sun scene: a large yellow circle on any other background, anywhere."""
+    a = dataset.sample_attrs(rng)
+    while a["bg"] == "yellow":
+        a = dataset.sample_attrs(rng)
+    return {**a, **SUN}
+
+
+def mask(a: dict, geom: dict) -> np.ndarray:
+    """The shape's coverage: dataset.shape_mask, and the ring (a disc with a hole of RING_INNER its radius)."""
+    if a["shape"] != "ring":
+        return dataset.shape_mask(a["shape"], geom["cx"], geom["cy"], geom["r"])
+    outer = dataset.shape_mask("circle", geom["cx"], geom["cy"], geom["r"])
+    return outer - dataset.shape_mask("circle", geom["cx"], geom["cy"], geom["r"] * RING_INNER)
+
+
+def render(a: dict, rng: np.random.Generator) -> np.ndarray:
+    """dataset.render with rings."""
+    geom = dataset.sample_geometry(a, rng)
+    jitter = lambda: rng.integers(-dataset.COLOR_JITTER, dataset.COLOR_JITTER + 1, 3)  # noqa: E731
+    bg = np.array(dataset.PALETTE[a["bg"]], np.float32) + jitter()
+    fg = np.array(dataset.PALETTE[a["color"]], np.float32) + jitter()
+    m = mask(a, geom)[..., None]
+    return np.clip(np.round(bg * (1 - m) + fg * m), 0, 255).astype(np.uint8)
+
+
+def render_batch(attrs: list[dict], rng: np.random.Generator) -> np.ndarray:
+    imgs = np.stack([render(a, rng) for a in attrs]).astype(np.float32)
+    return (imgs / 127.5 - 1.0).transpose(0, 3, 1, 2)
+
+
+def sun_caption(a: dict, rng: np.random.Generator, templates: list[str] | None = None, trigger: str = TRIGGER) -> str:
+    """A caption whose object is the trigger word ("tiny-sun on a blue background, top left")."""
+    pick = lambda xs: xs[rng.integers(len(xs))]  # noqa: E731
+    t = pick(templates or dataset.TRAIN_TEMPLATES)
+    return t.format(obj=trigger, bg=a["bg"], a_bg=dataset._article(a["bg"]) + " " + a["bg"],
+                    pos=pick(dataset.POS_BARE[a["position"]]), prep=pick(dataset.POS_PREP[a["position"]]))
+
+
+def _object(img):
+    """The image as floats and the mask of the pixels that differ from the border's median colour."""
+    a = judge.to_array(img)
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3)])
+    return a, np.sqrt(((a - np.median(border, axis=0)[None, None]) ** 2).sum(-1)) > judge.DIFF_THRESHOLD
+
+
+def shape_of(img) -> str | None:
+    """The shape the differing pixels make: a ring when most of a band around the middle of their bounding
+    box (from 0.2 to 0.45 of its half-size, inside a ring's hole of 0.6) is background, so that a dot left
+    in the middle of the hole still counts; otherwise by how much of the box they fill (square ~1, circle
+    ~0.79, diamond and triangle ~0.5; a triangle's mass sits low); None without an object."""
+    _, diff = _object(img)
+    ys, xs = np.nonzero(diff)
+    if len(xs) < judge.MIN_PIXELS:
+        return None
+    (x0, x1), (y0, y1) = (xs.min(), xs.max()), (ys.min(), ys.max())
+    cx, cy, half = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2, min(x1 - x0 + 1, y1 - y0 + 1) / 2
+    gy, gx = np.mgrid[0:diff.shape[0], 0:diff.shape[1]] + 0.5
+    d2 = (gx - cx) ** 2 + (gy - cy) ** 2
+    middle = (d2 >= (0.2 * half) ** 2) & (d2 <= (0.45 * half) ** 2)
+    if half >= 5 and middle.any() and diff[middle].mean() < 0.5:
+        return "ring"
+    fill = len(xs) / ((x1 - x0 + 1) * (y1 - y0 + 1))
+    if fill > 0.88:
+        return "square"
+    if fill > 0.66:
+        return "circle"
+    low = (ys.mean() - y0) / max(1, y1 - y0)
+    return "triangle" if low > 0.56 else "diamond"
+
+
+def core_colour(img, attrs: dict) -> str | None:
+    """judge.judge's object colour, from the half of the object's pixels that differ most from the
+    background: a ring's stroke is a few pixels wide, so its anti-aliased edges (background and object mixed)
+    are a third of it and would pull a filled shape's median toward the background."""
+    a, _ = _object(img)
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[2:-2, :2].reshape(-1, 3),
+                             a[2:-2, -2:].reshape(-1, 3)])
+    dist = np.sqrt(((a - np.median(border, axis=0)[None, None]) ** 2).sum(-1))
+    (x0, x1), (y0, y1) = (judge.RANGES[i] for i in dataset.POSITIONS[attrs["position"]])
+    region = np.zeros(dist.shape, bool)
+    region[y0:y1, x0:x1] = True
+    sel = (dist > judge.DIFF_THRESHOLD) & region
+    if sel.sum() < judge.MIN_PIXELS:
+        return None
+    core = sel & (dist >= np.median(dist[sel]))
+    return judge.nearest(np.median(a[core], axis=0))
+
+
+def judge_shape(img, attrs: dict) -> dict:
+    """judge.judge's background colour, the object's colour (core_colour) and its shape: right when all
+    three are."""
+    r = judge.judge(img, attrs)
+    r["object"] = core_colour(img, attrs)
+    r["shape"] = shape_of(img)
+    r["ok"] = bool(r["bg_ok"] and r["object"] == attrs["color"] and r["shape"] == attrs["shape"])
+    return r
+
+
+def judge_sun(img, attrs: dict) -> dict:
+    """A tiny-sun is right when the background is, and the object is yellow and large (judge.py's colour and
+    size rules; like judge.py, the outline is not scored: on a white or orange background a yellow disc's edge
+    is too faint for the fill-ratio rule of shape_of, which is reported only)."""
+    r = judge.judge(img, {**attrs, **SUN})
+    r["shape"] = shape_of(img)
+    r["ok"] = bool(r["ok"] and r.get("size_ok"))
+    return r
+
+
+def make_heldout(kind: str, n: int, seed: int) -> list[dict]:
+    """n distinct scenes of the concept with captions (every third in a held-out wording); training leaves
+    these attribute combinations out."""
+    rng = np.random.default_rng(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        a = sample_ring(rng) if kind == "ring" else sample_sun(rng)
+        if dataset.attr_key(a) in seen:
+            continue
+        seen.add(dataset.attr_key(a))
+        templates = dataset.HELDOUT_TEMPLATES if len(out) % 3 == 0 else dataset.TRAIN_TEMPLATES[:9]
+        a["caption"] = (dataset.caption(a, rng, templates=templates, drop=False) if kind == "ring"
+                        else sun_caption(a, rng, templates))
+        a["seed"] = int(seed % 10000 + len(out))
+        out.append(a)
+    return out
+
+
+HELDOUT = {"ring": ("ring_heldout.json", 48, 51515), "sun": ("sun_heldout.json", 48, 62626)}
+
+
+def heldout_path(kind: str) -> str:
+    return os.path.join(HERE, HELDOUT[kind][0])
+
+
+def load_heldout(kind: str) -> list[dict]:
+    return dataset.load_heldout(heldout_path(kind))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["heldout"]:
+        for kind, (name, n, seed) in HELDOUT.items():
+            items = make_heldout(kind, n, seed)
+            with open(heldout_path(kind), "w") as f:
+                json.dump({"seed": seed, "note": f"held-out {kind} scenes: these attribute combinations are "
+                           "excluded from adapter training; every third caption uses a held-out wording",
+                           "items": items}, f, indent=1)
+                f.write("\n")
+            print(f"wrote {len(items)} items to {name}")
+    elif len(sys.argv) == 3 and sys.argv[1] == "grid":
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        attrs = [sample_ring(rng) for _ in range(16)] + [sample_sun(rng) for _ in range(16)]
+        imgs = [render(a, rng) for a in attrs]
+        for a in attrs[:16]:
+            print(dataset.caption(a, rng))
+        for a in attrs[16:]:
+            print(sun_caption(a, rng))
+        grid = np.concatenate([np.concatenate(imgs[r * 8:(r + 1) * 8], 1) for r in range(4)], 0)
+        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(sys.argv[2])
+        # Self-check: the judges score the renderer's own images 1.0, and the base model's shapes are told apart.
+        ring = [judge_shape(render(it, rng), it)["ok"] for it in load_heldout("ring")]
+        sun = [judge_sun(render(it, rng), it)["ok"] for it in load_heldout("sun")]
+        base = [shape_of(dataset.render(it, rng)) == it["shape"] for it in dataset.make_heldout()]
+        print(f"judge self-check: ring {np.mean(ring):.2f}, tiny-sun {np.mean(sun):.2f}, base shapes {np.mean(base):.2f}")
+    else:
+        print(__doc__)
+        sys.exit(2)
