@@ -6,6 +6,7 @@
 //   { "cut": { "path": "/models/x/unet/weights.safetensors", "after": 1000000 } }  the next response for that
 //        path sends `after` bytes of its body, then the connection is destroyed (a dropped download);
 //   { "corrupt": { "path": "..." } }  every response for that path has its bytes inverted;
+//   { "slow": { "path": "...", "bytesPerSec": N } }  every response for that path is sent at about N bytes/s;
 //   { "csp": "script-src 'self' ..." }  every response carries that Content-Security-Policy header;
 //   { "reset": true }  clears the faults and the request log;
 // and GET /__requests lists the [method, path, range] of every request since the last reset.
@@ -62,7 +63,7 @@ function resolvePath(urlPath) {
 }
 
 const faultsEnabled = process.argv.includes('--faults');
-let faults = { cut: new Map(), corrupt: new Set(), csp: null };
+let faults = { cut: new Map(), corrupt: new Set(), slow: new Map(), csp: null };
 let requests = [];
 
 async function control(req, res, url) {
@@ -71,19 +72,25 @@ async function control(req, res, url) {
   for await (const chunk of req) body += chunk;
   const f = JSON.parse(body || '{}');
   if (f.reset) {
-    faults = { cut: new Map(), corrupt: new Set(), csp: null };
+    faults = { cut: new Map(), corrupt: new Set(), slow: new Map(), csp: null };
     requests = [];
   }
   if (f.csp) faults.csp = f.csp;
   if (f.cut) faults.cut.set(f.cut.path, f.cut.after);
   if (f.corrupt) faults.corrupt.add(f.corrupt.path);
+  if (f.slow) faults.slow.set(f.slow.path, f.slow.bytesPerSec);
   return send(res, 200, 'ok');
 }
 
 async function handle(req, res) {
   const url = new URL(req.url, 'http://localhost');
   if (faultsEnabled && url.pathname.startsWith('/__')) return control(req, res, url);
-  if (faultsEnabled) requests.push([req.method, url.pathname, req.headers.range || null]);
+  if (faultsEnabled) requests.push([req.method, url.pathname, req.headers.range || null, req.headers.origin || null]);
+  if (req.method === 'OPTIONS') {
+    res.writeHead(204, { 'Access-Control-Allow-Origin': '*', 'Access-Control-Allow-Methods': 'GET, HEAD',
+      'Access-Control-Allow-Headers': 'Range', 'Access-Control-Max-Age': '600' });
+    return res.end();
+  }
   let file = resolvePath(url.pathname);
   if (!file) return send(res, 403, 'forbidden');
   let info = await stat(file).catch(() => null);
@@ -99,6 +106,8 @@ async function handle(req, res) {
     'Cross-Origin-Opener-Policy': 'same-origin',
     'Cross-Origin-Embedder-Policy': 'require-corp',
     'Cross-Origin-Resource-Policy': 'cross-origin',
+    // Sites may embed the element from here (script, worker module, wasm, catalog and weights by CORS).
+    'Access-Control-Allow-Origin': '*',
   };
   if (faults.csp) headers['Content-Security-Policy'] = faults.csp;
   const range = /^bytes=(\d*)-(\d*)$/.exec(req.headers.range || '');
@@ -127,6 +136,7 @@ async function handle(req, res) {
   const cutAfter = faults.cut.get(url.pathname);
   faults.cut.delete(url.pathname);
   const corrupt = faults.corrupt.has(url.pathname);
+  const rate = faults.slow.get(url.pathname);
   let sent = 0;
   for await (let chunk of stream) {
     if (corrupt) chunk = Buffer.from(chunk.map((b) => 255 - b));
@@ -137,6 +147,8 @@ async function handle(req, res) {
     }
     sent += chunk.length;
     if (!res.write(chunk)) await new Promise((r) => res.once('drain', r));
+    if (rate) await new Promise((r) => setTimeout(r, (1000 * chunk.length) / rate));
+    if (res.destroyed) return; // the client went away (a cancelled download)
   }
   res.end();
 }

@@ -59,12 +59,15 @@ function onProgress(ev) {
   const p = $('progress');
   if (ev.phase === 'download') {
     const left = ev.total - ev.received;
-    setStatus('downloading', `Downloading ${ev.file}: ${formatBytes(ev.received)} of ${formatBytes(ev.total)}, ` +
+    const again = ev.evicted ? 'The browser evicted the cached files; downloading again: ' : '';
+    setStatus('downloading', `${again}Downloading ${ev.file}: ${formatBytes(ev.received)} of ${formatBytes(ev.total)}, ` +
       `${formatBytes(ev.bytesPerSec)}/s, ${seconds(left / ev.bytesPerSec)} left`);
   } else if (ev.phase === 'convert') {
     const left = ev.total - ev.received;
     setStatus('converting', `Converting to ${ev.weights} for storage (once): tensor ${ev.done} of ${ev.tensors}, ` +
       `${formatBytes(ev.received)} of ${formatBytes(ev.total)}, ${seconds(left / ev.bytesPerSec)} left`);
+  } else if (ev.phase === 'wait') {
+    setStatus('waiting', `Waiting for another tab that is downloading or changing ${ev.file}…`);
   } else if (ev.phase === 'import') {
     setStatus('importing', `Importing ${ev.file}: ${formatBytes(ev.received)} of ${formatBytes(ev.total)}`);
   } else {
@@ -174,7 +177,7 @@ function renderCached(cached) {
       del.onclick = async () => {
         del.disabled = true;
         await client.unload(m.id).catch(() => {});
-        await deleteModel(m.id).catch(fail);
+        await deleteModel(m.id, { onWait: () => setStatus('waiting', `Waiting for another tab using ${m.id}…`) }).catch(fail);
         await refreshModels();
       };
       td.append(del);
@@ -271,6 +274,13 @@ function updateTokenMeter() {
     if (!count) return;
     meter.dataset.tokens = String(count.tokens);
     meter.dataset.over = String(count.tokens > count.limit);
+    if ($('long-prompt').checked && count.tokens > count.limit) {
+      const chunks = Math.ceil(count.tokens / count.limit);
+      meter.dataset.chunks = String(chunks);
+      meter.append(`${count.tokens} tokens, in ${chunks} chunks of ${count.limit}: all seen by the model`);
+      return;
+    }
+    delete meter.dataset.chunks;
     meter.append(`${count.tokens} / ${count.limit} tokens`);
     if (count.cutOff) {
       const cut = document.createElement('mark');
@@ -307,6 +317,7 @@ function readForm() {
       height: Number($('height').value),
       scheduler: $('scheduler').value || undefined,
       preview: $('preview').value || undefined,
+      long_prompt: $('long-prompt').checked ? 'chunks' : undefined,
       ...variation(),
       ...(initImage ? {
         strength: Number($('strength').value),
@@ -324,6 +335,7 @@ function restore(entry) {
   $('preview').value = entry.request.preview || 'latent';
   $('prompt').value = r.prompt;
   $('negative').value = r.negative_prompt;
+  $('long-prompt').checked = r.long_prompt === 'chunks';
   $('seed').value = r.seed;
   $('seed-mode').value = 'fixed';
   $('steps').value = r.steps;
@@ -364,33 +376,59 @@ async function variations(entry) {
   await run(entry.model, subseeds.map((subseed) => ({ ...entry.request, subseed, subseed_strength: VARIATION_STRENGTH })));
 }
 
-/** Generates `requests` in turn with `model`, each into the canvas and the history; one cancel stops them all. */
-async function run(model, requests) {
+/** The catalog entry of `model` as the form keeps it, or null (with the error shown). */
+function modelToRun(model) {
   const found = modelById(model);
-  if (!found) return fail(new Error('choose a model'));
-  const m = { ...found, keep: $('keep').value || undefined };
+  if (!found) fail(new Error('choose a model'));
+  return found ? { ...found, keep: $('keep').value || undefined } : null;
+}
+
+/** Runs `work(signal)` as the page's one task: Generate disabled, Cancel enabled, errors shown. */
+async function busy(work) {
   running = true;
   $('generate').disabled = true;
   $('cancel').disabled = false;
-  const canvas = $('canvas');
   // The state changes before the first await, so that nobody reads the previous run's "done" as this one's.
-  canvas.dataset.step = '-1';
+  $('canvas').dataset.step = '-1';
   setStatus('starting', 'Starting…');
   abort = new AbortController();
   // Ask once that the cache survive storage pressure (Chromium decides without a prompt).
   if (navigator.storage?.persist && !(await navigator.storage.persisted())) navigator.storage.persist().then(renderStorage);
   try {
+    await work(abort.signal);
+  } catch (e) {
+    fail(e);
+  } finally {
+    refreshModels();
+    running = false;
+    $('generate').disabled = false;
+    $('cancel').disabled = true;
+  }
+}
+
+/** One image with `m`, its steps drawn on the canvas; `of` prefixes the status ("Image 2/4: "). */
+async function generateOne(m, request, of, signal) {
+  const canvas = $('canvas');
+  canvas.dataset.step = '-1';
+  setStatus('starting', `${of}Starting…`);
+  return client.generate(m, request, (st) => {
+    paint(canvas, st.preview);
+    canvas.dataset.step = String(st.index);
+    $('progress').max = st.steps;
+    $('progress').value = st.index + 1;
+    setStatus('generating', `${of}Step ${st.index + 1}/${st.steps}, ${st.stepsPerSec.toFixed(2)} steps/s`);
+  }, onProgress, signal);
+}
+
+/** Generates `requests` in turn with `model`, each into the canvas and the history; one cancel stops them all. */
+async function run(model, requests) {
+  const m = modelToRun(model);
+  if (!m) return;
+  await busy(async (signal) => {
+    const canvas = $('canvas');
     for (const [n, request] of requests.entries()) {
       const of = requests.length > 1 ? `Image ${n + 1}/${requests.length}: ` : '';
-      canvas.dataset.step = '-1';
-      setStatus('starting', `${of}Starting…`);
-      const image = await client.generate(m, request, (st) => {
-        paint(canvas, st.preview);
-        canvas.dataset.step = String(st.index);
-        $('progress').max = st.steps;
-        $('progress').value = st.index + 1;
-        setStatus('generating', `${of}Step ${st.index + 1}/${st.steps}, ${st.stepsPerSec.toFixed(2)} steps/s`);
-      }, onProgress, abort.signal);
+      const image = await generateOne(m, request, of, signal);
       lastSeed = request.seed;
       const url = URL.createObjectURL(new Blob([image.png], { type: 'image/png' }));
       const entry = { model, request, image, url };
@@ -402,15 +440,92 @@ async function run(model, requests) {
       const warnings = image.warnings?.length ? ` Warning: ${image.warnings.join('; ')}` : '';
       setStatus('done', `${of}Done in ${image.seconds.toFixed(1)} s (seed ${request.seed}).${warnings}`);
     }
-    refreshModels();
-  } catch (e) {
-    fail(e);
-    refreshModels();
-  } finally {
-    running = false;
-    $('generate').disabled = false;
-    $('cancel').disabled = true;
+  });
+}
+
+/** Shows a walk's or a sweep's image in the explore panel, with download links (`gif`: the animation). */
+function showExplored(png, name, gif) {
+  $('explore-panel').open = true;
+  const show = (img, link, bytes, type, file) => {
+    if (img.src) URL.revokeObjectURL(img.src);
+    img.hidden = link.hidden = !bytes;
+    if (!bytes) return img.removeAttribute('src');
+    img.src = link.href = URL.createObjectURL(new Blob([bytes], { type }));
+    link.download = file;
+  };
+  show($('explore-image'), $('explore-png'), png, 'image/png', `${name}.png`);
+  show($('explore-gif-image'), $('explore-gif'), gif, 'image/gif', `${name}.gif`);
+}
+
+let walkFrom = null; // the history entry an interpolation starts from, once picked
+
+/** "Interpolate" under a history image: the first press picks the start, the second the end and walks. */
+function pickWalkEnd(entry, button) {
+  if (running) return;
+  if (!walkFrom || walkFrom === entry) {
+    walkFrom = walkFrom === entry ? null : entry;
+    for (const b of document.querySelectorAll('#history .interpolate')) b.textContent = walkFrom ? 'Interpolate to here' : 'Interpolate';
+    if (walkFrom) button.textContent = 'Start (press again to drop)';
+    setStatus('idle', walkFrom ? 'Now press "Interpolate to here" under the other end.' : 'Ready.');
+    return;
   }
+  const from = walkFrom;
+  walkFrom = null;
+  for (const b of document.querySelectorAll('#history .interpolate')) b.textContent = 'Interpolate';
+  walk(from, entry);
+}
+
+/**
+ * A walk through latent space from history image `a` to `b` (the CLI's `interpolate`): frames with the
+ * initial noise slerped from a's seed to b's and the prompts' embeddings lerped; a's other settings. Ends in a
+ * strip PNG and a looping GIF in the explore panel.
+ */
+async function walk(a, b) {
+  const frames = Number($('walk-frames').value);
+  if (a.model !== b.model) return fail(new Error('the two images come from different models: interpolate between images of one model'));
+  if (a.image.width !== b.image.width || a.image.height !== b.image.height) {
+    return fail(new Error(`the two images differ in size (${a.image.width}x${a.image.height} and ${b.image.width}x${b.image.height})`));
+  }
+  if (a.request.init_images || b.request.init_images) return fail(new Error('a walk starts from noise: pick images made without an init image'));
+  if (!Number.isInteger(frames) || frames < 2 || frames > 64) return fail(new Error('frames: a whole number from 2 to 64'));
+  const m = modelToRun(a.model);
+  if (!m) return;
+  await busy(async (signal) => {
+    const to = { seed: b.request.seed, prompt: b.request.prompt, negative_prompt: b.request.negative_prompt };
+    const base = { ...a.request, width: a.image.width, height: a.image.height };
+    const images = [];
+    for (let f = 0; f < frames; f++) {
+      const t = f / (frames - 1);
+      images.push(await generateOne(m, { ...base, interpolate: { ...to, t } }, `Frame ${f + 1}/${frames}: `, signal));
+    }
+    const parameters = `${images[0].parameters.split('\nInterpolation')[0]}\nInterpolation: ${frames} frames to seed ` +
+      `${to.seed}, prompt: ${to.prompt}, negative prompt: ${to.negative_prompt}`;
+    const out = await client.walkImages(images.map(({ width, height, rgba }) => ({ width, height, rgba })), parameters);
+    showExplored(out.png, `latent-gen-walk-${base.seed}-${to.seed}`, out.gif);
+    $('canvas').dataset.step = 'done';
+    setStatus('done', `Done: ${frames} frames from seed ${base.seed} to ${to.seed}.`);
+  });
+}
+
+/** The sweep panel: the form's settings over one or two axes, into a labelled grid (the CLI's `grid`). */
+async function sweep() {
+  if (running) return;
+  const { model, request } = readForm();
+  const axis = (key, values) => (key && values.trim() ? `${key}=${values}` : undefined);
+  const x = axis($('sweep-x-key').value, $('sweep-x').value);
+  const y = axis($('sweep-y-key').value, $('sweep-y').value);
+  if (!x) return fail(new Error('the sweep needs values across (X)'));
+  const m = modelToRun(model);
+  if (!m) return;
+  await busy(async (signal) => {
+    const cells = await client.gridRequests(request, x, y);
+    const images = [];
+    for (const [n, cell] of cells.entries()) images.push(await generateOne(m, cell, `Cell ${n + 1}/${cells.length}: `, signal));
+    const png = await client.gridPng(images.map(({ width, height, rgba }) => ({ width, height, rgba })), x, y, images[0].parameters);
+    showExplored(png, `latent-gen-grid-${request.seed}`);
+    $('canvas').dataset.step = 'done';
+    setStatus('done', `Done: ${cells.length} cells.`);
+  });
 }
 
 function addToHistory(entry) {
@@ -435,9 +550,15 @@ function addToHistory(entry) {
   vary.textContent = 'Variations';
   vary.title = `Four images near this one (variation seeds at strength ${VARIATION_STRENGTH})`;
   vary.onclick = () => variations(entry);
+  const between = document.createElement('button');
+  between.type = 'button';
+  between.className = 'interpolate';
+  between.textContent = walkFrom ? 'Interpolate to here' : 'Interpolate';
+  between.title = 'A walk through latent space between two images: press it under one, then under the other';
+  between.onclick = () => pickWalkEnd(entry, between);
   const item = document.createElement('figure');
   item.className = 'history-item';
-  item.append(button, use, vary);
+  item.append(button, use, vary, between);
   $('history').prepend(item);
 }
 
@@ -509,8 +630,10 @@ async function main() {
   $('import').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.webkitRelativePath || file.name, file })));
   $('import-file').onchange = (e) => importLocal([...e.target.files].map((file) => ({ path: file.name, file })));
   $('prompt').addEventListener('input', updateTokenMeter);
+  $('long-prompt').addEventListener('change', updateTokenMeter);
   $('import-adapter').onchange = (e) => importAdapters([...e.target.files]);
   $('lora-add').onclick = addLoraTag;
+  $('sweep').onclick = sweep;
   $('init-file').onchange = (e) => e.target.files[0] && setInitImage(e.target.files[0]);
   $('init-clear').onclick = () => setInitImage(null);
   const initBox = $('init');

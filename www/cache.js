@@ -122,10 +122,38 @@ export async function deleteFile(model, path) {
   }
 }
 
-/** Deletes every file of a model. */
-export async function deleteModel(model) {
-  const files = (await listFiles()).get(model) || [];
-  for (const rec of files) await deleteFile(model, rec.path);
+/** Deletes every file of a model (waiting for any tab that is downloading or loading it). */
+export async function deleteModel(model, { signal, onWait } = {}) {
+  await withModelLock(model, 'exclusive', async () => {
+    const files = (await listFiles()).get(model) || [];
+    for (const rec of files) await deleteFile(model, rec.path);
+  }, { signal, onWait });
+}
+
+/**
+ * Runs `work()` holding a model's cache lock (Web Locks, shared by every tab and worker of this origin):
+ * 'exclusive' to write its files (download, import, conversion, deletion), 'shared' to read them (loading), so
+ * two tabs never write one file at once and nobody deletes what another is reading. `onWait()` is called when
+ * another holder makes it wait; aborting `signal` gives up waiting (an AbortError named 'cancelled').
+ */
+export async function withModelLock(model, mode, work, { signal, onWait } = {}) {
+  if (!navigator.locks) return work(); // (every browser with WebGPU has Web Locks)
+  const name = `latent-gen:model:${model}`;
+  let ran = false;
+  let result;
+  await navigator.locks.request(name, { mode, ifAvailable: true }, async (lock) => {
+    if (!lock) return;
+    ran = true;
+    result = await work();
+  });
+  if (ran) return result;
+  onWait?.();
+  try {
+    return await navigator.locks.request(name, { mode, signal }, () => work());
+  } catch (e) {
+    if (signal?.aborted) throw Object.assign(new Error('cancelled'), { name: 'AbortError' });
+    throw e;
+  }
 }
 
 /**
@@ -153,15 +181,19 @@ export class ChunkWriter {
       await txDone(tx, `starting ${rec.key}`);
     }
     let handle;
+    let lost = false;
     try {
       const fh = await (await opfsDir()).getFileHandle(opfsName(rec.key), { create: true });
       handle = await fh.createSyncAccessHandle();
-      handle.truncate(rec.received); // drop what was written but never recorded
+      lost = handle.getSize() < rec.received; // the recorded prefix is gone (evicted): start over
+      handle.truncate(lost ? 0 : rec.received); // drop what was written but never recorded
     } catch (e) {
       handle?.close();
       throw storageError(e, `opening ${rec.key} for writing`);
     }
-    return new ChunkWriter(rec, handle);
+    const writer = new ChunkWriter(rec, handle);
+    if (lost) await writer.restart();
+    return writer;
   }
 
   get received() { return this.rec.received + this.fill; }
@@ -269,8 +301,14 @@ export async function fileBlob(rec) {
   try {
     file = await (await (await opfsDir()).getFileHandle(opfsName(rec.key))).getFile();
   } catch (e) {
-    throw new Error(`${rec.key} is missing from the cache (${e?.name || e}); delete the model and download it again`);
+    throw missing(`${rec.key} is missing from the cache (${e?.name || e})`);
   }
-  if (file.size !== rec.received) throw new Error(`${rec.key}: the cache holds ${file.size} bytes, expected ${rec.received}`);
+  if (file.size !== rec.received) throw missing(`${rec.key}: the cache holds ${file.size} bytes, expected ${rec.received}`);
   return file;
+}
+
+/** A cached file that is gone or cut short (the browser evicted storage, or it was cleared): 'EvictedError'. */
+function missing(what) {
+  return Object.assign(new Error(`${what}; the browser may have evicted the cache: download or import the model again`),
+    { name: 'EvictedError' });
 }

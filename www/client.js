@@ -11,9 +11,21 @@ export function client(options = {}) {
   return shared;
 }
 
+/**
+ * The model worker. A page that loads this library from another origin (a site embedding the element from a
+ * CDN) cannot start a worker from that origin's URL, so it starts one from a same-origin blob that imports the
+ * module by URL (with CORS): the worker then runs with the page's origin, and the weight cache is the
+ * embedding site's.
+ */
+function startWorker(url) {
+  if (url.origin === location.origin) return new Worker(url, { type: 'module' });
+  const source = `import ${JSON.stringify(url.href)};`;
+  return new Worker(URL.createObjectURL(new Blob([source], { type: 'text/javascript' })), { type: 'module' });
+}
+
 export class Client {
   constructor({ cpu = false, gpu = false } = {}) {
-    this.worker = new Worker(new URL('./worker.js', here), { type: 'module' });
+    this.worker = startWorker(new URL('./worker.js', here));
     this.nextId = 1;
     this.pending = new Map();
     this.catalog = null;
@@ -31,6 +43,8 @@ export class Client {
       p.resolve(msg.result);
     } else if (msg.type === 'error') {
       this.pending.delete(msg.id);
+      // The worker dropped the lost device's engine and model: the next request loads the model again.
+      if (msg.name === 'DeviceLostError') this.loadedId = this.loadedKey = this.loadedInfo = null;
       p.reject(Object.assign(new Error(msg.message), { name: msg.name }));
     } else {
       p.onEvent?.(msg);
@@ -143,6 +157,24 @@ export class Client {
   /** Deletes an imported LoRA or embedding (by its file name). */
   deleteAdapter(path) {
     return this.call({ type: 'delete-adapter', path });
+  }
+
+  /** A sweep's cells: `base` (a request) with axis `x` ("KEY=V1,V2,...": seed, guidance, steps, scheduler,
+   * strength, subseed-strength, or prompt=SEARCH,REPLACE...) and optionally `y`, row by row, as the CLI's
+   * `grid` makes them; a bad axis or value is refused before any work. */
+  async gridRequests(base, x, y) {
+    await this.ready;
+    return this.call({ type: 'grid-requests', base, x, y });
+  }
+
+  /** The sweep's grid PNG (Uint8Array) from its cells' images ({width, height, rgba}), labelled with the axes. */
+  gridPng(cells, x, y, parameters) {
+    return this.call({ type: 'grid-png', cells, x, y, parameters });
+  }
+
+  /** An interpolation's frames ({width, height, rgba}) as a strip PNG and a looping GIF: {png, gif}. */
+  walkImages(frames, parameters, frameMs = 250) {
+    return this.call({ type: 'walk-images', frames, parameters, frameMs });
   }
 
   /** Forgets the loaded model (after its files were deleted). */

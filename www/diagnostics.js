@@ -72,6 +72,44 @@ async function runChecks(diag) {
   summary.dataset.failed = failed;
 }
 
+// The benchmark's size and narrowing: 512 and 1 (the real model) unless the URL asks otherwise
+// (?bench-size=64&bench-narrow=10: the end-to-end test on a software GPU).
+function benchOptions() {
+  const q = new URLSearchParams(location.search);
+  const size = Number(q.get('bench-size') || 512);
+  const narrow = Number(q.get('bench-narrow') || 1);
+  return { size: size > 0 ? size : 512, narrow: narrow > 0 ? narrow : 1 };
+}
+
+async function runBenchmark(diag, arch, label, buttons) {
+  const status = $('bench-status');
+  const { size, narrow } = benchOptions();
+  buttons.forEach((b) => { b.disabled = true; });
+  status.dataset.state = 'running';
+  status.className = '';
+  try {
+    const r = await diag.benchmark(arch, size, narrow, (m) => { status.textContent = `${label}: ${m}\u2026`; });
+    const mib = (b) => `${(b / 2 ** 20).toFixed(0)} MiB`;
+    $('bench-results').querySelector('tbody').append(el('tr', { className: 'bench-row' },
+      el('td', { textContent: narrow > 1 ? `${label} (widths / ${narrow})` : label }),
+      el('td', { textContent: `${size}x${size}` }),
+      el('td', { className: 'num bench-ms', textContent: r.unet_cfg_step_ms.toFixed(1) }),
+      el('td', { className: 'num bench-dispatches', textContent: String(r.unet_step_dispatches) }),
+      el('td', { textContent: r.weights }),
+      el('td', { textContent: r.act }),
+      el('td', { className: 'num', textContent: `${r.load_s.toFixed(1)} s` }),
+      el('td', { className: 'num', textContent: mib(r.peak_gpu_bytes) }),
+      el('td', { textContent: `${r.adapter} (${r.backend})` })));
+    status.textContent = `${label}: ${r.unet_cfg_step_ms.toFixed(1)} ms per step.`;
+    status.dataset.state = 'done';
+  } catch (e) {
+    status.textContent = `${label}: the benchmark failed: ${e.message || e}`;
+    status.className = 'fail';
+    status.dataset.state = 'error';
+  }
+  buttons.forEach((b) => { b.disabled = false; });
+}
+
 async function main() {
   const facts = await browserAdapterFacts().catch((e) => { console.error(e); return null; });
   if (!facts) {
@@ -100,6 +138,10 @@ async function main() {
     ['maxStorageBufferBindingSize', a.max_storage_buffer_binding_size],
     ['maxComputeWorkgroupStorageSize', a.max_compute_workgroup_storage_size],
   ]));
+  const buttons = [$('bench-sd15'), $('bench-turbo')];
+  $('bench-sd15').onclick = () => runBenchmark(diag, 'sd15', 'SD 1.5', buttons);
+  $('bench-turbo').onclick = () => runBenchmark(diag, 'sd-turbo', 'SD-Turbo', buttons);
+  buttons.forEach((b) => { b.disabled = false; });
   $('rerun').disabled = false;
   $('rerun').onclick = async () => {
     $('rerun').disabled = true;

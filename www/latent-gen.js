@@ -5,7 +5,8 @@
 //
 // Attributes: model, keep (how its weights are kept in the cache: one of the catalog entry's "store", e.g.
 // q4_0; the first is the default), preview ("latent", or "taesd" for models with a previewDecoder), prompt,
-// negative-prompt, seed, subseed and subseed-strength (a variation), init-image (the URL of an image to start
+// negative-prompt, long-prompt ("chunks": prompts past 75 tokens in 75-token chunks, as A1111), seed, subseed
+// and subseed-strength (a variation), init-image (the URL of an image to start
 // from: img2img; fetched with CORS from another origin) and strength, steps, guidance, width, height,
 // scheduler, lora (LoRAs imported on this site, "NAME[:SCALE], ...", as the prompt's <lora:NAME:SCALE> tags do),
 // and autostart (generate once connected). Methods: generate() (resolves to the PNG Blob),
@@ -121,6 +122,7 @@ export class LatentGen extends HTMLElement {
         preview: this.getAttribute('preview') || undefined,
         subseed: this.hasAttribute('subseed') ? this.num('subseed') >>> 0 : undefined,
         subseed_strength: this.num('subseed-strength', 0),
+        long_prompt: this.getAttribute('long-prompt') === 'chunks' ? 'chunks' : undefined,
         loras: this.loras(),
         ...init,
       },
@@ -178,6 +180,7 @@ export class LatentGen extends HTMLElement {
 
   onProgress(p, frame) {
     if (p.phase === 'download') this.setStatus('downloading', `Downloading ${Math.round((100 * p.received) / (p.total || 1))}%`);
+    else if (p.phase === 'wait') this.setStatus('waiting', 'Waiting for another tab');
     this.dispatchEvent(new CustomEvent('progress', { detail: { ...p, frame } }));
   }
 

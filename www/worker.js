@@ -8,9 +8,12 @@
 //               { id, type: 'import-adapters', files: [File] } (LoRAs / embeddings into the cache and the engine)
 //               { id, type: 'adapters' } | { id, type: 'delete-adapter', path }
 //               { type: 'cancel', target: id }
+//               { id, type: 'grid-requests', base, x, y } (a sweep's cells' requests)
+//               { id, type: 'grid-png', cells, x, y, parameters } | { id, type: 'walk-images', frames, parameters, frameMs }
+//               { type: 'lose-device' } (destroys the GPU device, as a driver reset would: for tests)
 // Messages out: { id, type: 'progress' | 'step' | 'result' | 'error', ... }
-import init, { Converter, Engine, Sha256 } from './pkg/latent_gen.js';
-import { ADAPTERS, CONVERTED, ChunkWriter, convertedPath, deleteFile, fileBlob, getFile, listFiles } from './cache.js';
+import init, { Converter, Engine, Sha256, animationGif, gridPng, gridRequests, stripPng } from './pkg/latent_gen.js';
+import { ADAPTERS, CONVERTED, ChunkWriter, convertedPath, deleteFile, fileBlob, getFile, listFiles, withModelLock } from './cache.js';
 
 let engine = null;
 let previewLoaded = null; // the id of the preview decoder in the engine
@@ -21,9 +24,11 @@ const post = (msg, transfer) => self.postMessage(msg, transfer || []);
 let wasm = null; // the module's exports (its memory)
 
 let engineKey = null;
+let initArgs = { cpu: false, gpu: false }; // how the page asked for the engine, to make a new one after a loss
 
 /** `cpu`: the CPU path only; `gpu`: WebGPU even on a software adapter (which is slower than the CPU path). */
 async function initEngine(cpu, gpu) {
+  initArgs = { cpu, gpu };
   wasm = await init();
   const key = `${cpu}:${gpu}`;
   if (!engine || engineKey !== key) {
@@ -55,6 +60,11 @@ async function syncAdapters() {
 /** Stores LoRA / embedding files in the cache and registers them; a file the engine refuses (not a LoRA
  * or an embedding, another architecture's) is deleted again and its reason thrown. */
 async function importAdapters(id, files) {
+  await ensureEngine();
+  return withModelLock(ADAPTERS, 'exclusive', () => storeAdapters(id, files));
+}
+
+async function storeAdapters(id, files) {
   const out = [];
   for (const file of files) {
     const path = file.name;
@@ -88,17 +98,23 @@ async function importAdapters(id, files) {
 
 /** Removes a LoRA / embedding from the engine and the cache. */
 async function deleteAdapter(path) {
+  await ensureEngine();
   const info = adapters.get(path);
   if (info) engine.removeAdapter(info.name);
   adapters.delete(path);
-  await deleteFile(ADAPTERS, path);
+  await withModelLock(ADAPTERS, 'exclusive', () => deleteFile(ADAPTERS, path));
   return null;
 }
 
-/** A model file's URL: https, or this site's own (a catalog entry cannot send weights over plain http). */
+/** The origins model files may come from over plain http: the page's and this library's own (which differ when a
+ * site embeds the element from another origin; the worker then runs with the page's origin). */
+const OWN_ORIGINS = new Set([self.location.origin, new URL(import.meta.url).origin]);
+
+/** A model file's URL: https, or this site's or this library's own (a catalog entry cannot send weights over
+ * plain http from anywhere else). */
 function fileUrl(model, f) {
   const url = new URL(f.url || model.base + f.path, model.catalogUrl || self.location.href);
-  if (url.protocol !== 'https:' && url.origin !== self.location.origin) {
+  if (url.protocol !== 'https:' && !OWN_ORIGINS.has(url.origin)) {
     throw new Error(`${model.id}/${f.path}: ${url.href} is neither https nor this site's; model files must be one of the two`);
   }
   return url.href;
@@ -145,8 +161,8 @@ async function fetchInto(writer, model, f, label, signal, onBytes) {
       }
       break;
     } catch (e) {
+      await writer.flush(); // what arrived is a prefix of the file: kept (incomplete) for a resume
       if (signal.aborted) throw cancelled();
-      await writer.flush();
       // A dropped connection: resume from what was stored, a few times, then give up (keeping the prefix).
       if (attempt >= 4) throw new Error(`${label}: the download kept failing (${e.message}); try again later, it will resume`);
     }
@@ -167,34 +183,104 @@ async function converted(model, keep) {
   return done.find((r) => r.path === convertedPath(keep)) || done[0];
 }
 
-/** Makes sure every file of `model` is in the cache, downloading what is missing, then loads it. */
+/** The engine, made anew (as the page first asked for it) when a lost device dropped the last one. */
+async function ensureEngine() {
+  if (!engine) await initEngine(initArgs.cpu, initArgs.gpu);
+}
+
+/** After the GPU device was lost: the engine, its model, preview decoder and adapters go; the next load
+ * makes a new engine (a new device) and loads the model again from the cache. */
+function dropEngine() {
+  try {
+    engine?.free();
+  } catch (e) {
+    console.warn('freeing the lost engine:', e);
+  }
+  engine = null;
+  loaded = null;
+  previewLoaded = null;
+  adapters = new Map();
+}
+
+/**
+ * Makes sure every file of `model` is in the cache (downloading what is missing, converting it once), then
+ * loads it. Between tabs: filling the cache holds the model's exclusive lock and loading a shared one, so a
+ * second tab asking for a model that one is downloading waits for it (phase 'wait') and then loads what it
+ * stored. A cached file the browser evicted is dropped and downloaded again, once.
+ */
 async function load(id, model) {
+  await ensureEngine();
   const keep = keepAs(model);
   const key = `${model.id}:${keep}`;
   if (loaded?.key === key) return loaded.info;
   abort = new AbortController();
   const { signal } = abort;
-  // What the cache holds wins over a fresh download: the converted file asked for, else another one (its
-  // originals are gone), unless the originals are asked for and all there.
-  let stored = await converted(model, keep);
-  if (keep === 'original' && stored && await haveAll(model)) stored = undefined;
-  if (!stored) {
-    await fetchAll(id, model, signal);
-    if (keep !== 'original') stored = await convertInCache(id, model, keep, signal);
+  const lock = { signal, onWait: () => post({ id, type: 'progress', phase: 'wait', file: model.id, received: 0, total: 0 }) };
+  let evicted = false;
+  try {
+    for (let attempt = 0; ; attempt++) {
+      if (!(await cachedFiles(model, keep))) {
+        await withModelLock(model.id, 'exclusive', () => fill(id, model, keep, signal, evicted), lock);
+      }
+      try {
+        const info = await withModelLock(model.id, 'shared', async () => {
+          const files = await cachedFiles(model, keep);
+          return files && loadFiles(id, model, key, files);
+        }, lock);
+        if (info) return info;
+        // Another tab deleted or converted the files between the two locks: fill the cache again.
+        if (attempt >= 2) throw new Error(`${model.id}: another tab keeps changing this model's files; try again`);
+      } catch (e) {
+        if (e?.name !== 'EvictedError' || evicted || model.local) throw e;
+        evicted = true;
+        await withModelLock(model.id, 'exclusive', () => dropMissing(model.id), lock);
+      }
+    }
+  } finally {
+    abort = null;
   }
-  abort = null;
-  const files = model.files;
-  const total = files.reduce((s, f) => s + (f.size || 0), 0);
+}
+
+/** What the cache holds of `model` for weights kept as `keep`: `{ stored }` (a converted file: the one asked
+ * for, else another, whose originals are gone), `{ originals: true }`, or null when something is missing. */
+async function cachedFiles(model, keep) {
+  const stored = await converted(model, keep);
+  const all = await haveAll(model);
+  if (stored && !(keep === 'original' && all)) return { stored };
+  if (keep === 'original' && all) return { originals: true };
+  return null;
+}
+
+/** Downloads what `model` lacks and converts it (holding its exclusive lock: another tab may have done it while
+ * this one waited, so that is checked first). */
+async function fill(id, model, keep, signal, evicted) {
+  if (await cachedFiles(model, keep)) return;
+  await fetchAll(id, model, signal, evicted);
+  if (keep !== 'original') await convertInCache(id, model, keep, signal);
+}
+
+/** Drops the records of `model`'s files whose data is gone from the cache (evicted), so they download again. */
+async function dropMissing(modelId) {
+  for (const rec of (await listFiles()).get(modelId) || []) {
+    if (!rec.complete) continue;
+    try {
+      await fileBlob(rec);
+    } catch (e) {
+      if (e?.name !== 'EvictedError') throw e;
+      await deleteFile(modelId, rec.path);
+    }
+  }
+}
+
+/** Loads the cached `files` of `model` into the engine (holding the model's shared lock). */
+async function loadFiles(id, model, key, { stored }) {
+  const total = model.files.reduce((s, f) => s + (f.size || 0), 0);
   post({ id, type: 'progress', phase: 'load', received: total, total });
   const map = new Map();
   if (stored) {
     map.set(stored.path, await fileBlob(stored));
   } else {
-    for (const f of files) {
-      const rec = await getFile(model.id, f.path);
-      if (!rec?.complete) throw new Error(`${model.id}/${f.path} is not in the cache`);
-      map.set(f.path, await fileBlob(rec));
-    }
+    for (const f of model.files) map.set(f.path, await fileBlob(await getFile(model.id, f.path)));
   }
   loaded = null;
   const loadStart = performance.now();
@@ -215,8 +301,8 @@ async function haveAll(model) {
   return true;
 }
 
-/** Downloads whatever files of `model` the cache lacks, with progress. */
-async function fetchAll(id, model, signal) {
+/** Downloads whatever files of `model` the cache lacks, with progress (`evicted`: the cache lost them). */
+async function fetchAll(id, model, signal, evicted = false) {
   const files = model.files;
   const total = files.reduce((s, f) => s + (f.size || 0), 0);
   const have = new Map();
@@ -233,7 +319,7 @@ async function fetchAll(id, model, signal) {
     lastPost = now;
     const received = [...have.values()].reduce((a, b) => a + b, 0);
     const rate = (received - startBytes) / Math.max(1e-3, (now - t0) / 1000);
-    post({ id, type: 'progress', phase: 'download', file, received, total, bytesPerSec: rate });
+    post({ id, type: 'progress', phase: 'download', file, received, total, bytesPerSec: rate, evicted });
   };
   for (const f of files) {
     const rec = await getFile(model.id, f.path);
@@ -285,19 +371,31 @@ async function convertInCache(id, model, type, signal) {
 
 /** Downloads (once) and loads the TAESD preview decoder `decoder` (a catalog entry of kind preview-decoder). */
 async function loadPreview(id, decoder) {
+  await ensureEngine();
   if (previewLoaded === decoder.id) return null;
   abort = new AbortController();
-  await fetchAll(id, decoder, abort.signal);
-  abort = null;
-  const map = new Map();
-  for (const f of decoder.files) map.set(f.path, await fileBlob(await getFile(decoder.id, f.path)));
-  engine.loadPreviewDecoder(map);
+  const lock = { signal: abort.signal, onWait: () => post({ id, type: 'progress', phase: 'wait', file: decoder.id, received: 0, total: 0 }) };
+  try {
+    if (!(await haveAll(decoder))) await withModelLock(decoder.id, 'exclusive', () => fetchAll(id, decoder, abort.signal), lock);
+    await withModelLock(decoder.id, 'shared', async () => {
+      const map = new Map();
+      for (const f of decoder.files) map.set(f.path, await fileBlob(await getFile(decoder.id, f.path)));
+      engine.loadPreviewDecoder(map);
+    }, lock);
+  } finally {
+    abort = null;
+  }
   previewLoaded = decoder.id;
   return null;
 }
 
 /** Stores local files (a diffusers folder picked or dropped on the page) as a model in the cache. */
 async function importFiles(id, modelId, files) {
+  await withModelLock(modelId, 'exclusive', () => storeFiles(id, modelId, files));
+  if (loaded?.id === modelId) loaded = null;
+}
+
+async function storeFiles(id, modelId, files) {
   const total = files.reduce((s, f) => s + f.file.size, 0);
   let done = 0;
   for (const { path, file } of files) {
@@ -316,7 +414,6 @@ async function importFiles(id, modelId, files) {
     }
     done += file.size;
   }
-  if (loaded?.id === modelId) loaded = null;
 }
 
 async function generate(id, request) {
@@ -344,6 +441,10 @@ let current = null;
 const dropped = new Set();
 self.onmessage = (ev) => {
   const msg = ev.data;
+  if (msg.type === 'lose-device') {
+    engine?.loseDevice();
+    return;
+  }
   if (msg.type === 'cancel') {
     if (msg.target === current) {
       abort?.abort();
@@ -367,15 +468,31 @@ self.onmessage = (ev) => {
       else if (msg.type === 'unload') { if (loaded?.id === msg.model) loaded = null; result = null; }
       else if (msg.type === 'tokens') result = loaded ? { ...engine.countTokens(msg.prompt, !!msg.literal), model: loaded.id } : null;
       else if (msg.type === 'import-adapters') result = await importAdapters(msg.id, msg.files);
-      else if (msg.type === 'adapters') result = await syncAdapters();
+      else if (msg.type === 'adapters') result = await ensureEngine().then(syncAdapters);
       else if (msg.type === 'delete-adapter') result = await deleteAdapter(msg.path);
+      else if (msg.type === 'grid-requests') result = gridRequests(msg.base, msg.x, msg.y || undefined);
+      else if (msg.type === 'grid-png') result = gridPng(msg.cells, msg.x, msg.y || undefined, msg.parameters);
+      else if (msg.type === 'walk-images') {
+        result = { png: stripPng(msg.frames, msg.parameters), gif: animationGif(msg.frames, msg.frameMs || 250) };
+      }
       else throw new Error(`unknown message ${msg.type}`);
       const transfer = result?.rgba ? [result.rgba.buffer, result.png.buffer] : [];
       post({ id: msg.id, type: 'result', result }, transfer);
     } catch (e) {
       abort = null;
+      // A lost device fails whatever ran on it; the browser reports the loss itself a moment later.
       const message = e?.message || String(e);
-      post({ id: msg.id, type: 'error', name: e?.name || 'Error', message });
+      if (engine && /GPU|device/.test(message)) {
+        for (let i = 0; i < 40 && !engine.deviceLost(); i++) await new Promise((r) => setTimeout(r, 25));
+      }
+      const lost = engine?.deviceLost();
+      if (lost) {
+        dropEngine();
+        post({ id: msg.id, type: 'error', name: 'DeviceLostError',
+          message: `The GPU device was lost (${lost}). The next generation starts a new one and loads the model again.` });
+      } else {
+        post({ id: msg.id, type: 'error', name: e?.name || 'Error', message });
+      }
     } finally {
       current = null;
     }

@@ -1,14 +1,42 @@
 //! Kernel benchmarks at Stable Diffusion 1.5's shapes (512x512, CFG batch 2): time per call, GFLOP/s for
 //! compute-bound kernels and GB/s for memory-bound ones. A program, not a test: it prints figures and JSON.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::gpu::{DType, GpuContext, Tensor};
+use crate::gpu::{CostReport, DType, GpuContext, Tensor};
 use crate::ops::{self, Conv2dOpts, MatmulOpts};
 use crate::selfcheck::Rng;
+
+/// A monotonic clock that works natively and in a browser (where `std::time::Instant` panics).
+#[derive(Clone, Copy)]
+struct Instant(f64);
+
+impl Instant {
+    fn now() -> Self {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+            Instant(START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64())
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            use wasm_bindgen::JsCast;
+            let global = js_sys::global();
+            let perf = match global.dyn_ref::<web_sys::Window>() {
+                Some(w) => w.performance(),
+                None => global.dyn_ref::<web_sys::WorkerGlobalScope>().and_then(|w| w.performance()),
+            };
+            Instant(perf.map_or_else(js_sys::Date::now, |p| p.now()) / 1e3)
+        }
+    }
+
+    fn elapsed(self) -> Duration {
+        Duration::from_secs_f64((Self::now().0 - self.0).max(0.0))
+    }
+}
 
 /// One kernel on one shape.
 #[derive(Clone, Debug, Serialize)]
@@ -318,10 +346,23 @@ pub struct PipelineBench {
     pub clip_ms: f64,
     /// One UNet evaluation at batch 2 (a classifier-free-guidance step).
     pub unet_cfg_step_ms: f64,
+    /// One UNet evaluation at batch 1 (a step without guidance, as SD-Turbo and LCM at guidance 1 run).
+    pub unet_step_b1_ms: f64,
+    /// The whole decode: the time of one tile times the tiles when the device's limits make it tiled.
     pub vae_decode_ms: f64,
+    /// Tiles the VAE decode runs in (1: whole).
+    pub vae_decode_tiles: usize,
     pub taesd_decode_ms: f64,
     /// The most GPU memory the tensor pool held at once (weights and activations).
     pub peak_gpu_bytes: u64,
+    /// One UNet CFG step's dispatches, bytes bound (read + written), the least those ops could move, and
+    /// FLOPs; `unet_step_cost` breaks them down by op family (with GPU time where timestamps exist).
+    pub unet_step_dispatches: u64,
+    pub unet_step_bytes: u64,
+    pub unet_step_bytes_min: u64,
+    pub unet_step_gflop: f64,
+    pub unet_step_cost: CostReport,
+    pub vae_decode_cost: CostReport,
 }
 
 impl std::fmt::Display for PipelineBench {
@@ -334,9 +375,12 @@ impl std::fmt::Display for PipelineBench {
         writeln!(f, "load (random weights)    {:>10.2} s", self.load_s)?;
         writeln!(f, "CLIP, batch 2            {:>10.2} ms", self.clip_ms)?;
         writeln!(f, "UNet CFG step, batch 2   {:>10.2} ms", self.unet_cfg_step_ms)?;
+        writeln!(f, "UNet step, batch 1       {:>10.2} ms", self.unet_step_b1_ms)?;
         writeln!(f, "VAE decode               {:>10.2} ms", self.vae_decode_ms)?;
         writeln!(f, "TAESD decode             {:>10.2} ms", self.taesd_decode_ms)?;
-        write!(f, "peak GPU memory          {:>10.1} MiB", self.peak_gpu_bytes as f64 / (1 << 20) as f64)
+        writeln!(f, "peak GPU memory          {:>10.1} MiB", self.peak_gpu_bytes as f64 / (1 << 20) as f64)?;
+        write!(f, "UNet CFG step: {}", self.unet_step_cost)?;
+        write!(f, "VAE decode: {}", self.vae_decode_cost)
     }
 }
 
@@ -352,7 +396,7 @@ pub async fn bench_pipeline(
 ) -> Result<PipelineBench> {
     use crate::models::{clip, parse_config, taesd, unet_2d, vae};
     let (clip_cfg, unet_cfg) = arch_configs(arch);
-    let src = crate::weights::RandomWeights::new(7);
+    let src = random_weights(policy);
     let w = crate::weights::Weights::new(ctx, &src, policy);
     let start = Instant::now();
     progress("building the models with random weights");
@@ -384,9 +428,17 @@ pub async fn bench_pipeline(
     let context = clip.forward(ctx, &ids)?;
     let sample = Tensor::from_f32_as(ctx, &[2, 4, lat, lat], &rng.uniform(2 * 4 * lat * lat, -1.0, 1.0), act)?;
     let unet_ms = time_it("UNet CFG step", &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?;
-    let z = Tensor::from_f32_as(ctx, &[1, 4, lat, lat], &rng.uniform(4 * lat * lat, -1.0, 1.0), act)?;
-    let vae_ms = time_it("VAE decode", &|| decoder.forward(ctx, &z)).await?;
-    let taesd_ms = time_it("TAESD decode", &|| tiny.forward(ctx, &z)).await?;
+    // Cross-attention's keys and values for `context` are cached now, as in a generation's later steps.
+    let unet_cost = cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?;
+    let sample1 = Tensor::from_f32_as(ctx, &[1, 4, lat, lat], &rng.uniform(4 * lat * lat, -1.0, 1.0), act)?;
+    let context1 = clip.forward(ctx, &ids[..1])?;
+    let unet_b1_ms = time_it("UNet step, batch 1", &|| unet.forward(ctx, &sample1, 500.0, &context1, None)).await?;
+    let (side, tiles) = vae_tiles(ctx, &decoder, lat, act)?;
+    let z = Tensor::from_f32_as(ctx, &[1, 4, side, side], &rng.uniform(4 * side * side, -1.0, 1.0), act)?;
+    let vae_ms = time_it("VAE decode", &|| decoder.forward(ctx, &z)).await? * tiles as f64;
+    let zfull = Tensor::from_f32_as(ctx, &[1, 4, lat, lat], &rng.uniform(4 * lat * lat, -1.0, 1.0), act)?;
+    let taesd_ms = time_it("TAESD decode", &|| tiny.forward(ctx, &zfull)).await?;
+    let vae_cost = cost(ctx, &|| decoder.forward(ctx, &z)).await?;
     let s = ctx.summary();
     Ok(PipelineBench {
         arch,
@@ -399,18 +451,297 @@ pub async fn bench_pipeline(
         load_s,
         clip_ms,
         unet_cfg_step_ms: unet_ms,
+        unet_step_b1_ms: unet_b1_ms,
         vae_decode_ms: vae_ms,
+        vae_decode_tiles: tiles,
         taesd_decode_ms: taesd_ms,
+        peak_gpu_bytes: ctx.pool_stats().peak_bytes,
+        unet_step_dispatches: unet_cost.dispatches,
+        unet_step_bytes: unet_cost.bytes_read + unet_cost.bytes_written,
+        unet_step_bytes_min: unet_cost.bytes_min,
+        unet_step_gflop: unet_cost.flops as f64 / 1e9,
+        unet_step_cost: unet_cost,
+        vae_decode_cost: vae_cost,
+    })
+}
+
+/// What a real-size model needs, counted without running it (a dry run: kernels checked, outputs allocated,
+/// nothing dispatched): memory and the cost of each part.
+#[derive(Clone, Debug, Serialize)]
+pub struct PipelineCount {
+    pub arch: Arch,
+    pub width: usize,
+    pub height: usize,
+    pub act: String,
+    pub weights: String,
+    /// GPU memory the weights of CLIP, the UNet, the VAE decoder and TAESD take.
+    pub weight_bytes: u64,
+    /// The most GPU memory the tensor pool held at once: weights and the largest part's activations.
+    pub peak_gpu_bytes: u64,
+    pub clip_cost: CostReport,
+    pub unet_step_cost: CostReport,
+    pub vae_decode_cost: CostReport,
+}
+
+impl std::fmt::Display for PipelineCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        writeln!(
+            f,
+            "{:?} at {}x{}, {} activations, {} weights (counted, not run)",
+            self.arch, self.width, self.height, self.act, self.weights
+        )?;
+        writeln!(f, "weights                  {:>10.1} MiB", mib(self.weight_bytes))?;
+        writeln!(f, "peak GPU memory          {:>10.1} MiB", mib(self.peak_gpu_bytes))?;
+        write!(f, "CLIP, batch 2: {}", self.clip_cost)?;
+        write!(f, "UNet CFG step: {}", self.unet_step_cost)?;
+        write!(f, "VAE decode: {}", self.vae_decode_cost)
+    }
+}
+
+/// Counts `arch` at `size` x `size` without running it (see [`PipelineCount`]).
+pub async fn count_pipeline(
+    ctx: &GpuContext,
+    arch: Arch,
+    size: usize,
+    policy: crate::weights::LoadPolicy,
+    mut progress: impl FnMut(&str),
+) -> Result<PipelineCount> {
+    use crate::models::{clip, parse_config, taesd, unet_2d, vae};
+    let (clip_cfg, unet_cfg) = arch_configs(arch);
+    let src = random_weights(policy);
+    let w = crate::weights::Weights::new(ctx, &src, policy);
+    progress("building the models with random weights");
+    let clip = clip::ClipTextModel::load(&w, parse_config(clip_cfg, "clip")?)?;
+    let unet = unet_2d::UNet2DConditionModel::load(&w, parse_config(unet_cfg, "unet")?)?;
+    let vae_config: vae::VaeConfig = parse_config(VAE, "vae")?;
+    let decoder = vae::Decoder::load(&w, &vae_config)?;
+    let tiny = taesd::TinyDecoder::load(&w, &parse_config(TAESD, "taesd")?)?;
+    ctx.sync().await?;
+    let weight_bytes = ctx.pool_stats().live_bytes;
+    let lat = size / 8;
+    let act = policy.act;
+    let mut rng = Rng::new(3);
+    ctx.set_dry_run(true);
+    let counted = async {
+        progress("counting");
+        let ids: Vec<Vec<u32>> = (0..2).map(|i| (0..77).map(|t| ((t * 7919 + i) % 49406) as u32).collect()).collect();
+        let clip_cost = cost(ctx, &|| clip.forward(ctx, &ids)).await?;
+        let context = clip.forward(ctx, &ids)?;
+        let sample = Tensor::from_f32_as(ctx, &[2, 4, lat, lat], &rng.uniform(2 * 4 * lat * lat, -1.0, 1.0), act)?;
+        drop(unet.forward(ctx, &sample, 999.0, &context, None)?);
+        let unet_step_cost = cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?;
+        let st = ctx.pool_stats();
+        progress(&format!(
+            "peak after the UNet step: {:.1} MiB (live {:.1})",
+            st.peak_bytes as f64 / (1 << 20) as f64,
+            st.peak_live_bytes as f64 / (1 << 20) as f64
+        ));
+        let (side, tiles) = vae_tiles(ctx, &decoder, lat, act)?;
+        let z = Tensor::from_f32_as(ctx, &[1, 4, side, side], &rng.uniform(4 * side * side, -1.0, 1.0), act)?;
+        let vae_decode_cost = cost(ctx, &|| decoder.forward(ctx, &z)).await?;
+        if tiles > 1 {
+            progress(&format!("the VAE decodes in {tiles} tiles of {side}x{side} latents: one tile counted"));
+        }
+        drop(tiny.forward(ctx, &z)?);
+        let st = ctx.pool_stats();
+        progress(&format!(
+            "peak: {:.1} MiB (live {:.1})",
+            st.peak_bytes as f64 / (1 << 20) as f64,
+            st.peak_live_bytes as f64 / (1 << 20) as f64
+        ));
+        Ok::<_, crate::Error>((clip_cost, unet_step_cost, vae_decode_cost))
+    }
+    .await;
+    ctx.set_dry_run(false);
+    let (clip_cost, unet_step_cost, vae_decode_cost) = counted?;
+    Ok(PipelineCount {
+        arch,
+        width: size,
+        height: size,
+        act: act.name().into(),
+        weights: policy.weights.name().into(),
+        weight_bytes,
+        peak_gpu_bytes: ctx.pool_stats().peak_bytes,
+        clip_cost,
+        unet_step_cost,
+        vae_decode_cost,
+    })
+}
+
+/// The latent side `decoder` decodes a `lat` x `lat` latent at on this device, and in how many tiles: the
+/// pipeline's tiled decode when the whole one exceeds a binding (f32 at 512x512 on 128 MiB devices).
+fn vae_tiles(
+    ctx: &GpuContext,
+    decoder: &crate::models::vae::Decoder,
+    lat: usize,
+    act: DType,
+) -> Result<(usize, usize)> {
+    let s = ctx.summary();
+    let limit = s.max_storage_buffer_binding_size.min(s.max_buffer_size);
+    if decoder.largest_activation_bytes(lat, lat, act) <= limit {
+        return Ok((lat, 1));
+    }
+    let t = decoder.decode_tile(limit, act).ok_or_else(|| {
+        crate::Error::Invalid(format!("the VAE decoder does not fit this device's {limit}-byte bindings"))
+    })?;
+    let per_side = (0..lat).step_by(t * 3 / 4).count();
+    Ok((t, per_side * per_side))
+}
+
+/// Random weights for `policy`: q4_0 blocks made directly when it asks for q4_0 (no quantizing).
+fn random_weights(policy: crate::weights::LoadPolicy) -> crate::weights::RandomWeights {
+    if policy.weights == DType::Q4_0 {
+        crate::weights::RandomWeights::q4_0(7)
+    } else {
+        crate::weights::RandomWeights::new(7)
+    }
+}
+
+/// What `bench unet` (and the diagnostics page's benchmark) measured: one architecture's UNet alone.
+#[derive(Clone, Debug, Serialize)]
+pub struct UnetBench {
+    pub arch: Arch,
+    /// Widths divided by this (1: the real model).
+    pub narrow: usize,
+    pub width: usize,
+    pub height: usize,
+    pub act: String,
+    pub weights: String,
+    pub adapter: String,
+    pub backend: String,
+    pub load_s: f64,
+    /// One UNet evaluation at batch 2 (a classifier-free-guidance step), mean of the timed runs.
+    pub unet_cfg_step_ms: f64,
+    pub unet_step_dispatches: u64,
+    pub peak_gpu_bytes: u64,
+}
+
+/// Times `arch`'s UNet (widths / `narrow`) with random weights at `size` x `size`, CFG batch 2: `repeat`
+/// runs after a warm-up. What a browser can afford to measure of any GPU without a download.
+pub async fn bench_unet(
+    ctx: &GpuContext,
+    arch: Arch,
+    narrow: usize,
+    size: usize,
+    policy: crate::weights::LoadPolicy,
+    repeat: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<UnetBench> {
+    let cfg = unet_config(arch, narrow)?;
+    let lat = size / 8;
+    if lat == 0 || !lat.is_multiple_of(cfg.downsampling()) {
+        return Err(crate::Error::Invalid(format!("a {size}x{size} image does not fit the UNet's downsampling")));
+    }
+    let context_dim = match &cfg.cross_attention_dim {
+        crate::models::PerBlock::One(d) => *d,
+        crate::models::PerBlock::Each(d) => d[0],
+    };
+    progress("building the UNet with random weights");
+    let start = Instant::now();
+    let src = random_weights(policy);
+    let unet =
+        crate::models::unet_2d::UNet2DConditionModel::load(&crate::weights::Weights::new(ctx, &src, policy), cfg)?;
+    ctx.sync().await?;
+    let load_s = start.elapsed().as_secs_f64();
+    let mut rng = Rng::new(3);
+    let sample = Tensor::from_f32_as(ctx, &[2, 4, lat, lat], &rng.uniform(2 * 4 * lat * lat, -1.0, 1.0), policy.act)?;
+    let context =
+        Tensor::from_f32_as(ctx, &[2, 77, context_dim], &rng.uniform(2 * 77 * context_dim, -1.0, 1.0), policy.act)?;
+    progress("warm-up step");
+    drop(unet.forward(ctx, &sample, 999.0, &context, None)?);
+    ctx.sync().await?;
+    let t = Instant::now();
+    for i in 0..repeat {
+        progress(&format!("timed step {} of {repeat}", i + 1));
+        drop(unet.forward(ctx, &sample, 500.0, &context, None)?);
+        ctx.sync().await?;
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3 / repeat.max(1) as f64;
+    let dispatches = cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?.dispatches;
+    let s = ctx.summary();
+    Ok(UnetBench {
+        arch,
+        narrow,
+        width: size,
+        height: size,
+        act: policy.act.name().into(),
+        weights: policy.weights.name().into(),
+        adapter: s.name.clone(),
+        backend: s.backend.clone(),
+        load_s,
+        unet_cfg_step_ms: ms,
+        unet_step_dispatches: dispatches,
         peak_gpu_bytes: ctx.pool_stats().peak_bytes,
     })
 }
 
+/// What one run of `run` costs (dispatches, bytes, FLOPs, GPU time per op family where the device has
+/// timestamp queries).
+async fn cost(ctx: &GpuContext, run: &dyn Fn() -> Result<Tensor>) -> Result<CostReport> {
+    ctx.cost_begin(true)?;
+    let out = run();
+    let report = ctx.cost_end().await;
+    drop(out?);
+    report
+}
+
+/// The UNet config of `arch` with every width divided by `narrow` (1: the real one): the same blocks,
+/// layers and dispatches at a fraction of the weights, for counting a step's cost in tests.
+pub fn unet_config(arch: Arch, narrow: usize) -> Result<crate::models::unet_2d::UNetConfig> {
+    let mut cfg: crate::models::unet_2d::UNetConfig = crate::models::parse_config(arch_configs(arch).1, "unet")?;
+    if narrow > 1 {
+        if cfg
+            .block_out_channels
+            .iter()
+            .any(|c| !c.is_multiple_of(narrow) || !(c / narrow).is_multiple_of(cfg.norm_num_groups))
+        {
+            return Err(crate::Error::Invalid(format!("unet widths are not divisible by {narrow} in groups")));
+        }
+        cfg.block_out_channels.iter_mut().for_each(|c| *c /= narrow);
+    }
+    Ok(cfg)
+}
+
+/// One UNet CFG step's cost (batch 2 at `latent` x `latent`) for `arch` narrowed by `narrow` (see
+/// [`unet_config`]), with random weights: a step after the first, as in a generation.
+pub async fn unet_step_cost(
+    ctx: &GpuContext,
+    arch: Arch,
+    narrow: usize,
+    latent: usize,
+    policy: crate::weights::LoadPolicy,
+) -> Result<CostReport> {
+    let src = crate::weights::RandomWeights::new(7);
+    let w = crate::weights::Weights::new(ctx, &src, policy);
+    let cfg = unet_config(arch, narrow)?;
+    let context_dim = match &cfg.cross_attention_dim {
+        crate::models::PerBlock::One(d) => *d,
+        crate::models::PerBlock::Each(d) => d[0],
+    };
+    let unet = crate::models::unet_2d::UNet2DConditionModel::load(&w, cfg)?;
+    let mut rng = Rng::new(3);
+    let sample = Tensor::from_f32_as(
+        ctx,
+        &[2, 4, latent, latent],
+        &rng.uniform(2 * 4 * latent * latent, -1.0, 1.0),
+        policy.act,
+    )?;
+    let context =
+        Tensor::from_f32_as(ctx, &[2, 77, context_dim], &rng.uniform(2 * 77 * context_dim, -1.0, 1.0), policy.act)?;
+    // A step after the first: cross-attention's keys and values are computed once per prompt.
+    drop(unet.forward(ctx, &sample, 999.0, &context, None)?);
+    cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await
+}
+
 /// Records the tensors a model asks for while answering with [`crate::weights::RandomWeights`]'.
+#[cfg(not(target_arch = "wasm32"))]
 struct Recorder {
     random: crate::weights::RandomWeights,
     seen: std::cell::RefCell<Vec<(String, Vec<usize>)>>,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 impl crate::weights::TensorSource for Recorder {
     fn tensor(&self, _name: &str) -> Option<crate::weights::HostTensor<'_>> {
         None
@@ -430,6 +761,7 @@ impl crate::weights::TensorSource for Recorder {
 /// f16 diffusers folder at `dir` with its real configs, tokenizer and scheduler: a real-size model to load
 /// without a download (SD 1.5: 2.1 GB; SD-Turbo: 2.6 GB). Tensor names and shapes are the ones our models
 /// load, recorded by building them on the CPU.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn write_random_model(arch: Arch, dir: &std::path::Path, mut progress: impl FnMut(&str)) -> Result<u64> {
     use crate::models::{clip, parse_config, unet_2d, vae};
     use crate::weights::{SafetensorsPlan, TensorSource, Weights, write_safetensors};

@@ -25,6 +25,10 @@ pub enum Error {
     /// wgpu reported an error (validation, out of memory, device lost).
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// The GPU device was lost (a driver reset, the GPU process crashing, the device destroyed): nothing on it
+    /// can be used any more; a new context (and the model loaded again) is needed.
+    #[error("the GPU device was lost ({0}); a new one is needed")]
+    DeviceLost(String),
     /// Reading a buffer back from the GPU failed.
     #[error("GPU readback failed: {0}")]
     Readback(String),

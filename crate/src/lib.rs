@@ -4,9 +4,9 @@
 //! launcher per kernel family, WGSL in `kernels/`) <- models and pipeline. [`selfcheck`] holds the kernel
 //! checks against candle's CPU results, shared by the native tests, the browser tests and the diagnostics page.
 
-#[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod checkpoint;
+pub mod compose;
 pub mod convert;
 pub mod error;
 pub mod gpu;

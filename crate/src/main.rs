@@ -7,6 +7,7 @@ mod cli {
     use std::time::Instant;
 
     use clap::{Parser, Subcommand, ValueEnum};
+    use latent_gen::compose::{self, Axis};
     use latent_gen::gpu::{DType, GpuContext};
     use latent_gen::image::Image;
     use latent_gen::pipeline::{Adapters, Control, InitImage, Request, StableDiffusion};
@@ -101,6 +102,10 @@ mod cli {
         /// ("(word)" x1.1, "(word:1.5)", "[word]" /1.1, "\(" for a literal bracket).
         #[arg(long)]
         literal_prompt: bool,
+        /// Prompts past the text encoder's 75 tokens: "truncate" (diffusers') or "chunks": encoded in
+        /// 75-token chunks side by side (A1111's).
+        #[arg(long, default_value = "truncate")]
+        long_prompt: latent_gen::pipeline::LongPrompt,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long, default_value_t = 20)]
@@ -201,62 +206,6 @@ mod cli {
         y: Option<String>,
     }
 
-    /// One axis of a grid: the setting and its values.
-    struct Axis {
-        key: String,
-        values: Vec<String>,
-    }
-
-    impl Axis {
-        const KEYS: [&'static str; 7] =
-            ["seed", "guidance", "steps", "scheduler", "strength", "subseed-strength", "prompt"];
-
-        fn parse(arg: &str) -> Result<Axis, Box<dyn std::error::Error>> {
-            let (key, values) =
-                arg.split_once('=').ok_or_else(|| format!("a grid axis is KEY=V1,V2,..., not {arg:?}"))?;
-            if !Self::KEYS.contains(&key) {
-                return Err(format!("unknown grid axis {key:?}: use one of {}", Self::KEYS.join(", ")).into());
-            }
-            let values: Vec<String> = values.split(',').map(|v| v.trim().to_string()).collect();
-            if values.iter().any(String::is_empty) || values.len() > 64 {
-                return Err(format!("grid axis {key}: 1 to 64 values separated by commas, got {values:?}").into());
-            }
-            Ok(Axis { key: key.into(), values })
-        }
-
-        /// `req` with this axis at value `i`.
-        fn apply(&self, req: &Request, i: usize) -> Result<Request, Box<dyn std::error::Error>> {
-            let v = &self.values[i];
-            let bad = |e: &dyn std::fmt::Display| format!("grid axis {}: {v:?}: {e}", self.key);
-            let mut r = req.clone();
-            match self.key.as_str() {
-                "seed" => r.seed = v.parse().map_err(|e| bad(&e))?,
-                "guidance" => r.guidance = v.parse().map_err(|e| bad(&e))?,
-                "steps" => r.steps = v.parse().map_err(|e| bad(&e))?,
-                "scheduler" => r.scheduler = Some(v.parse().map_err(|e| bad(&e))?),
-                "strength" => r.strength = v.parse().map_err(|e| bad(&e))?,
-                "subseed-strength" => r.subseed_strength = v.parse().map_err(|e| bad(&e))?,
-                "prompt" => {
-                    let search = &self.values[0];
-                    if !req.prompt.contains(search.as_str()) {
-                        return Err(
-                            format!("grid axis prompt: {search:?} is not in the prompt {:?}", req.prompt).into()
-                        );
-                    }
-                    r.prompt = req.prompt.replacen(search.as_str(), v, 1);
-                }
-                _ => unreachable!("checked in parse"),
-            }
-            Ok(r)
-        }
-
-        /// "key=value", or only the value when that does not fit `chars` characters.
-        fn label(&self, i: usize, chars: usize) -> String {
-            let full = format!("{}={}", self.key, self.values[i]);
-            if full.len() <= chars { full } else { self.values[i].clone() }
-        }
-    }
-
     #[derive(clap::Args)]
     struct Convert {
         /// A diffusers folder, a single-file .safetensors checkpoint or a .gguf.
@@ -302,6 +251,10 @@ mod cli {
             /// 128x128 and one timed run instead of 512x512 and three: minutes, not hours, on lavapipe.
             #[arg(long)]
             quick: bool,
+            /// Count instead of timing: build the models, then check, allocate and count every kernel
+            /// without dispatching any (peak GPU memory, dispatches, bytes, FLOPs), in seconds on any machine.
+            #[arg(long)]
+            count_only: bool,
             #[arg(long, value_enum, default_value = "f32")]
             precision: Precision,
             #[arg(long, value_enum, default_value = "f32")]
@@ -310,6 +263,26 @@ mod cli {
             /// peak GPU memory.
             #[arg(long)]
             repeat: Option<usize>,
+            #[arg(long)]
+            json: Option<PathBuf>,
+        },
+        /// Time the UNet alone (CFG batch 2), as the diagnostics page's benchmark does: random weights made
+        /// on the spot (q4_0 blocks directly with --weights q4_0), optionally narrowed.
+        Unet {
+            #[arg(long, default_value = "sd15")]
+            arch: latent_gen::bench::Arch,
+            /// Divide every width by this (1: the real model).
+            #[arg(long, default_value_t = 1)]
+            narrow: usize,
+            /// Image side in pixels.
+            #[arg(long, default_value_t = 512)]
+            size: usize,
+            #[arg(long, value_enum, default_value = "f32")]
+            precision: Precision,
+            #[arg(long, value_enum, default_value = "q4_0")]
+            weights: WeightType,
+            #[arg(long, default_value_t = 3)]
+            repeat: usize,
             #[arg(long)]
             json: Option<PathBuf>,
         },
@@ -393,9 +366,44 @@ mod cli {
                     println!("wrote {} records to {}", records.len(), path.display());
                 }
             }
-            Bench::Pipeline { arch, quick, precision, weights, repeat, json } => {
+            Bench::Unet { arch, narrow, size, precision, weights, repeat, json } => {
+                let policy = LoadPolicy { act: act_dtype(ctx, precision)?, weights: weight_dtype(weights) };
+                let r =
+                    latent_gen::bench::bench_unet(ctx, arch, narrow, size, policy, repeat.max(1), |m| eprintln!("{m}"))
+                        .await?;
+                println!(
+                    "{:?} UNet (widths / {}) at {}x{}, {} activations, {} weights, on {} ({}): {:.2} ms per CFG \
+                     step, {} dispatches, loaded in {:.2} s, peak GPU memory {:.1} MiB",
+                    r.arch,
+                    r.narrow,
+                    r.width,
+                    r.height,
+                    r.act,
+                    r.weights,
+                    r.adapter,
+                    r.backend,
+                    r.unet_cfg_step_ms,
+                    r.unet_step_dispatches,
+                    r.load_s,
+                    r.peak_gpu_bytes as f64 / (1 << 20) as f64
+                );
+                if let Some(path) = json {
+                    write_json(&path, &r)?;
+                    println!("wrote {}", path.display());
+                }
+            }
+            Bench::Pipeline { arch, quick, count_only, precision, weights, repeat, json } => {
                 let policy = LoadPolicy { act: act_dtype(ctx, precision)?, weights: weight_dtype(weights) };
                 let (size, default_repeat) = if quick { (128, 1) } else { (512, 3) };
+                if count_only {
+                    let r = latent_gen::bench::count_pipeline(ctx, arch, size, policy, |m| eprintln!("{m}")).await?;
+                    println!("{r}");
+                    if let Some(path) = json {
+                        write_json(&path, &r)?;
+                        println!("wrote {}", path.display());
+                    }
+                    return Ok(());
+                }
                 let repeat = repeat.unwrap_or(default_repeat).max(1);
                 let r =
                     latent_gen::bench::bench_pipeline(ctx, arch, size, policy, repeat, |m| eprintln!("{m}")).await?;
@@ -564,13 +572,7 @@ mod cli {
             frames.push(sd.decode(run.latents()).await?);
             eprintln!("frame {}/{} (t={t:.3}) at {:.1} s", f + 1, i.frames, start.elapsed().as_secs_f64());
         }
-        let mut strip = Image { width: w * frames.len(), height: h, rgba: vec![0; w * frames.len() * h * 4] };
-        for (f, frame) in frames.iter().enumerate() {
-            for y in 0..h {
-                let dst = (y * strip.width + f * w) * 4;
-                strip.rgba[dst..dst + w * 4].copy_from_slice(&frame.rgba[y * w * 4..(y + 1) * w * 4]);
-            }
-        }
+        let strip = compose::strip(&frames)?;
         let mut parameters = latent_gen::pipeline::parameters_text(&a, kind.name(), w, h, &model_name);
         parameters.push_str(&format!(
             "\nInterpolation: {} frames to seed {}, prompt: {}, negative prompt: {}",
@@ -579,7 +581,8 @@ mod cli {
         std::fs::write(&out, strip.to_png(&parameters)?).map_err(|e| format!("writing {}: {e}", out.display()))?;
         eprintln!("wrote {} ({} frames of {w}x{h})", out.display(), frames.len());
         if let Some(path) = &i.animation {
-            write_gif(path, &frames, i.frame_ms)?;
+            std::fs::write(path, compose::gif(&frames, i.frame_ms)?)
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
             eprintln!("wrote {}", path.display());
         }
         Ok(())
@@ -593,110 +596,28 @@ mod cli {
         let x = Axis::parse(&g.x)?;
         let y = g.y.as_deref().map(Axis::parse).transpose()?;
         let Loaded { sd, model_name, base, init } = load(ctx, &g.base)?;
-        let rows = y.as_ref().map_or(1, |a| a.values.len());
         let (w, h) = sd.size(&base)?;
-        // Every cell's request first, so that a bad value fails before any work.
-        let mut cells = Vec::new();
-        for row in 0..rows {
-            for col in 0..x.values.len() {
-                let r = match &y {
-                    Some(a) => a.apply(&base, row)?,
-                    None => base.clone(),
-                };
-                cells.push(x.apply(&r, col)?);
-            }
-        }
+        let cells = compose::grid_requests(&base, &x, y.as_ref())?;
         let init: Vec<InitImage> =
             init.iter().map(|(image, weight)| InitImage { image: image.resized(w, h), weight: *weight }).collect();
-        let scale = (w / 128).clamp(1, 4);
-        let band = 8 * scale + 4;
-        let left = y.as_ref().map_or(0, |a| (0..rows).map(|i| a.label(i, 24).len()).max().unwrap_or(0) * 8 * scale + 6);
-        let (gw, gh) = (left + w * x.values.len(), band + h * rows);
-        let mut grid = Image { width: gw, height: gh, rgba: [255u8, 255, 255, 255].repeat(gw * gh) };
         let start = Instant::now();
+        let mut images = Vec::with_capacity(cells.len());
         for (n, req) in cells.iter().enumerate() {
-            let (row, col) = (n / x.values.len(), n % x.values.len());
             let mut go = |_: &latent_gen::pipeline::Step<'_>| Ok(Control::Continue);
-            let image = sd.generate_from(req, &init, &mut go).await?;
-            paste(&mut grid, &image, left + col * w, band + row * h);
+            images.push(sd.generate_from(req, &init, &mut go).await?);
             eprintln!("cell {}/{} at {:.1} s", n + 1, cells.len(), start.elapsed().as_secs_f64());
         }
-        for col in 0..x.values.len() {
-            draw_text(&mut grid, left + col * w + 2, 2, &x.label(col, (w - 2) / (8 * scale)), scale, w - 2);
-        }
-        if let Some(a) = &y {
-            for row in 0..rows {
-                draw_text(&mut grid, 2, band + row * h + 2, &a.label(row, 24), scale, left);
-            }
-        }
+        let grid = compose::grid_image(&images, &x, y.as_ref())?;
+        let rows = y.as_ref().map_or(1, |a| a.values.len());
         let kind = sd.scheduler_kind(&base)?;
         let mut parameters =
             latent_gen::pipeline::parameters_text_from(&base, kind.name(), w, h, &model_name, !init.is_empty());
-        let axis = |a: &Axis| format!("{}: {}", a.key, a.values.join(", "));
-        parameters.push_str(&format!("\nGrid: x {}", axis(&x)));
+        parameters.push_str(&format!("\nGrid: x {}", x.describe()));
         if let Some(a) = &y {
-            parameters.push_str(&format!("; y {}", axis(a)));
+            parameters.push_str(&format!("; y {}", a.describe()));
         }
         std::fs::write(&out, grid.to_png(&parameters)?).map_err(|e| format!("writing {}: {e}", out.display()))?;
         eprintln!("wrote {} ({} x {} cells of {w}x{h})", out.display(), x.values.len(), rows);
-        Ok(())
-    }
-
-    /// Copies `src` into `dst` with its top left corner at (x, y).
-    fn paste(dst: &mut Image, src: &Image, x: usize, y: usize) {
-        for row in 0..src.height {
-            let d = ((y + row) * dst.width + x) * 4;
-            dst.rgba[d..d + src.width * 4].copy_from_slice(&src.rgba[row * src.width * 4..(row + 1) * src.width * 4]);
-        }
-    }
-
-    /// Black 8x8 text (font8x8's public-domain glyphs, `scale` times larger) at (x, y), cut at `max_width`
-    /// pixels; characters outside Basic Latin draw as '?'.
-    fn draw_text(img: &mut Image, x: usize, y: usize, text: &str, scale: usize, max_width: usize) {
-        use font8x8::UnicodeFonts;
-        for (i, ch) in text.chars().enumerate() {
-            let x0 = x + i * 8 * scale;
-            if (i + 1) * 8 * scale > max_width {
-                break;
-            }
-            let glyph = font8x8::BASIC_FONTS.get(ch).or_else(|| font8x8::BASIC_FONTS.get('?')).unwrap_or([0; 8]);
-            for (gy, bits) in glyph.iter().enumerate() {
-                for gx in 0..8 {
-                    if bits & (1 << gx) == 0 {
-                        continue;
-                    }
-                    for sy in 0..scale {
-                        for sx in 0..scale {
-                            let (px, py) = (x0 + gx * scale + sx, y + gy * scale + sy);
-                            if px < img.width && py < img.height {
-                                img.rgba[(py * img.width + px) * 4..][..3].copy_from_slice(&[0, 0, 0]);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// The frames forth and back (the ends shown once) as a looping GIF.
-    fn write_gif(path: &Path, frames: &[Image], frame_ms: u16) -> Result<(), Box<dyn std::error::Error>> {
-        let (w, h) = (frames[0].width, frames[0].height);
-        if w > u16::MAX as usize || h > u16::MAX as usize {
-            return Err(format!("a {w}x{h} frame is too large for a GIF").into());
-        }
-        let mut bytes = Vec::new();
-        {
-            let mut enc = gif::Encoder::new(&mut bytes, w as u16, h as u16, &[])?;
-            enc.set_repeat(gif::Repeat::Infinite)?;
-            let order = (0..frames.len()).chain((1..frames.len().saturating_sub(1)).rev());
-            for f in order {
-                let mut rgba = frames[f].rgba.clone();
-                let mut frame = gif::Frame::from_rgba_speed(w as u16, h as u16, &mut rgba, 10);
-                frame.delay = frame_ms.div_ceil(10);
-                enc.write_frame(&frame)?;
-            }
-        }
-        std::fs::write(path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
         Ok(())
     }
 
@@ -758,6 +679,7 @@ mod cli {
             subseed_strength: g.subseed_strength,
             strength: g.strength,
             literal_prompt: g.literal_prompt,
+            long_prompt: g.long_prompt,
         };
         // Without a size, img2img takes the first init image's, rounded down to what the model takes.
         let mut base = base;
@@ -828,9 +750,14 @@ mod cli {
         let init: Vec<InitImage> =
             init.iter().map(|(image, weight)| InitImage { image: image.resized(w, h), weight: *weight }).collect();
         let kind = sd.scheduler_kind(req)?;
-        for (which, text) in [("prompt", &req.prompt), ("negative prompt", &req.negative_prompt)] {
+        let truncated = req.long_prompt == latent_gen::pipeline::LongPrompt::Truncate;
+        let prompts = [("prompt", &req.prompt), ("negative prompt", &req.negative_prompt)];
+        for (which, text) in prompts.into_iter().filter(|_| truncated) {
             if let Some(words) = sd.tokenizer.cut_off(text, !req.literal_prompt)? {
-                eprintln!("warning: the {which} is longer than the text encoder's 75 tokens; cut off: \"{words}\"");
+                eprintln!(
+                    "warning: the {which} is longer than the text encoder's 75 tokens; cut off: \"{words}\" \
+                     (--long-prompt chunks keeps it all)"
+                );
             }
         }
         let mut dump: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();

@@ -165,6 +165,39 @@ pub struct Request {
     /// timestep at `steps * (1 - strength)` and denoised from there (diffusers' and A1111's "denoising
     /// strength"). Ignored without init images.
     pub strength: f32,
+    /// Prompts longer than the text encoder's 75 tokens: cut off (diffusers' behaviour, the default), or
+    /// encoded in 75-token chunks side by side (A1111's).
+    #[serde(deserialize_with = "default_if_absent")]
+    pub long_prompt: LongPrompt,
+}
+
+/// A field that may come as null or undefined (from JavaScript) as well as absent: its default then.
+fn default_if_absent<'de, D: serde::Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// What happens to the tokens of a prompt past the text encoder's 75.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LongPrompt {
+    /// They are cut off.
+    #[default]
+    Truncate,
+    /// The prompt is encoded in chunks of 75 tokens, each as a prompt of its own, and the UNet attends to
+    /// all of them (the negative prompt padded to as many chunks with empty ones).
+    Chunks,
+}
+
+impl std::str::FromStr for LongPrompt {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "truncate" => Ok(LongPrompt::Truncate),
+            "chunks" => Ok(LongPrompt::Chunks),
+            _ => Err(Error::Invalid(format!("unknown long-prompt mode {s:?}: truncate or chunks"))),
+        }
+    }
 }
 
 impl Default for Request {
@@ -182,6 +215,7 @@ impl Default for Request {
             subseed_strength: 0.0,
             strength: 0.75,
             literal_prompt: false,
+            long_prompt: LongPrompt::Truncate,
         }
     }
 }
@@ -593,7 +627,7 @@ impl StableDiffusion {
                 return Err(Error::Cancelled);
             }
         }
-        Ok(run.latents)
+        Ok(run.latents.clone())
     }
 
     /// Starts a generation that the caller drives one step at a time (and may await anything between steps,
@@ -738,19 +772,43 @@ impl StableDiffusion {
         let scheduler = self.scheduler_kind(req)?.build(&self.scheduler_config, req.steps)?;
         // 1. Conditioning: CFG batches [negative, prompt]; LCM embeds the guidance scale instead.
         let cfg = req.guidance > 1.0 && !self.is_lcm();
+        let prompts = |r: &Request| -> Vec<String> {
+            if cfg { vec![r.negative_prompt.clone(), r.prompt.clone()] } else { vec![r.prompt.clone()] }
+        };
+        // Long prompts in chunks: every prompt (both ends of an interpolation too) takes as many as the longest.
+        let chunks = |r: &Request| -> Result<Vec<Vec<crate::tokenizer::Chunk>>> {
+            prompts(r).iter().map(|p| self.tokenizer.encode_chunks(p, !r.literal_prompt)).collect()
+        };
+        let chunked = req.long_prompt == LongPrompt::Chunks;
+        let most = |r: &Request| -> Result<usize> { Ok(chunks(r)?.iter().map(Vec::len).max().unwrap_or(1)) };
+        let n = if chunked { most(req)?.max(toward.map(|(b, _)| most(b)).transpose()?.unwrap_or(1)) } else { 1 };
         let embed = |r: &Request| -> Result<Embedded> {
-            let prompts: Vec<&str> = if cfg { vec![&r.negative_prompt, &r.prompt] } else { vec![&r.prompt] };
             let (mut ids, mut weights) = (Vec::new(), Vec::new());
-            for p in prompts {
-                let (i, w) = if r.literal_prompt {
-                    (self.tokenizer.encode(p)?, Vec::new())
-                } else {
-                    self.tokenizer.encode_weighted(p)?
-                };
-                ids.push(i);
-                weights.extend(w);
+            if chunked {
+                for mut c in chunks(r)? {
+                    c.resize(n, self.tokenizer.empty_chunk());
+                    for (i, w) in c {
+                        ids.push(i);
+                        weights.extend(w);
+                    }
+                }
+            } else {
+                for p in prompts(r) {
+                    let (i, w) = if r.literal_prompt {
+                        (self.tokenizer.encode(&p)?, Vec::new())
+                    } else {
+                        self.tokenizer.encode_weighted(&p)?
+                    };
+                    ids.push(i);
+                    weights.extend(w);
+                }
             }
-            let raw = self.text_encoder.forward(ctx, &ids)?;
+            let mut raw = self.text_encoder.forward(ctx, &ids)?;
+            if n > 1 {
+                // (prompts * chunks, tokens, dim) -> (prompts, chunks * tokens, dim): each prompt's chunks in order.
+                let (rows, tokens, dim) = (raw.dim(0), raw.dim(1), raw.dim(2));
+                raw = raw.reshape(&[rows / n, n * tokens, dim])?;
+            }
             Ok(Embedded { raw, weights: weights.iter().any(|w| *w != 1.0).then_some(weights) })
         };
         // The conditioning, or (with weighted prompts, whose mean is restored on the host) the embeddings to
@@ -882,8 +940,7 @@ impl StableDiffusion {
     /// The latent tile side a tiled decode uses: the largest that fits the device's limits.
     pub fn decode_tile(&self, act: crate::gpu::DType) -> Result<usize> {
         let limit = binding_limit(&self.ctx);
-        let fits = |t: usize| self.vae.largest_activation_bytes(t, t, act) <= limit;
-        [64, 48, 32, 24, 16, 8].into_iter().find(|&t| fits(t)).ok_or_else(|| Error::Limit {
+        self.vae.decode_tile(limit, act).ok_or_else(|| Error::Limit {
             op: "vae decode",
             what: "the VAE decoder's largest activation, even in 8x8-latent tiles",
             needed: self.vae.largest_activation_bytes(8, 8, act),
@@ -1079,6 +1136,13 @@ async fn weighted_context(ctx: &GpuContext, parts: &[(Embedded, f32)]) -> Result
         sum.iter_mut().zip(&z).for_each(|(s, v)| *s += coef * v);
     }
     Tensor::from_f32_as(ctx, first.shape(), &sum, first.dtype())
+}
+
+impl Drop for Denoiser<'_> {
+    /// The generation is over (done, failed or cancelled): the UNet's per-prompt caches go with it.
+    fn drop(&mut self) {
+        self.sd.unet.release_context();
+    }
 }
 
 impl Denoiser<'_> {

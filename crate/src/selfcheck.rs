@@ -50,6 +50,7 @@ pub const CHECKS: &[&str] = &[
     "matmul",
     "matmul_weights",
     "conv2d",
+    "fusions",
     "group_norm",
     "layer_norm",
     "softmax",
@@ -62,8 +63,18 @@ pub const CHECKS: &[&str] = &[
 ];
 
 /// Checks that also run their cases with f16 activations where the adapter has shader-f16.
-const F16_CHECKS: &[&str] =
-    &["elementwise", "activations", "matmul", "conv2d", "group_norm", "layer_norm", "softmax", "attention", "layout"];
+const F16_CHECKS: &[&str] = &[
+    "elementwise",
+    "activations",
+    "matmul",
+    "conv2d",
+    "fusions",
+    "group_norm",
+    "layer_norm",
+    "softmax",
+    "attention",
+    "layout",
+];
 
 /// Runs the check called `name`.
 pub async fn run(ctx: &GpuContext, name: &str) -> Result<Vec<CheckReport>> {
@@ -74,6 +85,7 @@ pub async fn run(ctx: &GpuContext, name: &str) -> Result<Vec<CheckReport>> {
         "matmul" => matmul(ctx, &mut r).await?,
         "matmul_weights" => matmul_weights(ctx, &mut r).await?,
         "conv2d" => conv2d(ctx, &mut r).await?,
+        "fusions" => fusions(ctx, &mut r).await?,
         "group_norm" => group_norm(ctx, &mut r).await?,
         "layer_norm" => layer_norm(ctx, &mut r).await?,
         "softmax" => softmax(ctx, &mut r).await?,
@@ -288,7 +300,14 @@ async fn matmul(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let ga = Tensor::from_f32_as(ctx, &shape_a, &da, dtype)?;
             let gb = Tensor::from_f32_as(ctx, &shape_b, &db, dtype)?;
             let gbias = Tensor::from_f32_as(ctx, &[n], &dbias, dtype)?;
-            let opts = MatmulOpts { trans_a: ta, trans_b: tb, bias: has_bias.then_some(&gbias), act, tile: Some(tile) };
+            let opts = MatmulOpts {
+                trans_a: ta,
+                trans_b: tb,
+                bias: has_bias.then_some(&gbias),
+                act,
+                tile: Some(tile),
+                ..Default::default()
+            };
             let got = ops::matmul(ctx, &ga, &gb, opts)?.to_vec_f32(ctx).await?;
             let mut ca = cpu(&da, &shape_a)?;
             let mut cb = cpu(&db, &shape_b)?;
@@ -369,7 +388,14 @@ async fn conv2d(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let gw = Tensor::from_f32_as(ctx, &[cout, cin, k, k], &dw, dtype)?;
             let gbias = Tensor::from_f32_as(ctx, &[cout], &dbias, dtype)?;
             let act = (pad_end != pad).then_some(Activation::Relu);
-            let opts = Conv2dOpts { stride, padding: pad, padding_end: Some(pad_end), act, tile: Some(tile) };
+            let opts = Conv2dOpts {
+                stride,
+                padding: pad,
+                padding_end: Some(pad_end),
+                act,
+                tile: Some(tile),
+                ..Default::default()
+            };
             let got = ops::conv2d(ctx, &gx, &gw, (k, k), Some(&gbias), opts)?.to_vec_f32(ctx).await?;
             // candle pads symmetrically: pad the input explicitly.
             let x = cpu(&dx, &[b, cin, h, w])?.pad_with_zeros(2, pad, pad_end)?.pad_with_zeros(3, pad, pad_end)?;
@@ -381,6 +407,183 @@ async fn conv2d(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             );
             let (atol, rtol) = dot_tol(dtype, cin * k * k);
             r.push(compare("conv2d", case, &got, &flat(&want)?, atol, rtol));
+        }
+    }
+    Ok(())
+}
+
+/// Random data of `shape` on the GPU (as `dtype`) and the same values on the CPU fallback.
+fn pair(ctx: &GpuContext, rng: &mut Rng, shape: &[usize], dtype: DType) -> Result<(Tensor, Tensor)> {
+    let data = rounded(rng.uniform(shape.iter().product(), -1.0, 1.0), dtype);
+    Ok((Tensor::from_f32_as(ctx, shape, &data, dtype)?, Tensor::from_f32(&GpuContext::cpu(), shape, &data)?))
+}
+
+/// A weight on the GPU as `wdtype`, and on the CPU as stored (quantized blocks dequantized).
+async fn weight_pair(ctx: &GpuContext, rng: &mut Rng, shape: &[usize], wdtype: DType) -> Result<(Tensor, Tensor)> {
+    let g = Tensor::from_f32_as(ctx, shape, &rng.uniform(shape.iter().product(), -1.0, 1.0), wdtype)?;
+    let stored = g.to_vec_f32(ctx).await?;
+    Ok((g, Tensor::from_f32(&GpuContext::cpu(), shape, &stored)?))
+}
+
+/// The GEMM core's fused epilogues and prologues (residual, layer norm, GEGLU, transposed output, bias rows,
+/// conv over a concatenation or a 2x upsampling) against the same ops on the CPU fallback, which runs them
+/// unfused on candle.
+async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
+    let cpu_ctx = GpuContext::cpu();
+    let mut rng = Rng::new(11);
+    for dtype in act_dtypes(ctx) {
+        let wdtypes: &[DType] = if dtype == DType::F32 { &[DType::F32, DType::Q8_0] } else { &[DType::F16] };
+        for &wdtype in wdtypes {
+            // (m, k, n, layer norm, geglu, residual, tile)
+            let cases = [
+                (77, 40, 33, true, false, false, Tile::Small),
+                (130, 96, 129, true, false, false, Tile::Large),
+                (70, 64, 48, false, false, true, Tile::Small),
+                (100, 64, 256, true, true, false, Tile::Large),
+                (33, 64, 192, false, true, false, Tile::Small),
+            ];
+            for (m, k, n, ln, geglu, res, tile) in cases {
+                if wdtype.is_quantized() && k % 32 != 0 {
+                    continue;
+                }
+                let (gx, cx) = pair(ctx, &mut rng, &[2, m, k], dtype)?;
+                let (gw, cw) = weight_pair(ctx, &mut rng, &[n, k], wdtype).await?;
+                let (gb, cb) = pair(ctx, &mut rng, &[n], dtype)?;
+                let (gg, cg) = pair(ctx, &mut rng, &[k], dtype)?;
+                let (gbeta, cbeta) = pair(ctx, &mut rng, &[k], dtype)?;
+                let cols = if geglu { n / 2 } else { n };
+                let (gr, cr) = pair(ctx, &mut rng, &[2, m, cols], dtype)?;
+                let gln = ops::LnParams::new(ctx, gg, gbeta, 1e-5)?;
+                let cln = ops::LnParams::new(&cpu_ctx, cg, cbeta, 1e-5)?;
+                let opts = |b, ln, res| MatmulOpts {
+                    bias: Some(b),
+                    layer_norm: ln,
+                    geglu,
+                    residual: res,
+                    tile: Some(tile),
+                    ..Default::default()
+                };
+                let got = ops::linear_with(ctx, &gx, &gw, opts(&gb, ln.then_some(&gln), res.then_some(&gr)))?;
+                let want = ops::linear_with(&cpu_ctx, &cx, &cw, opts(&cb, ln.then_some(&cln), res.then_some(&cr)))?;
+                let case = format!(
+                    "x [2, {m}, {k}] w [{n}, {k}] {wdtype}{}{}{} {tile:?} {dtype}",
+                    if ln { " +layer norm" } else { "" },
+                    if geglu { " +geglu" } else { "" },
+                    if res { " +residual" } else { "" }
+                );
+                let (atol, rtol) = dot_tol(dtype, k);
+                let want = want.cpu()?.flatten_all()?.to_vec1::<f32>()?;
+                r.push(compare("fusions", case, &got.to_vec_f32(ctx).await?, &want, atol, rtol));
+            }
+        }
+        // Tokens back to channels-first with a residual, and bias rows per batch item inside a larger tensor.
+        let (gx, cx) = pair(ctx, &mut rng, &[2, 45, 40], dtype)?;
+        let (gw, cw) = pair(ctx, &mut rng, &[33, 40], dtype)?;
+        let (gbias, cbias) = pair(ctx, &mut rng, &[100], dtype)?;
+        let (gr, cr) = pair(ctx, &mut rng, &[2, 33, 45], dtype)?;
+        let opts = |b, res| MatmulOpts {
+            bias: Some(b),
+            bias_at: (10, 50),
+            residual: Some(res),
+            trans_c: true,
+            ..Default::default()
+        };
+        let got = ops::linear_with(ctx, &gx, &gw, opts(&gbias, &gr))?.to_vec_f32(ctx).await?;
+        let want = ops::linear_with(&cpu_ctx, &cx, &cw, opts(&cbias, &cr))?;
+        let case = format!("x [2, 45, 40] w [33, 40] -> (2, 33, 45) +bias rows +residual {dtype}");
+        let (atol, rtol) = dot_tol(dtype, 40);
+        r.push(compare("fusions", case, &got, &flat(want.cpu()?)?, atol, rtol));
+        // Convolutions over a group-normalized input (+ SiLU), the norm applied as the input is loaded.
+        for (shape, more, silu, up, tile) in
+            [(&[2usize, 8, 9, 7][..], 0usize, true, false, Tile::Small), (&[2, 6, 6, 5], 2, false, true, Tile::Large)]
+        {
+            let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+            let (cin, groups, cout) = (c + more, 4, 9);
+            let data = rng.uniform(b * c * h * w, -3.0, 5.0);
+            let data = rounded(data, dtype);
+            let gx = Tensor::from_f32_as(ctx, shape, &data, dtype)?;
+            let cx = Tensor::from_f32(&cpu_ctx, shape, &data)?;
+            let (gm, cm) = pair(ctx, &mut rng, &[b, more.max(1), h, w], dtype)?;
+            let (gw, cw) = pair(ctx, &mut rng, &[cout, cin, 3, 3], dtype)?;
+            let (gbias, cbias) = pair(ctx, &mut rng, &[cout], dtype)?;
+            let (gg, cg) = pair(ctx, &mut rng, &[cin], dtype)?;
+            let (gbeta, cbeta) = pair(ctx, &mut rng, &[cin], dtype)?;
+            let gp = ops::GnParams::new(ctx, gg, gbeta, groups, 1e-5)?;
+            let cp = ops::GnParams::new(&cpu_ctx, cg, cbeta, groups, 1e-5)?;
+            let m = |t| (more > 0).then_some(t);
+            let gstats = ops::group_norm_stats(ctx, &gx, m(&gm), &gp)?;
+            let cstats = ops::group_norm_stats(&cpu_ctx, &cx, m(&cm), &cp)?;
+            let opts = |more, params, stats| Conv2dOpts {
+                padding: 1,
+                concat: more,
+                upsample: up,
+                norm: Some(ops::GnInput { params, stats, silu }),
+                tile: Some(tile),
+                ..Default::default()
+            };
+            let got = ops::conv2d(ctx, &gx, &gw, (3, 3), Some(&gbias), opts(m(&gm), &gp, &gstats))?;
+            let want = ops::conv2d(&cpu_ctx, &cx, &cw, (3, 3), Some(&cbias), opts(m(&cm), &cp, &cstats))?;
+            let case = format!(
+                "conv x {shape:?}{} group-normalized in {groups} groups{}{} {tile:?} {dtype}",
+                if more > 0 { format!(" ++ {more} channels") } else { String::new() },
+                if silu { " +silu" } else { "" },
+                if up { " upsampled" } else { "" }
+            );
+            let (atol, rtol) = dot_tol(dtype, cin * 9);
+            r.push(compare("fusions", case, &got.to_vec_f32(ctx).await?, &flat(want.cpu()?)?, atol * 2.0, rtol * 2.0));
+            // The statistics themselves.
+            let got = gstats.to_vec_f32(ctx).await?;
+            let (atol, rtol) = tol(dtype, 4.0);
+            let case = format!("group norm statistics of {shape:?}{} {dtype}", if more > 0 { " ++ more" } else { "" });
+            r.push(compare("fusions", case, &got, &flat(cstats.cpu()?)?, atol * 2.0, rtol * 2.0));
+        }
+        // Convolutions: (x, concatenated, upsample, k, residual, bias rows, tile).
+        type ConvCase = (&'static [usize], usize, bool, usize, bool, bool, Tile);
+        let convs: [ConvCase; 5] = [
+            (&[2, 8, 9, 7], 0, false, 3, true, false, Tile::Small),
+            (&[2, 5, 6, 6], 3, false, 1, false, true, Tile::Small),
+            (&[2, 5, 6, 6], 3, false, 3, false, false, Tile::Large),
+            (&[1, 4, 5, 6], 0, true, 3, false, false, Tile::Small),
+            (&[2, 6, 4, 4], 2, true, 3, false, true, Tile::Large),
+        ];
+        for (shape, more, up, k, res, rows, tile) in convs {
+            let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+            let cout = 9;
+            let (gx, cx) = pair(ctx, &mut rng, shape, dtype)?;
+            let (gm, cm) = pair(ctx, &mut rng, &[b, more.max(1), h, w], dtype)?;
+            let (gw, cw) = pair(ctx, &mut rng, &[cout, c + more, k, k], dtype)?;
+            let (gbias, cbias) = pair(ctx, &mut rng, &[40], dtype)?;
+            let (ho, wo) = if up { (2 * h, 2 * w) } else { (h, w) };
+            let (gr, cr) = pair(ctx, &mut rng, &[b, cout, ho, wo], dtype)?;
+            let opts = |m, res| Conv2dOpts {
+                padding: k / 2,
+                bias_at: if rows { (4, 20) } else { (0, 0) },
+                residual: res,
+                concat: m,
+                upsample: up,
+                tile: Some(tile),
+                ..Default::default()
+            };
+            let (gbias, cbias) = if rows { (gbias, cbias) } else { pair(ctx, &mut rng, &[cout], dtype)? };
+            let got =
+                ops::conv2d(ctx, &gx, &gw, (k, k), Some(&gbias), opts((more > 0).then_some(&gm), res.then_some(&gr)))?;
+            let want = ops::conv2d(
+                &cpu_ctx,
+                &cx,
+                &cw,
+                (k, k),
+                Some(&cbias),
+                opts((more > 0).then_some(&cm), res.then_some(&cr)),
+            )?;
+            let case = format!(
+                "conv x {shape:?}{}{} k{k}{}{} {tile:?} {dtype}",
+                if more > 0 { format!(" ++ {more} channels") } else { String::new() },
+                if up { " upsampled" } else { "" },
+                if res { " +residual" } else { "" },
+                if rows { " +bias rows" } else { "" }
+            );
+            let (atol, rtol) = dot_tol(dtype, (c + more) * k * k);
+            r.push(compare("fusions", case, &got.to_vec_f32(ctx).await?, &flat(want.cpu()?)?, atol, rtol));
         }
     }
     Ok(())
@@ -422,6 +625,19 @@ async fn group_norm(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let case = format!("{shape:?} groups {groups}{} {dtype}", if silu { " +silu" } else { "" });
             let (atol, rtol) = tol(dtype, 4.0);
             r.push(compare("group_norm", case, &got, &flat(&want)?, atol * 2.0, rtol * 2.0));
+            // The same input given as two parts split mid-group, as the UNet's up path concatenates.
+            if shape.len() == 4 {
+                let split = c / 2 + 1;
+                let whole = cpu(&dx, shape)?;
+                let part = |from: usize, len: usize| -> Result<Tensor> {
+                    let p = whole.narrow(1, from, len)?;
+                    Tensor::from_f32_as(ctx, p.dims(), &flat(&p)?, dtype)
+                };
+                let (a, b) = (part(0, split)?, part(split, c - split)?);
+                let got = ops::group_norm_cat(ctx, &a, Some(&b), groups, &gg, &gb, 1e-5, silu)?.to_vec_f32(ctx).await?;
+                let case = format!("{shape:?} as {split} + {} channels groups {groups} {dtype}", c - split);
+                r.push(compare("group_norm", case, &got, &flat(&want)?, atol * 2.0, rtol * 2.0));
+            }
         }
     }
     Ok(())
@@ -506,6 +722,37 @@ async fn attention(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             )?;
             let case =
                 format!("b {b} lq {lq} lk {lk} heads {heads} d {d}{} {dtype}", if causal { " causal" } else { "" });
+            let (atol, rtol) = tol(dtype, 1.0);
+            r.push(compare("attention", case, &got, &flat(&want)?, atol * 5.0, rtol * 5.0));
+        }
+        // q, k and v read in place from one (b, l, 3 hd) projection, and k, v from one (b, lk, 2 hd).
+        for (b, lq, lk, heads, d) in [(2usize, 70usize, 70usize, 2usize, 40usize), (2, 33, 77, 4, 8)] {
+            let hd = heads * d;
+            let self_attention = lq == lk;
+            let dqkv = rounded(rng.uniform(b * lq * 3 * hd, -1.0, 1.0), dtype);
+            let dkv = rounded(rng.uniform(b * lk * 2 * hd, -1.0, 1.0), dtype);
+            let qkv = Tensor::from_f32_as(ctx, &[b, lq, 3 * hd], &dqkv, dtype)?;
+            let kv = Tensor::from_f32_as(ctx, &[b, lk, 2 * hd], &dkv, dtype)?;
+            let scale = 1.0 / (d as f32).sqrt();
+            let (k, v) = if self_attention {
+                (ops::Cols { t: &qkv, col: hd, width: 3 * hd }, ops::Cols { t: &qkv, col: 2 * hd, width: 3 * hd })
+            } else {
+                (ops::Cols { t: &kv, col: 0, width: 2 * hd }, ops::Cols { t: &kv, col: hd, width: 2 * hd })
+            };
+            let q = ops::Cols { t: &qkv, col: 0, width: 3 * hd };
+            let got = ops::attention_cols(ctx, q, k, v, heads, hd, scale, false)?.to_vec_f32(ctx).await?;
+            let cqkv = cpu(&dqkv, &[b, lq, 3 * hd])?;
+            let ckv = cpu(&dkv, &[b, lk, 2 * hd])?;
+            let (ck, cv) = if self_attention {
+                (cqkv.narrow(2, hd, hd)?, cqkv.narrow(2, 2 * hd, hd)?)
+            } else {
+                (ckv.narrow(2, 0, hd)?, ckv.narrow(2, hd, hd)?)
+            };
+            let want = crate::ops::cpu::attention(&cqkv.narrow(2, 0, hd)?, &ck, &cv, heads, scale as f64, false)?;
+            let case = format!(
+                "b {b} lq {lq} lk {lk} heads {heads} d {d} from {} {dtype}",
+                if self_attention { "one qkv tensor" } else { "q and one kv tensor" }
+            );
             let (atol, rtol) = tol(dtype, 1.0);
             r.push(compare("attention", case, &got, &flat(&want)?, atol * 5.0, rtol * 5.0));
         }

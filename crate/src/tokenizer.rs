@@ -22,6 +22,9 @@ const WORDS: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 /// A token's byte range in the (cleaned) text.
 type Offsets = (usize, usize);
 
+/// A framed prompt chunk: `max_len` ids and each id's weight.
+pub type Chunk = (Vec<u32>, Vec<f32>);
+
 /// A CLIP tokenizer with its padding rule.
 pub struct ClipTokenizer {
     tokenizer: Tokenizer,
@@ -176,6 +179,43 @@ impl ClipTokenizer {
         w.extend_from_slice(&weights[..keep]);
         w.resize(self.max_len, 1.0);
         Ok((ids, w))
+    }
+
+    /// A1111's long prompts: the tokens (and their weights, all 1 unless `weighted`) of `text` in chunks of
+    /// `max_len - 2`, each framed as a prompt of its own (start, chunk, end, padding); at least one chunk. The
+    /// text encoder encodes each chunk alone and the UNet attends to them side by side.
+    pub fn encode_chunks(&self, text: &str, weighted: bool) -> Result<Vec<Chunk>> {
+        let runs = if weighted {
+            crate::prompt::parse_weighted(&crate::prompt::lora_tags(text).0)
+        } else {
+            vec![(text.to_string(), 1.0)]
+        };
+        let (mut body, mut weights) = (Vec::new(), Vec::new());
+        for (run, w) in &runs {
+            let ids = self.ids(&clean(run))?.0;
+            weights.extend(std::iter::repeat_n(*w, ids.len()));
+            body.extend(ids);
+        }
+        let per = self.limit().max(1);
+        let mut chunks: Vec<Chunk> = body
+            .chunks(per)
+            .zip(weights.chunks(per))
+            .map(|(ids, w)| {
+                let mut cw = vec![1.0];
+                cw.extend_from_slice(w);
+                cw.resize(self.max_len, 1.0);
+                (self.frame(ids), cw)
+            })
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(self.empty_chunk());
+        }
+        Ok(chunks)
+    }
+
+    /// A chunk of no tokens (start, end, padding): what pads a prompt to another's number of chunks.
+    pub fn empty_chunk(&self) -> Chunk {
+        (self.frame(&[]), vec![1.0; self.max_len])
     }
 
     /// The words of a prompt past the token limit, as the text encoder will not see them (None when it all

@@ -8,6 +8,7 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 
 use crate::checkpoint::Checkpoint;
+use crate::compose::{self, Axis};
 use crate::convert::{Conversion, Format};
 use crate::gpu::{DType, GpuContext};
 use crate::pipeline::{
@@ -58,6 +59,28 @@ impl Diagnostics {
     #[wasm_bindgen(js_name = checkNames)]
     pub fn check_names() -> Vec<String> {
         selfcheck::CHECKS.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Times a UNet CFG step of `arch` ("sd15" or "sd-turbo") at `size` x `size` with random q4_0 weights
+    /// made on the spot (no download; f16 activations where the GPU has shader-f16), widths divided by
+    /// `narrow` (1: the real model). `on_progress(message)` is called as it goes. Resolves to the figures
+    /// (unet_cfg_step_ms, load_s, unet_step_dispatches, peak_gpu_bytes, adapter ...).
+    pub fn benchmark(&self, arch: String, size: u32, narrow: u32, on_progress: js_sys::Function) -> js_sys::Promise {
+        let ctx = self.ctx.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let e = |er: crate::Error| JsValue::from(js_err(er));
+            let arch: crate::bench::Arch = arch.parse().map_err(e)?;
+            let act = if ctx.has_f16() { DType::F16 } else { DType::F32 };
+            let policy = LoadPolicy { act, weights: DType::Q4_0 };
+            let progress = |m: &str| {
+                let _ = on_progress.call1(&JsValue::NULL, &m.into());
+            };
+            let r = crate::bench::bench_unet(&ctx, arch, narrow.max(1) as usize, size as usize, policy, 3, progress)
+                .await
+                .map_err(e)?;
+            ctx.trim_pool();
+            to_js(&r).map_err(JsValue::from)
+        })
     }
 
     /// Runs one self-check; resolves to an array of case reports (passed, max_abs_err, worst, ...).
@@ -453,6 +476,20 @@ impl Engine {
     pub fn cancel(&self) {
         self.inner.cancel.set(true);
     }
+
+    /// Why the GPU device was lost, or undefined while it works: once lost, this engine is done and a new one
+    /// (with the model loaded again) is needed.
+    #[wasm_bindgen(js_name = deviceLost)]
+    pub fn device_lost(&self) -> Option<String> {
+        self.inner.ctx.device_lost()
+    }
+
+    /// Destroys the GPU device, as a driver reset or a GPU-process crash would lose it: for testing what
+    /// the page and the element do then.
+    #[wasm_bindgen(js_name = loseDevice)]
+    pub fn lose_device(&self) {
+        self.inner.ctx.destroy_device();
+    }
 }
 
 impl EngineInner {
@@ -587,22 +624,83 @@ fn init_images(request: &JsValue) -> Result<Vec<(Image, f32)>, JsError> {
     list.iter()
         .enumerate()
         .map(|(n, item)| {
-            let get = |k: &str| js_sys::Reflect::get(&item, &k.into()).unwrap_or(JsValue::UNDEFINED);
-            let bad = |what: &str| JsError::new(&format!("init image {}: {what}", n + 1));
-            let width = get("width").as_f64().ok_or_else(|| bad("needs width"))? as usize;
-            let height = get("height").as_f64().ok_or_else(|| bad("needs height"))? as usize;
-            let weight = get("weight").as_f64().unwrap_or(1.0) as f32;
-            let rgba = get("rgba");
-            if !(rgba.is_instance_of::<js_sys::Uint8Array>() || rgba.is_instance_of::<js_sys::Uint8ClampedArray>()) {
-                return Err(bad("rgba must be a Uint8Array or Uint8ClampedArray"));
-            }
-            let rgba = js_sys::Uint8Array::new(&rgba).to_vec();
-            if width == 0 || height == 0 || width > 16384 || height > 16384 || rgba.len() != width * height * 4 {
-                return Err(bad(&format!("{} bytes are not {width}x{height} RGBA pixels", rgba.len())));
-            }
-            Ok((Image { width, height, rgba }, weight))
+            let weight = js_sys::Reflect::get(&item, &"weight".into()).ok().and_then(|w| w.as_f64()).unwrap_or(1.0);
+            Ok((image_from_js(&item, &format!("init image {}", n + 1))?, weight as f32))
         })
         .collect()
+}
+
+/// `{width, height, rgba}` (RGBA pixels in a Uint8Array or Uint8ClampedArray) as an image; `what` names it in
+/// errors.
+fn image_from_js(item: &JsValue, what: &str) -> Result<Image, JsError> {
+    let get = |k: &str| js_sys::Reflect::get(item, &k.into()).unwrap_or(JsValue::UNDEFINED);
+    let bad = |e: &str| JsError::new(&format!("{what}: {e}"));
+    let width = get("width").as_f64().ok_or_else(|| bad("needs width"))? as usize;
+    let height = get("height").as_f64().ok_or_else(|| bad("needs height"))? as usize;
+    let rgba = get("rgba");
+    if !(rgba.is_instance_of::<js_sys::Uint8Array>() || rgba.is_instance_of::<js_sys::Uint8ClampedArray>()) {
+        return Err(bad("rgba must be a Uint8Array or Uint8ClampedArray"));
+    }
+    let rgba = js_sys::Uint8Array::new(&rgba).to_vec();
+    if width == 0 || height == 0 || width > 16384 || height > 16384 || rgba.len() != width * height * 4 {
+        return Err(bad(&format!("{} bytes are not {width}x{height} RGBA pixels", rgba.len())));
+    }
+    Ok(Image { width, height, rgba })
+}
+
+/// Images from a JS array of `{width, height, rgba}`.
+fn images_from_js(list: &js_sys::Array, what: &str) -> Result<Vec<Image>, JsError> {
+    list.iter().enumerate().map(|(n, item)| image_from_js(&item, &format!("{what} {}", n + 1))).collect()
+}
+
+/// The requests of a sweep's cells (the CLI's `grid`): `base` (a generate request) with axis `x`
+/// (`KEY=V1,V2,...`: seed, guidance, steps, scheduler, strength, subseed-strength, or prompt search and
+/// replace) and optionally `y`, row by row; each is `base` with the axes' fields replaced. A bad axis or value
+/// is refused before any work.
+#[wasm_bindgen(js_name = gridRequests)]
+pub fn grid_requests(base: JsValue, x: String, y: Option<String>) -> Result<js_sys::Array, JsError> {
+    let x = Axis::parse(&x).map_err(js_err)?;
+    let y = y.filter(|y| !y.trim().is_empty()).map(|y| Axis::parse(&y)).transpose().map_err(js_err)?;
+    let req: Request = serde_wasm_bindgen::from_value(base.clone()).map_err(|e| js_err(format!("bad request: {e}")))?;
+    let out = js_sys::Array::new();
+    for cell in compose::grid_requests(&req, &x, y.as_ref()).map_err(js_err)? {
+        let obj = js_sys::Object::assign(&js_sys::Object::new(), base.unchecked_ref());
+        let fields = to_js(&cell)?;
+        for key in ["seed", "guidance", "steps", "scheduler", "strength", "subseed_strength", "prompt"] {
+            let v = js_sys::Reflect::get(&fields, &key.into()).unwrap_or(JsValue::UNDEFINED);
+            if !v.is_undefined() && !v.is_null() {
+                set(&obj, key, v)?;
+            }
+        }
+        out.push(&obj);
+    }
+    Ok(out)
+}
+
+/// A sweep's grid as PNG bytes: `cells` (`{width, height, rgba}`, in `gridRequests`' order) labelled with the
+/// axes' values, `parameters` in its text chunk (the axes appended).
+#[wasm_bindgen(js_name = gridPng)]
+pub fn grid_png(cells: js_sys::Array, x: String, y: Option<String>, parameters: String) -> Result<Vec<u8>, JsError> {
+    let x = Axis::parse(&x).map_err(js_err)?;
+    let y = y.filter(|y| !y.trim().is_empty()).map(|y| Axis::parse(&y)).transpose().map_err(js_err)?;
+    let grid = compose::grid_image(&images_from_js(&cells, "cell")?, &x, y.as_ref()).map_err(js_err)?;
+    let mut parameters = format!("{parameters}\nGrid: x {}", x.describe());
+    if let Some(a) = &y {
+        parameters.push_str(&format!("; y {}", a.describe()));
+    }
+    grid.to_png(&parameters).map_err(js_err)
+}
+
+/// An interpolation's frames (`{width, height, rgba}`) side by side as PNG bytes, `parameters` in its text chunk.
+#[wasm_bindgen(js_name = stripPng)]
+pub fn strip_png(frames: js_sys::Array, parameters: String) -> Result<Vec<u8>, JsError> {
+    compose::strip(&images_from_js(&frames, "frame")?).and_then(|s| s.to_png(&parameters)).map_err(js_err)
+}
+
+/// An interpolation's frames as a looping GIF (forth and back), `frame_ms` per frame.
+#[wasm_bindgen(js_name = animationGif)]
+pub fn animation_gif(frames: js_sys::Array, frame_ms: u16) -> Result<Vec<u8>, JsError> {
+    compose::gif(&images_from_js(&frames, "frame")?, frame_ms).map_err(js_err)
 }
 
 /// A weight type's name as the page says it ("f32", "f16", "q8_0", "q4_0"; "" is f32).

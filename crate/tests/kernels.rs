@@ -65,6 +65,7 @@ kernel_tests!(
     matmul,
     matmul_weights,
     conv2d,
+    fusions,
     group_norm,
     layer_norm,
     softmax,

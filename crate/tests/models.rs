@@ -1002,3 +1002,71 @@ fn ranged_safetensors_stream_one_tensor_at_a_time() {
         .expect("garbage is refused");
     assert!(err.to_string().contains("truncated or corrupt"), "{err}");
 }
+
+/// The SD 1.5 UNet's CFG step (its blocks and layers, widths / 10) stays within its dispatch budget, and the
+/// cost report adds up. Issue 11's target is half of the 596 dispatches the step took before fusion.
+#[test]
+fn unet_step_dispatches_stay_within_budget() {
+    use latent_gen::bench::{Arch, unet_step_cost};
+    let ctx = context();
+    let cost = pollster::block_on(unet_step_cost(&ctx, Arch::Sd15, 10, 8, LoadPolicy::F32)).expect("unet step");
+    println!("{cost}");
+    let sum: u64 = cost.by_op.values().map(|c| c.dispatches).sum();
+    assert_eq!(sum, cost.dispatches, "per-op dispatches add up");
+    assert!(cost.flops > 0 && cost.bytes_min > 0 && cost.bytes_read > 0);
+    assert!(cost.dispatches <= 596 / 2, "{} dispatches per SD 1.5 UNet step", cost.dispatches);
+}
+
+/// Issue 10's memory target: SD 1.5 with q4_0 weights generates 512x512 within 1.2 GB of GPU memory (the
+/// pool's peak: weights plus every buffer it holds), counted in a dry run of the real-size model (random q4_0
+/// weights; nothing dispatched) under WebGPU's default 128 MiB bindings, where the VAE decodes in tiles.
+#[test]
+fn sd15_q4_0_at_512_fits_in_1_2_gb() {
+    use latent_gen::bench::{Arch, count_pipeline};
+    use latent_gen::gpu::{ContextOptions, DType};
+    let ctx = pollster::block_on(GpuContext::with_options(ContextOptions {
+        max_binding: Some(128 << 20),
+        max_buffer: Some(256 << 20),
+        ..Default::default()
+    }))
+    .expect("adapter");
+    let policy = LoadPolicy { act: DType::F32, weights: DType::Q4_0 };
+    let count = pollster::block_on(count_pipeline(&ctx, Arch::Sd15, 512, policy, |m| eprintln!("{m}"))).expect("count");
+    println!("{count}");
+    assert!(count.weight_bytes < 700 << 20, "weights take {} bytes", count.weight_bytes);
+    assert!(count.peak_gpu_bytes <= 1_200_000_000, "peak {} bytes", count.peak_gpu_bytes);
+    assert!(count.unet_step_cost.dispatches <= 298);
+}
+
+/// `long_prompt: chunks` (A1111's long prompts): a prompt within 75 tokens draws exactly what it draws
+/// truncated; past 75 tokens, the tail that truncation loses is kept (in a second chunk) and changes the image.
+#[test]
+fn long_prompts_encode_in_chunks() {
+    use latent_gen::pipeline::LongPrompt;
+    let ctx = context();
+    let sd = StableDiffusion::load_dir(&ctx, &fixtures().join("models/sd1-tiny"), LoadPolicy::F32).unwrap();
+    let run = |req: &Request| {
+        let mut go = |_: &latent_gen::pipeline::Step<'_>| Ok(Control::Continue);
+        pollster::block_on(sd.generate(req, &mut go)).unwrap().rgba
+    };
+    let base = Request {
+        prompt: "a red circle on a blue background".into(),
+        negative_prompt: "blurry".into(),
+        seed: 3,
+        steps: 2,
+        guidance: 5.0,
+        width: Some(64),
+        height: Some(64),
+        scheduler: Some("euler".parse().unwrap()),
+        ..Default::default()
+    };
+    let chunks = |r: &Request| Request { long_prompt: LongPrompt::Chunks, ..r.clone() };
+    assert_eq!(run(&base), run(&chunks(&base)), "one chunk is the plain prompt");
+    // 80 tokens of filler, then the words that matter: cut off when truncated, kept in the second chunk.
+    let filler = "and ".repeat(80);
+    let long = Request { prompt: format!("{filler}a green triangle on a yellow background"), ..base.clone() };
+    let filler_only = Request { prompt: filler.clone(), ..base.clone() };
+    assert_eq!(run(&long), run(&filler_only), "truncated, the tail is lost");
+    assert_ne!(run(&chunks(&long)), run(&chunks(&filler_only)), "in chunks, the tail changes the image");
+    assert_ne!(run(&chunks(&long)), run(&long), "and differs from the truncated image");
+}

@@ -9,7 +9,8 @@ const env = serverAndBrowser();
 test('every kernel passes its self-check in the browser', { timeout: 600_000 }, async () => {
   const page = await env.browser.newPage();
   const errors = recordErrors(page);
-  await page.goto(`${env.server.url}diagnostics.html`);
+  // A narrowed SD 1.5 UNet at 64x64 for the benchmark below: the real one takes minutes on SwiftShader.
+  await page.goto(`${env.server.url}diagnostics.html?bench-size=64&bench-narrow=10`);
   const summary = page.locator('#summary');
   await summary.and(page.locator('[data-state="done"], [data-state="error"], [data-state="no-webgpu"], [data-state="no-device"]'))
     .waitFor({ timeout: 540_000 });
@@ -22,6 +23,15 @@ test('every kernel passes its self-check in the browser', { timeout: 600_000 }, 
   assert.ok(passed >= 50, `only ${passed} cases passed: ${text}`);
   // The adapter table shows what the browser reports, shader-f16 included.
   assert.match(await page.locator('#adapter').textContent(), /shader-f16/);
+  // The benchmark button times a UNet step with random q4_0 weights made in the page.
+  await page.locator('#bench-sd15').click();
+  const bench = page.locator('#bench-status');
+  await bench.and(page.locator('[data-state="done"], [data-state="error"]')).waitFor({ timeout: 300_000 });
+  assert.equal(await bench.getAttribute('data-state'), 'done', `${await bench.textContent()}\n${errors.join('\n')}`);
+  const ms = Number(await page.locator('tr.bench-row .bench-ms').first().textContent());
+  const dispatches = Number(await page.locator('tr.bench-row .bench-dispatches').first().textContent());
+  assert.ok(ms > 0, `ms per step: ${ms}`);
+  assert.ok(dispatches > 0 && dispatches <= 298, `dispatches per step: ${dispatches}\n${errors.join('\n')}`);
   await page.close();
 });
 

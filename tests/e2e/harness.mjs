@@ -67,7 +67,9 @@ export function serverAndBrowser() {
   const env = { server: null, browser: null };
   before(async () => {
     // The fixture models (SD-family, TAESD) under /fixtures/, for tests that need SD's latent space.
-    env.server = await startServer(['--mount', `/fixtures/=${resolve(root, 'tests/fixtures/models')}`]);
+    // A site that embeds the element from another origin under /embedder/ (tests/e2e/embedder).
+    env.server = await startServer(['--mount', `/fixtures/=${resolve(root, 'tests/fixtures/models')}`,
+      '--mount', `/embedder/=${resolve(root, 'tests/e2e/embedder')}`]);
     env.browser = await launchBrowser();
   });
   after(async () => {

@@ -80,6 +80,30 @@ impl Batch {
         self.pass.as_mut().expect("opened above")
     }
 
+    /// A new compute pass of its own for one dispatch, with timestamps written at its start and end (queries
+    /// `index` and `index + 1` of `set`): how [`super::cost`] times each dispatch.
+    pub fn timed_pass(
+        &mut self,
+        device: &wgpu::Device,
+        set: &wgpu::QuerySet,
+        index: u32,
+    ) -> &mut wgpu::ComputePass<'static> {
+        self.pass = None;
+        let encoder = self.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("latent-gen") })
+        });
+        let writes = wgpu::ComputePassTimestampWrites {
+            query_set: set,
+            beginning_of_pass_write_index: Some(index),
+            end_of_pass_write_index: Some(index + 1),
+        };
+        let pass = encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: Some(writes) })
+            .forget_lifetime();
+        self.dispatches += 1;
+        self.pass.insert(pass)
+    }
+
     /// The encoder with no pass open, for copies.
     pub fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
         self.pass = None;

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::Ref;
 use super::batch::Batch;
 use super::bindings::BindGroupCache;
+use super::cost::CostTracker;
 use super::pipeline::PipelineCache;
 use super::pool::{BufferPool, PoolStats};
 use crate::error::{Error, Result};
@@ -87,8 +88,13 @@ pub(crate) struct Shared {
     pub pipelines: PipelineCache,
     pub bind_groups: BindGroupCache,
     pub batch: Mutex<Batch>,
+    pub cost: CostTracker,
+    /// Dispatches are checked, their outputs allocated and their cost counted, but nothing is recorded.
+    pub dry_run: std::sync::atomic::AtomicBool,
     /// The first error wgpu reported outside an error scope; taken (and returned) at the next sync point.
     pub uncaptured: Arc<Mutex<Option<String>>>,
+    /// Why the device was lost, once it was: every later sync point returns [`Error::DeviceLost`].
+    pub lost: Arc<Mutex<Option<String>>>,
 }
 
 /// A device ready for latent-gen's kernels, or the CPU fallback ([`GpuContext::cpu`]) on which every op runs
@@ -177,6 +183,16 @@ impl GpuContext {
                 *slot = Some(e.to_string());
             }
         }));
+        let lost = Arc::new(Mutex::new(None::<String>));
+        let slot = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            let why = match reason {
+                wgpu::DeviceLostReason::Destroyed => "the device was destroyed".to_string(),
+                _ if msg.is_empty() => "reason unknown".to_string(),
+                _ => msg,
+            };
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        });
         // Kernel parameters go in a storage buffer on lavapipe (see PipelineCache::new), a uniform buffer
         // elsewhere.
         let params_in_storage = summary.driver == "llvmpipe";
@@ -191,7 +207,10 @@ impl GpuContext {
             pipelines: PipelineCache::new(summary.shader_f16, params_in_storage),
             bind_groups: BindGroupCache::default(),
             batch: Mutex::new(Batch::new(align, params_in_storage)),
+            cost: CostTracker::default(),
+            dry_run: Default::default(),
             uncaptured,
+            lost,
             device,
             queue,
         };
@@ -273,6 +292,15 @@ impl GpuContext {
         self.shared().map(|s| s.bind_groups.created()).unwrap_or(0)
     }
 
+    /// In a dry run, kernels are checked, their outputs allocated from the pool and their cost counted, but
+    /// nothing is dispatched: what a real-size model needs in memory and dispatches, on any machine, in
+    /// seconds (results are garbage). No-op on the CPU fallback.
+    pub fn set_dry_run(&self, on: bool) {
+        if let Ok(s) = self.shared() {
+            s.dry_run.store(on, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Submits the recorded commands now. Ops record into one batch; reading a tensor back flushes implicitly.
     pub fn flush(&self) -> Result<()> {
         let Ok(s) = self.shared() else { return Ok(()) };
@@ -301,8 +329,23 @@ impl GpuContext {
         Ok(())
     }
 
-    /// Returns the first uncaptured wgpu error since the last call, as an error value.
+    /// Why the device was lost, if it was (None on the CPU fallback and while the device works).
+    pub fn device_lost(&self) -> Option<String> {
+        self.shared().ok().and_then(|s| s.lost.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Destroys the device, as a driver reset would lose it: for testing what users see then.
+    pub fn destroy_device(&self) {
+        if let Ok(s) = self.shared() {
+            s.device.destroy();
+        }
+    }
+
+    /// Returns the first uncaptured wgpu error since the last call (or the device's loss), as an error value.
     pub(crate) fn take_uncaptured(&self) -> Result<()> {
+        if let Some(why) = self.device_lost() {
+            return Err(Error::DeviceLost(why));
+        }
         let Ok(s) = self.shared() else { return Ok(()) };
         let mut slot = s.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
         match slot.take() {

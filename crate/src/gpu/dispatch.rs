@@ -45,6 +45,10 @@ impl GpuContext {
             return Ok(());
         }
         let shared = self.shared()?;
+        let timed = shared.cost.record(op, inputs, outputs)?;
+        if shared.dry_run.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let device = &shared.device;
         let pipeline = shared.pipelines.get(device, kernel, spec);
         let mut batch = shared.batch.lock().unwrap_or_else(|p| p.into_inner());
@@ -54,7 +58,10 @@ impl GpuContext {
             buffers.push((t.gpu_buffer()?, t.byte_len().max(4)));
         }
         let bind_group = shared.bind_groups.get(device, kernel.name, &pipeline.layout, &buffers);
-        let pass = batch.pass(device);
+        let pass = match &timed {
+            Some((set, index)) => batch.timed_pass(device, set, *index),
+            None => batch.pass(device),
+        };
         pass.set_pipeline(&pipeline.pipeline);
         pass.set_bind_group(0, &bind_group, &[offset as u32]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);

@@ -4,6 +4,7 @@
 mod batch;
 mod bindings;
 mod context;
+mod cost;
 mod dispatch;
 mod dtype;
 mod pipeline;
@@ -12,6 +13,7 @@ pub mod quant;
 mod tensor;
 
 pub use context::{AdapterSummary, ContextOptions, GpuContext};
+pub use cost::{CostReport, OpCost};
 
 /// Shared ownership: `Arc` natively (a context may cross threads), `Rc` on wasm32, where wgpu's browser types
 /// are neither `Send` nor `Sync`.

@@ -25,6 +25,8 @@ pub struct PoolStats {
     pub free_bytes: u64,
     /// The largest `live_bytes + free_bytes` seen: GPU memory this process allocated for tensors at its peak.
     pub peak_bytes: u64,
+    /// The largest `live_bytes` seen: what the tensors alive at once needed (the floor under `peak_bytes`).
+    pub peak_live_bytes: u64,
     /// Buffers created since the pool was made (reuses are not counted).
     pub created: u64,
 }
@@ -34,7 +36,7 @@ struct Inner {
     /// Free buffers by size class, each keyed by its creation number: a request takes the oldest free
     /// buffer of its class, so the same sequence of allocations gets the same buffers whatever order they
     /// were freed in, and a repeated generation finds its bind groups cached (gpu/bindings.rs).
-    free: HashMap<u64, BTreeMap<u64, wgpu::Buffer>>,
+    free: BTreeMap<u64, BTreeMap<u64, wgpu::Buffer>>,
     /// Creation numbers of the buffers on loan.
     ids: HashMap<wgpu::Buffer, u64>,
     stats: PoolStats,
@@ -59,10 +61,14 @@ impl BufferPool {
     pub(crate) fn alloc(self: &Ref<Self>, device: &wgpu::Device, bytes: u64, max: u64) -> PooledBuffer {
         let size = size_class(bytes, max);
         let mut inner = self.lock();
-        let reused = inner.free.get_mut(&size).and_then(BTreeMap::pop_first);
+        // The oldest free buffer of the smallest class that holds the request, up to twice its size: a
+        // larger idle buffer serves before a new one is made, which keeps the VAE's many shapes from each
+        // holding buffers of their own.
+        let class = inner.free.range(size..=size.saturating_mul(2)).find(|(_, l)| !l.is_empty()).map(|(c, _)| *c);
+        let reused = class.and_then(|c| inner.free.get_mut(&c).and_then(BTreeMap::pop_first).map(|r| (c, r)));
         let buffer = match reused {
-            Some((id, b)) => {
-                inner.stats.free_bytes -= size;
+            Some((class, (id, b))) => {
+                inner.stats.free_bytes -= class;
                 inner.ids.insert(b.clone(), id);
                 b
             }
@@ -79,9 +85,10 @@ impl BufferPool {
                 b
             }
         };
-        inner.stats.live_bytes += size;
+        inner.stats.live_bytes += buffer.size();
         let total = inner.stats.live_bytes + inner.stats.free_bytes;
         inner.stats.peak_bytes = inner.stats.peak_bytes.max(total);
+        inner.stats.peak_live_bytes = inner.stats.peak_live_bytes.max(inner.stats.live_bytes);
         PooledBuffer { buffer: Some(buffer), pool: self.clone() }
     }
 

@@ -235,6 +235,63 @@ impl Tensor {
         Ok(Self { storage, shape: shape.to_vec(), dtype: self.dtype })
     }
 
+    /// Byte ranges (offset, length) of the regions a tensor of `dtype` and `numel` elements keeps: the
+    /// elements, or a quantized tensor's quants and its scales. Row-stacking stacks each region.
+    fn regions(dtype: DType, numel: usize) -> [(usize, usize); 2] {
+        match dtype {
+            DType::F32 => [(0, numel * 4), (0, 0)],
+            DType::F16 => [(0, numel * 2), (0, 0)],
+            DType::Q8_0 | DType::Q4_0 => {
+                let q = dtype.scales_offset(numel);
+                [(0, q), (q, numel / QBLOCK * 2)]
+            }
+        }
+    }
+
+    /// Whether [`Tensor::concat_rows`] can stack `parts`: 2-D, one dtype, one row length, and every part's
+    /// regions a whole number of 4-byte words (buffer copies move words).
+    pub fn can_concat_rows(parts: &[&Tensor]) -> bool {
+        let Some(first) = parts.first() else { return false };
+        parts.iter().all(|t| {
+            t.rank() == 2
+                && t.dim(1) == first.dim(1)
+                && t.dtype == first.dtype
+                && Self::regions(t.dtype, t.numel()).iter().all(|(o, n)| o % 4 == 0 && n % 4 == 0)
+        })
+    }
+
+    /// Stacks 2-D tensors of one dtype and row length along their rows, with buffer copies (no kernel):
+    /// how layers that read the same input become one matmul (attention's q, k and v projections, every
+    /// ResNet's time-embedding projection). Check [`Tensor::can_concat_rows`] first.
+    pub fn concat_rows(ctx: &GpuContext, parts: &[&Tensor]) -> Result<Tensor> {
+        if !Self::can_concat_rows(parts) {
+            let shapes: Vec<_> = parts.iter().map(|t| format!("{:?} {}", t.shape, t.dtype)).collect();
+            return Err(Error::Shape { op: "concat_rows", msg: format!("cannot stack {shapes:?}") });
+        }
+        let rows: usize = parts.iter().map(|t| t.dim(0)).sum();
+        let (cols, dtype) = (parts[0].dim(1), parts[0].dtype);
+        if ctx.is_cpu() {
+            let cpu: Vec<&candle_core::Tensor> = parts.iter().map(|t| t.cpu()).collect::<Result<_>>()?;
+            return Ok(Self::from_cpu(candle_core::Tensor::cat(&cpu, 0)?));
+        }
+        let out = Self::empty(ctx, "concat_rows", &[rows, cols], dtype)?;
+        let dst = Self::regions(dtype, rows * cols);
+        let shared = ctx.shared()?;
+        let mut batch = shared.batch.lock().unwrap_or_else(|p| p.into_inner());
+        let encoder = batch.encoder(&shared.device);
+        let mut at = [0usize; 2];
+        for t in parts {
+            for (r, (offset, len)) in Self::regions(dtype, t.numel()).into_iter().enumerate() {
+                if len > 0 {
+                    let to = (dst[r].0 + at[r]) as u64;
+                    encoder.copy_buffer_to_buffer(t.gpu_buffer()?, offset as u64, out.gpu_buffer()?, to, len as u64);
+                }
+                at[r] += len;
+            }
+        }
+        Ok(out)
+    }
+
     /// Copies the tensor's bytes (in the GPU layout) back to the CPU.
     pub async fn to_bytes(&self, ctx: &GpuContext) -> Result<Vec<u8>> {
         if let Storage::Cpu(t) = &self.storage {

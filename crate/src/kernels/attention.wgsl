@@ -16,10 +16,14 @@ struct Params {
     bk: u32,     // batch stride of k
     bv: u32,     // batch stride of v
     bo: u32,     // batch stride of out
+    qo: u32,     // first element of q (its columns inside a wider tensor)
+    ko: u32,     // first element of k
+    vo: u32,     // first element of v
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<act>;          // (batch, lq, heads * D), strided
+@group(0) @binding(1) var<storage, read> q: array<act>;          // (batch, lq, heads * D) from qo, strided
 @group(0) @binding(2) var<storage, read> k: array<act>;          // (batch, lk, heads * D), strided
 @group(0) @binding(3) var<storage, read> v: array<act>;          // (batch, lk, heads * D), strided
 @group(0) @binding(4) var<storage, read_write> out: array<act>;  // (batch, lq, heads * D), strided
@@ -51,7 +55,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var qv: array<vec4<f32>, DV>;
     var o: array<vec4<f32>, DV>;
     if (valid) {
-        let base = b * p.bq + qi * p.sq + h * D;
+        let base = p.qo + b * p.bq + qi * p.sq + h * D;
         for (var i = 0u; i < DV; i++) {
             qv[i] = load4(base, i * 4u, 0u) * p.scale;
         }
@@ -71,8 +75,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let dv = i - j * DV;
             let key = k0 + j;
             if (key < p.lk) {
-                ks[i] = load4(b * p.bk + key * p.sk + h * D, dv * 4u, 1u);
-                vs[i] = load4(b * p.bv + key * p.sv + h * D, dv * 4u, 2u);
+                ks[i] = load4(p.ko + b * p.bk + key * p.sk + h * D, dv * 4u, 1u);
+                vs[i] = load4(p.vo + b * p.bv + key * p.sv + h * D, dv * 4u, 2u);
             } else {
                 ks[i] = vec4<f32>(0.0);
                 vs[i] = vec4<f32>(0.0);

@@ -1,16 +1,27 @@
 // Tiled GEMM core shared by matmul and conv2d (conv2d is an implicit GEMM: its A tile is gathered from the
 // input image, never materialized as an im2col buffer).
 //
-//   C[b, m, n] = act(sum_k A(b, m, k) * B(b, k, n) + bias[n])
+//   C[b, m, n] = act(sum_k A(b, m, k) * B(b, k, n) + bias[off + b * sb + n]) (+ residual)
 //
-// The op's source provides the bindings a (1), b (2) and c (4) and
+// The op's source provides the bindings a (1), b (2) and c (7) and
 //   fn load_a(b: u32, m: u32, k: u32) -> f32     0 outside the matrix
 //   fn load_b(b: u32, k: u32, n: u32) -> f32     0 outside the matrix
-//   fn store_c(b: u32, m: u32, n: u32, v: f32)   called in range only, v already biased and activated
+//   fn c_index(b: u32, m: u32, n: u32) -> u32    where C[b, m, n] goes in c
 // Constants: BM, BN, BK (workgroup tile), TM (micro-tile per invocation: 4 -> 4x4, 8 -> 8x8), and A_K_FAST /
 // B_K_FAST: whether consecutive invocations walk k (else m / n) when loading a tile, so that global reads are
 // contiguous for the operand's layout. Accumulators are named vec4 variables, not arrays: naga turns local
 // arrays into memory round-trips.
+//
+// Fusions, each a constant, all reading the `aux` binding (so at most one at a time):
+//   AUX_RES  adds aux[c_index(b, m, n)] after the activation: a residual connection.
+//   AUX_LN   layer-normalizes A's rows before the product (matmul, A not transposed): aux is (gamma; beta),
+//            (2, k). Each workgroup computes its rows' mean and variance first (two passes over the rows,
+//            partial sums through the A tile's memory), so no extra workgroup memory is used.
+//   (conv2d reads aux as a second input with AUX_CAT, and group-normalizes its input as it loads it with
+//   GN_A; see conv2d.wgsl.)
+//   GEGLU    (8x8 tile only) B's columns (and the bias) are [hidden (n/2) | gate (n/2)] and C, n/2 wide, gets
+//            hidden * gelu(gate): the GEMM's columns are permuted so that each invocation's two column blocks,
+//            BN/2 apart, hold a hidden column and its gate.
 
 struct Params {
     m: u32,
@@ -22,21 +33,99 @@ struct Params {
     sc: u32,        // batch stride of C in elements
     qoff: u32,      // quantized B: offset of the scales in u32 words
     cin: u32,       // conv: input channels
-    h: u32,         // conv: input height
-    w: u32,         // conv: input width
+    h: u32,         // conv: input height (of the 2x upsampled image with UP2)
+    w: u32,         // conv: input width (likewise)
     wo: u32,        // conv: output width
     stride: u32,    // conv
     pad: u32,       // conv
     has_bias: u32,
     act: u32,       // activation code, see apply_act
+    bias_off: u32,  // first bias element
+    bias_sb: u32,   // batch stride of the bias (0: one bias row for the batch)
+    split: u32,     // conv with AUX_CAT: channels read from a; the rest come from aux
+    eps: f32,       // AUX_LN: layer norm epsilon
+    groups: u32,    // conv with GN_A: the group norm's groups
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(3) var<storage, read> bias: array<act>;  // (n), bound to a dummy when has_bias is 0
+@group(0) @binding(3) var<storage, read> bias: array<act>;  // bias rows, bound to a dummy when has_bias is 0
+@group(0) @binding(4) var<storage, read> aux: array<act>;   // see the fusions above; a dummy when none
+@group(0) @binding(5) var<storage, read> gn_stats: array<f32>;  // conv with GN_A: (batch * groups, 2) mean, 1/std
+@group(0) @binding(6) var<storage, read> gn_affine: array<act>; // conv with GN_A: (2, cin) gamma; beta
 
 const NT: u32 = (BM / TM) * (BN / TM);
 var<workgroup> As: array<vec4<f32>, BK * BM / 4u>;  // (BK, BM) tile of A, k-major
 var<workgroup> Bs: array<vec4<f32>, BK * BN / 4u>;  // (BK, BN) tile of B, k-major
+
+// AUX_LN: the mean and 1/std of the A rows this invocation loads (rows 4q..4q+3 of load iteration 0 and 1;
+// with A_K_FAST the rows an invocation loads are the same at every k0).
+var<private> ln_mean0: vec4<f32>;
+var<private> ln_rstd0: vec4<f32>;
+var<private> ln_mean1: vec4<f32>;
+var<private> ln_rstd1: vec4<f32>;
+
+fn a_rows(bi: u32, m: u32, k: u32) -> vec4<f32> {
+    return vec4<f32>(load_a(bi, m, k), load_a(bi, m + 1u, k), load_a(bi, m + 2u, k), load_a(bi, m + 3u, k));
+}
+
+// Sums over this invocation's k residue (k = lid % BK, + BK ...) of rows 4q.. (iteration j), centred on `c`
+// and squared when `sq`, reduced over the BK invocations sharing the rows through As.
+fn ln_pass(bi: u32, m0: u32, lid: u32, sq: bool) {
+    for (var i = lid; i < BK * BM / 4u; i += NT) {
+        let q = i / BK;
+        let j = i / NT;
+        var c = select(ln_mean0, ln_mean1, j == 1u);
+        var s = vec4<f32>(0.0);
+        for (var k = i % BK; k < p.k; k += BK) {
+            let v = a_rows(bi, m0 + q * 4u, k);
+            if (sq) {
+                let d = v - c;
+                s += d * d;
+            } else {
+                s += v;
+            }
+        }
+        As[i] = s;
+    }
+    workgroupBarrier();
+    for (var i = lid; i < BK * BM / 4u; i += NT) {
+        let q = i / BK;
+        var t = vec4<f32>(0.0);
+        for (var kk = 0u; kk < BK; kk++) {
+            t += As[q * BK + kk];
+        }
+        let r = t / f32(p.k);
+        if (sq) {
+            let rstd = inverseSqrt(r + vec4<f32>(p.eps));
+            if (i / NT == 0u) { ln_rstd0 = rstd; } else { ln_rstd1 = rstd; }
+        } else {
+            if (i / NT == 0u) { ln_mean0 = r; } else { ln_mean1 = r; }
+        }
+    }
+    workgroupBarrier();
+}
+
+fn ln_stats(bi: u32, m0: u32, lid: u32) {
+    ln_pass(bi, m0, lid, false);
+    ln_pass(bi, m0, lid, true);
+}
+
+// GEGLU: the B (and bias) column behind GEMM column n.
+fn src_col(n: u32) -> u32 {
+    if (!GEGLU || n >= p.n) {
+        return n;
+    }
+    let half = BN / 2u;
+    let g = n / BN;
+    let j = n - g * BN;
+    if (j < half) {
+        return g * half + j;
+    }
+    return p.n / 2u + g * half + j - half;
+}
 
 fn load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
     for (var i = lid; i < BK * BM / 4u; i += NT) {
@@ -51,8 +140,13 @@ fn load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
         }
         let m = m0 + q * 4u;
         let k = k0 + kk;
-        As[kk * (BM / 4u) + q] = vec4<f32>(load_a(bi, m, k), load_a(bi, m + 1u, k), load_a(bi, m + 2u, k),
-                                           load_a(bi, m + 3u, k));
+        var v = a_rows(bi, m, k);
+        if (AUX_LN && k < p.k) {
+            let first = i < NT;
+            v = (v - select(ln_mean1, ln_mean0, first)) * select(ln_rstd1, ln_rstd0, first) * f32(aux[k])
+                + f32(aux[p.k + k]);
+        }
+        As[kk * (BM / 4u) + q] = v;
     }
     for (var i = lid; i < BK * BN / 4u; i += NT) {
         var kk: u32;
@@ -66,17 +160,16 @@ fn load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
         }
         let n = n0 + q * 4u;
         let k = k0 + kk;
-        Bs[kk * (BN / 4u) + q] = vec4<f32>(load_b(bi, k, n), load_b(bi, k, n + 1u), load_b(bi, k, n + 2u),
-                                           load_b(bi, k, n + 3u));
+        Bs[kk * (BN / 4u) + q] = vec4<f32>(load_b(bi, k, src_col(n)), load_b(bi, k, src_col(n + 1u)),
+                                           load_b(bi, k, src_col(n + 2u)), load_b(bi, k, src_col(n + 3u)));
     }
 }
 
-fn epilogue(n: u32, v: f32) -> f32 {
-    var r = v;
-    if (p.has_bias != 0u) {
-        r += f32(bias[n]);
+fn bias_at(bi: u32, n: u32) -> f32 {
+    if (p.has_bias == 0u) {
+        return 0.0;
     }
-    return apply_act(p.act, r);
+    return f32(bias[p.bias_off + bi * p.bias_sb + n]);
 }
 
 fn store_vec(bi: u32, m: u32, n: u32, v: vec4<f32>) {
@@ -85,7 +178,28 @@ fn store_vec(bi: u32, m: u32, n: u32, v: vec4<f32>) {
     }
     for (var j = 0u; j < 4u; j++) {
         if (n + j < p.n) {
-            store_c(bi, m, n + j, epilogue(n + j, v[j]));
+            let i = c_index(bi, m, n + j);
+            var r = apply_act(p.act, v[j] + bias_at(bi, n + j));
+            if (AUX_RES) {
+                r += f32(aux[i]);
+            }
+            c[i] = act(r);
+        }
+    }
+}
+
+// GEGLU: row m, hidden columns na.. (GEMM columns, in the first half of their block) and their gates.
+fn store_glu(bi: u32, m: u32, na: u32, h: vec4<f32>, g: vec4<f32>) {
+    let half = p.n / 2u;
+    let col0 = (na / BN) * (BN / 2u) + na % BN;
+    if (m >= p.m) {
+        return;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        let col = col0 + j;
+        if (col < half) {
+            let gate = g[j] + bias_at(bi, half + col);
+            c[c_index(bi, m, col)] = act((h[j] + bias_at(bi, col)) * gelu_f32(gate));
         }
     }
 }
@@ -113,6 +227,9 @@ fn gemm_4x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let n0 = wid.x * BN;
     let m0 = wid.y * BM;
     let bi = wid.z;
+    if (AUX_LN) {
+        ln_stats(bi, m0, lid);
+    }
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         load_tiles(bi, m0, n0, k0, lid);
         workgroupBarrier();
@@ -182,6 +299,9 @@ fn gemm_8x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let n0 = wid.x * BN;
     let m0 = wid.y * BM;
     let bi = wid.z;
+    if (AUX_LN) {
+        ln_stats(bi, m0, lid);
+    }
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         load_tiles(bi, m0, n0, k0, lid);
         workgroupBarrier();
@@ -197,6 +317,17 @@ fn gemm_8x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let mb = m0 + BM / 2u + ty * 4u;
     let na = n0 + tx * 4u;
     let nb = n0 + BN / 2u + tx * 4u;
+    if (GEGLU) {
+        store_glu(bi, ma, na, d00, d01);
+        store_glu(bi, ma + 1u, na, d10, d11);
+        store_glu(bi, ma + 2u, na, d20, d21);
+        store_glu(bi, ma + 3u, na, d30, d31);
+        store_glu(bi, mb, na, d40, d41);
+        store_glu(bi, mb + 1u, na, d50, d51);
+        store_glu(bi, mb + 2u, na, d60, d61);
+        store_glu(bi, mb + 3u, na, d70, d71);
+        return;
+    }
     store_vec(bi, ma, na, d00);
     store_vec(bi, ma, nb, d01);
     store_vec(bi, ma + 1u, na, d10);

@@ -1,6 +1,11 @@
-// Batched matmul on the GEMM core: C = A B (+ bias, activation).
+// Batched matmul on the GEMM core: C = A B (+ bias, activation, fusions).
 @group(0) @binding(1) var<storage, read> a: array<act>;          // (batch|1, m, k), or (batch|1, k, m) if A_TRANS
-@group(0) @binding(4) var<storage, read_write> c: array<act>;    // (batch, m, n)
+@group(0) @binding(7) var<storage, read_write> c: array<act>;    // (batch, m, nc), or (batch, nc, m) if C_TRANS
+
+// Columns of C: n, or n / 2 with GEGLU.
+fn c_cols() -> u32 {
+    return select(p.n, p.n / 2u, GEGLU);
+}
 
 fn load_a(bi: u32, m: u32, k: u32) -> f32 {
     if (m >= p.m || k >= p.k) {
@@ -12,6 +17,9 @@ fn load_a(bi: u32, m: u32, k: u32) -> f32 {
     return f32(a[bi * p.sa + m * p.k + k]);
 }
 
-fn store_c(bi: u32, m: u32, n: u32, v: f32) {
-    c[bi * p.sc + m * p.n + n] = act(v);
+fn c_index(bi: u32, m: u32, n: u32) -> u32 {
+    if (C_TRANS) {
+        return bi * p.sc + n * p.m + m;
+    }
+    return bi * p.sc + m * c_cols() + n;
 }

@@ -1,9 +1,10 @@
-// Softmax over the last dimension: one workgroup per row (max, sum of exponentials, write), in f32.
+// Softmax over the last dimension of x * scale: one workgroup per row (max, sum of exponentials, write), in
+// f32. The scale lets attention's 1/sqrt(d) ride along instead of costing a pass of its own.
 
 struct Params {
     rows: u32,
     len: u32,
-    _pad0: u32,
+    scale: f32,
     _pad1: u32,
 }
 
@@ -42,15 +43,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let base = row * p.len;
     var m = -3.0e38;
     for (var i = lid; i < p.len; i += WG) {
-        m = max(m, f32(x[base + i]));
+        m = max(m, f32(x[base + i]) * p.scale);
     }
     m = reduce(lid, m, true);
     var s = 0.0;
     for (var i = lid; i < p.len; i += WG) {
-        s += exp(f32(x[base + i]) - m);
+        s += exp(f32(x[base + i]) * p.scale - m);
     }
     let inv = 1.0 / reduce(lid, s, false);
     for (var i = lid; i < p.len; i += WG) {
-        out[base + i] = act(exp(f32(x[base + i]) - m) * inv);
+        out[base + i] = act(exp(f32(x[base + i]) * p.scale - m) * inv);
     }
 }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::nn::{LayerNorm, Linear};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, GpuContext, Tensor};
-use crate::ops::{self, Activation};
+use crate::ops::{self, Activation, Cols, MatmulOpts};
 use crate::weights::{Role, Weights};
 
 /// transformers' `CLIPTextConfig` keys.
@@ -42,6 +42,8 @@ fn default_eps() -> f64 {
 
 struct EncoderLayer {
     layer_norm1: LayerNorm,
+    /// q, k and v stacked into one projection (None when their weights cannot be stacked).
+    qkv: Option<Linear>,
     q: Linear,
     k: Linear,
     v: Linear,
@@ -83,11 +85,15 @@ impl ClipTextModel {
             .map(|i| {
                 let l = w.pp(format!("encoder.layers.{i}"));
                 let a = l.pp("self_attn");
+                let q = Linear::load(&a.pp("q_proj"), d, d, true)?;
+                let k = Linear::load(&a.pp("k_proj"), d, d, true)?;
+                let v = Linear::load(&a.pp("v_proj"), d, d, true)?;
                 Ok(EncoderLayer {
                     layer_norm1: LayerNorm::load(&l.pp("layer_norm1"), d, config.layer_norm_eps)?,
-                    q: Linear::load(&a.pp("q_proj"), d, d, true)?,
-                    k: Linear::load(&a.pp("k_proj"), d, d, true)?,
-                    v: Linear::load(&a.pp("v_proj"), d, d, true)?,
+                    qkv: Linear::stack(w.ctx(), &[&q, &k, &v])?,
+                    q,
+                    k,
+                    v,
                     out: Linear::load(&a.pp("out_proj"), d, d, true)?,
                     layer_norm2: LayerNorm::load(&l.pp("layer_norm2"), d, config.layer_norm_eps)?,
                     fc1: Linear::load(&l.pp("mlp.fc1"), d, config.intermediate_size, true)?,
@@ -139,14 +145,32 @@ impl ClipTextModel {
         // 2. Transformer layers: causal self-attention and MLP, each pre-normed with a residual.
         let heads = self.config.num_attention_heads;
         let scale = 1.0 / ((d / heads) as f32).sqrt();
+        //    The norms are computed inside the projections that read them and the residuals added by the
+        //    output projections; q, k and v come from one matmul, read in place by the attention kernel.
         for layer in &self.layers {
-            let h = layer.layer_norm1.forward(ctx, &x)?;
-            let (q, k, v) = (layer.q.forward(ctx, &h)?, layer.k.forward(ctx, &h)?, layer.v.forward(ctx, &h)?);
-            let a = layer.out.forward(ctx, &ops::attention(ctx, &q, &k, &v, heads, scale, true)?)?;
-            x = ops::add(ctx, &x, &a)?;
-            let h = layer.layer_norm2.forward(ctx, &x)?;
-            let m = layer.fc2.forward(ctx, &layer.fc1.forward_act(ctx, &h, self.act)?)?;
-            x = ops::add(ctx, &x, &m)?;
+            fn normed(ln: &LayerNorm) -> MatmulOpts<'_> {
+                MatmulOpts { layer_norm: Some(ln.params()), ..Default::default() }
+            }
+            let o = match &layer.qkv {
+                Some(qkv) => {
+                    let t = qkv.forward_with(ctx, &x, normed(&layer.layer_norm1))?;
+                    let col = |c: usize| Cols { t: &t, col: c * d, width: 3 * d };
+                    ops::attention_cols(ctx, col(0), col(1), col(2), heads, d, scale, true)?
+                }
+                None => {
+                    let n = normed(&layer.layer_norm1);
+                    let (q, k, v) = (
+                        layer.q.forward_with(ctx, &x, n)?,
+                        layer.k.forward_with(ctx, &x, n)?,
+                        layer.v.forward_with(ctx, &x, n)?,
+                    );
+                    ops::attention(ctx, &q, &k, &v, heads, scale, true)?
+                }
+            };
+            x = layer.out.forward_with(ctx, &o, MatmulOpts { residual: Some(&x), ..Default::default() })?;
+            let mlp = MatmulOpts { act: Some(self.act), ..normed(&layer.layer_norm2) };
+            let h = layer.fc1.forward_with(ctx, &x, mlp)?;
+            x = layer.fc2.forward_with(ctx, &h, MatmulOpts { residual: Some(&x), ..Default::default() })?;
         }
         // 3. Final layer norm.
         self.final_layer_norm.forward(ctx, &x)

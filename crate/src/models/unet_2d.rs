@@ -6,10 +6,11 @@ use serde::Deserialize;
 
 use super::PerBlock;
 use super::nn::{Conv2d, GroupNorm, Linear};
+use super::resnet::TimeRows;
 use super::unet_2d_blocks::{BlockShape, CrossAttn, DownBlock, MidBlock, UpBlock};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, GpuContext, Tensor};
-use crate::ops::{self, Activation, TimestepEmbedding};
+use crate::ops::{self, Activation, MatmulOpts, TimestepEmbedding};
 use crate::weights::Weights;
 
 /// The keys of diffusers' UNet config that matter here; unsupported variants are refused by name.
@@ -199,6 +200,9 @@ struct TimeEmbedding {
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     time_embedding: TimeEmbedding,
+    /// Every ResNet block's time projection (conv1's bias included) stacked into one layer, and its width;
+    /// None when their weights cannot be stacked (each block then projects for itself).
+    time_projections: Option<(Linear, usize)>,
     conv_in: Conv2d,
     down: Vec<DownBlock>,
     mid: MidBlock,
@@ -274,7 +278,40 @@ impl UNet2DConditionModel {
         let conv_norm_out = GroupNorm::load(&w.pp("conv_norm_out"), c.norm_num_groups, ch[0], c.norm_eps)?;
         let conv_out =
             Conv2d::load(&w.pp("conv_out"), ch[0], c.out_channels, c.conv_out_kernel, 1, c.conv_out_kernel / 2, true)?;
-        Ok(Self { config, time_embedding, conv_in, down, mid, up, conv_norm_out, conv_out })
+        let mut unet =
+            Self { config, time_embedding, time_projections: None, conv_in, down, mid, up, conv_norm_out, conv_out };
+        unet.stack_time_projections(w.ctx())?;
+        Ok(unet)
+    }
+
+    /// Stacks the ResNet blocks' time projections into one layer (one matmul per step instead of one per
+    /// block) and tells each block where its row starts.
+    fn stack_time_projections(&mut self, ctx: &GpuContext) -> Result<()> {
+        let mut blocks: Vec<&mut super::resnet::ResnetBlock2D> = Vec::new();
+        blocks.extend(self.down.iter_mut().flat_map(|b| b.resnets_mut()));
+        blocks.extend(self.mid.resnets_mut());
+        blocks.extend(self.up.iter_mut().flat_map(|b| b.resnets_mut()));
+        let projections: Vec<&Linear> = blocks.iter().filter_map(|b| b.time_projection()).collect();
+        if projections.len() != blocks.len() {
+            return Ok(());
+        }
+        let Some(stacked) = Linear::stack(ctx, &projections)? else { return Ok(()) };
+        let widths: Vec<usize> = projections.iter().map(|p| p.weight().dim(0)).collect();
+        let mut offset = 0;
+        for (block, width) in blocks.into_iter().zip(widths) {
+            block.set_time_offset(offset);
+            offset += width;
+        }
+        self.time_projections = Some((stacked, offset));
+        Ok(())
+    }
+
+    /// Drops the cross-attention keys and values cached for the last context (`forward` computes them once
+    /// per context tensor): a generation calls this when it ends, so that they do not outlive it.
+    pub fn release_context(&self) {
+        self.down.iter().for_each(|b| b.release_context());
+        self.mid.release_context();
+        self.up.iter().for_each(|b| b.release_context());
     }
 
     /// The noise (or v) prediction for `sample` (batch, in_channels, h, w) at `timestep`, conditioned on
@@ -301,8 +338,8 @@ impl UNet2DConditionModel {
             );
         }
         let act = sample.dtype();
-        // 1. Time embedding: sinusoidal, (+ guidance condition), linear-SiLU-linear; SiLU(emb) feeds every resnet.
-        let ts = Tensor::from_f32(ctx, &[b], &vec![timestep; b])?;
+        // 1. Time embedding: sinusoidal (on the host), (+ guidance condition), linear-SiLU-linear-SiLU, then
+        //    every ResNet block's projection of it.
         let emb_cfg = TimestepEmbedding {
             dim: self.config.block_out_channels[0],
             flip_sin_to_cos: self.config.flip_sin_to_cos,
@@ -310,10 +347,15 @@ impl UNet2DConditionModel {
             max_period: 10000.0,
             scale: 1.0,
         };
-        let mut t_emb = ops::timestep_embedding(ctx, &ts, emb_cfg, act)?;
+        if emb_cfg.dim < 2 || (emb_cfg.dim / 2) as f32 == emb_cfg.downscale_freq_shift {
+            return Err(Error::Invalid(format!("unet: cannot embed timesteps in {} dimensions", emb_cfg.dim)));
+        }
+        let mut t_emb = Tensor::from_f32_as(ctx, &[b, emb_cfg.dim], &emb_cfg.values(&vec![timestep; b]), act)?;
         let te = &self.time_embedding;
         match (&te.cond_proj, timestep_cond) {
-            (Some(proj), Some(cond)) => t_emb = ops::add(ctx, &t_emb, &proj.forward(ctx, cond)?)?,
+            (Some(proj), Some(cond)) => {
+                t_emb = proj.forward_with(ctx, cond, MatmulOpts { residual: Some(&t_emb), ..Default::default() })?
+            }
             (Some(_), None) => {
                 return Err(Error::Invalid("unet: this UNet needs a timestep_cond (LCM guidance embedding)".into()));
             }
@@ -322,8 +364,12 @@ impl UNet2DConditionModel {
             }
             (None, None) => {}
         }
-        let emb = te.linear_2.forward(ctx, &te.linear_1.forward_act(ctx, &t_emb, Activation::Silu)?)?;
-        let temb = ops::silu(ctx, &emb)?;
+        let emb = te.linear_1.forward_act(ctx, &t_emb, Activation::Silu)?;
+        let temb = te.linear_2.forward_act(ctx, &emb, Activation::Silu)?;
+        let temb = match &self.time_projections {
+            Some((stacked, stride)) => TimeRows::Stacked { all: stacked.forward(ctx, &temb)?, stride: *stride },
+            None => TimeRows::PerBlock { temb },
+        };
         // 2. Down path, keeping the skip states.
         let mut x = self.conv_in.forward(ctx, sample)?;
         let mut states = vec![x.clone()];
@@ -339,7 +385,7 @@ impl UNet2DConditionModel {
             x = block.forward(ctx, &x, &mut states, &temb, context)?;
         }
         // 5. Norm, SiLU, conv out.
-        self.conv_out.forward(ctx, &self.conv_norm_out.forward(ctx, &x, true)?)
+        self.conv_norm_out.conv(ctx, &self.conv_out, &x, true, None, Default::default())
     }
 }
 

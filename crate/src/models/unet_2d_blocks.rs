@@ -3,10 +3,10 @@
 
 use super::attention::{Transformer2D, TransformerConfig};
 use super::nn::Conv2d;
-use super::resnet::{ResnetBlock2D, ResnetConfig};
+use super::resnet::{ResnetBlock2D, ResnetConfig, TimeRows};
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
-use crate::ops;
+use crate::ops::Conv2dOpts;
 use crate::weights::Weights;
 
 /// What every block of one UNet shares.
@@ -58,6 +58,14 @@ pub struct CrossAttn {
 }
 
 impl DownBlock {
+    pub fn release_context(&self) {
+        self.attentions.iter().for_each(|a| a.release_context());
+    }
+
+    pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
+        self.resnets.iter_mut()
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         w: &Weights,
@@ -95,7 +103,7 @@ impl DownBlock {
         &self,
         ctx: &GpuContext,
         x: &Tensor,
-        temb: &Tensor,
+        temb: &TimeRows,
         context: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut x = x.clone();
@@ -122,6 +130,14 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
+    pub fn release_context(&self) {
+        self.rest.iter().for_each(|(a, _)| a.release_context());
+    }
+
+    pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
+        std::iter::once(&mut self.first).chain(self.rest.iter_mut().map(|(_, r)| r))
+    }
+
     pub fn load(w: &Weights, s: &BlockShape, channels: usize, attn: CrossAttn) -> Result<Self> {
         Ok(Self {
             first: ResnetBlock2D::load(&w.pp("resnets.0"), s.resnet(channels, channels))?,
@@ -132,7 +148,7 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(&self, ctx: &GpuContext, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, ctx: &GpuContext, x: &Tensor, temb: &TimeRows, context: &Tensor) -> Result<Tensor> {
         let mut x = self.first.forward(ctx, x, Some(temb))?;
         for (attn, resnet) in &self.rest {
             x = resnet.forward(ctx, &attn.forward(ctx, &x, context)?, Some(temb))?;
@@ -150,6 +166,14 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
+    pub fn release_context(&self) {
+        self.attentions.iter().for_each(|a| a.release_context());
+    }
+
+    pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
+        self.resnets.iter_mut()
+    }
+
     /// `skip_channels[i]` is the width of the skip state the i-th resnet consumes.
     pub fn load(
         w: &Weights,
@@ -184,19 +208,19 @@ impl UpBlock {
         ctx: &GpuContext,
         x: &Tensor,
         states: &mut Vec<Tensor>,
-        temb: &Tensor,
+        temb: &TimeRows,
         context: &Tensor,
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = states.pop().ok_or_else(|| crate::Error::Invalid("unet: ran out of skip connections".into()))?;
-            x = resnet.forward(ctx, &ops::concat(ctx, &x, &skip, 1)?, Some(temb))?;
+            x = resnet.forward_cat(ctx, x, Some(&skip), Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 x = attn.forward(ctx, &x, context)?;
             }
         }
         if let Some(up) = &self.upsampler {
-            x = up.forward(ctx, &ops::upsample_nearest2x(ctx, &x)?)?;
+            x = up.forward_with(ctx, &x, None, Conv2dOpts { upsample: true, ..Default::default() })?;
         }
         Ok(x)
     }

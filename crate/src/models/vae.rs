@@ -8,7 +8,7 @@ use super::nn::{Conv2d, GroupNorm, Linear};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, GpuContext, Tensor};
-use crate::ops;
+use crate::ops::{self, Conv2dOpts, MatmulOpts};
 use crate::weights::Weights;
 
 /// diffusers' `AutoencoderKL` config keys.
@@ -92,12 +92,22 @@ impl SpatialAttention {
         })
     }
 
+    /// The projections read the normalized image channels-first and the output projection writes it back
+    /// channels-first with the residual added: no transposes.
     fn forward(&self, ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
-        let (h, w) = (x.dim(2), x.dim(3));
-        let t = ops::nchw_to_tokens(ctx, &self.norm.forward(ctx, x, false)?)?;
-        let (q, k, v) = (self.q.forward(ctx, &t)?, self.k.forward(ctx, &t)?, self.v.forward(ctx, &t)?);
-        let o = self.out.forward(ctx, &ops::attention(ctx, &q, &k, &v, 1, self.scale, false)?)?;
-        ops::add(ctx, &ops::tokens_to_nchw(ctx, &o, h, w)?, x)
+        let &[b, c, h, w] = x.shape() else {
+            return crate::error::shape_err("vae attention", format!("expects (batch, c, h, w), got {:?}", x.shape()));
+        };
+        let normed = self.norm.forward(ctx, x, false)?.reshape(&[b, c, h * w])?;
+        let proj = |l: &Linear| {
+            let opts = MatmulOpts { trans_a: true, trans_b: true, bias: l.bias(), ..Default::default() };
+            ops::matmul(ctx, &normed, l.weight(), opts)
+        };
+        let (q, k, v) = (proj(&self.q)?, proj(&self.k)?, proj(&self.v)?);
+        let o = ops::attention(ctx, &q, &k, &v, 1, self.scale, false)?;
+        let residual = x.reshape(&[b, c, h * w])?;
+        let opts = MatmulOpts { trans_c: true, residual: Some(&residual), ..Default::default() };
+        self.out.forward_with(ctx, &o, opts)?.reshape(&[b, c, h, w])
     }
 }
 
@@ -232,6 +242,12 @@ impl Decoder {
         DType::storage_bytes(act, max) as u64
     }
 
+    /// The latent tile side a tiled decode uses within `limit` bytes per binding: the largest of diffusers'
+    /// usual sizes (64 down to 8) whose activations fit, or None.
+    pub fn decode_tile(&self, limit: u64, act: DType) -> Option<usize> {
+        [64, 48, 32, 24, 16, 8].into_iter().find(|&t| self.largest_activation_bytes(t, t, act) <= limit)
+    }
+
     /// Decodes VAE latents (already divided by `scaling_factor`).
     pub fn forward(&self, ctx: &GpuContext, z: &Tensor) -> Result<Tensor> {
         let mut x = match &self.post_quant_conv {
@@ -241,13 +257,13 @@ impl Decoder {
         x = self.mid.forward(ctx, &self.conv_in.forward(ctx, &x)?)?;
         for stage in &self.up {
             for r in &stage.resnets {
-                x = r.forward(ctx, &x, None)?;
+                x = r.forward_cat(ctx, x, None, None)?;
             }
             if let Some(conv) = &stage.sampler {
-                x = conv.forward(ctx, &ops::upsample_nearest2x(ctx, &x)?)?;
+                x = conv.forward_with(ctx, &x, None, Conv2dOpts { upsample: true, ..Default::default() })?;
             }
         }
-        self.conv_out.forward(ctx, &self.norm_out.forward(ctx, &x, true)?)
+        self.norm_out.conv(ctx, &self.conv_out, &x, true, None, Default::default())
     }
 }
 
@@ -300,14 +316,14 @@ impl Encoder {
         let mut x = self.conv_in.forward(ctx, image)?;
         for stage in &self.down {
             for r in &stage.resnets {
-                x = r.forward(ctx, &x, None)?;
+                x = r.forward_cat(ctx, x, None, None)?;
             }
             if let Some(conv) = &stage.sampler {
                 x = conv.forward(ctx, &x)?;
             }
         }
         x = self.mid.forward(ctx, &x)?;
-        x = self.conv_out.forward(ctx, &self.norm_out.forward(ctx, &x, true)?)?;
+        x = self.norm_out.conv(ctx, &self.conv_out, &x, true, None, Default::default())?;
         match &self.quant_conv {
             Some(q) => q.forward(ctx, &x),
             None => Ok(x),

@@ -41,7 +41,7 @@ fn unfused(
         );
     }
     let scores = super::matmul(ctx, q, k, super::MatmulOpts { trans_b: true, ..Default::default() })?;
-    let probs = super::softmax(ctx, &super::affine(ctx, &scores, scale, 0.0)?)?;
+    let probs = super::norm::softmax_scaled(ctx, &scores, scale)?;
     drop(scores);
     super::matmul(ctx, &probs, v, super::MatmulOpts::default())
 }
@@ -64,6 +64,26 @@ struct Params {
     bk: u32,
     bv: u32,
     bo: u32,
+    qo: u32,
+    ko: u32,
+    vo: u32,
+    _pad: u32,
+}
+
+/// An attention operand: columns `col .. col + heads * d` of a (batch, tokens, width) tensor, so that q, k
+/// and v are read in place from one fused projection's output.
+#[derive(Clone, Copy, Debug)]
+pub struct Cols<'a> {
+    pub t: &'a Tensor,
+    pub col: usize,
+    pub width: usize,
+}
+
+impl<'a> Cols<'a> {
+    /// The whole tensor.
+    pub fn all(t: &'a Tensor) -> Self {
+        Self { t, col: 0, width: t.shape().last().copied().unwrap_or(0) }
+    }
 }
 
 /// softmax(Q K^T * scale) V over `heads` heads. q is (batch, lq, heads * d), k and v (batch, lk, heads * d),
@@ -78,34 +98,73 @@ pub fn attention(
     scale: f32,
     causal: bool,
 ) -> Result<Tensor> {
+    let hd = q.shape().last().copied().unwrap_or(0);
+    attention_cols(ctx, Cols::all(q), Cols::all(k), Cols::all(v), heads, hd, scale, causal)
+}
+
+/// [`attention`] over `heads * d = hd` columns of each operand (see [`Cols`]).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cols(
+    ctx: &GpuContext,
+    q: Cols<'_>,
+    k: Cols<'_>,
+    v: Cols<'_>,
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
     const OP: &str = "attention";
-    check_act(OP, &[q, k, v])?;
-    let (&[b, lq, hd], &[bk, lk, hdk], &[bv, lv, hdv]) = (q.shape(), k.shape(), v.shape()) else {
+    check_act(OP, &[q.t, k.t, v.t])?;
+    let (&[b, lq, wq], &[bk, lk, wk], &[bv, lv, wv]) = (q.t.shape(), k.t.shape(), v.t.shape()) else {
         return shape_err(
             OP,
             format!(
                 "q, k, v must be (batch, tokens, heads * dim), got {:?} {:?} {:?}",
-                q.shape(),
-                k.shape(),
-                v.shape()
+                q.t.shape(),
+                k.t.shape(),
+                v.t.shape()
             ),
         );
     };
-    if b != bk || b != bv || lk != lv || hd != hdk || hd != hdv || heads == 0 || hd % heads != 0 || lk == 0 {
+    let inside = |c: &Cols<'_>, w: usize| c.width == w && c.col + hd <= w;
+    if b != bk
+        || b != bv
+        || lk != lv
+        || !inside(&q, wq)
+        || !inside(&k, wk)
+        || !inside(&v, wv)
+        || heads == 0
+        || !hd.is_multiple_of(heads)
+        || lk == 0
+    {
         return shape_err(
             OP,
-            format!("q {:?}, k {:?}, v {:?} do not fit {heads} heads", q.shape(), k.shape(), v.shape()),
+            format!(
+                "q {:?}, k {:?}, v {:?} (columns {}, {}, {} of {hd}) do not fit {heads} heads",
+                q.t.shape(),
+                k.t.shape(),
+                v.t.shape(),
+                q.col,
+                k.col,
+                v.col
+            ),
         );
     }
     let d = hd / heads;
+    let whole = |c: &Cols<'_>| c.col == 0 && c.width == hd;
     if d > MAX_FUSED_HEAD_DIM {
-        return unfused(ctx, q, k, v, heads, scale, causal);
+        if !(whole(&q) && whole(&k) && whole(&v)) {
+            return shape_err(OP, format!("head dim {d} above {MAX_FUSED_HEAD_DIM} needs whole q, k and v"));
+        }
+        return unfused(ctx, q.t, k.t, v.t, heads, scale, causal);
     }
     if ctx.is_cpu() {
-        let o = super::cpu::attention(q.cpu()?, k.cpu()?, v.cpu()?, heads, scale as f64, causal)?;
+        let cols = |c: &Cols<'_>| c.t.cpu().and_then(|t| Ok(t.narrow(2, c.col, hd)?));
+        let o = super::cpu::attention(&cols(&q)?, &cols(&k)?, &cols(&v)?, heads, scale as f64, causal)?;
         return Ok(Tensor::from_cpu(o.contiguous()?));
     }
-    let out = Tensor::empty(ctx, OP, q.shape(), q.dtype())?;
+    let out = Tensor::empty(ctx, OP, &[b, lq, hd], q.t.dtype())?;
     let dv = d.div_ceil(4);
     // K and V tiles of bkv keys each must fit the workgroup memory.
     let fit = ctx.summary().max_compute_workgroup_storage_size as usize / (2 * dv * 16);
@@ -115,18 +174,26 @@ pub fn attention(
         lk: lk as u32,
         heads: heads as u32,
         scale,
-        sq: hd as u32,
-        sk: hd as u32,
-        sv: hd as u32,
+        sq: wq as u32,
+        sk: wk as u32,
+        sv: wv as u32,
         so: hd as u32,
-        bq: (lq * hd) as u32,
-        bk: (lk * hd) as u32,
-        bv: (lk * hd) as u32,
+        bq: (lq * wq) as u32,
+        bk: (lk * wk) as u32,
+        bv: (lk * wv) as u32,
         bo: (lq * hd) as u32,
+        qo: q.col as u32,
+        ko: k.col as u32,
+        vo: v.col as u32,
+        _pad: 0,
     };
-    let spec =
-        Spec::new(act_dtype(q)?).u32("D", d as u32).u32("DV", dv as u32).u32("BKV", bkv as u32).flag("CAUSAL", causal);
+    let spec = Spec::new(act_dtype(q.t)?)
+        .u32("D", d as u32)
+        .u32("DV", dv as u32)
+        .u32("BKV", bkv as u32)
+        .flag("CAUSAL", causal);
     let groups = [lq.div_ceil(WG) as u32, heads as u32, b as u32];
-    ctx.dispatch(OP, &ATTENTION, &spec, bytemuck::bytes_of(&params), &[q, k, v], &[&out], groups)?;
+    ctx.dispatch(OP, &ATTENTION, &spec, bytemuck::bytes_of(&params), &[q.t, k.t, v.t], &[&out], groups)?;
+    ctx.count_flops(OP, 4 * (b * heads * lq * lk * d) as u64);
     Ok(out)
 }

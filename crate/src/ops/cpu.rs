@@ -61,9 +61,21 @@ pub fn lincomb(shape: &[usize], terms: &[super::Term<'_>]) -> Result<Tensor> {
     wrap(acc.expect("lincomb checked for at least one term").reshape(shape)?)
 }
 
-pub fn matmul(a: &Tensor, b: &Tensor, opts: &super::MatmulOpts<'_>) -> Result<Tensor> {
+/// The bias rows of a fused GEMM for `batch` items of `n` (see [`super::MatmulOpts::bias_at`]), as
+/// (batch, 1, n).
+fn bias_rows(bias: &Tensor, at: (usize, usize), batch: usize, n: usize) -> Result<CTensor> {
+    let flat = bias.cpu()?.flatten_all()?;
+    let rows: Vec<CTensor> =
+        (0..batch).map(|b| flat.narrow(0, at.0 + b * at.1, n)).collect::<candle_core::Result<_>>()?;
+    Ok(CTensor::stack(&rows, 0)?.unsqueeze(1)?)
+}
+
+pub fn matmul(a: &Tensor, b: &Tensor, opts: &super::MatmulOpts<'_>, batch: usize) -> Result<Tensor> {
     let mut a = a.cpu()?.clone();
     let mut b = b.cpu()?.clone();
+    if let Some(ln) = opts.layer_norm {
+        a = candle_nn::ops::layer_norm(&a.contiguous()?, ln.gamma.cpu()?, ln.beta.cpu()?, ln.eps)?;
+    }
     if opts.trans_a {
         a = a.transpose(D::Minus2, D::Minus1)?;
     }
@@ -71,10 +83,24 @@ pub fn matmul(a: &Tensor, b: &Tensor, opts: &super::MatmulOpts<'_>) -> Result<Te
         b = b.transpose(D::Minus2, D::Minus1)?;
     }
     let mut out = a.contiguous()?.broadcast_matmul(&b.contiguous()?)?;
+    let dims = out.dims().to_vec();
+    let (m, n) = (dims[dims.len() - 2], dims[dims.len() - 1]);
     if let Some(bias) = opts.bias {
-        out = out.broadcast_add(bias.cpu()?)?;
+        let rows = bias_rows(bias, opts.bias_at, batch, n)?;
+        out = out.reshape((batch, m, n))?.broadcast_add(&rows)?.reshape(dims.as_slice())?;
     }
-    wrap(act(&out, opts.act)?)
+    out = act(&out, opts.act)?;
+    if opts.geglu {
+        let half = n / 2;
+        out = (out.narrow(D::Minus1, 0, half)? * out.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+    }
+    if opts.trans_c {
+        out = out.transpose(D::Minus2, D::Minus1)?.contiguous()?;
+    }
+    if let Some(r) = opts.residual {
+        out = (out + r.cpu()?)?;
+    }
+    wrap(out)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -85,21 +111,38 @@ pub fn conv2d(
     cin: usize,
     kernel: (usize, usize),
     bias: Option<&Tensor>,
-    opts: &super::Conv2dOpts,
+    opts: &super::Conv2dOpts<'_>,
 ) -> Result<Tensor> {
     let w = weight.cpu()?.reshape((cout, cin, kernel.0, kernel.1))?;
     let (p0, p1) = (opts.padding, opts.padding_end.unwrap_or(opts.padding));
-    let x = x.cpu()?;
+    let mut x = x.cpu()?.clone();
+    if let Some(more) = opts.concat {
+        x = CTensor::cat(&[&x, more.cpu()?], 1)?;
+    }
+    if let Some(n) = &opts.norm {
+        let p = n.params;
+        let normed = group_norm(&Tensor::from_cpu(x), p.groups, &p.gamma, &p.beta, p.eps, n.silu)?;
+        x = normed.cpu()?.clone();
+    }
+    if opts.upsample {
+        let (_, _, h, w) = x.dims4()?;
+        x = x.upsample_nearest2d(2 * h, 2 * w)?;
+    }
     let out = if p0 == p1 {
         x.conv2d(&w, p0, opts.stride, 1, 1)?
     } else {
         x.pad_with_zeros(2, p0, p1)?.pad_with_zeros(3, p0, p1)?.conv2d(&w, 0, opts.stride, 1, 1)?
     };
+    let batch = out.dim(0)?;
     let out = match bias {
-        Some(b) => out.broadcast_add(&b.cpu()?.reshape((1, cout, 1, 1))?)?,
+        Some(b) => out.broadcast_add(&bias_rows(b, opts.bias_at, batch, cout)?.reshape((batch, cout, 1, 1))?)?,
         None => out,
     };
-    wrap(act(&out, opts.act)?)
+    let mut out = act(&out, opts.act)?;
+    if let Some(r) = opts.residual {
+        out = (out + r.cpu()?)?;
+    }
+    wrap(out)
 }
 
 /// Normalizes rows of (rows, len) and applies an affine per channel of `s` elements.
@@ -180,21 +223,5 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 
 pub fn timestep_embedding(t: &Tensor, cfg: &super::TimestepEmbedding) -> Result<Tensor> {
     let ts = t.cpu()?.to_vec1::<f32>()?;
-    let half = cfg.dim / 2;
-    let mut out = Vec::with_capacity(ts.len() * cfg.dim);
-    for &tv in &ts {
-        let args: Vec<f32> = (0..half)
-            .map(|i| {
-                let freq = (-cfg.max_period.ln() * i as f32 / (half as f32 - cfg.downscale_freq_shift)).exp();
-                cfg.scale * tv * freq
-            })
-            .collect();
-        let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
-        let (first, second) = if cfg.flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
-        out.extend(first.iter().chain(&second));
-        if cfg.dim % 2 == 1 {
-            out.push(0.0);
-        }
-    }
-    wrap(CTensor::from_vec(out, (ts.len(), cfg.dim), &Device::Cpu)?)
+    wrap(CTensor::from_vec(cfg.values(&ts), (ts.len(), cfg.dim), &Device::Cpu)?)
 }

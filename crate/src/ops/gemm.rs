@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{Activation, check_act};
+use super::{Activation, GnParams, check_act};
 use crate::error::{Error, Result, shape_err};
 use crate::gpu::{DType, GpuContext, Kernel, Spec, Tensor};
 
@@ -18,7 +18,7 @@ const CONV: &str = include_str!("../kernels/conv2d.wgsl");
 
 macro_rules! gemm_kernel {
     ($name:literal, $b:ident, $op:ident) => {
-        Kernel { name: $name, sources: &[COMMON, CORE, $b, $op], entry: "", inputs: 3, outputs: 1 }
+        Kernel { name: $name, sources: &[COMMON, CORE, $b, $op], entry: "", inputs: 6, outputs: 1 }
     };
 }
 
@@ -57,6 +57,12 @@ struct Params {
     pad: u32,
     has_bias: u32,
     act: u32,
+    bias_off: u32,
+    bias_sb: u32,
+    split: u32,
+    eps: f32,
+    groups: u32,
+    _pad: [u32; 3],
 }
 
 /// A workgroup tile of the GEMM core.
@@ -108,16 +114,40 @@ fn b_kind(op: &'static str, a: DType, b: &Tensor, k_fast: bool) -> Result<usize>
     Ok(kind)
 }
 
-fn check_bias(op: &'static str, bias: Option<&Tensor>, n: usize, a: DType) -> Result<()> {
+/// Checks that `bias` holds a row of `n` at `at.0` for each of `batch` items `at.1` apart.
+fn check_bias(
+    op: &'static str,
+    bias: Option<&Tensor>,
+    at: (usize, usize),
+    n: usize,
+    batch: usize,
+    a: DType,
+) -> Result<()> {
     if let Some(bias) = bias {
-        if bias.shape() != [n] {
-            return shape_err(op, format!("bias {:?} should be [{n}]", bias.shape()));
+        let (off, stride) = at;
+        let end = off + stride * batch.saturating_sub(1) + n;
+        let fits = if at == (0, 0) { bias.shape() == [n] } else { bias.numel() >= end };
+        if !fits {
+            return shape_err(
+                op,
+                format!("bias {:?} has no row of {n} at {off} (batch stride {stride}, batch {batch})", bias.shape()),
+            );
         }
         if bias.dtype() != a {
             return Err(Error::DType { op, dtype: bias.dtype(), detail: format!(": bias must be {a}") });
         }
     }
     Ok(())
+}
+
+/// Checks that a fused residual has the output's shape and dtype.
+fn check_residual(op: &'static str, residual: Option<&Tensor>, out: &[usize], a: DType) -> Result<()> {
+    match residual {
+        Some(r) if r.shape() != out || r.dtype() != a => {
+            shape_err(op, format!("residual {:?} {} does not match the output {out:?} {a}", r.shape(), r.dtype()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Options of [`matmul`].
@@ -127,12 +157,42 @@ pub struct MatmulOpts<'a> {
     pub trans_a: bool,
     /// B is stored (.., n, k), as a linear layer's weight.
     pub trans_b: bool,
-    /// Added to every row: shape (n).
+    /// Added to every row: shape (n), or with `bias_at` a row inside a larger tensor.
     pub bias: Option<&'a Tensor>,
+    /// (offset, batch stride) of the bias row in `bias`'s elements: (0, 0) is the whole (n) tensor for every
+    /// batch item.
+    pub bias_at: (usize, usize),
     /// Applied after the bias.
     pub act: Option<Activation>,
+    /// Layer norm of A's rows before the product (fused when A is not transposed).
+    pub layer_norm: Option<&'a LnParams>,
+    /// B's n columns (and the bias) are [hidden | gate] and the result, n / 2 wide, is hidden * gelu(gate):
+    /// diffusers' GEGLU feed-forward projection. Fused when n is a multiple of 128.
+    pub geglu: bool,
+    /// Added to the result after the activation (a residual connection), in the result's layout.
+    pub residual: Option<&'a Tensor>,
+    /// The result is stored transposed, (.., n, m): tokens back to channels-first images.
+    pub trans_c: bool,
     /// Overrides the tile choice (tests use it to cover both tiles).
     pub tile: Option<Tile>,
+}
+
+/// A layer norm's scale and shift, also packed as one (2, dim) tensor (gamma; beta) for the kernels that
+/// fuse the norm into what follows it.
+#[derive(Clone, Debug)]
+pub struct LnParams {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub packed: Tensor,
+    pub eps: f32,
+}
+
+impl LnParams {
+    pub fn new(ctx: &GpuContext, gamma: Tensor, beta: Tensor, eps: f32) -> Result<Self> {
+        let dim = gamma.numel();
+        let packed = super::concat(ctx, &gamma, &beta, 0)?.reshape(&[2, dim])?;
+        Ok(Self { gamma, beta, packed, eps })
+    }
 }
 
 fn act_code(act: Option<Activation>) -> u32 {
@@ -151,8 +211,8 @@ fn split_matrix(t: &Tensor) -> Option<(&[usize], usize, usize)> {
     (s.len() >= 2).then(|| (&s[..s.len() - 2], s[s.len() - 2], s[s.len() - 1]))
 }
 
-/// Batched matrix product C = A B (+ bias) (activation). A is (.., m, k), B is (.., k, n); either may have no
-/// batch dimensions and is then shared by the other's batch.
+/// Batched matrix product C = A B (+ bias) (activation) with the fusions of [`MatmulOpts`]. A is (.., m, k),
+/// B is (.., k, n); either may have no batch dimensions and is then shared by the other's batch.
 pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) -> Result<Tensor> {
     const OP: &str = "matmul";
     check_act(OP, &[a])?;
@@ -184,13 +244,34 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
     if b.dtype().is_quantized() && !bb.is_empty() {
         return shape_err(OP, format!("quantized B {:?} cannot be batched", b.shape()));
     }
-    check_bias(OP, opts.bias, n, a.dtype())?;
-    let kind = b_kind(OP, a.dtype(), b, opts.trans_b)?;
     let batch: usize = batch_dims.iter().product();
+    check_bias(OP, opts.bias, opts.bias_at, n, batch, a.dtype())?;
+    if opts.layer_norm.is_some() && opts.residual.is_some() {
+        return shape_err(OP, "a matmul cannot fuse both a layer norm and a residual");
+    }
+    if opts.geglu && (n % 2 != 0 || opts.trans_c || opts.residual.is_some() || opts.act.is_some()) {
+        return shape_err(OP, format!("GEGLU needs an even n ({n}) and no transposed result, residual or activation"));
+    }
+    if let Some(ln) = opts.layer_norm
+        && (ln.packed.shape() != [2, k] || ln.packed.dtype() != a.dtype() || opts.trans_a)
+    {
+        return shape_err(
+            OP,
+            format!("layer norm parameters {:?} do not fit rows of k = {k} (A not transposed)", ln.packed.shape()),
+        );
+    }
+    let kind = b_kind(OP, a.dtype(), b, opts.trans_b)?;
+    let cols = if opts.geglu { n / 2 } else { n };
     let mut out_shape = batch_dims.to_vec();
-    out_shape.extend([m, n]);
+    out_shape.extend(if opts.trans_c { [cols, m] } else { [m, cols] });
+    check_residual(OP, opts.residual, &out_shape, a.dtype())?;
     if ctx.is_cpu() {
-        return super::cpu::matmul(a, b, &opts);
+        return super::cpu::matmul(a, b, &opts, batch);
+    }
+    // A GEGLU the kernel cannot fuse runs as two ops.
+    if opts.geglu && !n.is_multiple_of(128) {
+        let h = matmul(ctx, a, b, MatmulOpts { geglu: false, ..opts })?;
+        return super::geglu(ctx, &h);
     }
     let out = Tensor::empty(ctx, OP, &out_shape, a.dtype())?;
     let params = Params {
@@ -200,17 +281,56 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
         batch: batch as u32,
         sa: if ba.is_empty() { 0 } else { (m * k) as u32 },
         sb: if bb.is_empty() { 0 } else { (k * n) as u32 },
-        sc: (m * n) as u32,
+        sc: (m * cols) as u32,
         qoff: (b.dtype().scales_offset(b.numel()) / 4) as u32,
         has_bias: opts.bias.is_some() as u32,
         act: act_code(opts.act),
+        bias_off: opts.bias_at.0 as u32,
+        bias_sb: opts.bias_at.1 as u32,
+        eps: opts.layer_norm.map_or(0.0, |ln| ln.eps),
         ..Default::default()
     };
-    let tile = opts.tile.unwrap_or(Tile::for_shape(m, n, batch));
-    let spec =
-        |spec: Spec| spec.flag("A_TRANS", opts.trans_a).flag("A_K_FAST", !opts.trans_a).flag("B_K_FAST", opts.trans_b);
-    launch(ctx, OP, &KERNELS[0][kind], tile, spec, params, [a, b], opts.bias, &out)?;
+    let tile = if opts.geglu { Tile::Large } else { opts.tile.unwrap_or(Tile::for_shape(m, n, batch)) };
+    let fuse = Fuse {
+        residual: opts.residual.is_some(),
+        layer_norm: opts.layer_norm.is_some(),
+        geglu: opts.geglu,
+        ..Default::default()
+    };
+    let spec = |spec: Spec| {
+        fuse.flags(spec)
+            .flag("A_TRANS", opts.trans_a)
+            .flag("A_K_FAST", !opts.trans_a)
+            .flag("B_K_FAST", opts.trans_b)
+            .flag("C_TRANS", opts.trans_c)
+    };
+    let aux = opts.residual.or(opts.layer_norm.map(|ln| &ln.packed));
+    launch(ctx, OP, &KERNELS[0][kind], tile, spec, params, [a, b], opts.bias, aux, None, &out)?;
     Ok(out)
+}
+
+/// Which of the GEMM core's fusions a launch uses (kernels/gemm.wgsl).
+#[derive(Clone, Copy, Default)]
+struct Fuse {
+    residual: bool,
+    layer_norm: bool,
+    geglu: bool,
+    concat: bool,
+    upsample: bool,
+    /// Some(silu) when a conv group-normalizes its input as it loads it.
+    group_norm: Option<bool>,
+}
+
+impl Fuse {
+    fn flags(self, spec: Spec) -> Spec {
+        spec.flag("AUX_RES", self.residual)
+            .flag("AUX_LN", self.layer_norm)
+            .flag("GEGLU", self.geglu)
+            .flag("AUX_CAT", self.concat)
+            .flag("UP2", self.upsample)
+            .flag("GN_A", self.group_norm.is_some())
+            .flag("GN_SILU", self.group_norm == Some(true))
+    }
 }
 
 /// A linear layer: x (.., in) times weight (out, in) transposed, plus bias (out).
@@ -226,23 +346,35 @@ pub fn linear_act(
     bias: Option<&Tensor>,
     act: Option<Activation>,
 ) -> Result<Tensor> {
-    if x.rank() == 0 || weight.rank() != 2 || x.dim(-1) != weight.dim(1) {
+    linear_with(ctx, x, weight, MatmulOpts { bias, act, ..Default::default() })
+}
+
+/// A linear layer with the fusions of `opts` (its `trans_b` is set here): x (.., in) times weight
+/// (out, in) transposed. The result is (.., out), (.., out / 2) with GEGLU, or with `trans_c` (batch, out,
+/// tokens) for x (batch, tokens, in).
+pub fn linear_with(ctx: &GpuContext, x: &Tensor, weight: &Tensor, opts: MatmulOpts<'_>) -> Result<Tensor> {
+    if x.rank() == 0 || weight.rank() != 2 || x.dim(-1) != weight.dim(1) || (opts.trans_c && x.rank() != 3) {
         return shape_err(
             "linear",
             format!("input {:?} does not fit weight {:?} (out, in)", x.shape(), weight.shape()),
         );
     }
+    let opts = MatmulOpts { trans_b: true, ..opts };
+    if opts.trans_c {
+        return matmul(ctx, x, weight, opts);
+    }
     let rows = x.numel() / x.dim(-1);
     let x2 = x.reshape(&[rows, x.dim(-1)])?;
-    let out = matmul(ctx, &x2, weight, MatmulOpts { trans_b: true, bias, act, ..Default::default() })?;
+    let residual = opts.residual.map(|r| r.reshape(&[rows, r.numel() / rows.max(1)])).transpose()?;
+    let out = matmul(ctx, &x2, weight, MatmulOpts { residual: residual.as_ref(), ..opts })?;
     let mut shape = x.shape().to_vec();
-    *shape.last_mut().expect("rank >= 1") = weight.dim(0);
+    *shape.last_mut().expect("rank >= 1") = out.dim(-1);
     out.reshape(&shape)
 }
 
 /// Options of [`conv2d`].
 #[derive(Clone, Copy, Debug)]
-pub struct Conv2dOpts {
+pub struct Conv2dOpts<'a> {
     pub stride: usize,
     /// Zero padding before (top, left).
     pub padding: usize,
@@ -250,31 +382,80 @@ pub struct Conv2dOpts {
     /// pads (0, 1, 0, 1)).
     pub padding_end: Option<usize>,
     pub act: Option<Activation>,
+    /// (offset, batch stride) of the bias row, as [`MatmulOpts::bias_at`]: a ResNet's conv takes its bias
+    /// and the time embedding's projection as one per-sample row.
+    pub bias_at: (usize, usize),
+    /// Added after the activation, in the output's shape: a residual connection.
+    pub residual: Option<&'a Tensor>,
+    /// More input channels, after x's: the conv runs over concat(x, more) on the channel axis without the
+    /// concatenation being made.
+    pub concat: Option<&'a Tensor>,
+    /// The conv runs over x upsampled 2x (nearest) without the upsampled image being made.
+    pub upsample: bool,
+    /// The input (x, or the concatenation) group-normalized as it is loaded: the `norm -> SiLU -> conv` of
+    /// every ResNet block without the normalized image being made.
+    pub norm: Option<GnInput<'a>>,
     pub tile: Option<Tile>,
 }
 
-impl Default for Conv2dOpts {
+/// A conv input's group norm: its parameters, its statistics ([`super::group_norm_stats`]) and whether SiLU
+/// follows.
+#[derive(Clone, Copy, Debug)]
+pub struct GnInput<'a> {
+    pub params: &'a GnParams,
+    pub stats: &'a Tensor,
+    pub silu: bool,
+}
+
+impl Default for Conv2dOpts<'_> {
     fn default() -> Self {
-        Self { stride: 1, padding: 0, padding_end: None, act: None, tile: None }
+        Self {
+            stride: 1,
+            padding: 0,
+            padding_end: None,
+            act: None,
+            bias_at: (0, 0),
+            residual: None,
+            concat: None,
+            upsample: false,
+            norm: None,
+            tile: None,
+        }
     }
 }
 
 /// 2-D convolution, NCHW: x (batch, cin, h, w), weight (cout, cin, kh, kw) or, for quantized weights,
-/// (cout, cin * kh * kw) with `kernel` giving (kh, kw); bias (cout).
+/// (cout, cin * kh * kw) with `kernel` giving (kh, kw); bias (cout). With `opts.concat` the input channels
+/// are x's then the concatenated tensor's; with `opts.upsample` the input is x upsampled 2x.
 pub fn conv2d(
     ctx: &GpuContext,
     x: &Tensor,
     weight: &Tensor,
     kernel: (usize, usize),
     bias: Option<&Tensor>,
-    opts: Conv2dOpts,
+    opts: Conv2dOpts<'_>,
 ) -> Result<Tensor> {
     const OP: &str = "conv2d";
     check_act(OP, &[x])?;
     let (kh, kw) = kernel;
-    let &[batch, cin, h, w] = x.shape() else {
+    let &[batch, cx, hx, wx] = x.shape() else {
         return shape_err(OP, format!("input must be (batch, channels, height, width), got {:?}", x.shape()));
     };
+    let extra = match opts.concat {
+        None => 0,
+        Some(more) => {
+            check_act(OP, &[x, more])?;
+            if more.rank() != 4 || more.dim(0) != batch || more.shape()[2..] != x.shape()[2..] {
+                return shape_err(OP, format!("cannot concatenate {:?} to input {:?}", more.shape(), x.shape()));
+            }
+            if opts.residual.is_some() {
+                return shape_err(OP, "a conv over a concatenation cannot also add a residual");
+            }
+            more.dim(1)
+        }
+    };
+    let cin = cx + extra;
+    let (h, w) = if opts.upsample { (2 * hx, 2 * wx) } else { (hx, wx) };
     let cout = weight.shape().first().copied().unwrap_or(0);
     let fits = match *weight.shape() {
         [_, c, y, x] => c == cin && y == kh && x == kw,
@@ -285,9 +466,10 @@ pub fn conv2d(
         return shape_err(
             OP,
             format!(
-                "weight {:?} does not fit input {:?} with a {kh}x{kw} kernel, stride {}",
+                "weight {:?} does not fit input {:?}{} with a {kh}x{kw} kernel, stride {}",
                 weight.shape(),
                 x.shape(),
+                if extra > 0 { format!(" + {extra} channels") } else { String::new() },
                 opts.stride
             ),
         );
@@ -298,7 +480,22 @@ pub fn conv2d(
     }
     let ho = (h + pads - kh) / opts.stride + 1;
     let wo = (w + pads - kw) / opts.stride + 1;
-    check_bias(OP, bias, cout, x.dtype())?;
+    check_bias(OP, bias, opts.bias_at, cout, batch, x.dtype())?;
+    check_residual(OP, opts.residual, &[batch, cout, ho, wo], x.dtype())?;
+    if let Some(n) = &opts.norm {
+        let g = n.params.groups;
+        if g == 0 || !cin.is_multiple_of(g) || n.params.packed.shape() != [2, cin] || n.stats.shape() != [batch * g, 2]
+        {
+            return shape_err(
+                OP,
+                format!(
+                    "a group norm of {:?} with statistics {:?} does not fit {cin} input channels in {g} groups",
+                    n.params.gamma.shape(),
+                    n.stats.shape()
+                ),
+            );
+        }
+    }
     let kind = b_kind(OP, x.dtype(), weight, true)?;
     if ctx.is_cpu() {
         return super::cpu::conv2d(x, weight, cout, cin, (kh, kw), bias, &opts);
@@ -310,7 +507,7 @@ pub fn conv2d(
         n: cout as u32,
         k: (cin * kh * kw) as u32,
         batch: batch as u32,
-        sa: (cin * h * w) as u32,
+        sa: (cx * hx * wx) as u32,
         sb: 0,
         sc: (cout * m) as u32,
         qoff: (weight.dtype().scales_offset(weight.numel()) / 4) as u32,
@@ -322,11 +519,33 @@ pub fn conv2d(
         pad: opts.padding as u32,
         has_bias: bias.is_some() as u32,
         act: act_code(opts.act),
+        bias_off: opts.bias_at.0 as u32,
+        bias_sb: opts.bias_at.1 as u32,
+        split: cx as u32,
+        eps: 0.0,
+        groups: opts.norm.map_or(1, |n| n.params.groups) as u32,
+        _pad: [0; 3],
     };
     let tile = opts.tile.unwrap_or(Tile::for_shape(m, cout, batch));
-    let spec =
-        |spec: Spec| spec.flag("A_K_FAST", false).flag("B_K_FAST", true).u32("KH", kh as u32).u32("KW", kw as u32);
-    launch(ctx, OP, &KERNELS[1][kind], tile, spec, params, [x, weight], bias, &out)?;
+    let fuse = Fuse {
+        residual: opts.residual.is_some(),
+        concat: opts.concat.is_some(),
+        upsample: opts.upsample,
+        group_norm: opts.norm.map(|n| n.silu),
+        ..Default::default()
+    };
+    let spec = |spec: Spec| {
+        fuse.flags(spec)
+            .flag("A_TRANS", false)
+            .flag("A_K_FAST", false)
+            .flag("B_K_FAST", true)
+            .flag("C_TRANS", false)
+            .u32("KH", kh as u32)
+            .u32("KW", kw as u32)
+    };
+    let aux = opts.residual.or(opts.concat);
+    let gn = opts.norm.map(|n| [n.stats, &n.params.packed]);
+    launch(ctx, OP, &KERNELS[1][kind], tile, spec, params, [x, weight], bias, aux, gn, &out)?;
     Ok(out)
 }
 
@@ -340,19 +559,19 @@ fn launch(
     params: Params,
     [a, b]: [&Tensor; 2],
     bias: Option<&Tensor>,
+    aux: Option<&Tensor>,
+    group_norm: Option<[&Tensor; 2]>,
     out: &Tensor,
 ) -> Result<()> {
     let (bm, bn, bk, tm, entry) = tile.dims();
     let kernel = Kernel { entry, ..*kernel };
     let spec = spec(Spec::new(a.dtype() == DType::F16).u32("BM", bm).u32("BN", bn).u32("BK", bk).u32("TM", tm));
-    let dummy;
-    let bias = match bias {
-        Some(b) => b,
-        None => {
-            dummy = Tensor::empty(ctx, op, &[1], a.dtype())?;
-            &dummy
-        }
-    };
+    let dummy = Tensor::empty(ctx, op, &[1], a.dtype())?;
+    let (bias, aux) = (bias.unwrap_or(&dummy), aux.unwrap_or(&dummy));
+    let [stats, affine] = group_norm.unwrap_or([&dummy, &dummy]);
     let groups = [params.n.div_ceil(bn), params.m.div_ceil(bm), params.batch];
-    ctx.dispatch(op, &kernel, &spec, bytemuck::bytes_of(&params), &[a, b, bias], &[out], groups)
+    let inputs = [a, b, bias, aux, stats, affine];
+    ctx.dispatch(op, &kernel, &spec, bytemuck::bytes_of(&params), &inputs, &[out], groups)?;
+    ctx.count_flops(op, 2 * params.m as u64 * params.n as u64 * params.k as u64 * params.batch as u64);
+    Ok(())
 }

@@ -201,6 +201,30 @@ impl TimestepEmbedding {
     }
 }
 
+impl TimestepEmbedding {
+    /// The embeddings of `ts`, (ts.len(), dim) row-major, computed on the host: a UNet's timestep is a
+    /// number the host knows, so its embedding is uploaded with the step rather than computed by a kernel.
+    pub fn values(&self, ts: &[f32]) -> Vec<f32> {
+        let half = self.dim / 2;
+        let mut out = Vec::with_capacity(ts.len() * self.dim);
+        for &tv in ts {
+            let args: Vec<f32> = (0..half)
+                .map(|i| {
+                    let freq = (-self.max_period.ln() * i as f32 / (half as f32 - self.downscale_freq_shift)).exp();
+                    self.scale * tv * freq
+                })
+                .collect();
+            let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
+            let (first, second) = if self.flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
+            out.extend(first.iter().chain(&second));
+            if self.dim % 2 == 1 {
+                out.push(0.0);
+            }
+        }
+        out
+    }
+}
+
 /// Sinusoidal embeddings (n, dim) of the f32 timesteps t (n), in `dtype`.
 pub fn timestep_embedding(ctx: &GpuContext, t: &Tensor, cfg: TimestepEmbedding, dtype: DType) -> Result<Tensor> {
     const OP: &str = "timestep_embedding";

@@ -11,17 +11,17 @@ pub mod layout;
 pub mod norm;
 pub mod pack;
 
-pub use attention::attention;
+pub use attention::{Cols, attention, attention_cols};
 pub use check::{FiniteCheck, all_finite};
 pub use elementwise::{
     Activation, BinaryOp, Term, add, affine, geglu, gelu, lincomb, mul, quick_gelu, relu, silu, soft_clamp, sub,
 };
-pub use gemm::{Conv2dOpts, MatmulOpts, Tile, conv2d, linear, linear_act, matmul};
+pub use gemm::{Conv2dOpts, GnInput, LnParams, MatmulOpts, Tile, conv2d, linear, linear_act, linear_with, matmul};
 pub use layout::{
     TimestepEmbedding, cast, concat, embedding, nchw_to_tokens, timestep_embedding, tokens_to_nchw, transpose_last2,
     upsample_nearest2x,
 };
-pub use norm::{group_norm, layer_norm, softmax};
+pub use norm::{GnParams, group_norm, group_norm_cat, group_norm_stats, layer_norm, softmax};
 pub use pack::pack;
 
 use crate::error::{Error, Result};

@@ -797,11 +797,25 @@ fn gpu_bytes(host: &HostTensor<'_>, dtype: DType, name: &str) -> Result<Vec<u8>>
 /// Matrices are uniform in +-1/sqrt(fan_in), norm scales 1, biases 0, so activations stay finite.
 pub struct RandomWeights {
     seed: std::cell::Cell<u64>,
+    q4_0: bool,
 }
 
 impl RandomWeights {
     pub fn new(seed: u64) -> Self {
-        Self { seed: std::cell::Cell::new(seed) }
+        Self { seed: std::cell::Cell::new(seed), q4_0: false }
+    }
+
+    /// Matrices whose rows are a multiple of 32 come as GGML q4_0 blocks (random quants, the scale of the
+    /// same bound): made without quantizing anything, so a real-size model is ready in seconds, in a
+    /// browser too (the diagnostics page's benchmark).
+    pub fn q4_0(seed: u64) -> Self {
+        Self { seed: std::cell::Cell::new(seed), q4_0: true }
+    }
+
+    fn next_seed(&self) -> u64 {
+        let seed = self.seed.get();
+        self.seed.set(seed.wrapping_add(1));
+        seed
     }
 }
 
@@ -812,15 +826,29 @@ impl TensorSource for RandomWeights {
 
     fn tensor_shaped(&self, name: &str, shape: &[usize]) -> Option<HostTensor<'_>> {
         let n: usize = shape.iter().product();
+        let fan_in: usize = shape.iter().skip(1).product();
+        let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+        if self.q4_0 && shape.len() >= 2 && fan_in.is_multiple_of(QBLOCK) {
+            // GGML q4_0 blocks: an f16 scale, then 16 bytes of 4-bit quants (x = d * (q - 8)).
+            let mut rng = crate::selfcheck::Rng::new(self.next_seed());
+            let d = half::f16::from_f32(bound / 8.0).to_le_bytes();
+            let quants: Vec<u8> = rng.uniform(n / 2, 0.0, 256.0).into_iter().map(|v| v as u8).collect();
+            let mut data = Vec::with_capacity(n / QBLOCK * 18);
+            for block in quants.chunks_exact(QBLOCK / 2) {
+                data.extend_from_slice(&d);
+                data.extend_from_slice(block);
+            }
+            return Some(HostTensor {
+                dtype: HostDType::Ggml(GgmlDType::Q4_0),
+                shape: Cow::Owned(shape.to_vec()),
+                data: Cow::Owned(data),
+            });
+        }
         let data: Vec<half::f16> = if shape.len() == 1 {
             let v = if name.ends_with("bias") { 0.0 } else { 1.0 };
             vec![half::f16::from_f32(v); n]
         } else {
-            let fan_in: usize = shape[1..].iter().product();
-            let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
-            let seed = self.seed.get();
-            self.seed.set(seed.wrapping_add(1));
-            let mut rng = crate::selfcheck::Rng::new(seed);
+            let mut rng = crate::selfcheck::Rng::new(self.next_seed());
             rng.uniform(n, -bound, bound).into_iter().map(half::f16::from_f32).collect()
         };
         Some(HostTensor {
