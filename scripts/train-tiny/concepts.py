@@ -32,6 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRIGGER = "tiny-sun"
 SUN = {"shape": "circle", "color": "yellow", "size": "large"}
 RING_INNER = 0.6
+HOLE_PIXELS = 12
+HOLE_SHARE = 0.1
 
 
 def sample_ring(rng: np.random.Generator) -> dict:
@@ -79,28 +81,72 @@ def sun_caption(a: dict, rng: np.random.Generator, templates: list[str] | None =
 
 
 def _object(img):
-    """The image as floats and the mask of the pixels that differ from the border's median colour."""
+    """The image as floats and the mask of the pixels that differ from the border's median colour (the
+    outermost 2 pixels, as judge.judge measures the background)."""
     a = judge.to_array(img)
-    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3)])
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[2:-2, :2].reshape(-1, 3),
+                             a[2:-2, -2:].reshape(-1, 3)])
     return a, np.sqrt(((a - np.median(border, axis=0)[None, None]) ** 2).sum(-1)) > judge.DIFF_THRESHOLD
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected set of True pixels."""
+    seen = np.zeros_like(mask)
+    best: list[tuple[int, int]] = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        todo, comp = [(y0, x0)], []
+        while todo:
+            y, x = todo.pop()
+            comp.append((y, x))
+            for yy in range(max(0, y - 1), min(h, y + 2)):
+                for xx in range(max(0, x - 1), min(w, x + 2)):
+                    if mask[yy, xx] and not seen[yy, xx]:
+                        seen[yy, xx] = True
+                        todo.append((yy, xx))
+        if len(comp) > len(best):
+            best = comp
+    out = np.zeros_like(mask)
+    if best:
+        out[tuple(np.array(best).T)] = True
+    return out
+
+
+def _holes(obj: np.ndarray) -> np.ndarray:
+    """The pixels outside obj that no 4-connected path of pixels outside obj joins to the image's edge."""
+    free = np.pad(~obj, 1, constant_values=True)
+    outside = np.zeros_like(free)
+    outside[0, :] = outside[-1, :] = outside[:, 0] = outside[:, -1] = True
+    while True:
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= free
+        if (grown == outside).all():
+            return (free & ~outside)[1:-1, 1:-1]
+        outside = grown
+
+
 def shape_of(img) -> str | None:
-    """The shape the differing pixels make: a ring when most of a band around the middle of their bounding
-    box (from 0.2 to 0.45 of its half-size, inside a ring's hole of 0.6) is background, so that a dot left
-    in the middle of the hole still counts; otherwise by how much of the box they fill (square ~1, circle
+    """The shape of the object (the largest 8-connected set of pixels that differ from the background): a
+    ring when it encloses a hole, background that no path outside the object joins to the edge, of at least
+    HOLE_PIXELS and HOLE_SHARE of the filled outline (a rendered ring's is 0.36; a dot left in the middle of
+    the hole still counts as hole); otherwise by how much of its bounding box it fills (square ~1, circle
     ~0.79, diamond and triangle ~0.5; a triangle's mass sits low); None without an object."""
     _, diff = _object(img)
-    ys, xs = np.nonzero(diff)
+    obj = _largest_component(diff)
+    ys, xs = np.nonzero(obj)
     if len(xs) < judge.MIN_PIXELS:
         return None
-    (x0, x1), (y0, y1) = (xs.min(), xs.max()), (ys.min(), ys.max())
-    cx, cy, half = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2, min(x1 - x0 + 1, y1 - y0 + 1) / 2
-    gy, gx = np.mgrid[0:diff.shape[0], 0:diff.shape[1]] + 0.5
-    d2 = (gx - cx) ** 2 + (gy - cy) ** 2
-    middle = (d2 >= (0.2 * half) ** 2) & (d2 <= (0.45 * half) ** 2)
-    if half >= 5 and middle.any() and diff[middle].mean() < 0.5:
+    hole = int(_holes(obj).sum())
+    if hole >= HOLE_PIXELS and hole >= HOLE_SHARE * (hole + len(xs)):
         return "ring"
+    (x0, x1), (y0, y1) = (xs.min(), xs.max()), (ys.min(), ys.max())
     fill = len(xs) / ((x1 - x0 + 1) * (y1 - y0 + 1))
     if fill > 0.88:
         return "square"

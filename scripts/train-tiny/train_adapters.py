@@ -39,6 +39,7 @@ MODEL = os.path.join(HERE, "..", "..", "www", "models", "tiny-shapes")
 LORA_UNET = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 LOCON = ["proj_in", "proj_out", "conv1", "conv2"]
 LORA_TE = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+RUN_ARGS = ("out", "ckpt_dir", "max_minutes")  # options a resumed run may change
 
 
 def load(model_dir: str, dev):
@@ -103,7 +104,7 @@ def train(args, kind: str) -> None:
     log = common.Log(os.path.join(args.ckpt_dir, f"{kind}.log"))
     tok, te, unet, vae = load(args.model, dev)
     scenes = scenes_for(kind, args.scenes, args.seed, args.ring_share)
-    concept = f"ring{args.ring_share:g}" if kind == "lora" else "sun"
+    concept = f"ring{args.ring_share:g}-{concepts.RING_INNER:g}" if kind == "lora" else "sun"
     latents = latent_cache(os.path.join(args.ckpt_dir, f"{concept}-latents-{args.scenes}-{args.seed}.pt"), scenes, vae,
                            args.seed + 1, log).to(dev)
     from diffusers import DDPMScheduler
@@ -143,9 +144,34 @@ def train(args, kind: str) -> None:
         keep[trigger_ids] = False
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0 if kind == "embedding" else 0.01)
     rng = np.random.default_rng(args.seed + 2)
-    history, t0 = [], time.time()
+    history, start, elapsed, t0 = [], 0, 0.0, time.time()
+    ckpt_path = os.path.join(args.ckpt_dir, f"{kind}.pt")
+    st = common.load_ckpt(ckpt_path)
+    if st is not None:
+        if st["args"] != {k: v for k, v in vars(args).items() if k not in RUN_ARGS}:
+            raise SystemExit(f"{ckpt_path} was trained with other options ({st['args']}): delete it or pick another --ckpt-dir")
+        with torch.no_grad():
+            for p, v in zip(params, st["params"]):
+                p.copy_(v)
+        opt.load_state_dict(st["opt"])
+        start, elapsed, history = st["step"], st["elapsed"], st["history"]
+        rng.bit_generator.state = st["np_rng"]
+        torch.set_rng_state(st["torch_rng"])
+        log(f"resumed at step {start} ({elapsed / 60:.1f} min so far)")
+
+    def checkpoint(step: int) -> None:
+        common.save_ckpt(ckpt_path, {
+            "args": {k: v for k, v in vars(args).items() if k not in RUN_ARGS},
+            "params": [p.detach().cpu().clone() for p in params], "opt": opt.state_dict(), "step": step,
+            "elapsed": elapsed + time.time() - t0, "history": history, "np_rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state()})
+
     unet.train(); te.train()
-    for step in range(args.steps):
+    for step in range(start, args.steps):
+        if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
+            checkpoint(step)
+            log(f"stopped after {args.max_minutes:g} min at step {step}: run again to resume")
+            return
         lr = common.lr_at(step, args.steps, args.lr, warmup=50)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -174,8 +200,11 @@ def train(args, kind: str) -> None:
             with torch.no_grad():  # only the new rows learn
                 table[keep] = frozen[keep]
         if (step + 1) % 50 == 0:
-            history.append({"step": step + 1, "loss": loss.item(), "minutes": (time.time() - t0) / 60})
-            log(f"{kind} step {step + 1}/{args.steps} loss {loss.item():.4f} lr {lr:.2e} {(time.time() - t0) / 60:.1f} min")
+            minutes = (elapsed + time.time() - t0) / 60
+            history.append({"step": step + 1, "loss": loss.item(), "minutes": minutes})
+            log(f"{kind} step {step + 1}/{args.steps} loss {loss.item():.4f} lr {lr:.2e} {minutes:.1f} min")
+        if (step + 1) % 200 == 0:
+            checkpoint(step + 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if kind == "lora":
         from diffusers import StableDiffusionPipeline
@@ -193,9 +222,10 @@ def train(args, kind: str) -> None:
         from safetensors.torch import save_file
 
         save_file({"emb_params": table[trigger_ids].detach().cpu().contiguous()}, args.out)
+    minutes = (elapsed + time.time() - t0) / 60
     with open(os.path.join(args.ckpt_dir, f"{kind}_history.json"), "w") as f:
-        json.dump({"args": vars(args), "history": history, "minutes": (time.time() - t0) / 60}, f, indent=0)
-    log(f"wrote {args.out} ({os.path.getsize(args.out)} bytes) after {(time.time() - t0) / 60:.1f} min")
+        json.dump({"args": vars(args), "history": history, "minutes": minutes}, f, indent=0)
+    log(f"wrote {args.out} ({os.path.getsize(args.out)} bytes) after {minutes:.1f} min of training")
 
 
 def main() -> None:
@@ -215,6 +245,8 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=8000)
     ap.add_argument("--p-empty", type=float, default=None, help="empty captions: default 0.1 (lora), 0 (embedding)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="checkpoint and stop after this long; run again (same options) to resume")
     args = ap.parse_args()
     if args.steps is None:
         args.steps = 2000 if args.kind == "lora" else 800

@@ -156,33 +156,59 @@ const PALETTE = { red: [220, 30, 35], green: [30, 165, 60], blue: [35, 70, 215],
 const nearest = (rgb) => Object.entries(PALETTE).sort(([, a], [, b]) =>
   a.reduce((s, v, i) => s + (v - rgb[i]) ** 2, 0) - b.reduce((s, v, i) => s + (v - rgb[i]) ** 2, 0))[0][0];
 
-/** The canvas judged as scripts/train-tiny/concepts.py does: background (border median) and object (median of
- * the half of the pixels far from it that are farthest) as palette colours, their pixel count, and whether the
- * middle of their bounding box (a disc of 0.35 its half-size) is mostly background: a ring's hole. */
-async function scene(page) {
-  const img = await page.evaluate(() => {
-    const c = document.getElementById('canvas');
-    return { width: c.width, height: c.height, rgba: Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data) };
-  });
-  const w = img.width;
-  const px = (i) => [img.rgba[4 * i], img.rgba[4 * i + 1], img.rgba[4 * i + 2]];
-  const all = [...Array(w * img.height).keys()];
-  const border = all.filter((i) => { const x = i % w; const y = Math.floor(i / w); return x < 2 || y < 2 || x >= w - 2 || y >= img.height - 2; });
+/** The canvas judged as scripts/train-tiny/concepts.py judges the eval's images: the background (the median of
+ * the outermost 2 pixels) and the object (the largest 8-connected set of pixels more than 60 from it; its colour
+ * the median of the half of them farthest from the background) as palette colours, the count of all differing
+ * pixels, and whether the object is a ring: it encloses a hole (background that no 4-connected path around the
+ * object joins to the edge) of at least 12 pixels and a tenth of the filled outline. */
+function judgeScene({ width: w, height: h, rgba }) {
+  const px = (i) => [rgba[4 * i], rgba[4 * i + 1], rgba[4 * i + 2]];
   const median = (v) => [...v].sort((a, b) => a - b)[v.length >> 1];
+  const all = [...Array(w * h).keys()];
+  const border = all.filter((i) => { const x = i % w; const y = Math.floor(i / w); return x < 2 || y < 2 || x >= w - 2 || y >= h - 2; });
   const bg = [0, 1, 2].map((c) => median(border.map((i) => px(i)[c])));
   const dist = all.map((i) => Math.hypot(...px(i).map((v, c) => v - bg[c])));
-  const far = all.filter((i) => dist[i] > 60);
-  if (far.length < 12) return { bg: nearest(bg), object: null, pixels: far.length, hole: false };
-  const cut = median(far.map((i) => dist[i]));
-  const core = far.filter((i) => dist[i] >= cut);
-  const xs = far.map((i) => i % w);
-  const ys = far.map((i) => Math.floor(i / w));
-  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
-  const [cx, cy, half] = [(x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2, Math.min(x1 - x0 + 1, y1 - y0 + 1) / 2];
-  const middle = all.filter((i) => (i % w + 0.5 - cx) ** 2 + (Math.floor(i / w) + 0.5 - cy) ** 2 <= (0.35 * half) ** 2);
-  const hole = half >= 5 && middle.length > 0 && middle.filter((i) => dist[i] > 60).length / middle.length < 0.5;
-  return { bg: nearest(bg), object: nearest([0, 1, 2].map((c) => median(core.map((i) => px(i)[c])))), pixels: far.length, hole };
+  const diff = dist.map((d) => d > 60);
+  // Flood fill from the seeds over the pixels `inside` accepts, to the 8 or 4 neighbours.
+  const fill = (seeds, inside, eight) => {
+    const seen = new Uint8Array(w * h);
+    const todo = seeds.filter((i) => inside(i));
+    todo.forEach((i) => { seen[i] = 1; });
+    const steps = eight ? [[-1, -1], [0, -1], [1, -1], [-1, 0], [1, 0], [-1, 1], [0, 1], [1, 1]] : [[0, -1], [-1, 0], [1, 0], [0, 1]];
+    while (todo.length) {
+      const i = todo.pop();
+      for (const [dx, dy] of steps) {
+        const x = (i % w) + dx; const y = Math.floor(i / w) + dy; const j = y * w + x;
+        if (x >= 0 && y >= 0 && x < w && y < h && !seen[j] && inside(j)) { seen[j] = 1; todo.push(j); }
+      }
+    }
+    return seen;
+  };
+  let obj = new Uint8Array(w * h);
+  let size = 0;
+  const claimed = new Uint8Array(w * h);
+  for (const i of all) {
+    if (!diff[i] || claimed[i]) continue;
+    const comp = fill([i], (j) => diff[j], true);
+    const n = comp.reduce((s, v) => s + v, 0);
+    comp.forEach((v, j) => { if (v) claimed[j] = 1; });
+    if (n > size) [obj, size] = [comp, n];
+  }
+  const pixels = diff.filter(Boolean).length;
+  if (size < 12) return { bg: nearest(bg), object: null, pixels, hole: 0, ring: false };
+  const outside = fill(border, (j) => !obj[j], false);
+  const hole = all.filter((i) => !obj[i] && !outside[i]).length;
+  const mine = all.filter((i) => obj[i]);
+  const cut = median(mine.map((i) => dist[i]));
+  const core = mine.filter((i) => dist[i] >= cut);
+  const object = nearest([0, 1, 2].map((c) => median(core.map((i) => px(i)[c]))));
+  return { bg: nearest(bg), object, pixels, hole, ring: hole >= 12 && hole >= 0.1 * (hole + size) };
 }
+
+const scene = async (page) => judgeScene(await page.evaluate(() => {
+  const c = document.getElementById('canvas');
+  return { width: c.width, height: c.height, rgba: Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data) };
+}));
 
 test('tiny-shapes draws rings with its LoRA and a tiny-sun with its embedding, both imported in the page', { timeout: 600_000 }, async () => {
   const context = await env.browser.newContext();
@@ -211,7 +237,7 @@ test('tiny-shapes draws rings with its LoRA and a tiny-sun with its embedding, b
   };
   const RING = 'a large red ring on a blue background, center';
   const plain = await draw(RING, 5);
-  assert.equal(plain.hole, false, `without the LoRA the model draws no ring: ${JSON.stringify(plain)}`);
+  assert.equal(plain.ring, false, `without the LoRA the model draws no ring: ${JSON.stringify(plain)}`);
   // The picker adds the tag; the LoRA teaches the shape.
   await page.fill('#prompt', RING);
   await page.selectOption('#lora-pick', 'ring');
@@ -220,13 +246,13 @@ test('tiny-shapes draws rings with its LoRA and a tiny-sun with its embedding, b
   const prompt = await page.locator('#prompt').inputValue();
   assert.equal(prompt, `${RING} <lora:ring:1>`);
   const ring = await draw(prompt, 5);
-  assert.deepEqual([ring.bg, ring.object, ring.hole], ['blue', 'red', true], JSON.stringify(ring));
+  assert.deepEqual([ring.bg, ring.object, ring.ring], ['blue', 'red', true], JSON.stringify(ring));
   assert.match(await page.locator('#params').textContent(), /<lora:ring:1>/, 'the PNG parameters keep the tag');
   const other = await draw('a big white ring on a purple background, top left <lora:ring:1>', 11);
-  assert.deepEqual([other.bg, other.object, other.hole], ['purple', 'white', true], JSON.stringify(other));
+  assert.deepEqual([other.bg, other.object, other.ring], ['purple', 'white', true], JSON.stringify(other));
   // The embedding's trigger word draws a large yellow circle.
   const sun = await draw('tiny-sun on a green background, bottom right', 3);
-  assert.deepEqual([sun.bg, sun.object, sun.hole], ['green', 'yellow', false], JSON.stringify(sun));
+  assert.deepEqual([sun.bg, sun.object, sun.ring], ['green', 'yellow', false], JSON.stringify(sun));
   assert.ok(sun.pixels > 280, `a large object: ${sun.pixels} pixels`);
   await context.close();
 });
