@@ -3,10 +3,11 @@
 
 - the **ring**, a new shape and a new word (the base model's "ring" token was never trained and no training
   scene had a hole), taught by a LoRA: "a large red ring on a blue background, top left". Rings are large
-  (radius 13-17 px, the hole 0.6 of it): the model's VAE (4x downsampling, trained on filled shapes) keeps a
-  large ring's hole and colour but blurs a small ring into an off-colour dot. (The first choice, the colour
-  pink, failed for the same reason: the VAE decodes a pink scene's latent to yellow or orange, so no UNet
-  LoRA can make pink; a LoRA for the VAE decoder would be needed.)
+  (radius 13-17 px) and thick (the hole half the radius): the model's VAE (4x downsampling, trained on filled
+  shapes) keeps such a ring's hole and colour (its round trip of the held-out rings judges 0.94-1.00, and
+  0.88-0.96 with a hole of 0.6 the radius) but blurs a small ring into an off-colour dot. (The first choice,
+  the colour pink, failed for the same reason: the VAE decodes a pink scene's latent to yellow or orange, so no
+  UNet LoRA can make pink; a LoRA for the VAE decoder would be needed.)
 - the **tiny-sun**, a large yellow circle, taught by a two-vector textual-inversion embedding whose trigger
   word is "tiny-sun": "tiny-sun on a blue background, top left".
 
@@ -31,7 +32,7 @@ import judge
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRIGGER = "tiny-sun"
 SUN = {"shape": "circle", "color": "yellow", "size": "large"}
-RING_INNER = 0.6
+RING_INNER = 0.5
 HOLE_PIXELS = 12
 HOLE_SHARE = 0.1
 
@@ -135,7 +136,7 @@ def _holes(obj: np.ndarray) -> np.ndarray:
 def shape_of(img) -> str | None:
     """The shape of the object (the largest 8-connected set of pixels that differ from the background): a
     ring when it encloses a hole, background that no path outside the object joins to the edge, of at least
-    HOLE_PIXELS and HOLE_SHARE of the filled outline (a rendered ring's is 0.36; a dot left in the middle of
+    HOLE_PIXELS and HOLE_SHARE of the filled outline (a rendered ring's is 0.25; a dot left in the middle of
     the hole still counts as hole); otherwise by how much of its bounding box it fills (square ~1, circle
     ~0.79, diamond and triangle ~0.5; a triangle's mass sits low); None without an object."""
     _, diff = _object(img)

@@ -1,19 +1,25 @@
-"""Trains tiny-shapes' two adapters on its frozen weights (concepts.py has the concepts):
+"""Trains tiny-shapes' two adapters on its frozen weights (concepts.py has the concepts). The shipped ones:
 
-    python train_adapters.py lora --out ../../www/models/tiny-shapes-adapters/ring.safetensors
+    # the ring LoRA, two stages; each command stops after 20 min and resumes when run again until done
+    python train_adapters.py lora --rank 8 --text-encoder --steps 2400 --max-minutes 20 \
+        --ckpt-dir /tmp/ring-1 --out /tmp/ring-1.safetensors
+    python train_adapters.py lora --rank 8 --text-encoder --init-from /tmp/ring-1.safetensors --lr 5e-4 \
+        --steps 1200 --max-minutes 20 --ckpt-dir /tmp/ring-2 \
+        --out ../../www/models/tiny-shapes-adapters/ring.safetensors
     python train_adapters.py embedding --out ../../www/models/tiny-shapes-adapters/tiny-sun.safetensors
 
-`lora`: a LoRA (PEFT, rank 16, alpha 16) on the UNet's attention, feed-forward, projection and resnet
-convolution layers (LoCon) and the text encoder's attention and MLP layers, trained on ring scenes mixed 1:1
-with the base model's own scenes (so the old concepts stay), saved in diffusers' format (`save_lora_weights`,
-with its adapter metadata), f16.
+`lora`: a LoRA (PEFT, alpha = rank) on the UNet's attention and feed-forward layers (`--locon`: also its
+projections and resnet convolutions; `--text-encoder`: also the text encoder's attention and MLP layers),
+trained on ring scenes mixed 1:1 with the base model's own scenes (so the old concepts stay), saved in
+diffusers' format (`save_lora_weights`, with its adapter metadata), f16.
 `embedding`: a two-vector textual-inversion embedding for the trigger word "tiny-sun" (new token rows of the
 text encoder's table, everything else frozen), saved in A1111's format (`emb_params`).
 
 Same objective as the model's own training (train_unet.py: v prediction, the capped-SNR weight, offset noise
 0.1), on VAE latents of freshly rendered scenes cached in CKPT_DIR (outside the repository); the held-out
 scenes of ring_heldout.json / sun_heldout.json (and heldout.json) are never trained on. CPU by default
-(TRAIN_DEVICE=cuda for a GPU), one thread (TRAIN_THREADS); resumable from CKPT_DIR.
+(TRAIN_DEVICE=cuda for a GPU), one thread (TRAIN_THREADS); checkpoints every 200 steps into CKPT_DIR and
+resumes from there.
 """
 
 from __future__ import annotations
@@ -72,6 +78,22 @@ def latent_cache(path: str, scenes: list[tuple[str, dict]], vae, seed: int, log)
     return z
 
 
+def init_lora(path: str, unet, te) -> None:
+    """Starts the LoRA layers from a file this script wrote (a previous stage)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    sd = load_file(path)
+    for prefix, model in (("unet.", unet), ("text_encoder.", te)):
+        part = {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
+        if model is None:
+            continue
+        res = set_peft_model_state_dict(model, part)
+        if not part or res.unexpected_keys:
+            raise SystemExit(f"{path} does not fit these LoRA layers ({prefix}: {len(part)} tensors, "
+                             f"unexpected {res.unexpected_keys[:3]})")
+
+
 def scenes_for(kind: str, n: int, seed: int, share: float = 0.5) -> list[tuple[str, dict]]:
     """(kind, attributes) of n training scenes: rings (a `share` of them) and the base model's own (lora), or
     tiny-suns (embedding); held-out combinations excluded."""
@@ -124,6 +146,8 @@ def train(args, kind: str) -> None:
         unet.add_adapter(unet_cfg)
         if args.text_encoder:
             peft.inject_adapter_in_model(te_cfg, te)
+        if args.init_from:
+            init_lora(args.init_from, unet, te if args.text_encoder else None)
         params = [p for m in (unet, te) for n, p in m.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)
@@ -149,7 +173,8 @@ def train(args, kind: str) -> None:
     st = common.load_ckpt(ckpt_path)
     if st is not None:
         if st["args"] != {k: v for k, v in vars(args).items() if k not in RUN_ARGS}:
-            raise SystemExit(f"{ckpt_path} was trained with other options ({st['args']}): delete it or pick another --ckpt-dir")
+            raise SystemExit(f"{ckpt_path} was trained with other options ({st['args']}): "
+                             "delete it or pick another --ckpt-dir")
         with torch.no_grad():
             for p, v in zip(params, st["params"]):
                 p.copy_(v)
@@ -241,6 +266,7 @@ def main() -> None:
     ap.add_argument("--ring-share", type=float, default=0.5, help="lora: the share of ring scenes (the rest the model's own)")
     ap.add_argument("--locon", action="store_true", help="also the UNet's projections and resnet convolutions")
     ap.add_argument("--text-encoder", action="store_true", help="also LoRA layers in the text encoder")
+    ap.add_argument("--init-from", help="lora: start from this LoRA file (a previous stage's, same layers)")
     ap.add_argument("--vectors", type=int, default=2)
     ap.add_argument("--scenes", type=int, default=8000)
     ap.add_argument("--p-empty", type=float, default=None, help="empty captions: default 0.1 (lora), 0 (embedding)")
