@@ -149,3 +149,111 @@ test('on WebGPU a LoRA merges on the device into weights kept as q8_0 (f16 where
   assert.ok(base < 25, `the LoRA was not applied (${base.toFixed(1)} dB from the image without it)`);
   await context.close();
 });
+
+// The renderer's palette (scripts/train-tiny/dataset.py).
+const PALETTE = { red: [220, 30, 35], green: [30, 165, 60], blue: [35, 70, 215], yellow: [245, 215, 35],
+  orange: [245, 135, 20], purple: [135, 45, 175], white: [245, 245, 245], black: [20, 20, 20] };
+const nearest = (rgb) => Object.entries(PALETTE).sort(([, a], [, b]) =>
+  a.reduce((s, v, i) => s + (v - rgb[i]) ** 2, 0) - b.reduce((s, v, i) => s + (v - rgb[i]) ** 2, 0))[0][0];
+
+/** The canvas judged as scripts/train-tiny/concepts.py judges the eval's images: the background (the median of
+ * the outermost 2 pixels) and the object (the largest 8-connected set of pixels more than 60 from it; its colour
+ * the median of the half of them farthest from the background) as palette colours, the count of all differing
+ * pixels, and whether the object is a ring: it encloses a hole (background that no 4-connected path around the
+ * object joins to the edge) of at least 12 pixels and a tenth of the filled outline. */
+function judgeScene({ width: w, height: h, rgba }) {
+  const px = (i) => [rgba[4 * i], rgba[4 * i + 1], rgba[4 * i + 2]];
+  const median = (v) => [...v].sort((a, b) => a - b)[v.length >> 1];
+  const all = [...Array(w * h).keys()];
+  const border = all.filter((i) => { const x = i % w; const y = Math.floor(i / w); return x < 2 || y < 2 || x >= w - 2 || y >= h - 2; });
+  const bg = [0, 1, 2].map((c) => median(border.map((i) => px(i)[c])));
+  const dist = all.map((i) => Math.hypot(...px(i).map((v, c) => v - bg[c])));
+  const diff = dist.map((d) => d > 60);
+  // Flood fill from the seeds over the pixels `inside` accepts, to the 8 or 4 neighbours.
+  const fill = (seeds, inside, eight) => {
+    const seen = new Uint8Array(w * h);
+    const todo = seeds.filter((i) => inside(i));
+    todo.forEach((i) => { seen[i] = 1; });
+    const steps = eight ? [[-1, -1], [0, -1], [1, -1], [-1, 0], [1, 0], [-1, 1], [0, 1], [1, 1]] : [[0, -1], [-1, 0], [1, 0], [0, 1]];
+    while (todo.length) {
+      const i = todo.pop();
+      for (const [dx, dy] of steps) {
+        const x = (i % w) + dx; const y = Math.floor(i / w) + dy; const j = y * w + x;
+        if (x >= 0 && y >= 0 && x < w && y < h && !seen[j] && inside(j)) { seen[j] = 1; todo.push(j); }
+      }
+    }
+    return seen;
+  };
+  let obj = new Uint8Array(w * h);
+  let size = 0;
+  const claimed = new Uint8Array(w * h);
+  for (const i of all) {
+    if (!diff[i] || claimed[i]) continue;
+    const comp = fill([i], (j) => diff[j], true);
+    const n = comp.reduce((s, v) => s + v, 0);
+    comp.forEach((v, j) => { if (v) claimed[j] = 1; });
+    if (n > size) [obj, size] = [comp, n];
+  }
+  const pixels = diff.filter(Boolean).length;
+  if (size < 12) return { bg: nearest(bg), object: null, pixels, hole: 0, ring: false };
+  const outside = fill(border, (j) => !obj[j], false);
+  const hole = all.filter((i) => !obj[i] && !outside[i]).length;
+  const mine = all.filter((i) => obj[i]);
+  const cut = median(mine.map((i) => dist[i]));
+  const core = mine.filter((i) => dist[i] >= cut);
+  const object = nearest([0, 1, 2].map((c) => median(core.map((i) => px(i)[c]))));
+  return { bg: nearest(bg), object, pixels, hole, ring: hole >= 12 && hole >= 0.1 * (hole + size) };
+}
+
+const scene = async (page) => judgeScene(await page.evaluate(() => {
+  const c = document.getElementById('canvas');
+  return { width: c.width, height: c.height, rgba: Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data) };
+}));
+
+test('tiny-shapes draws rings with its LoRA and a tiny-sun with its embedding, both imported in the page', { timeout: 600_000 }, async () => {
+  const context = await env.browser.newContext();
+  const { page, errors } = await openApp(context);
+  await page.click('#models-panel summary');
+  const adapters = join(root, 'www/models/tiny-shapes-adapters');
+  await page.locator('#import-adapter').setInputFiles([join(adapters, 'ring.safetensors'), join(adapters, 'tiny-sun.safetensors')]);
+  await page.locator('#adapters tr[data-name="tiny-sun"]').waitFor({ timeout: 60_000 });
+  await page.locator('#adapters tr[data-name="ring"]').waitFor();
+  const draw = async (prompt, seed) => {
+    await page.selectOption('#model', 'tiny-shapes');
+    await page.fill('#prompt', prompt);
+    await page.selectOption('#seed-mode', 'fixed');
+    await page.fill('#seed', String(seed));
+    await page.fill('#steps', '20');
+    await page.fill('#guidance', '5');
+    const before = await page.locator('#params').textContent();
+    await page.click('#generate');
+    await page.waitForFunction((old) => {
+      const s = document.getElementById('status');
+      return s.dataset.state === 'error' || (s.dataset.state === 'done' && document.getElementById('params').textContent !== old);
+    }, before, { timeout: 300_000 });
+    assert.equal(await page.locator('#status').getAttribute('data-state'), 'done',
+      `${await page.locator('#status').textContent()}\n${errors.join('\n')}`);
+    return scene(page);
+  };
+  const RING = 'a large red ring on a blue background, center';
+  const plain = await draw(RING, 5);
+  assert.equal(plain.ring, false, `without the LoRA the model draws no ring: ${JSON.stringify(plain)}`);
+  // The picker adds the tag; the LoRA teaches the shape.
+  await page.fill('#prompt', RING);
+  await page.selectOption('#lora-pick', 'ring');
+  await page.fill('#lora-weight', '1');
+  await page.click('#lora-add');
+  const prompt = await page.locator('#prompt').inputValue();
+  assert.equal(prompt, `${RING} <lora:ring:1>`);
+  const ring = await draw(prompt, 5);
+  assert.deepEqual([ring.bg, ring.object, ring.ring], ['blue', 'red', true], JSON.stringify(ring));
+  assert.match(await page.locator('#params').textContent(), /<lora:ring:1>/, 'the PNG parameters keep the tag');
+  // A held-out caption (ring_heldout.json's first, in a wording never trained on) with its seed.
+  const other = await draw('on the right side, a large blue ring on a black background <lora:ring:1>', 1515);
+  assert.deepEqual([other.bg, other.object, other.ring], ['black', 'blue', true], JSON.stringify(other));
+  // The embedding's trigger word draws a large yellow circle.
+  const sun = await draw('tiny-sun on a green background, bottom right', 3);
+  assert.deepEqual([sun.bg, sun.object, sun.ring], ['green', 'yellow', false], JSON.stringify(sun));
+  assert.ok(sun.pixels > 280, `a large object: ${sun.pixels} pixels`);
+  await context.close();
+});
