@@ -215,7 +215,7 @@ async function load(id, model) {
   if (loaded?.key === key) return loaded.info;
   abort = new AbortController();
   const { signal } = abort;
-  const lock = { signal, onWait: () => post({ id, type: 'progress', phase: 'wait', file: model.id, received: 0, total: 0 }) };
+  const lock = lockOptions(id, model.id, signal);
   let evicted = false;
   try {
     for (let attempt = 0; ; attempt++) {
@@ -240,6 +240,11 @@ async function load(id, model) {
     abort = null;
   }
 }
+
+/** withModelLock's options for task `id`: cancelled by `signal`, and a 'wait' progress event for `name` when
+ * another tab holds the lock. */
+const lockOptions = (id, name, signal) =>
+  ({ signal, onWait: () => post({ id, type: 'progress', phase: 'wait', file: name, received: 0, total: 0 }) });
 
 /** What the cache holds of `model` for weights kept as `keep`: `{ stored }` (a converted file: the one asked
  * for, else another, whose originals are gone), `{ originals: true }`, or null when something is missing. */
@@ -374,7 +379,7 @@ async function loadPreview(id, decoder) {
   await ensureEngine();
   if (previewLoaded === decoder.id) return null;
   abort = new AbortController();
-  const lock = { signal: abort.signal, onWait: () => post({ id, type: 'progress', phase: 'wait', file: decoder.id, received: 0, total: 0 }) };
+  const lock = lockOptions(id, decoder.id, abort.signal);
   try {
     if (!(await haveAll(decoder))) await withModelLock(decoder.id, 'exclusive', () => fetchAll(id, decoder, abort.signal), lock);
     await withModelLock(decoder.id, 'shared', async () => {

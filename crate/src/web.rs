@@ -659,8 +659,7 @@ fn images_from_js(list: &js_sys::Array, what: &str) -> Result<Vec<Image>, JsErro
 /// is refused before any work.
 #[wasm_bindgen(js_name = gridRequests)]
 pub fn grid_requests(base: JsValue, x: String, y: Option<String>) -> Result<js_sys::Array, JsError> {
-    let x = Axis::parse(&x).map_err(js_err)?;
-    let y = y.filter(|y| !y.trim().is_empty()).map(|y| Axis::parse(&y)).transpose().map_err(js_err)?;
+    let (x, y) = axes(&x, y.as_deref())?;
     let req: Request = serde_wasm_bindgen::from_value(base.clone()).map_err(|e| js_err(format!("bad request: {e}")))?;
     let out = js_sys::Array::new();
     for cell in compose::grid_requests(&req, &x, y.as_ref()).map_err(js_err)? {
@@ -677,12 +676,17 @@ pub fn grid_requests(base: JsValue, x: String, y: Option<String>) -> Result<js_s
     Ok(out)
 }
 
+/// A sweep's axes: `x`, and `y` unless absent or blank.
+fn axes(x: &str, y: Option<&str>) -> Result<(Axis, Option<Axis>), JsError> {
+    let x = Axis::parse(x).map_err(js_err)?;
+    Ok((x, y.filter(|y| !y.trim().is_empty()).map(Axis::parse).transpose().map_err(js_err)?))
+}
+
 /// A sweep's grid as PNG bytes: `cells` (`{width, height, rgba}`, in `gridRequests`' order) labelled with the
 /// axes' values, `parameters` in its text chunk (the axes appended).
 #[wasm_bindgen(js_name = gridPng)]
 pub fn grid_png(cells: js_sys::Array, x: String, y: Option<String>, parameters: String) -> Result<Vec<u8>, JsError> {
-    let x = Axis::parse(&x).map_err(js_err)?;
-    let y = y.filter(|y| !y.trim().is_empty()).map(|y| Axis::parse(&y)).transpose().map_err(js_err)?;
+    let (x, y) = axes(&x, y.as_deref())?;
     let grid = compose::grid_image(&images_from_js(&cells, "cell")?, &x, y.as_ref()).map_err(js_err)?;
     let mut parameters = format!("{parameters}\nGrid: x {}", x.describe());
     if let Some(a) = &y {

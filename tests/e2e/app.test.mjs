@@ -70,13 +70,16 @@ const decodePng = (page, base64) => page.evaluate(async (b64) => {
   return { width: bmp.width, height: bmp.height, rgba: Array.from(ctx.getImageData(0, 0, bmp.width, bmp.height).data) };
 }, base64);
 
-/** The PNG behind the page's download link, base64. */
-const downloadedPng = (page) => page.evaluate(async () => {
-  const bytes = new Uint8Array(await (await fetch(document.getElementById('download').href)).arrayBuffer());
+/** The bytes behind link `id` (a blob URL), base64. */
+const linkBytes = (page, id) => page.evaluate(async (linkId) => {
+  const bytes = new Uint8Array(await (await fetch(document.getElementById(linkId).href)).arrayBuffer());
   let s = '';
   for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
   return btoa(s);
-});
+}, id);
+
+/** The PNG behind the page's download link, base64. */
+const downloadedPng = (page) => linkBytes(page, 'download');
 
 /** Background (mean of a 6-pixel border band) and object (mean of the pixels far from it, and their count). */
 function scene(img) {
@@ -794,14 +797,6 @@ test('a page of another origin embeds the element from this one: the worker star
   assert.equal(await own.evaluate(files, ['./', MODEL]), 0);
   await context.close();
 });
-
-/** The bytes behind link `id` (a blob URL), base64. */
-const linkBytes = (page, id) => page.evaluate(async (linkId) => {
-  const bytes = new Uint8Array(await (await fetch(document.getElementById(linkId).href)).arrayBuffer());
-  let s = '';
-  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
-  return btoa(s);
-}, id);
 
 /** The w x h block of `img` at (x, y), RGBA. */
 const crop = (img, x, y, w, h) => {
