@@ -625,8 +625,33 @@ pub async fn bench_unet(
     size: usize,
     policy: crate::weights::LoadPolicy,
     repeat: usize,
-    mut progress: impl FnMut(&str),
+    progress: impl FnMut(&str),
 ) -> Result<UnetBench> {
+    Ok(bench_unet_with(ctx, arch, narrow, size, policy, repeat, None, progress).await?.0)
+}
+
+/// What a UNet benchmark ran on and what came out, for checking another implementation on the same inputs:
+/// `sample` (2, 4, h, w), `context` (2, 77, d), the timestep, and the UNet's output.
+pub struct UnetIo {
+    pub sample: (Vec<usize>, Vec<f32>),
+    pub context: (Vec<usize>, Vec<f32>),
+    pub timestep: f32,
+    pub out: (Vec<usize>, Vec<f32>),
+}
+
+/// [`bench_unet`] with the weights from `src` (a diffusers UNet's tensors; default: random), also returning
+/// its inputs and output.
+#[allow(clippy::too_many_arguments)]
+pub async fn bench_unet_with(
+    ctx: &GpuContext,
+    arch: Arch,
+    narrow: usize,
+    size: usize,
+    policy: crate::weights::LoadPolicy,
+    repeat: usize,
+    src: Option<&dyn crate::weights::TensorSource>,
+    mut progress: impl FnMut(&str),
+) -> Result<(UnetBench, UnetIo)> {
     let cfg = unet_config(arch, narrow)?;
     let lat = size / 8;
     if lat == 0 || !lat.is_multiple_of(cfg.downsampling()) {
@@ -636,11 +661,12 @@ pub async fn bench_unet(
         crate::models::PerBlock::One(d) => *d,
         crate::models::PerBlock::Each(d) => d[0],
     };
-    progress("building the UNet with random weights");
+    let random = random_weights(policy);
+    let src = src.unwrap_or(&random);
+    progress(&format!("building the UNet from {}", src.label()));
     let start = Instant::now();
-    let src = random_weights(policy);
     let unet =
-        crate::models::unet_2d::UNet2DConditionModel::load(&crate::weights::Weights::new(ctx, &src, policy), cfg)?;
+        crate::models::unet_2d::UNet2DConditionModel::load(&crate::weights::Weights::new(ctx, src, policy), cfg)?;
     ctx.sync().await?;
     let load_s = start.elapsed().as_secs_f64();
     let mut rng = Rng::new(3);
@@ -657,9 +683,22 @@ pub async fn bench_unet(
         ctx.sync().await?;
     }
     let ms = t.elapsed().as_secs_f64() * 1e3 / repeat.max(1) as f64;
-    let dispatches = cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?.dispatches;
+    let out = unet.forward(ctx, &sample, 500.0, &context, None)?;
+    let io = UnetIo {
+        sample: (sample.shape().to_vec(), sample.to_vec_f32(ctx).await?),
+        context: (context.shape().to_vec(), context.to_vec_f32(ctx).await?),
+        timestep: 500.0,
+        out: (out.shape().to_vec(), out.to_vec_f32(ctx).await?),
+    };
+    drop(out);
+    // The CPU fallback has no dispatches to count (and counting would run another step).
+    let dispatches = if ctx.is_cpu() {
+        0
+    } else {
+        cost(ctx, &|| unet.forward(ctx, &sample, 500.0, &context, None)).await?.dispatches
+    };
     let s = ctx.summary();
-    Ok(UnetBench {
+    let bench = UnetBench {
         arch,
         narrow,
         width: size,
@@ -672,7 +711,8 @@ pub async fn bench_unet(
         unet_cfg_step_ms: ms,
         unet_step_dispatches: dispatches,
         peak_gpu_bytes: ctx.pool_stats().peak_bytes,
-    })
+    };
+    Ok((bench, io))
 }
 
 /// What one run of `run` costs (dispatches, bytes, FLOPs, GPU time per op family where the device has

@@ -285,6 +285,17 @@ mod cli {
             repeat: usize,
             #[arg(long)]
             json: Option<PathBuf>,
+            /// Run on the CPU fallback (candle) instead of the GPU.
+            #[arg(long)]
+            cpu: bool,
+            /// The UNet's weights from this diffusers safetensors file (e.g. the unet/ of `bench
+            /// write-model`'s folder) instead of random ones made on the spot.
+            #[arg(long)]
+            weights_file: Option<PathBuf>,
+            /// Write the step's inputs and output (f32 tensors sample, context, timestep, out) to this
+            /// safetensors file, to run another implementation on the same inputs (scripts/bench-cpu).
+            #[arg(long)]
+            dump: Option<PathBuf>,
         },
         /// Write a real-size model with random weights (sd15 or sd-turbo) as an f16 diffusers folder: for
         /// loading tests at real size without a download.
@@ -327,6 +338,7 @@ mod cli {
                 Ok(())
             }
             Command::Bench { what: what @ Bench::WriteModel { .. } } => bench(&GpuContext::cpu(), what).await,
+            Command::Bench { what: what @ Bench::Unet { cpu: true, .. } } => bench(&GpuContext::cpu(), what).await,
             Command::Bench { what } => bench(&GpuContext::new().await?, what).await,
         }
     }
@@ -366,11 +378,19 @@ mod cli {
                     println!("wrote {} records to {}", records.len(), path.display());
                 }
             }
-            Bench::Unet { arch, narrow, size, precision, weights, repeat, json } => {
+            Bench::Unet { arch, narrow, size, precision, weights, repeat, json, cpu: _, weights_file, dump } => {
                 let policy = LoadPolicy { act: act_dtype(ctx, precision)?, weights: weight_dtype(weights) };
-                let r =
-                    latent_gen::bench::bench_unet(ctx, arch, narrow, size, policy, repeat.max(1), |m| eprintln!("{m}"))
-                        .await?;
+                let file = weights_file.as_deref().map(latent_gen::weights::Safetensors::open).transpose()?;
+                let src = file.as_ref().map(|f| f as &dyn latent_gen::weights::TensorSource);
+                let (r, io) =
+                    latent_gen::bench::bench_unet_with(ctx, arch, narrow, size, policy, repeat.max(1), src, |m| {
+                        eprintln!("{m}")
+                    })
+                    .await?;
+                if let Some(path) = dump {
+                    write_unet_io(&path, &io)?;
+                    println!("wrote {}", path.display());
+                }
                 println!(
                     "{:?} UNet (widths / {}) at {}x{}, {} activations, {} weights, on {} ({}): {:.2} ms per CFG \
                      step, {} dispatches, loaded in {:.2} s, peak GPU memory {:.1} MiB",
@@ -489,6 +509,30 @@ mod cli {
             WeightType::Q8_0 => DType::Q8_0,
             WeightType::Q4_0 => DType::Q4_0,
         }
+    }
+
+    /// A UNet step's inputs and output as f32 safetensors (sample, context, timestep, out).
+    fn write_unet_io(path: &Path, io: &latent_gen::bench::UnetIo) -> Result<(), Box<dyn std::error::Error>> {
+        let t = [io.timestep];
+        let parts = [
+            ("sample", &io.sample.0[..], &io.sample.1[..]),
+            ("context", &io.context.0[..], &io.context.1[..]),
+            ("timestep", &[1][..], &t[..]),
+            ("out", &io.out.0[..], &io.out.1[..]),
+        ];
+        let views = parts
+            .iter()
+            .map(|(name, shape, data)| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.to_vec(),
+                    bytemuck::cast_slice(data),
+                )?;
+                Ok((name.to_string(), view))
+            })
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        safetensors::serialize_to_file(views, None, path)?;
+        Ok(())
     }
 
     fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), Box<dyn std::error::Error>> {

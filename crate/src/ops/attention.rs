@@ -153,16 +153,14 @@ pub fn attention_cols(
     }
     let d = hd / heads;
     let whole = |c: &Cols<'_>| c.col == 0 && c.width == hd;
+    if ctx.is_cpu() {
+        return super::cpu::attention_heads((&q, &k, &v), heads, hd, scale, causal);
+    }
     if d > MAX_FUSED_HEAD_DIM {
         if !(whole(&q) && whole(&k) && whole(&v)) {
             return shape_err(OP, format!("head dim {d} above {MAX_FUSED_HEAD_DIM} needs whole q, k and v"));
         }
         return unfused(ctx, q.t, k.t, v.t, heads, scale, causal);
-    }
-    if ctx.is_cpu() {
-        let cols = |c: &Cols<'_>| c.t.cpu().and_then(|t| Ok(t.narrow(2, c.col, hd)?));
-        let o = super::cpu::attention(&cols(&q)?, &cols(&k)?, &cols(&v)?, heads, scale as f64, causal)?;
-        return Ok(Tensor::from_cpu(o.contiguous()?));
     }
     let out = Tensor::empty(ctx, OP, &[b, lq, hd], q.t.dtype())?;
     let dv = d.div_ceil(4);

@@ -4,8 +4,14 @@
 use candle_core::{D, DType as CDType, Device, Tensor as CTensor};
 
 use super::Activation;
+use super::cpu_kernels as fast;
 use crate::error::Result;
 use crate::gpu::Tensor;
+
+/// A CPU tensor's candle tensor, contiguous (the same one when it already is).
+fn contiguous(t: &Tensor) -> Result<CTensor> {
+    Ok(t.cpu()?.contiguous()?)
+}
 
 fn wrap(t: CTensor) -> Result<Tensor> {
     Ok(Tensor::from_cpu(t.contiguous()?))
@@ -61,46 +67,38 @@ pub fn lincomb(shape: &[usize], terms: &[super::Term<'_>]) -> Result<Tensor> {
     wrap(acc.expect("lincomb checked for at least one term").reshape(shape)?)
 }
 
-/// The bias rows of a fused GEMM for `batch` items of `n` (see [`super::MatmulOpts::bias_at`]), as
-/// (batch, 1, n).
-fn bias_rows(bias: &Tensor, at: (usize, usize), batch: usize, n: usize) -> Result<CTensor> {
-    let flat = bias.cpu()?.flatten_all()?;
-    let rows: Vec<CTensor> =
-        (0..batch).map(|b| flat.narrow(0, at.0 + b * at.1, n)).collect::<candle_core::Result<_>>()?;
-    Ok(CTensor::stack(&rows, 0)?.unsqueeze(1)?)
-}
-
-pub fn matmul(a: &Tensor, b: &Tensor, opts: &super::MatmulOpts<'_>, batch: usize) -> Result<Tensor> {
-    let mut a = a.cpu()?.clone();
-    let mut b = b.cpu()?.clone();
-    if let Some(ln) = opts.layer_norm {
-        a = candle_nn::ops::layer_norm(&a.contiguous()?, ln.gamma.cpu()?, ln.beta.cpu()?, ln.eps)?;
-    }
-    if opts.trans_a {
-        a = a.transpose(D::Minus2, D::Minus1)?;
-    }
-    if opts.trans_b {
-        b = b.transpose(D::Minus2, D::Minus1)?;
-    }
-    let mut out = a.contiguous()?.broadcast_matmul(&b.contiguous()?)?;
-    let dims = out.dims().to_vec();
-    let (m, n) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    if let Some(bias) = opts.bias {
-        let rows = bias_rows(bias, opts.bias_at, batch, n)?;
-        out = out.reshape((batch, m, n))?.broadcast_add(&rows)?.reshape(dims.as_slice())?;
-    }
-    out = act(&out, opts.act)?;
-    if opts.geglu {
-        let half = n / 2;
-        out = (out.narrow(D::Minus1, 0, half)? * out.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
-    }
-    if opts.trans_c {
-        out = out.transpose(D::Minus2, D::Minus1)?.contiguous()?;
-    }
-    if let Some(r) = opts.residual {
-        out = (out + r.cpu()?)?;
-    }
-    wrap(out)
+pub fn matmul(
+    a: &Tensor,
+    b: &Tensor,
+    opts: &super::MatmulOpts<'_>,
+    batch: usize,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    let (a, b) = (a.cpu()?.contiguous()?, b.cpu()?.contiguous()?);
+    let ln = opts
+        .layer_norm
+        .map(|ln| Ok::<_, crate::Error>((ln.gamma.cpu()?.contiguous()?, ln.beta.cpu()?.contiguous()?, ln.eps)))
+        .transpose()?;
+    let ln_views =
+        ln.as_ref().map(|(g, b, eps)| Ok::<_, crate::Error>((fast::view(g)?, fast::view(b)?, *eps))).transpose()?;
+    let bias = opts.bias.map(contiguous).transpose()?;
+    let bias_view = bias.as_ref().map(fast::view).transpose()?;
+    let residual = opts.residual.map(contiguous).transpose()?;
+    let res_view = residual.as_ref().map(fast::view).transpose()?;
+    let o = fast::Matmul {
+        trans_a: opts.trans_a,
+        trans_b: opts.trans_b,
+        trans_c: opts.trans_c,
+        geglu: opts.geglu,
+        layer_norm: ln_views.as_ref().map(|(g, b, eps)| (g.get(), b.get(), *eps)),
+        epi: fast::Epilogue {
+            bias: bias_view.as_ref().map(|v| v.get()),
+            bias_at: opts.bias_at,
+            act: opts.act,
+            residual: res_view.as_ref().map(|v| v.get()),
+        },
+    };
+    wrap(fast::matmul(&a, &b, &o, batch, out_shape)?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -113,54 +111,51 @@ pub fn conv2d(
     bias: Option<&Tensor>,
     opts: &super::Conv2dOpts<'_>,
 ) -> Result<Tensor> {
-    let w = weight.cpu()?.reshape((cout, cin, kernel.0, kernel.1))?;
-    let (p0, p1) = (opts.padding, opts.padding_end.unwrap_or(opts.padding));
-    let mut x = x.cpu()?.clone();
-    if let Some(more) = opts.concat {
-        x = CTensor::cat(&[&x, more.cpu()?], 1)?;
-    }
-    if let Some(n) = &opts.norm {
-        let p = n.params;
-        let normed = group_norm(&Tensor::from_cpu(x), p.groups, &p.gamma, &p.beta, p.eps, n.silu)?;
-        x = normed.cpu()?.clone();
-    }
-    if opts.upsample {
-        let (_, _, h, w) = x.dims4()?;
-        x = x.upsample_nearest2d(2 * h, 2 * w)?;
-    }
-    let out = if p0 == p1 {
-        x.conv2d(&w, p0, opts.stride, 1, 1)?
-    } else {
-        x.pad_with_zeros(2, p0, p1)?.pad_with_zeros(3, p0, p1)?.conv2d(&w, 0, opts.stride, 1, 1)?
+    let x = x.cpu()?.contiguous()?;
+    let more = opts.concat.map(contiguous).transpose()?;
+    let batch = x.dim(0)?;
+    let norm = match &opts.norm {
+        Some(n) => {
+            let (stats, g, b) =
+                (n.stats.cpu()?.contiguous()?, n.params.gamma.cpu()?.contiguous()?, n.params.beta.cpu()?.contiguous()?);
+            let (sv, gv, bv) = (fast::view(&stats)?, fast::view(&g)?, fast::view(&b)?);
+            Some((fast::norm_affine(sv.get(), n.params.groups, gv.get(), bv.get(), batch), n.silu))
+        }
+        None => None,
     };
-    let batch = out.dim(0)?;
-    let out = match bias {
-        Some(b) => out.broadcast_add(&bias_rows(b, opts.bias_at, batch, cout)?.reshape((batch, cout, 1, 1))?)?,
-        None => out,
+    debug_assert_eq!(x.dim(1)? + more.as_ref().map_or(Ok(0), |m| m.dim(1))?, cin);
+    let input = fast::ConvInput { x: &x, more: more.as_ref(), norm, upsample: opts.upsample };
+    let w = weight.cpu()?.contiguous()?;
+    let wv = fast::view(&w)?;
+    let bias = bias.map(contiguous).transpose()?;
+    let bias_view = bias.as_ref().map(fast::view).transpose()?;
+    let residual = opts.residual.map(contiguous).transpose()?;
+    let res_view = residual.as_ref().map(fast::view).transpose()?;
+    let epi = fast::Epilogue {
+        bias: bias_view.as_ref().map(|v| v.get()),
+        bias_at: opts.bias_at,
+        act: opts.act,
+        residual: res_view.as_ref().map(|v| v.get()),
     };
-    let mut out = act(&out, opts.act)?;
-    if let Some(r) = opts.residual {
-        out = (out + r.cpu()?)?;
-    }
-    wrap(out)
+    let pads = (opts.padding, opts.padding_end.unwrap_or(opts.padding));
+    wrap(fast::conv2d(&input, wv.get(), cout, kernel, pads, opts.stride, &epi)?)
+}
+
+/// Per (sample, group) mean and 1 / std of concat(x, more) as (batch * groups, 2).
+pub fn group_norm_stats(x: &Tensor, more: Option<&Tensor>, groups: usize, eps: f32) -> Result<Tensor> {
+    let x = x.cpu()?.contiguous()?;
+    let more = more.map(contiguous).transpose()?;
+    let stats = fast::group_stats(&x, more.as_ref(), groups, eps)?;
+    let rows = stats.len();
+    wrap(fast::tensor(stats.into_iter().flatten().collect(), &[rows, 2])?)
 }
 
 /// Normalizes rows of (rows, len) and applies an affine per channel of `s` elements.
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f32, silu: bool) -> Result<Tensor> {
-    let x = x.cpu()?;
-    let shape = x.dims().to_vec();
-    let (n, c) = (shape[0], shape[1]);
-    let g = x.reshape((n, groups, ()))?;
-    let mean = g.mean_keepdim(D::Minus1)?;
-    let centered = g.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps as f64)?.sqrt()?)?.reshape(shape.as_slice())?;
-    let mut affine_shape = vec![1, c];
-    affine_shape.resize(shape.len(), 1);
-    let out = normed
-        .broadcast_mul(&weight.cpu()?.reshape(affine_shape.as_slice())?)?
-        .broadcast_add(&bias.cpu()?.reshape(affine_shape.as_slice())?)?;
-    wrap(if silu { candle_nn::ops::silu(&out)? } else { out })
+    let x = x.cpu()?.contiguous()?;
+    let (g, b) = (weight.cpu()?.contiguous()?, bias.cpu()?.contiguous()?);
+    let (gv, bv) = (fast::view(&g)?, fast::view(&b)?);
+    wrap(fast::group_norm(&x, groups, gv.get(), bv.get(), eps, silu)?)
 }
 
 pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f32) -> Result<Tensor> {
@@ -177,6 +172,20 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     wrap(candle_nn::ops::softmax_last_dim(&x.cpu()?.contiguous()?)?)
 }
 
+/// Attention over the heads in `hd` columns of q, k and v (see [`super::Cols`]), each read in place.
+pub fn attention_heads(
+    (q, k, v): (&super::Cols<'_>, &super::Cols<'_>, &super::Cols<'_>),
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
+    let (qt, kt, vt) = (q.t.cpu()?.contiguous()?, k.t.cpu()?.contiguous()?, v.t.cpu()?.contiguous()?);
+    let h = |t, c: &super::Cols<'_>| fast::Heads { t, col: c.col };
+    wrap(fast::attention(h(&qt, q), h(&kt, k), h(&vt, v), heads, hd, scale, causal)?)
+}
+
+/// The reference the self-checks hold the GPU's attention to, composed of candle ops:
 /// softmax(Q K^T * scale) V with q (b, lq, h * d), k and v (b, lk, h * d).
 pub fn attention(q: &CTensor, k: &CTensor, v: &CTensor, heads: usize, scale: f64, causal: bool) -> Result<CTensor> {
     let split = |t: &CTensor| -> Result<CTensor> {

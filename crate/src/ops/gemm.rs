@@ -266,7 +266,7 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
     out_shape.extend(if opts.trans_c { [cols, m] } else { [m, cols] });
     check_residual(OP, opts.residual, &out_shape, a.dtype())?;
     if ctx.is_cpu() {
-        return super::cpu::matmul(a, b, &opts, batch);
+        return super::cpu::matmul(a, b, &opts, batch, &out_shape);
     }
     // A GEGLU the kernel cannot fuse runs as two ops.
     if opts.geglu && !n.is_multiple_of(128) {

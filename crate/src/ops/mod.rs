@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod check;
 pub(crate) mod cpu;
+mod cpu_kernels;
 pub mod elementwise;
 pub mod gemm;
 pub mod layout;

@@ -193,19 +193,7 @@ pub fn group_norm_stats(ctx: &GpuContext, x: &Tensor, more: Option<&Tensor>, p: 
     check_act(OP, &checked)?;
     let rows = params.rows as usize;
     if ctx.is_cpu() {
-        let joined;
-        let x = match more {
-            Some(m) => {
-                joined = super::concat(ctx, x, m, 1)?;
-                &joined
-            }
-            None => x,
-        };
-        let g = x.cpu()?.reshape((rows, ()))?;
-        let mean = g.mean_keepdim(1)?;
-        let var = g.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
-        let rstd = (var + p.eps as f64)?.sqrt()?.recip()?;
-        return Ok(Tensor::from_cpu(candle_core::Tensor::cat(&[mean, rstd], 1)?));
+        return super::cpu::group_norm_stats(x, more, p.groups, p.eps);
     }
     let out = Tensor::empty(ctx, OP, &[rows, 2], crate::gpu::DType::F32)?;
     let dummy = Tensor::empty(ctx, OP, &[1], x.dtype())?;

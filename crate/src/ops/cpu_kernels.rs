@@ -1,0 +1,812 @@
+//! The CPU fallback's hot ops (conv2d, matmul with its fusions, attention, group norm statistics) as
+//! direct loops around the `gemm` crate, the GEMM candle's CPU matmul runs on.
+//!
+//! Hand-written because composing them from candle ops costs most of a UNet step in copies: candle's conv2d
+//! makes an im2col copy, multiplies to (batch, h * w, cout) and copies that into NCHW; its group norm is
+//! eight broadcasting passes, each allocating; the fusions the GPU kernels do (group norm and SiLU as the
+//! conv loads its input, bias, activation and residual epilogues, heads read in place) were each another
+//! pass. Here a conv is one im2col (in chunks of output rows, so memory stays bounded at any image size),
+//! one GEMM writing NCHW, and one epilogue pass; attention multiplies each head where it lies. Same results
+//! as the composed ops to rounding (the selfchecks and the model fixtures compare them).
+//!
+//! Only contiguous f32 tensors come here (the CPU fallback's only dtype); anything else is an error.
+
+use candle_core::{CpuStorage, Device, Storage, Tensor as CTensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::Activation;
+use crate::error::{Error, Result};
+
+/// Elements an im2col chunk holds at most (16 MiB of f32).
+const COL_CHUNK: usize = 4 << 20;
+/// Query rows per attention task.
+const ATTN_ROWS: usize = 64;
+
+fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+fn parallelism() -> Parallelism {
+    match threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// A contiguous f32 CPU tensor's elements, borrowed.
+pub(super) struct F32<'a> {
+    guard: candle_core::StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl F32<'_> {
+    pub(super) fn get(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.start + self.len],
+            _ => unreachable!("view() checked for f32 CPU storage"),
+        }
+    }
+}
+
+/// Borrows `t`'s elements; `t` must be contiguous f32 on the CPU.
+pub(super) fn view(t: &CTensor) -> Result<F32<'_>> {
+    let (guard, layout) = t.storage_and_layout();
+    if !layout.is_contiguous() || !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
+        return Err(Error::Invalid(format!("the CPU fallback got a non-contiguous or non-f32 tensor {:?}", t.dims())));
+    }
+    Ok(F32 { guard, start: layout.start_offset(), len: t.elem_count() })
+}
+
+pub(super) fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<CTensor> {
+    Ok(CTensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+/// An f32 buffer written by several rayon tasks at disjoint places.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: every task writes its own elements of the buffer, which outlives the tasks (scoped by rayon).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer (a method, so closures capture the whole `Shared`, which is `Send`, not the raw field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// dst (m, n) = lhs (m, k) rhs (k, n), every operand with its own (row, column) strides in elements.
+///
+/// # Safety
+/// The pointers with their strides must address valid memory for the shapes; dst must not overlap the others.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    par: Parallelism,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[inline]
+fn gelu(x: f32) -> f32 {
+    (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x
+}
+
+#[inline]
+fn apply(act: Option<Activation>, x: f32) -> f32 {
+    match act {
+        None => x,
+        Some(Activation::Silu) => x * sigmoid(x),
+        Some(Activation::Gelu) => gelu(x),
+        Some(Activation::QuickGelu) => x * sigmoid(1.702 * x),
+        Some(Activation::Relu) => x.max(0.0),
+    }
+}
+
+/// Runs `f(index, chunk)` over `chunk`-sized pieces of `data`, on rayon's threads when there are several.
+fn for_chunks(data: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if threads() > 1 {
+        data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        data.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// The bias row of batch item `b` in a flat bias tensor: `at` = (offset, batch stride), (0, 0) one row for all.
+fn bias_row(bias: &[f32], at: (usize, usize), b: usize, n: usize) -> &[f32] {
+    let off = at.0 + b * at.1;
+    &bias[off..off + n]
+}
+
+/// Per (sample, group) mean and 1 / std of the channels of x then `more` (each (batch, c, ...)), as
+/// (batch * groups) pairs.
+pub fn group_stats(x: &CTensor, more: Option<&CTensor>, groups: usize, eps: f32) -> Result<Vec<[f32; 2]>> {
+    let (xs, ms) = (view(x)?, more.map(view).transpose()?);
+    let dims = x.dims();
+    let (batch, cx) = (dims[0], dims[1]);
+    let hw: usize = dims[2..].iter().product();
+    let cm = more.map_or(0, |m| m.dims()[1]);
+    let c = cx + cm;
+    let per = c / groups;
+    let (xd, md) = (xs.get(), ms.as_ref().map(|m| m.get()));
+    let channel = |b: usize, ch: usize| -> &[f32] {
+        if ch < cx {
+            &xd[(b * cx + ch) * hw..][..hw]
+        } else {
+            let md = md.expect("channels past x are more's");
+            &md[(b * cm + ch - cx) * hw..][..hw]
+        }
+    };
+    let one = |i: usize| -> [f32; 2] {
+        let (b, g) = (i / groups, i % groups);
+        let chans = g * per..(g + 1) * per;
+        let n = (per * hw) as f64;
+        let sum: f64 = chans.clone().map(|ch| channel(b, ch).iter().map(|&v| v as f64).sum::<f64>()).sum();
+        let mean = sum / n;
+        let var: f64 =
+            chans.map(|ch| channel(b, ch).iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()).sum::<f64>() / n;
+        [mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32]
+    };
+    Ok(if threads() > 1 {
+        (0..batch * groups).into_par_iter().map(one).collect()
+    } else {
+        (0..batch * groups).map(one).collect()
+    })
+}
+
+/// Group norm (with SiLU when asked) of x (batch, c, ...).
+pub fn group_norm(x: &CTensor, groups: usize, gamma: &[f32], beta: &[f32], eps: f32, silu: bool) -> Result<CTensor> {
+    let stats = group_stats(x, None, groups, eps)?;
+    let dims = x.dims().to_vec();
+    let c = dims[1];
+    let hw: usize = dims[2..].iter().product();
+    let xs = view(x)?;
+    let xd = xs.get();
+    let mut out = vec![0f32; xd.len()];
+    for_chunks(&mut out, hw.max(1), |i, o| {
+        let (b, ch) = (i / c, i % c);
+        let [mean, rstd] = stats[b * groups + ch / (c / groups)];
+        let (s, t) = (rstd * gamma[ch], beta[ch] - mean * rstd * gamma[ch]);
+        for (o, &v) in o.iter_mut().zip(&xd[i * hw..]) {
+            let y = v * s + t;
+            *o = if silu { y * sigmoid(y) } else { y };
+        }
+    });
+    tensor(out, &dims)
+}
+
+/// What [`conv2d`] reads: x (batch, cx, h, w), optionally more channels, normalized as loaded.
+pub struct ConvInput<'a> {
+    pub x: &'a CTensor,
+    pub more: Option<&'a CTensor>,
+    /// Per (batch, channel) scale and shift of a group norm, and whether SiLU follows.
+    pub norm: Option<(Vec<[f32; 2]>, bool)>,
+    pub upsample: bool,
+}
+
+/// Per (batch, channel) scale and shift of a group norm from its statistics.
+pub fn norm_affine(stats: &[f32], groups: usize, gamma: &[f32], beta: &[f32], batch: usize) -> Vec<[f32; 2]> {
+    let c = gamma.len();
+    (0..batch * c)
+        .map(|i| {
+            let (b, ch) = (i / c, i % c);
+            let g = b * groups + ch / (c / groups);
+            let (mean, rstd) = (stats[2 * g], stats[2 * g + 1]);
+            let s = rstd * gamma[ch];
+            [s, beta[ch] - mean * s]
+        })
+        .collect()
+}
+
+/// The epilogue of a conv or matmul: bias, activation, residual.
+pub struct Epilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub bias_at: (usize, usize),
+    pub act: Option<Activation>,
+    pub residual: Option<&'a [f32]>,
+}
+
+/// 2-D convolution over `input` with weight (cout, cin * kh * kw), zero padding (before, after), stride.
+pub fn conv2d(
+    input: &ConvInput<'_>,
+    weight: &[f32],
+    cout: usize,
+    (kh, kw): (usize, usize),
+    (p0, p1): (usize, usize),
+    stride: usize,
+    epi: &Epilogue<'_>,
+) -> Result<CTensor> {
+    let xs = view(input.x)?;
+    let ms = input.more.map(view).transpose()?;
+    let (xd, md) = (xs.get(), ms.as_ref().map(|m| m.get()));
+    let &[batch, cx, hx, wx] = input.x.dims() else {
+        return Err(Error::Invalid(format!("conv2d input {:?} is not 4-D", input.x.dims())));
+    };
+    let cm = input.more.map_or(0, |m| m.dims()[1]);
+    let cin = cx + cm;
+    let up = if input.upsample { 2 } else { 1 };
+    let (h, w) = (hx * up, wx * up);
+    let ho = (h + p0 + p1 - kh) / stride + 1;
+    let wo = (w + p0 + p1 - kw) / stride + 1;
+    let (k, n) = (cin * kh * kw, ho * wo);
+    let mut out = vec![0f32; batch * cout * n];
+    let channel = |b: usize, ch: usize| -> &[f32] {
+        if ch < cx {
+            &xd[(b * cx + ch) * hx * wx..][..hx * wx]
+        } else {
+            let md = md.expect("channels past x are more's");
+            &md[(b * cm + ch - cx) * hx * wx..][..hx * wx]
+        }
+    };
+    let direct = kh == 1 && kw == 1 && stride == 1 && p0 == 0 && p1 == 0 && up == 1;
+    let direct = direct && input.norm.is_none() && input.more.is_none();
+    let rows_per_chunk = (COL_CHUNK / (k * wo).max(1)).clamp(1, ho);
+    let mut col = if direct { Vec::new() } else { vec![0f32; k * rows_per_chunk * wo] };
+    let par = parallelism();
+    for b in 0..batch {
+        let out_b = &mut out[b * cout * n..][..cout * n];
+        if direct {
+            // SAFETY: W (cout, k), x[b] (k, n) and out[b] (cout, n) are contiguous and in bounds.
+            unsafe {
+                gemm(
+                    (cout, n, k),
+                    out_b.as_mut_ptr(),
+                    (n, 1),
+                    false,
+                    weight.as_ptr(),
+                    (k, 1),
+                    xd[b * cx * n..].as_ptr(),
+                    (n, 1),
+                    par,
+                )
+            };
+            continue;
+        }
+        for y0 in (0..ho).step_by(rows_per_chunk) {
+            let rows = rows_per_chunk.min(ho - y0);
+            let cols = rows * wo;
+            let col = &mut col[..k * cols];
+            // One task per input channel: its kh * kw rows of the column matrix.
+            for_chunks(col, kh * kw * cols, |ch, dst| {
+                let src = channel(b, ch);
+                // The source rows this chunk reads, normalized once when the conv normalizes its input.
+                let first = ((y0 * stride) as isize - p0 as isize).max(0) as usize / up;
+                let last = (((y0 + rows - 1) * stride + kh) as isize - p0 as isize).clamp(1, h as isize) as usize;
+                let last = (last - 1) / up;
+                let normed: Vec<f32>;
+                let (src, base) = match &input.norm {
+                    Some((a, silu)) if first <= last => {
+                        let [s, t] = a[b * cin + ch];
+                        normed = src[first * wx..(last + 1) * wx]
+                            .iter()
+                            .map(|&v| {
+                                let y = v * s + t;
+                                if *silu { y * sigmoid(y) } else { y }
+                            })
+                            .collect();
+                        (&normed[..], first)
+                    }
+                    _ => (src, 0),
+                };
+                for (tap, dst) in dst.chunks_mut(cols).enumerate() {
+                    let (ky, kx) = (tap / kw, tap % kw);
+                    for (dy, drow) in dst.chunks_mut(wo).enumerate() {
+                        let iy = ((y0 + dy) * stride + ky) as isize - p0 as isize;
+                        if iy < 0 || iy >= h as isize {
+                            drow.fill(0.0);
+                            continue;
+                        }
+                        let srow = &src[(iy as usize / up - base) * wx..][..wx];
+                        if stride == 1 && up == 1 {
+                            // ix = ox + kx - p0 lies inside the row for ox in lo..hi.
+                            let lo = p0.saturating_sub(kx).min(wo);
+                            let hi = (w + p0).saturating_sub(kx).clamp(lo, wo);
+                            drow[..lo].fill(0.0);
+                            drow[hi..].fill(0.0);
+                            let s0 = lo + kx - p0;
+                            drow[lo..hi].copy_from_slice(&srow[s0..s0 + hi - lo]);
+                            continue;
+                        }
+                        for (ox, d) in drow.iter_mut().enumerate() {
+                            let ix = (ox * stride + kx) as isize - p0 as isize;
+                            *d = if ix < 0 || ix >= w as isize { 0.0 } else { srow[ix as usize / up] };
+                        }
+                    }
+                }
+            });
+            // SAFETY: W (cout, k), col (k, cols) contiguous; out[b]'s columns y0 * wo .. + cols of its cout rows.
+            unsafe {
+                gemm(
+                    (cout, cols, k),
+                    out_b[y0 * wo..].as_mut_ptr(),
+                    (n, 1),
+                    false,
+                    weight.as_ptr(),
+                    (k, 1),
+                    col.as_ptr(),
+                    (cols, 1),
+                    par,
+                )
+            };
+        }
+    }
+    epilogue_rows(&mut out, n, cout, epi);
+    tensor(out, &[batch, cout, ho, wo])
+}
+
+/// Applies `epi` to `out` laid out as (batch, channels, len): the bias is per (batch, channel).
+fn epilogue_rows(out: &mut [f32], len: usize, channels: usize, epi: &Epilogue<'_>) {
+    if epi.bias.is_none() && epi.act.is_none() && epi.residual.is_none() {
+        return;
+    }
+    for_chunks(out, len, |i, row| {
+        let (b, c) = (i / channels, i % channels);
+        let bias = epi.bias.map_or(0.0, |bias| bias_row(bias, epi.bias_at, b, channels)[c]);
+        let res = epi.residual.map(|r| &r[i * len..][..len]);
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = apply(epi.act, *v + bias) + res.map_or(0.0, |r| r[j]);
+        }
+    });
+}
+
+/// Options of [`matmul`] the CPU honours (the GPU's [`super::MatmulOpts`] in slices).
+pub struct Matmul<'a> {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub trans_c: bool,
+    pub geglu: bool,
+    /// gamma, beta, eps of a layer norm of A's rows.
+    pub layer_norm: Option<(&'a [f32], &'a [f32], f32)>,
+    pub epi: Epilogue<'a>,
+}
+
+/// Batched C = A B with the fusions of [`Matmul`]: A (.., m, k) or (.., k, m), B (.., k, n) or (.., n, k),
+/// either without batch dimensions shared by the other's batch. `out_shape` is the result's.
+pub fn matmul(a: &CTensor, b: &CTensor, o: &Matmul<'_>, batch: usize, out_shape: &[usize]) -> Result<CTensor> {
+    let (ad, bd) = (a.dims(), b.dims());
+    let (ra, ca) = (ad[ad.len() - 2], ad[ad.len() - 1]);
+    let (rb, cb) = (bd[bd.len() - 2], bd[bd.len() - 1]);
+    let (m, k) = if o.trans_a { (ca, ra) } else { (ra, ca) };
+    let n = if o.trans_b { rb } else { cb };
+    let a_skip = if ad.len() > 2 { ra * ca } else { 0 };
+    let b_skip = if bd.len() > 2 { rb * cb } else { 0 };
+    let av = view(a)?;
+    let normed;
+    let ad = match o.layer_norm {
+        Some((g, beta, eps)) => {
+            normed = layer_norm_rows(av.get(), k, Some((g, beta)), eps);
+            &normed[..]
+        }
+        None => av.get(),
+    };
+    let bv = view(b)?;
+    let bd = bv.get();
+    let a_st = if o.trans_a { (1, m) } else { (k, 1) };
+    let b_st = if o.trans_b { (1, k) } else { (n, 1) };
+    let cols = if o.geglu { n / 2 } else { n };
+    // The product, (batch, m, n) (or (batch, n, m) transposed), before the epilogue.
+    let mut prod = vec![0f32; batch * m * n];
+    let c_st = if o.trans_c { (1, m) } else { (n, 1) };
+    let par = parallelism();
+    if b_skip == 0 && !o.trans_a && !o.trans_c {
+        // A shared B: the batch's rows stack into one (batch * m, k) product.
+        // SAFETY: A (batch * m, k), B and C (batch * m, n) are in bounds with these strides.
+        unsafe { gemm((batch * m, n, k), prod.as_mut_ptr(), c_st, false, ad.as_ptr(), a_st, bd.as_ptr(), b_st, par) };
+    } else {
+        for i in 0..batch {
+            // SAFETY: item i's A, B and C lie at their skips, in bounds for the strides.
+            unsafe {
+                gemm(
+                    (m, n, k),
+                    prod[i * m * n..].as_mut_ptr(),
+                    c_st,
+                    false,
+                    ad[i * a_skip..].as_ptr(),
+                    a_st,
+                    bd[i * b_skip..].as_ptr(),
+                    b_st,
+                    par,
+                )
+            };
+        }
+    }
+    let epi = &o.epi;
+    let out = if o.trans_c {
+        // (batch, n, m): the bias is per row.
+        epilogue_rows(&mut prod, m, n, epi);
+        prod
+    } else if o.geglu {
+        let half = cols;
+        let mut out = vec![0f32; batch * m * half];
+        for_chunks(&mut out, half, |r, row| {
+            let bi = r / m;
+            let p = &prod[r * n..][..n];
+            let bias = epi.bias.map(|bias| bias_row(bias, epi.bias_at, bi, n));
+            for (j, v) in row.iter_mut().enumerate() {
+                let (x, g) = match bias {
+                    Some(bias) => (p[j] + bias[j], p[half + j] + bias[half + j]),
+                    None => (p[j], p[half + j]),
+                };
+                *v = x * gelu(g);
+            }
+        });
+        out
+    } else {
+        if epi.bias.is_some() || epi.act.is_some() || epi.residual.is_some() {
+            for_chunks(&mut prod, n, |r, row| {
+                let bias = epi.bias.map(|bias| bias_row(bias, epi.bias_at, r / m, n));
+                let res = epi.residual.map(|res| &res[r * n..][..n]);
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = apply(epi.act, *v + bias.map_or(0.0, |b| b[j])) + res.map_or(0.0, |r| r[j]);
+                }
+            });
+        }
+        prod
+    };
+    tensor(out, out_shape)
+}
+
+/// Layer norm of each `len`-long row of `x`, with an optional affine.
+pub fn layer_norm_rows(x: &[f32], len: usize, affine: Option<(&[f32], &[f32])>, eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for_chunks(&mut out, len, |r, row| {
+        let src = &x[r * len..][..len];
+        let mean = src.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+        let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
+        let (mean, rstd) = (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
+        for (j, (o, &v)) in row.iter_mut().zip(src).enumerate() {
+            let y = (v - mean) * rstd;
+            *o = match affine {
+                Some((g, b)) => y * g[j] + b[j],
+                None => y,
+            };
+        }
+    });
+    out
+}
+
+/// One of attention's operands: (batch, tokens, width) with the heads in `hd` columns from `col`.
+pub struct Heads<'a> {
+    pub t: &'a CTensor,
+    pub col: usize,
+}
+
+/// softmax(Q K^T * scale) V per head, each head multiplied where it lies in q, k and v; the result is
+/// (batch, lq, heads * d).
+pub fn attention(
+    q: Heads<'_>,
+    k: Heads<'_>,
+    v: Heads<'_>,
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    causal: bool,
+) -> Result<CTensor> {
+    let (qv, kv, vv) = (view(q.t)?, view(k.t)?, view(v.t)?);
+    let (qd, kd, vd) = (qv.get(), kv.get(), vv.get());
+    let (b, lq, wq) = q.t.dims3()?;
+    let (_, lk, wk) = k.t.dims3()?;
+    let wv = v.t.dims3()?.2;
+    let d = hd / heads;
+    let mut out = vec![0f32; b * lq * hd];
+    let dst = Shared(out.as_mut_ptr());
+    let chunks = lq.div_ceil(ATTN_ROWS);
+    let task = |t: usize| {
+        let (bh, c) = (t / chunks, t % chunks);
+        let (bi, h) = (bh / heads, bh % heads);
+        let r0 = c * ATTN_ROWS;
+        let rows = ATTN_ROWS.min(lq - r0);
+        let mut s = vec![0f32; rows * lk];
+        let qp = &qd[(bi * lq + r0) * wq + q.col + h * d..];
+        let kp = &kd[bi * lk * wk + k.col + h * d..];
+        let vp = &vd[bi * lk * wv + v.col + h * d..];
+        // SAFETY: Q's rows (rows, d) at stride wq, K^T (d, lk) read with strides (1, wk), S (rows, lk): all
+        // in bounds (the launcher checked the shapes).
+        unsafe {
+            gemm(
+                (rows, lk, d),
+                s.as_mut_ptr(),
+                (lk, 1),
+                false,
+                qp.as_ptr(),
+                (wq, 1),
+                kp.as_ptr(),
+                (1, wk),
+                Parallelism::None,
+            )
+        };
+        for (i, row) in s.chunks_mut(lk).enumerate() {
+            let valid = if causal { (r0 + i + 1).min(lk) } else { lk };
+            let max = row[..valid].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
+            let mut sum = 0.0;
+            for x in &mut row[..valid] {
+                *x = (*x * scale - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row[..valid].iter_mut().for_each(|x| *x *= inv);
+            row[valid..].fill(0.0);
+        }
+        // SAFETY: this task's output block, rows r0.. of batch bi and columns h * d .. + d, is written by no
+        // other task; V (lk, d) at stride wv is in bounds.
+        unsafe {
+            gemm(
+                (rows, d, lk),
+                dst.ptr().add((bi * lq + r0) * hd + h * d),
+                (hd, 1),
+                false,
+                s.as_ptr(),
+                (lk, 1),
+                vp.as_ptr(),
+                (wv, 1),
+                Parallelism::None,
+            )
+        };
+    };
+    if threads() > 1 {
+        (0..b * heads * chunks).into_par_iter().for_each(task);
+    } else {
+        (0..b * heads * chunks).for_each(task);
+    }
+    tensor(out, &[b, lq, hd])
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each op against the same computation composed of candle ops, at shapes that take every path (im2col in
+    //! several chunks, strides, asymmetric padding, upsampling, concatenation, normalization, shared and
+    //! batched operands, heads at column offsets, causal masks).
+    use super::*;
+    use candle_core::D;
+
+    fn rand(shape: &[usize], seed: u64) -> CTensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        CTensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn close(got: &CTensor, want: &CTensor, what: &str) {
+        assert_eq!(got.dims(), want.dims(), "{what}");
+        let (g, w) = (
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let err = g.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 2e-5 * scale, "{what}: max error {err} (scale {scale})");
+    }
+
+    fn gn_ref(x: &CTensor, groups: usize, gamma: &CTensor, beta: &CTensor, silu: bool) -> CTensor {
+        let dims = x.dims().to_vec();
+        let g = x.reshape((dims[0], groups, ())).unwrap();
+        let mean = g.mean_keepdim(D::Minus1).unwrap();
+        let centered = g.broadcast_sub(&mean).unwrap();
+        let var = centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let normed =
+            centered.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().reshape(dims.as_slice()).unwrap();
+        let c = dims[1];
+        let out = normed
+            .broadcast_mul(&gamma.reshape((1, c, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&beta.reshape((1, c, 1, 1)).unwrap())
+            .unwrap();
+        if silu { candle_nn::ops::silu(&out).unwrap() } else { out }
+    }
+
+    #[test]
+    fn conv2d_matches_candle() {
+        // (batch, cx, more channels, side, cout, kernel, stride, pads, upsample, norm)
+        let cases = [
+            (2, 64, 0, 128, 8, 3, 1, (1, 1), false, false), // im2col in 3 chunks
+            (1, 6, 0, 17, 5, 3, 2, (0, 1), false, false),   // the VAE encoder's downsampler
+            (2, 8, 0, 9, 4, 3, 1, (1, 1), true, false),     // upsample then conv
+            (2, 6, 10, 7, 5, 3, 1, (1, 1), false, true),    // norm + SiLU over a concatenation
+            (2, 8, 0, 6, 4, 1, 1, (0, 0), false, false),    // 1x1: no im2col
+            (1, 8, 8, 5, 4, 1, 1, (0, 0), false, true),     // 1x1 over a normalized concatenation
+        ];
+        for (i, &(b, cx, cm, side, cout, k, stride, (p0, p1), up, norm)) in cases.iter().enumerate() {
+            let x = rand(&[b, cx, side, side], 10 + i as u64);
+            let more = (cm > 0).then(|| rand(&[b, cm, side, side], 20 + i as u64));
+            let cin = cx + cm;
+            let w = rand(&[cout, cin, k, k], 30 + i as u64);
+            let bias = rand(&[b * cout + 3], 40 + i as u64);
+            let (gamma, beta) = (rand(&[cin], 50 + i as u64), rand(&[cin], 60 + i as u64));
+            let mut full = match &more {
+                Some(m) => CTensor::cat(&[&x, m], 1).unwrap(),
+                None => x.clone(),
+            };
+            let groups = 2;
+            let stats = norm.then(|| group_stats(&x, more.as_ref(), groups, 1e-5).unwrap());
+            if norm {
+                full = gn_ref(&full, groups, &gamma, &beta, true);
+            }
+            if up {
+                full = full.upsample_nearest2d(2 * side, 2 * side).unwrap();
+            }
+            let conv = full
+                .pad_with_zeros(2, p0, p1)
+                .unwrap()
+                .pad_with_zeros(3, p0, p1)
+                .unwrap()
+                .conv2d(&w, 0, stride, 1, 1)
+                .unwrap();
+            let rows: Vec<CTensor> = (0..b).map(|j| bias.narrow(0, 3 + j * cout, cout).unwrap()).collect();
+            let rows = CTensor::stack(&rows, 0).unwrap().reshape((b, cout, 1, 1)).unwrap();
+            let out_dims = conv.dims().to_vec();
+            let residual = rand(&out_dims, 70 + i as u64);
+            let want = (candle_nn::ops::silu(&conv.broadcast_add(&rows).unwrap()).unwrap() + &residual).unwrap();
+            let flat_stats: Vec<f32> = stats.iter().flatten().flatten().copied().collect();
+            let (gv, bv) = (view(&gamma).unwrap(), view(&beta).unwrap());
+            let input = ConvInput {
+                x: &x,
+                more: more.as_ref(),
+                norm: norm.then(|| (norm_affine(&flat_stats, groups, gv.get(), bv.get(), b), true)),
+                upsample: up,
+            };
+            let (wv, biasv, rv) = (view(&w).unwrap(), view(&bias).unwrap(), view(&residual).unwrap());
+            let epi = Epilogue {
+                bias: Some(biasv.get()),
+                bias_at: (3, cout),
+                act: Some(Activation::Silu),
+                residual: Some(rv.get()),
+            };
+            let got = conv2d(&input, wv.get(), cout, (k, k), (p0, p1), stride, &epi).unwrap();
+            close(&got, &want, &format!("conv case {i}"));
+        }
+    }
+
+    #[test]
+    fn group_norm_matches_candle() {
+        let x = rand(&[2, 12, 5, 7], 1);
+        let (g, b) = (rand(&[12], 2), rand(&[12], 3));
+        let (gv, bv) = (view(&g).unwrap(), view(&b).unwrap());
+        for silu in [false, true] {
+            let got = group_norm(&x, 4, gv.get(), bv.get(), 1e-5, silu).unwrap();
+            close(&got, &gn_ref(&x, 4, &g, &b, silu), "group norm");
+        }
+    }
+
+    #[test]
+    fn matmul_matches_candle() {
+        let (m, k, n) = (7, 12, 10);
+        for (ta, tb, tc, geglu, ln, batched_b) in [
+            (false, true, false, false, false, false),
+            (false, true, false, true, true, false),
+            (true, false, false, false, false, true),
+            (false, false, true, false, false, true),
+            (false, true, true, false, true, false),
+        ] {
+            let what =
+                format!("matmul trans_a {ta} trans_b {tb} trans_c {tc} geglu {geglu} ln {ln} batched B {batched_b}");
+            let a = rand(&if ta { [2, k, m] } else { [2, m, k] }, 5);
+            let bshape: Vec<usize> = match (batched_b, tb) {
+                (true, true) => vec![2, n, k],
+                (true, false) => vec![2, k, n],
+                (false, true) => vec![n, k],
+                (false, false) => vec![k, n],
+            };
+            let b = rand(&bshape, 6);
+            let (gamma, beta) = (rand(&[k], 7), rand(&[k], 8));
+            let bias = rand(&[2 * n], 9);
+            let mut ar = if ta { a.transpose(1, 2).unwrap() } else { a.clone() };
+            if ln {
+                ar = candle_nn::ops::layer_norm(&ar.contiguous().unwrap(), &gamma, &beta, 1e-5).unwrap();
+            }
+            let br = if tb { b.transpose(D::Minus2, D::Minus1).unwrap() } else { b.clone() };
+            let rows = CTensor::stack(&[bias.narrow(0, 0, n).unwrap(), bias.narrow(0, n, n).unwrap()], 0)
+                .unwrap()
+                .unsqueeze(1)
+                .unwrap();
+            let mut want = ar
+                .contiguous()
+                .unwrap()
+                .broadcast_matmul(&br.contiguous().unwrap())
+                .unwrap()
+                .broadcast_add(&rows)
+                .unwrap();
+            let act = (!geglu).then_some(Activation::Gelu);
+            if geglu {
+                let h = n / 2;
+                want = (want.narrow(2, 0, h).unwrap() * want.narrow(2, h, h).unwrap().gelu_erf().unwrap()).unwrap();
+            } else {
+                want = want.gelu_erf().unwrap();
+            }
+            if tc {
+                want = want.transpose(1, 2).unwrap().contiguous().unwrap();
+            }
+            let residual = (!geglu && !ln).then(|| rand(want.dims(), 11));
+            if let Some(r) = &residual {
+                want = (want + r).unwrap();
+            }
+            let (gv, bv, biasv) = (view(&gamma).unwrap(), view(&beta).unwrap(), view(&bias).unwrap());
+            let rv = residual.as_ref().map(|r| view(r).unwrap());
+            let o = Matmul {
+                trans_a: ta,
+                trans_b: tb,
+                trans_c: tc,
+                geglu,
+                layer_norm: ln.then(|| (gv.get(), bv.get(), 1e-5)),
+                epi: Epilogue { bias: Some(biasv.get()), bias_at: (0, n), act, residual: rv.as_ref().map(|r| r.get()) },
+            };
+            let got = matmul(&a, &b, &o, 2, want.dims()).unwrap();
+            close(&got, &want, &what);
+        }
+    }
+
+    #[test]
+    fn attention_matches_candle() {
+        let (b, lq, lk, heads, d) = (2, 70, 70, 3, 8);
+        let hd = heads * d;
+        // q inside a wider (q | k | v) tensor, k and v separate.
+        let qkv = rand(&[b, lq, 3 * hd], 12);
+        let (k, v) = (rand(&[b, lk, hd], 13), rand(&[b, lk, hd], 14));
+        let split =
+            |t: &CTensor, l: usize| t.reshape((b, l, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        for causal in [false, true] {
+            let q = qkv.narrow(2, hd, hd).unwrap();
+            let mut s =
+                (split(&q, lq).matmul(&split(&k, lk).t().unwrap().contiguous().unwrap()).unwrap() * 0.3).unwrap();
+            if causal {
+                let mask: Vec<f32> =
+                    (0..lq).flat_map(|i| (0..lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+                s = s.broadcast_add(&CTensor::from_vec(mask, (lq, lk), &Device::Cpu).unwrap()).unwrap();
+            }
+            let o = candle_nn::ops::softmax_last_dim(&s).unwrap().matmul(&split(&v, lk)).unwrap();
+            let want = o.transpose(1, 2).unwrap().reshape((b, lq, hd)).unwrap();
+            let got = attention(
+                Heads { t: &qkv, col: hd },
+                Heads { t: &k, col: 0 },
+                Heads { t: &v, col: 0 },
+                heads,
+                hd,
+                0.3,
+                causal,
+            )
+            .unwrap();
+            close(&got, &want, &format!("attention causal {causal}"));
+        }
+    }
+}
