@@ -278,7 +278,7 @@ pub fn conv2d(
     let direct = kh == 1 && kw == 1 && stride == 1 && p0 == 0 && p1 == 0 && up == 1;
     let direct = direct && input.norm.is_none() && input.more.is_none();
     let rows_per_chunk = (COL_CHUNK / (k * wo).max(1)).clamp(1, ho);
-    let mut col = if direct { Vec::new() } else { vec![0f32; k * rows_per_chunk * wo] };
+    let mut col = Scratch::take(if direct { 0 } else { k * rows_per_chunk * wo });
     let par = parallelism();
     for b in 0..batch {
         let out_b = &mut out[b * cout * n..][..cout * n];
@@ -371,6 +371,54 @@ pub fn conv2d(
     tensor(out, &[batch, cout, ho, wo])
 }
 
+/// A work buffer kept between ops (per thread), so the large temporaries of every conv do not cost fresh
+/// pages each time. Its contents are whatever the last user left: users overwrite what they read.
+struct Scratch(Vec<f32>);
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Scratch {
+    /// The largest kept buffer (or a new one), `len` long (none for 0).
+    fn take(len: usize) -> Self {
+        if len == 0 {
+            return Self(Vec::new());
+        }
+        let mut v = SCRATCH.with_borrow_mut(|kept| kept.pop()).unwrap_or_default();
+        v.resize(len, 0.0);
+        Self(v)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        if v.capacity() == 0 {
+            return;
+        }
+        SCRATCH.with_borrow_mut(|kept| {
+            if kept.len() < 4 {
+                kept.push(v);
+                kept.sort_by_key(|v| v.capacity());
+            }
+        });
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
 /// Applies `epi` to `out` laid out as (batch, channels, len): the bias is per (batch, channel).
 fn epilogue_rows(out: &mut [f32], len: usize, channels: usize, epi: &Epilogue<'_>) {
     if epi.bias.is_none() && epi.act.is_none() && epi.residual.is_none() {
@@ -408,10 +456,10 @@ pub fn matmul(a: &CTensor, b: &CTensor, o: &Matmul<'_>, batch: usize, out_shape:
     let a_skip = if ad.len() > 2 { ra * ca } else { 0 };
     let b_skip = if bd.len() > 2 { rb * cb } else { 0 };
     let av = view(a)?;
-    let normed;
+    let mut normed = Scratch::take(if o.layer_norm.is_some() { av.get().len() } else { 0 });
     let ad = match o.layer_norm {
         Some((g, beta, eps)) => {
-            normed = layer_norm_rows(av.get(), k, Some((g, beta)), eps);
+            layer_norm_rows(av.get(), &mut normed, k, Some((g, beta)), eps);
             &normed[..]
         }
         None => av.get(),
@@ -422,7 +470,10 @@ pub fn matmul(a: &CTensor, b: &CTensor, o: &Matmul<'_>, batch: usize, out_shape:
     let b_st = if o.trans_b { (1, k) } else { (n, 1) };
     let cols = if o.geglu { n / 2 } else { n };
     // The product, (batch, m, n) (or (batch, n, m) transposed), before the epilogue.
-    let mut prod = vec![0f32; batch * m * n];
+    // A GEGLU's product is a temporary: (batch, m, n) for a (batch, m, n / 2) result.
+    let mut temp = Scratch::take(if o.geglu { batch * m * n } else { 0 });
+    let mut owned = if o.geglu { Vec::new() } else { vec![0f32; batch * m * n] };
+    let prod: &mut [f32] = if o.geglu { &mut temp } else { &mut owned };
     let c_st = if o.trans_c { (1, m) } else { (n, 1) };
     let par = parallelism();
     if b_skip == 0 && !o.trans_a && !o.trans_c {
@@ -450,8 +501,8 @@ pub fn matmul(a: &CTensor, b: &CTensor, o: &Matmul<'_>, batch: usize, out_shape:
     let epi = &o.epi;
     let out = if o.trans_c {
         // (batch, n, m): the bias is per row.
-        epilogue_rows(&mut prod, m, n, epi);
-        prod
+        epilogue_rows(prod, m, n, epi);
+        owned
     } else if o.geglu {
         let half = cols;
         let mut out = vec![0f32; batch * m * half];
@@ -470,7 +521,7 @@ pub fn matmul(a: &CTensor, b: &CTensor, o: &Matmul<'_>, batch: usize, out_shape:
         out
     } else {
         if epi.bias.is_some() || epi.act.is_some() || epi.residual.is_some() {
-            for_chunks(&mut prod, n, |r, row| {
+            for_chunks(prod, n, |r, row| {
                 let bias = epi.bias.map(|bias| bias_row(bias, epi.bias_at, r / m, n));
                 let res = epi.residual.map(|res| &res[r * n..][..n]);
                 for (j, v) in row.iter_mut().enumerate() {
@@ -478,15 +529,14 @@ pub fn matmul(a: &CTensor, b: &CTensor, o: &Matmul<'_>, batch: usize, out_shape:
                 }
             });
         }
-        prod
+        owned
     };
     tensor(out, out_shape)
 }
 
-/// Layer norm of each `len`-long row of `x`, with an optional affine.
-pub fn layer_norm_rows(x: &[f32], len: usize, affine: Option<(&[f32], &[f32])>, eps: f32) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    for_chunks(&mut out, len, |r, row| {
+/// Layer norm of each `len`-long row of `x` into `out`, with an optional affine.
+pub fn layer_norm_rows(x: &[f32], out: &mut [f32], len: usize, affine: Option<(&[f32], &[f32])>, eps: f32) {
+    for_chunks(out, len, |r, row| {
         let src = &x[r * len..][..len];
         let mean = src.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
         let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
@@ -499,7 +549,6 @@ pub fn layer_norm_rows(x: &[f32], len: usize, affine: Option<(&[f32], &[f32])>, 
             };
         }
     });
-    out
 }
 
 /// One of attention's operands: (batch, tokens, width) with the heads in `hd` columns from `col`.
