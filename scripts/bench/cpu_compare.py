@@ -80,8 +80,13 @@ def main():
     print(f"ONNX Runtime {ort.__version__}: {ort_ms:.0f} ms, ours vs ONNX Runtime rel {ort_err:.2e}", flush=True)
 
     ms = ours["unet_cfg_step_ms"]
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{cpu}, {os.cpu_count()} cores",
         "threads": args.threads,
         "size": ours["width"],
         "ours_ms": ms,
@@ -94,6 +99,7 @@ def main():
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
     }
     json.dump(result, open(args.json, "w"), indent=2)
+    print(f"\n{result['machine']}")
     print(f"\n| SD 1.5 UNet CFG step, {ours['width']}x{ours['height']}, f32, {args.threads} threads | ms | ours / it |")
     print("|---|---|---|")
     print(f"| ours (CPU path, candle) | {ms:.0f} | 1.00 |")
