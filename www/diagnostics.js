@@ -81,24 +81,36 @@ function benchOptions() {
   return { size: size > 0 ? size : 512, narrow: narrow > 0 ? narrow : 1 };
 }
 
+// The CPU path's benchmark: SD 1.5 at a fifth of its widths (weights in wasm memory: 137 MB instead of 3.4 GB) at
+// 256x256, unless the URL asks otherwise.
+function cpuBenchOptions() {
+  const q = new URLSearchParams(location.search);
+  const size = Number(q.get('bench-size') || 256);
+  const narrow = Number(q.get('bench-narrow') || 5);
+  return { size: size > 0 ? size : 256, narrow: narrow > 0 ? narrow : 5 };
+}
+
+// Runs one benchmark (diag: the WebGPU device's Diagnostics, or null for the CPU path) and adds its row.
 async function runBenchmark(diag, arch, label, buttons) {
   const status = $('bench-status');
-  const { size, narrow } = benchOptions();
+  const { size, narrow } = diag ? benchOptions() : cpuBenchOptions();
   buttons.forEach((b) => { b.disabled = true; });
   status.dataset.state = 'running';
   status.className = '';
   try {
-    const r = await diag.benchmark(arch, size, narrow, (m) => { status.textContent = `${label}: ${m}\u2026`; });
+    const progress = (m) => { status.textContent = `${label}: ${m}\u2026`; };
+    const r = diag ? await diag.benchmark(arch, size, narrow, progress) : await Diagnostics.benchmarkCpu(arch, size, narrow, progress);
+    const cpu = !diag;
     const mib = (b) => `${(b / 2 ** 20).toFixed(0)} MiB`;
     $('bench-results').querySelector('tbody').append(el('tr', { className: 'bench-row' },
       el('td', { textContent: narrow > 1 ? `${label} (widths / ${narrow})` : label }),
       el('td', { textContent: `${size}x${size}` }),
       el('td', { className: 'num bench-ms', textContent: r.unet_cfg_step_ms.toFixed(1) }),
-      el('td', { className: 'num bench-dispatches', textContent: String(r.unet_step_dispatches) }),
+      el('td', { className: 'num bench-dispatches', textContent: cpu ? '-' : String(r.unet_step_dispatches) }),
       el('td', { textContent: r.weights }),
       el('td', { textContent: r.act }),
       el('td', { className: 'num', textContent: `${r.load_s.toFixed(1)} s` }),
-      el('td', { className: 'num', textContent: mib(r.peak_gpu_bytes) }),
+      el('td', { className: 'num', textContent: cpu ? '-' : mib(r.peak_gpu_bytes) }),
       el('td', { textContent: `${r.adapter} (${r.backend})` })));
     status.textContent = `${label}: ${r.unet_cfg_step_ms.toFixed(1)} ms per step.`;
     status.dataset.state = 'done';
@@ -110,6 +122,11 @@ async function runBenchmark(diag, arch, label, buttons) {
   buttons.forEach((b) => { b.disabled = false; });
 }
 
+function enableCpuBenchmark(buttons) {
+  $('bench-cpu').onclick = () => runBenchmark(null, 'sd15', 'SD 1.5 on the CPU path', buttons);
+  buttons.forEach((b) => { b.disabled = false; });
+}
+
 async function main() {
   const facts = await browserAdapterFacts().catch((e) => { console.error(e); return null; });
   if (!facts) {
@@ -118,6 +135,8 @@ async function main() {
       'Firefox or Safari. On Linux, Chrome may need chrome://flags/#enable-unsafe-webgpu and Vulkan.' }));
     $('summary').textContent = 'No self-check without WebGPU.';
     $('summary').dataset.state = 'no-webgpu';
+    await init();
+    enableCpuBenchmark([$('bench-cpu')]);
     return;
   }
   $('adapter').replaceChildren(el('h3', { textContent: 'As the browser reports it' }), factTable(facts));
@@ -138,10 +157,10 @@ async function main() {
     ['maxStorageBufferBindingSize', a.max_storage_buffer_binding_size],
     ['maxComputeWorkgroupStorageSize', a.max_compute_workgroup_storage_size],
   ]));
-  const buttons = [$('bench-sd15'), $('bench-turbo')];
+  const buttons = [$('bench-sd15'), $('bench-turbo'), $('bench-cpu')];
   $('bench-sd15').onclick = () => runBenchmark(diag, 'sd15', 'SD 1.5', buttons);
   $('bench-turbo').onclick = () => runBenchmark(diag, 'sd-turbo', 'SD-Turbo', buttons);
-  buttons.forEach((b) => { b.disabled = false; });
+  enableCpuBenchmark(buttons);
   $('rerun').disabled = false;
   $('rerun').onclick = async () => {
     $('rerun').disabled = true;

@@ -83,6 +83,33 @@ impl Diagnostics {
         })
     }
 
+    /// Times a UNet CFG step of `arch` on the CPU path (what runs without WebGPU: candle in wasm, one thread)
+    /// with random f32 weights made on the spot, widths divided by `narrow`; resolves to the same figures as
+    /// [`Diagnostics::benchmark`]. Needs no WebGPU.
+    #[wasm_bindgen(js_name = benchmarkCpu)]
+    pub fn benchmark_cpu(arch: String, size: u32, narrow: u32, on_progress: js_sys::Function) -> js_sys::Promise {
+        wasm_bindgen_futures::future_to_promise(async move {
+            let e = |er: crate::Error| JsValue::from(js_err(er));
+            let arch: crate::bench::Arch = arch.parse().map_err(e)?;
+            let progress = |m: &str| {
+                let _ = on_progress.call1(&JsValue::NULL, &m.into());
+            };
+            let ctx = GpuContext::cpu();
+            let r = crate::bench::bench_unet(
+                &ctx,
+                arch,
+                narrow.max(1) as usize,
+                size as usize,
+                LoadPolicy::F32,
+                3,
+                progress,
+            )
+            .await
+            .map_err(e)?;
+            to_js(&r).map_err(JsValue::from)
+        })
+    }
+
     /// Runs one self-check; resolves to an array of case reports (passed, max_abs_err, worst, ...).
     #[wasm_bindgen(js_name = runCheck)]
     pub fn run_check(&self, name: String) -> js_sys::Promise {

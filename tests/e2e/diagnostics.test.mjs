@@ -35,11 +35,20 @@ test('every kernel passes its self-check in the browser', { timeout: 600_000 }, 
   await page.close();
 });
 
-test('without WebGPU the page says so plainly', { timeout: 60_000 }, async () => {
+test('without WebGPU the page says so plainly, and benchmarks the CPU path', { timeout: 120_000 }, async () => {
   const page = await env.browser.newPage();
+  const errors = recordErrors(page);
   await page.addInitScript(() => { delete Object.getPrototypeOf(navigator).gpu; });
-  await page.goto(`${env.server.url}diagnostics.html`);
+  await page.goto(`${env.server.url}diagnostics.html?bench-size=64&bench-narrow=10`);
   await page.locator('#summary[data-state="no-webgpu"]').waitFor({ timeout: 30_000 });
   assert.match(await page.locator('#adapter').textContent(), /no WebGPU adapter/);
+  // The CPU path's benchmark needs no WebGPU.
+  await page.locator('#bench-cpu:not([disabled])').click({ timeout: 30_000 });
+  const bench = page.locator('#bench-status');
+  await bench.and(page.locator('[data-state="done"], [data-state="error"]')).waitFor({ timeout: 90_000 });
+  assert.equal(await bench.getAttribute('data-state'), 'done', `${await bench.textContent()}\n${errors.join('\n')}`);
+  const row = await page.locator('tr.bench-row').first().textContent();
+  assert.match(row, /CPU \(candle\)/);
+  assert.ok(Number(await page.locator('tr.bench-row .bench-ms').first().textContent()) > 0, row);
   await page.close();
 });
