@@ -131,11 +131,25 @@ async fn engine_generates_with_previews_and_cancels() {
 #[wasm_bindgen_test]
 async fn tiny_pipeline_matches_diffusers_in_the_browser() {
     let ctx = GpuContext::new().await.unwrap_or_else(|e| panic!("the browser test needs WebGPU: {e}"));
+    let psnr = fixture_psnr(&ctx).await;
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB against diffusers");
+}
+
+/// The CPU path as a browser without WebGPU runs it (candle in wasm, one thread, the gemm crate's simd128
+/// kernels, 3x3 convs as Winograd F(2x2, 3x3)): the same fixture within PSNR 40 dB of diffusers.
+#[wasm_bindgen_test]
+async fn tiny_pipeline_on_the_cpu_path_matches_diffusers_in_the_browser() {
+    let psnr = fixture_psnr(&GpuContext::cpu()).await;
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB against diffusers on the CPU path");
+}
+
+/// The fixture model and request on `ctx`: six steps, then the image's PSNR against diffusers'.
+async fn fixture_psnr(ctx: &GpuContext) -> f64 {
     let mut src = MemorySource::new();
     for (path, bytes) in FILES {
         src.insert(path, bytes.to_vec());
     }
-    let sd = StableDiffusion::load(&ctx, &src, LoadPolicy::F32).unwrap();
+    let sd = StableDiffusion::load(ctx, &src, LoadPolicy::F32).unwrap();
     let req = fixture_request();
     let mut steps = 0;
     let mut on_step = |_: &latent_gen::pipeline::Step<'_>| {
@@ -146,8 +160,7 @@ async fn tiny_pipeline_matches_diffusers_in_the_browser() {
     assert_eq!(steps, 6);
     let refs = include_bytes!("../../tests/fixtures/refs/pipelines/sd1-tiny_dpm++2m_s1_6steps_g7.5_96x64.safetensors");
     let refs = safetensors::SafeTensors::deserialize(refs).unwrap();
-    let psnr = psnr(&image.rgba, refs.tensor("image").unwrap().data());
-    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB against diffusers");
+    psnr(&image.rgba, refs.tensor("image").unwrap().data())
 }
 
 /// Under artificially lowered WebGPU limits (2 MiB bindings and buffers, as `ContextOptions` caps them) the
