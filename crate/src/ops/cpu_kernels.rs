@@ -125,6 +125,29 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// A group norm's per-channel scale and shift `st` applied to `x`, then SiLU when asked.
+#[inline]
+fn normalized(x: f32, [s, t]: [f32; 2], silu: bool) -> f32 {
+    let y = x * s + t;
+    if silu { y * sigmoid(y) } else { y }
+}
+
+/// Channel `ch` of batch item `b` in the concatenation of x (cx channels) and `more` (cm), `hw` elements each.
+fn channel_of<'a>(
+    xd: &'a [f32],
+    md: Option<&'a [f32]>,
+    (cx, cm, hw): (usize, usize, usize),
+    b: usize,
+    ch: usize,
+) -> &'a [f32] {
+    if ch < cx {
+        &xd[(b * cx + ch) * hw..][..hw]
+    } else {
+        let md = md.expect("channels past x are more's");
+        &md[(b * cm + ch - cx) * hw..][..hw]
+    }
+}
+
 #[inline]
 fn gelu(x: f32) -> f32 {
     (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x
@@ -167,14 +190,7 @@ pub fn group_stats(x: &CTensor, more: Option<&CTensor>, groups: usize, eps: f32)
     let c = cx + cm;
     let per = c / groups;
     let (xd, md) = (xs.get(), ms.as_ref().map(|m| m.get()));
-    let channel = |b: usize, ch: usize| -> &[f32] {
-        if ch < cx {
-            &xd[(b * cx + ch) * hw..][..hw]
-        } else {
-            let md = md.expect("channels past x are more's");
-            &md[(b * cm + ch - cx) * hw..][..hw]
-        }
-    };
+    let channel = |b: usize, ch: usize| channel_of(xd, md, (cx, cm, hw), b, ch);
     let one = |i: usize| -> [f32; 2] {
         let (b, g) = (i / groups, i % groups);
         let chans = g * per..(g + 1) * per;
@@ -204,10 +220,9 @@ pub fn group_norm(x: &CTensor, groups: usize, gamma: &[f32], beta: &[f32], eps: 
     for_chunks(&mut out, hw.max(1), |i, o| {
         let (b, ch) = (i / c, i % c);
         let [mean, rstd] = stats[b * groups + ch / (c / groups)];
-        let (s, t) = (rstd * gamma[ch], beta[ch] - mean * rstd * gamma[ch]);
+        let st = [rstd * gamma[ch], beta[ch] - mean * rstd * gamma[ch]];
         for (o, &v) in o.iter_mut().zip(&xd[i * hw..]) {
-            let y = v * s + t;
-            *o = if silu { y * sigmoid(y) } else { y };
+            *o = normalized(v, st, silu);
         }
     });
     tensor(out, &dims)
@@ -268,14 +283,7 @@ pub fn conv2d(
     let wo = (w + p0 + p1 - kw) / stride + 1;
     let (k, n) = (cin * kh * kw, ho * wo);
     let mut out = vec![0f32; batch * cout * n];
-    let channel = |b: usize, ch: usize| -> &[f32] {
-        if ch < cx {
-            &xd[(b * cx + ch) * hx * wx..][..hx * wx]
-        } else {
-            let md = md.expect("channels past x are more's");
-            &md[(b * cm + ch - cx) * hx * wx..][..hx * wx]
-        }
-    };
+    let channel = |b: usize, ch: usize| channel_of(xd, md, (cx, cm, hx * wx), b, ch);
     if WINOGRAD && kh == 3 && kw == 3 && stride == 1 && p0 == 1 && p1 == 1 && cin.min(cout) >= WINOGRAD_MIN {
         let src = Source { channel: &channel, norm: input.norm.as_ref(), cin, hx, wx, up };
         for b in 0..batch {
@@ -322,13 +330,9 @@ pub fn conv2d(
                 let normed: Vec<f32>;
                 let (src, base) = match &input.norm {
                     Some((a, silu)) if first <= last => {
-                        let [s, t] = a[b * cin + ch];
                         normed = src[first * wx..(last + 1) * wx]
                             .iter()
-                            .map(|&v| {
-                                let y = v * s + t;
-                                if *silu { y * sigmoid(y) } else { y }
-                            })
+                            .map(|&v| normalized(v, a[b * cin + ch], *silu))
                             .collect();
                         (&normed[..], first)
                     }
@@ -427,10 +431,7 @@ fn winograd3x3(src: &Source<'_>, b: usize, weight: &[f32], cout: usize, out: &mu
             let (pw, ph) = (2 * tiles_x + 2, 2 * trows + 2);
             let mut plane = vec![0f32; pw * ph];
             let data = (src.channel)(b, ch);
-            let (s, t, silu, norm) = match src.norm {
-                Some((a, silu)) => (a[b * cin + ch][0], a[b * cin + ch][1], *silu, true),
-                None => (1.0, 0.0, false, false),
-            };
+            let norm = src.norm.map(|(a, silu)| (a[b * cin + ch], *silu));
             for (r, prow) in plane.chunks_mut(pw).enumerate() {
                 let iy = (2 * ty0 + r) as isize - 1;
                 if iy < 0 || iy >= h as isize {
@@ -439,12 +440,7 @@ fn winograd3x3(src: &Source<'_>, b: usize, weight: &[f32], cout: usize, out: &mu
                 let srow = &data[(iy as usize / src.up) * src.wx..][..src.wx];
                 for (ix, p) in prow[1..=w].iter_mut().enumerate() {
                     let x = srow[ix / src.up];
-                    *p = if norm {
-                        let y = x * s + t;
-                        if silu { y * sigmoid(y) } else { y }
-                    } else {
-                        x
-                    };
+                    *p = norm.map_or(x, |(st, silu)| normalized(x, st, silu));
                 }
             }
             for ty in 0..trows {
