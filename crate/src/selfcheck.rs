@@ -267,6 +267,15 @@ async fn activations(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     Ok(())
 }
 
+/// `tile`, and the cooperative matrix tile too for f16 on a device that has it.
+fn tiles(ctx: &GpuContext, dtype: DType, tile: Tile) -> Vec<Tile> {
+    let mut t = vec![tile];
+    if dtype == DType::F16 && ctx.coop().is_some() {
+        t.push(Tile::Coop);
+    }
+    t
+}
+
 /// Tolerances for a k-long dot product of values in [-1, 1) stored in `dtype`.
 fn dot_tol(dtype: DType, k: usize) -> (f32, f32) {
     let scale = (k as f32).sqrt();
@@ -291,7 +300,9 @@ async fn matmul(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
         (&[2], &[], 129, 320, 20, false, true, true, Some(Activation::QuickGelu), Tile::Small),
     ];
     for dtype in act_dtypes(ctx) {
-        for (bda, bdb, m, k, n, ta, tb, has_bias, act, tile) in cases {
+        for (bda, bdb, m, k, n, ta, tb, has_bias, act, tile) in cases.into_iter().flat_map(|c| {
+            tiles(ctx, dtype, c.9).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, t))
+        }) {
             let shape_a: Vec<usize> = bda.iter().copied().chain(if ta { [k, m] } else { [m, k] }).collect();
             let shape_b: Vec<usize> = bdb.iter().copied().chain(if tb { [n, k] } else { [k, n] }).collect();
             let da = rounded(rng.uniform(shape_a.iter().product(), -1.0, 1.0), dtype);
@@ -355,6 +366,23 @@ async fn matmul_weights(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()
             let case = format!("x [{rows}, {k}] f32, weight [{n}, {k}] {wdtype}");
             let (atol, rtol) = dot_tol(DType::F32, k);
             r.push(compare("matmul_weights", case, &got, &flat(&want)?, atol, rtol));
+            // f16 activations (how real-size models run), on each tile they can take.
+            if ctx.has_f16() {
+                let dx16 = rounded(dx.clone(), DType::F16);
+                let x16 = Tensor::from_f32_as(ctx, &[rows, k], &dx16, DType::F16)?;
+                let bias16 = Tensor::from_f32_as(ctx, &[n], &dbias, DType::F16)?;
+                let dbias16 = rounded(dbias.clone(), DType::F16);
+                let want = cpu(&dx16, &[rows, k])?
+                    .matmul(&cpu(&stored, &[n, k])?.t()?)?
+                    .broadcast_add(&cpu(&dbias16, &[n])?)?;
+                for tile in tiles(ctx, DType::F16, Tile::Small) {
+                    let opts = MatmulOpts { bias: Some(&bias16), tile: Some(tile), ..Default::default() };
+                    let got = ops::linear_with(ctx, &x16, &w, opts)?.to_vec_f32(ctx).await?;
+                    let case = format!("x [{rows}, {k}] f16, weight [{n}, {k}] {wdtype} {tile:?}");
+                    let (atol, rtol) = dot_tol(DType::F16, k);
+                    r.push(compare("matmul_weights", case, &got, &flat(&want)?, atol, rtol));
+                }
+            }
         }
         // The stored blocks are candle's own quantization, and dequantize as candle does.
         for (wdtype, gdtype) in [(DType::Q8_0, GgmlDType::Q8_0), (DType::Q4_0, GgmlDType::Q4_0)] {
@@ -380,7 +408,9 @@ async fn conv2d(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
         (1, 4, 10, 9, 6, 3, 2, 0, 1, Tile::Small),
     ];
     for dtype in act_dtypes(ctx) {
-        for (b, cin, h, w, cout, k, stride, pad, pad_end, tile) in cases {
+        for (b, cin, h, w, cout, k, stride, pad, pad_end, tile) in cases.into_iter().flat_map(|c| {
+            tiles(ctx, dtype, c.9).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, t))
+        }) {
             let dx = rounded(rng.uniform(b * cin * h * w, -1.0, 1.0), dtype);
             let dw = rounded(rng.uniform(cout * cin * k * k, -1.0, 1.0), dtype);
             let dbias = rounded(rng.uniform(cout, -1.0, 1.0), dtype);
@@ -442,7 +472,10 @@ async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 (100, 64, 256, true, true, false, Tile::Large),
                 (33, 64, 192, false, true, false, Tile::Small),
             ];
-            for (m, k, n, ln, geglu, res, tile) in cases {
+            for (m, k, n, ln, geglu, res, tile) in cases
+                .into_iter()
+                .flat_map(|c| tiles(ctx, dtype, c.6).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, t)))
+            {
                 if wdtype.is_quantized() && k % 32 != 0 {
                     continue;
                 }
@@ -496,6 +529,8 @@ async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
         // Convolutions over a group-normalized input (+ SiLU), the norm applied as the input is loaded.
         for (shape, more, silu, up, tile) in
             [(&[2usize, 8, 9, 7][..], 0usize, true, false, Tile::Small), (&[2, 6, 6, 5], 2, false, true, Tile::Large)]
+                .into_iter()
+                .flat_map(|c| tiles(ctx, dtype, c.4).into_iter().map(move |t| (c.0, c.1, c.2, c.3, t)))
         {
             let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
             let (cin, groups, cout) = (c + more, 4, 9);
@@ -546,7 +581,10 @@ async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             (&[1, 4, 5, 6], 0, true, 3, false, false, Tile::Small),
             (&[2, 6, 4, 4], 2, true, 3, false, true, Tile::Large),
         ];
-        for (shape, more, up, k, res, rows, tile) in convs {
+        for (shape, more, up, k, res, rows, tile) in convs
+            .into_iter()
+            .flat_map(|c| tiles(ctx, dtype, c.6).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, t)))
+        {
             let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
             let cout = 9;
             let (gx, cx) = pair(ctx, &mut rng, shape, dtype)?;

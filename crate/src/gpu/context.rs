@@ -29,12 +29,47 @@ pub struct ContextOptions {
     /// code path for small limits runs, and is validated, on any machine.
     pub max_binding: Option<u64>,
     pub max_buffer: Option<u64>,
+    /// Use cooperative matrices (tensor cores; wgpu's experimental feature, native Vulkan and Metal) for f16
+    /// GEMMs where the adapter has them (default). Off, every GEMM runs the portable kernels.
+    pub coop: bool,
 }
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        Self { f16: true, max_binding: None, max_buffer: None }
+        Self { f16: true, max_binding: None, max_buffer: None, coop: true }
     }
+}
+
+/// The cooperative matrix configuration the f16 GEMMs use: `size` x `size` x `size` fragments of f16 inputs
+/// with f32 accumulators, on subgroups of exactly `subgroup` invocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct CoopConfig {
+    pub size: u32,
+    pub subgroup: u32,
+}
+
+/// The configuration [`CoopConfig`] the adapter offers, if any: f16 x f16 -> f32 at 16 (NVIDIA, AMD) or 8
+/// (Apple, lavapipe), and one subgroup size (the kernels assign fragments to subgroups by their id).
+fn coop_config(adapter: &wgpu::Adapter) -> Option<CoopConfig> {
+    if !adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SUBGROUP) {
+        return None;
+    }
+    let info = adapter.get_info();
+    let subgroup = info.subgroup_min_size;
+    if subgroup == 0 || subgroup != info.subgroup_max_size {
+        return None;
+    }
+    let props = adapter.cooperative_matrix_properties();
+    [16, 8]
+        .into_iter()
+        .find(|&s| {
+            props.iter().any(|c| {
+                (c.m_size, c.n_size, c.k_size) == (s, s, s)
+                    && c.ab_type == wgpu::CooperativeScalarType::F16
+                    && c.cr_type == wgpu::CooperativeScalarType::F32
+            })
+        })
+        .map(|size| CoopConfig { size, subgroup })
 }
 
 /// What the adapter is and what the device was created with, in a form that prints and serializes.
@@ -54,6 +89,10 @@ pub struct AdapterSummary {
     pub max_compute_invocations_per_workgroup: u32,
     pub max_compute_workgroups_per_dimension: u32,
     pub max_storage_buffers_per_shader_stage: u32,
+    /// The adapter's cooperative matrix configurations (native Vulkan/Metal only), as "MxNxK a->c".
+    pub cooperative_matrix: Vec<String>,
+    /// The configuration the f16 GEMMs run on, when enabled.
+    pub coop: Option<CoopConfig>,
 }
 
 impl std::fmt::Display for AdapterSummary {
@@ -72,7 +111,15 @@ impl std::fmt::Display for AdapterSummary {
         writeln!(f, "maxComputeWorkgroupStorageSize: {}", self.max_compute_workgroup_storage_size)?;
         writeln!(f, "maxComputeInvocationsPerWorkgroup: {}", self.max_compute_invocations_per_workgroup)?;
         writeln!(f, "maxComputeWorkgroupsPerDimension: {}", self.max_compute_workgroups_per_dimension)?;
-        write!(f, "maxStorageBuffersPerShaderStage: {}", self.max_storage_buffers_per_shader_stage)
+        write!(f, "maxStorageBuffersPerShaderStage: {}", self.max_storage_buffers_per_shader_stage)?;
+        if !self.cooperative_matrix.is_empty() {
+            write!(f, "\ncooperative matrix: {}", self.cooperative_matrix.join(", "))?;
+            match self.coop {
+                Some(c) => write!(f, " (f16 GEMMs on {0}x{0} fragments, subgroups of {1})", c.size, c.subgroup)?,
+                None => write!(f, " (not used)")?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -137,6 +184,11 @@ impl GpuContext {
         if !options.f16 {
             features.remove(wgpu::Features::SHADER_F16);
         }
+        let coop =
+            if options.coop && features.contains(wgpu::Features::SHADER_F16) { coop_config(adapter) } else { None };
+        if coop.is_some() {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         let mut limits = adapter.limits();
         if let Some(cap) = options.max_binding {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
@@ -150,6 +202,14 @@ impl GpuContext {
                 required_features: features,
                 required_limits: limits.clone(),
                 memory_hints: wgpu::MemoryHints::Performance,
+                // SAFETY: the only experimental feature requested is cooperative matrices, and only when the
+                // adapter reports an f16 x f16 -> f32 configuration the GEMM kernels are written for; their
+                // results are checked against candle (selfcheck) like every other kernel's.
+                experimental_features: if coop.is_some() {
+                    unsafe { wgpu::ExperimentalFeatures::enabled() }
+                } else {
+                    wgpu::ExperimentalFeatures::disabled()
+                },
                 ..Default::default()
             })
             .await
@@ -170,6 +230,12 @@ impl GpuContext {
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
             max_compute_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_shader_stage: limits.max_storage_buffers_per_shader_stage,
+            cooperative_matrix: adapter
+                .cooperative_matrix_properties()
+                .iter()
+                .map(|c| format!("{}x{}x{} {:?}->{:?}", c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type))
+                .collect(),
+            coop,
         };
         Ok(Self::from_device(device, queue, summary))
     }
@@ -237,6 +303,8 @@ impl GpuContext {
             max_compute_invocations_per_workgroup: 0,
             max_compute_workgroups_per_dimension: u32::MAX,
             max_storage_buffers_per_shader_stage: u32::MAX,
+            cooperative_matrix: Vec::new(),
+            coop: None,
         };
         Self { backend: Backend::Cpu, summary: Ref::new(summary) }
     }
@@ -260,6 +328,11 @@ impl GpuContext {
     }
 
     /// Whether kernels may use f16 arithmetic and f16 activations.
+    /// The cooperative matrix configuration the f16 GEMMs run on, if the device has one enabled.
+    pub fn coop(&self) -> Option<CoopConfig> {
+        self.summary.coop
+    }
+
     pub fn has_f16(&self) -> bool {
         self.summary.shader_f16
     }

@@ -38,16 +38,23 @@ pub struct Spec {
     pub f16: bool,
     pub consts: Vec<(&'static str, Const)>,
     /// Extra type aliases, e.g. ("src", "f32").
-    pub aliases: Vec<(&'static str, &'static str)>,
+    pub aliases: Vec<(&'static str, String)>,
+    /// Extra `enable` directives (e.g. "subgroups"), for kernels that only run where the device has them.
+    pub enables: Vec<&'static str>,
 }
 
 impl Spec {
     pub fn new(f16: bool) -> Self {
-        Self { f16, consts: Vec::new(), aliases: Vec::new() }
+        Self { f16, ..Default::default() }
     }
 
-    pub fn alias(mut self, name: &'static str, ty: &'static str) -> Self {
-        self.aliases.push((name, ty));
+    pub fn enable(mut self, extension: &'static str) -> Self {
+        self.enables.push(extension);
+        self
+    }
+
+    pub fn alias(mut self, name: &'static str, ty: impl Into<String>) -> Self {
+        self.aliases.push((name, ty.into()));
         self
     }
 
@@ -68,6 +75,9 @@ impl Spec {
 
     fn preamble(&self) -> String {
         let mut s = String::new();
+        for e in &self.enables {
+            let _ = writeln!(s, "enable {e};");
+        }
         if self.f16 {
             s.push_str("enable f16;\nalias act = f16;\nalias act4 = vec4<f16>;\n");
         } else {

@@ -1,5 +1,6 @@
-//! Matmul, linear layers and conv2d, all on one tiled GEMM kernel core (`kernels/gemm.wgsl`) with per-op
-//! operand loaders. The weight operand (B) may be f32/f16 activations or packed f16, q8_0 or q4_0 weights.
+//! Matmul, linear layers and conv2d, all on one tiled GEMM kernel core (`kernels/gemm.wgsl`, or
+//! `kernels/gemm_coop.wgsl` on cooperative matrices) with per-op operand loaders. The weight operand (B) may
+//! be f32/f16 activations or packed f16, q8_0 or q4_0 weights.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -8,7 +9,9 @@ use crate::error::{Error, Result, shape_err};
 use crate::gpu::{DType, GpuContext, Kernel, Spec, Tensor};
 
 const COMMON: &str = include_str!("../kernels/common.wgsl");
+const GEMM_COMMON: &str = include_str!("../kernels/gemm_common.wgsl");
 const CORE: &str = include_str!("../kernels/gemm.wgsl");
+const COOP: &str = include_str!("../kernels/gemm_coop.wgsl");
 const B_ACT: &str = include_str!("../kernels/gemm_b_act.wgsl");
 const B_F16: &str = include_str!("../kernels/gemm_b_f16.wgsl");
 const B_Q8: &str = include_str!("../kernels/gemm_b_q8_0.wgsl");
@@ -16,27 +19,38 @@ const B_Q4: &str = include_str!("../kernels/gemm_b_q4_0.wgsl");
 const MATMUL: &str = include_str!("../kernels/matmul.wgsl");
 const CONV: &str = include_str!("../kernels/conv2d.wgsl");
 
-macro_rules! gemm_kernel {
-    ($name:literal, $b:ident, $op:ident) => {
-        Kernel { name: $name, sources: &[COMMON, CORE, $b, $op], entry: "", inputs: 6, outputs: 1 }
+macro_rules! gemm_kernels {
+    ($core:ident, $suffix:literal) => {
+        [
+            [
+                gemm_kernels!(@one "matmul_b_act", $suffix, $core, B_ACT, MATMUL),
+                gemm_kernels!(@one "matmul_b_f16", $suffix, $core, B_F16, MATMUL),
+                gemm_kernels!(@one "matmul_b_q8_0", $suffix, $core, B_Q8, MATMUL),
+                gemm_kernels!(@one "matmul_b_q4_0", $suffix, $core, B_Q4, MATMUL),
+            ],
+            [
+                gemm_kernels!(@one "conv2d_b_act", $suffix, $core, B_ACT, CONV),
+                gemm_kernels!(@one "conv2d_b_f16", $suffix, $core, B_F16, CONV),
+                gemm_kernels!(@one "conv2d_b_q8_0", $suffix, $core, B_Q8, CONV),
+                gemm_kernels!(@one "conv2d_b_q4_0", $suffix, $core, B_Q4, CONV),
+            ],
+        ]
+    };
+    (@one $name:literal, $suffix:literal, $core:ident, $b:ident, $op:ident) => {
+        Kernel {
+            name: concat!($name, $suffix),
+            sources: &[COMMON, GEMM_COMMON, $core, $b, $op],
+            entry: "",
+            inputs: 6,
+            outputs: 1,
+        }
     };
 }
 
 /// Kernels by [op][B operand kind]: the entry point is filled in from the tile.
-const KERNELS: [[Kernel; 4]; 2] = [
-    [
-        gemm_kernel!("matmul_b_act", B_ACT, MATMUL),
-        gemm_kernel!("matmul_b_f16", B_F16, MATMUL),
-        gemm_kernel!("matmul_b_q8_0", B_Q8, MATMUL),
-        gemm_kernel!("matmul_b_q4_0", B_Q4, MATMUL),
-    ],
-    [
-        gemm_kernel!("conv2d_b_act", B_ACT, CONV),
-        gemm_kernel!("conv2d_b_f16", B_F16, CONV),
-        gemm_kernel!("conv2d_b_q8_0", B_Q8, CONV),
-        gemm_kernel!("conv2d_b_q4_0", B_Q4, CONV),
-    ],
-];
+const KERNELS: [[Kernel; 4]; 2] = gemm_kernels!(CORE, "");
+/// The same on cooperative matrices ([`Tile::Coop`]).
+const COOP_KERNELS: [[Kernel; 4]; 2] = gemm_kernels!(COOP, "_coop");
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, Pod, Zeroable)]
@@ -72,7 +86,15 @@ pub enum Tile {
     Small,
     /// 128x128 outputs per workgroup, 8x8 per invocation, 256 invocations.
     Large,
+    /// Cooperative matrices (f16 activations on a device with [`GpuContext::coop`]): 2x2 subgroups of 2x2
+    /// fragments each, so (4 S)x(4 S) outputs per workgroup: 64x64 with NVIDIA's and AMD's 16x16 fragments.
+    Coop,
 }
+
+/// Subgroups per coop workgroup, along m and n, and fragments along k per tile step.
+const COOP_SGM: u32 = 2;
+const COOP_SGN: u32 = 2;
+const COOP_KF: u32 = 2;
 
 impl Tile {
     /// The tile for an (m, n) output: large tiles once there are enough of them to fill a big GPU.
@@ -81,10 +103,43 @@ impl Tile {
         if m >= 128 && n >= 128 && large_tiles >= 128 { Tile::Large } else { Tile::Small }
     }
 
-    fn dims(self) -> (u32, u32, u32, u32, &'static str) {
+    /// The tile a GEMM with `dtype` activations runs on: `chosen` if given, cooperative matrices for f16
+    /// where the device has them, else by shape.
+    fn pick(ctx: &GpuContext, op: &'static str, dtype: DType, chosen: Option<Tile>, shape: [usize; 3]) -> Result<Tile> {
+        let coop = ctx.coop().is_some() && dtype == DType::F16;
+        match chosen {
+            Some(Tile::Coop) if !coop => Err(Error::Invalid(format!(
+                "{op}: the cooperative matrix tile needs f16 activations on a device with cooperative matrices \
+                 ({dtype} activations; device: {})",
+                if ctx.coop().is_some() { "has them" } else { "has none" }
+            ))),
+            Some(t) => Ok(t),
+            None if coop => Ok(Tile::Coop),
+            None => Ok(Tile::for_shape(shape[0], shape[1], shape[2])),
+        }
+    }
+
+    /// (BM, BN, BK, entry point) and the rest of the tile's specialization.
+    fn dims(self, ctx: &GpuContext) -> (u32, u32, u32, &'static str, Spec) {
         match self {
-            Tile::Small => (64, 64, 16, 4, "gemm_4x4"),
-            Tile::Large => (128, 128, 16, 8, "gemm_8x8"),
+            Tile::Small => (64, 64, 16, "gemm_4x4", Spec::default().u32("TM", 4)),
+            Tile::Large => (128, 128, 16, "gemm_8x8", Spec::default().u32("TM", 8)),
+            Tile::Coop => {
+                let c = ctx.coop().expect("Tile::pick checked");
+                let s = c.size;
+                let ty = |t: &str, role: &str| format!("coop_mat{s}x{s}<{t}, {role}>");
+                let spec = Spec::default()
+                    .enable("wgpu_cooperative_matrix")
+                    .alias("coop_a", ty("f16", "A"))
+                    .alias("coop_b", ty("f16", "B"))
+                    .alias("coop_c", ty("f32", "C"))
+                    .u32("S", s)
+                    .u32("SG", c.subgroup)
+                    .u32("SGM", COOP_SGM)
+                    .u32("SGN", COOP_SGN)
+                    .u32("KF", COOP_KF);
+                (2 * COOP_SGM * s, 2 * COOP_SGN * s, COOP_KF * s, "gemm_coop", spec)
+            }
         }
     }
 }
@@ -173,7 +228,7 @@ pub struct MatmulOpts<'a> {
     pub residual: Option<&'a Tensor>,
     /// The result is stored transposed, (.., n, m): tokens back to channels-first images.
     pub trans_c: bool,
-    /// Overrides the tile choice (tests use it to cover both tiles).
+    /// Overrides the tile choice (tests use it to cover every tile).
     pub tile: Option<Tile>,
 }
 
@@ -290,7 +345,9 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
         eps: opts.layer_norm.map_or(0.0, |ln| ln.eps),
         ..Default::default()
     };
-    let tile = if opts.geglu { Tile::Large } else { opts.tile.unwrap_or(Tile::for_shape(m, n, batch)) };
+    let tile = Tile::pick(ctx, OP, a.dtype(), opts.tile, [m, n, batch])?;
+    // GEGLU pairs columns BN / 2 apart within a block: the 8x8 tile's blocks, or the coop tile's.
+    let tile = if opts.geglu && tile != Tile::Coop { Tile::Large } else { tile };
     let fuse = Fuse {
         residual: opts.residual.is_some(),
         layer_norm: opts.layer_norm.is_some(),
@@ -305,7 +362,7 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
             .flag("C_TRANS", opts.trans_c)
     };
     let aux = opts.residual.or(opts.layer_norm.map(|ln| &ln.packed));
-    launch(ctx, OP, &KERNELS[0][kind], tile, spec, params, [a, b], opts.bias, aux, None, &out)?;
+    launch(ctx, OP, (0, kind), tile, spec, params, [a, b], opts.bias, aux, None, &out)?;
     Ok(out)
 }
 
@@ -526,7 +583,7 @@ pub fn conv2d(
         groups: opts.norm.map_or(1, |n| n.params.groups) as u32,
         _pad: [0; 3],
     };
-    let tile = opts.tile.unwrap_or(Tile::for_shape(m, cout, batch));
+    let tile = Tile::pick(ctx, OP, x.dtype(), opts.tile, [m, cout, batch])?;
     let fuse = Fuse {
         residual: opts.residual.is_some(),
         concat: opts.concat.is_some(),
@@ -545,7 +602,7 @@ pub fn conv2d(
     };
     let aux = opts.residual.or(opts.concat);
     let gn = opts.norm.map(|n| [n.stats, &n.params.packed]);
-    launch(ctx, OP, &KERNELS[1][kind], tile, spec, params, [x, weight], bias, aux, gn, &out)?;
+    launch(ctx, OP, (1, kind), tile, spec, params, [x, weight], bias, aux, gn, &out)?;
     Ok(out)
 }
 
@@ -553,7 +610,7 @@ pub fn conv2d(
 fn launch(
     ctx: &GpuContext,
     op: &'static str,
-    kernel: &Kernel,
+    (op_index, b_kind): (usize, usize),
     tile: Tile,
     spec: impl FnOnce(Spec) -> Spec,
     params: Params,
@@ -563,9 +620,10 @@ fn launch(
     group_norm: Option<[&Tensor; 2]>,
     out: &Tensor,
 ) -> Result<()> {
-    let (bm, bn, bk, tm, entry) = tile.dims();
-    let kernel = Kernel { entry, ..*kernel };
-    let spec = spec(Spec::new(a.dtype() == DType::F16).u32("BM", bm).u32("BN", bn).u32("BK", bk).u32("TM", tm));
+    let (bm, bn, bk, entry, base) = tile.dims(ctx);
+    let table = if tile == Tile::Coop { &COOP_KERNELS } else { &KERNELS };
+    let kernel = Kernel { entry, ..table[op_index][b_kind] };
+    let spec = spec(Spec { f16: a.dtype() == DType::F16, ..base }.u32("BM", bm).u32("BN", bn).u32("BK", bk));
     let dummy = Tensor::empty(ctx, op, &[1], a.dtype())?;
     let (bias, aux) = (bias.unwrap_or(&dummy), aux.unwrap_or(&dummy));
     let [stats, affine] = group_norm.unwrap_or([&dummy, &dummy]);

@@ -1,0 +1,121 @@
+// What the tiled GEMM cores (gemm.wgsl, portable; gemm_coop.wgsl, cooperative matrices) share: matmul and
+// conv2d run on either (conv2d is an implicit GEMM: its A tile is gathered from the input image, never
+// materialized as an im2col buffer).
+//
+//   C[b, m, n] = act(sum_k A(b, m, k) * B(b, k, n) + bias[off + b * sb + n]) (+ residual)
+//
+// The op's source provides the bindings a (1), b (2) and c (7) and
+//   fn load_a(b: u32, m: u32, k: u32) -> f32     0 outside the matrix
+//   fn load_b(b: u32, k: u32, n: u32) -> f32     0 outside the matrix
+//   fn c_index(b: u32, m: u32, n: u32) -> u32    where C[b, m, n] goes in c
+// Constants: BM, BN, BK (workgroup tile), TM (portable core: micro-tile per invocation, 4 -> 4x4, 8 -> 8x8), and A_K_FAST /
+// B_K_FAST: whether consecutive invocations walk k (else m / n) when loading a tile, so that global reads are
+// contiguous for the operand's layout. Accumulators are named vec4 variables, not arrays: naga turns local
+// arrays into memory round-trips.
+//
+// Fusions, each a constant, all reading the `aux` binding (so at most one at a time):
+//   AUX_RES  adds aux[c_index(b, m, n)] after the activation: a residual connection.
+//   AUX_LN   layer-normalizes A's rows before the product (matmul, A not transposed): aux is (gamma; beta),
+//            (2, k). Each workgroup computes its rows' mean and variance first (two passes over the rows,
+//            partial sums through the A tile's memory), so no extra workgroup memory is used.
+//   (conv2d reads aux as a second input with AUX_CAT, and group-normalizes its input as it loads it with
+//   GN_A; see conv2d.wgsl.)
+//   GEGLU    (8x8 and coop tiles) B's columns (and the bias) are [hidden (n/2) | gate (n/2)] and C, n/2 wide, gets
+//            hidden * gelu(gate): the GEMM's columns are permuted so that each invocation's two column blocks,
+//            BN/2 apart, hold a hidden column and its gate.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    sa: u32,        // batch stride of A in elements (0: shared by the batch)
+    sb: u32,        // batch stride of B in elements (0: shared by the batch)
+    sc: u32,        // batch stride of C in elements
+    qoff: u32,      // quantized B: offset of the scales in u32 words
+    cin: u32,       // conv: input channels
+    h: u32,         // conv: input height (of the 2x upsampled image with UP2)
+    w: u32,         // conv: input width (likewise)
+    wo: u32,        // conv: output width
+    stride: u32,    // conv
+    pad: u32,       // conv
+    has_bias: u32,
+    act: u32,       // activation code, see apply_act
+    bias_off: u32,  // first bias element
+    bias_sb: u32,   // batch stride of the bias (0: one bias row for the batch)
+    split: u32,     // conv with AUX_CAT: channels read from a; the rest come from aux
+    eps: f32,       // AUX_LN: layer norm epsilon
+    groups: u32,    // conv with GN_A: the group norm's groups
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(3) var<storage, read> bias: array<act>;  // bias rows, bound to a dummy when has_bias is 0
+@group(0) @binding(4) var<storage, read> aux: array<act>;   // see the fusions above; a dummy when none
+@group(0) @binding(5) var<storage, read> gn_stats: array<f32>;  // conv with GN_A: (batch * groups, 2) mean, 1/std
+@group(0) @binding(6) var<storage, read> gn_affine: array<act>; // conv with GN_A: (2, cin) gamma; beta
+
+fn a_rows(bi: u32, m: u32, k: u32) -> vec4<f32> {
+    return vec4<f32>(load_a(bi, m, k), load_a(bi, m + 1u, k), load_a(bi, m + 2u, k), load_a(bi, m + 3u, k));
+}
+
+// GEGLU: the B (and bias) column behind GEMM column n.
+fn src_col(n: u32) -> u32 {
+    if (!GEGLU || n >= p.n) {
+        return n;
+    }
+    let half = BN / 2u;
+    let g = n / BN;
+    let j = n - g * BN;
+    if (j < half) {
+        return g * half + j;
+    }
+    return p.n / 2u + g * half + j - half;
+}
+
+fn bias_at(bi: u32, n: u32) -> f32 {
+    if (p.has_bias == 0u) {
+        return 0.0;
+    }
+    return f32(bias[p.bias_off + bi * p.bias_sb + n]);
+}
+
+// C[bi, m, n] = act(v + bias) (+ residual), if inside C.
+fn store_one(bi: u32, m: u32, n: u32, v: f32) {
+    if (m >= p.m || n >= p.n) {
+        return;
+    }
+    let i = c_index(bi, m, n);
+    var r = apply_act(p.act, v + bias_at(bi, n));
+    if (AUX_RES) {
+        r += f32(aux[i]);
+    }
+    c[i] = act(r);
+}
+
+fn store_vec(bi: u32, m: u32, n: u32, v: vec4<f32>) {
+    for (var j = 0u; j < 4u; j++) {
+        store_one(bi, m, n + j, v[j]);
+    }
+}
+
+// GEGLU: row m, hidden GEMM column na (in the first half of its BN block) and its gate (BN / 2 later).
+fn store_glu_one(bi: u32, m: u32, na: u32, h: f32, g: f32) {
+    let half = p.n / 2u;
+    let col = (na / BN) * (BN / 2u) + na % BN;
+    if (m >= p.m || col >= half) {
+        return;
+    }
+    let gate = g + bias_at(bi, half + col);
+    c[c_index(bi, m, col)] = act((h + bias_at(bi, col)) * gelu_f32(gate));
+}
+
+// GEGLU: row m, hidden columns na.. (GEMM columns, in the first half of their block) and their gates.
+fn store_glu(bi: u32, m: u32, na: u32, h: vec4<f32>, g: vec4<f32>) {
+    for (var j = 0u; j < 4u; j++) {
+        store_glu_one(bi, m, na + j, h[j], g[j]);
+    }
+}
+
