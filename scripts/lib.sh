@@ -84,3 +84,33 @@ ensure_judge_python() {
   log "installing numpy and pillow for the judge"
   "$venv/bin/pip" install --quiet --disable-pip-version-check numpy pillow
 }
+
+# Mesa's lavapipe with cooperative matrices (VK_KHR_cooperative_matrix: Debian trixie-backports' Mesa 26;
+# bookworm's Mesa 22.3 has none), so that the tensor-core GEMM path runs in the tests on any machine. apt
+# downloads it with the trixie libraries it needs (signatures checked against the system's keyring) into
+# target/mesa-coop, where it is unpacked, once; nothing is installed on the system. Programs use it through
+# trixie's dynamic loader: sets COOP_ICD (the driver manifest) and COOP_RUNNER (the loader command).
+ensure_coop_lavapipe() {
+  local d="$ROOT/target/mesa-coop"
+  if [ ! -f "$d/ok" ]; then
+    log "fetching Mesa's lavapipe with cooperative matrices (Debian trixie-backports, ~60 MB, once)"
+    rm -rf "$d"
+    mkdir -p "$d/apt/lists/partial" "$d/apt/cache/archives/partial" "$d/root"
+    : >"$d/apt/status"
+    printf 'deb [arch=amd64] http://deb.debian.org/debian %s main\n' trixie trixie-backports >"$d/apt/sources.list"
+    local o=(-o "Dir::Etc::SourceList=$d/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+      -o "Dir::State::Lists=$d/apt/lists" -o "Dir::State::status=$d/apt/status" -o "Dir::Cache=$d/apt/cache"
+      -o APT::Architecture=amd64 -o APT::Architectures=amd64 -o Debug::NoLocking=1)
+    apt-get "${o[@]}" -qq update
+    apt-get "${o[@]}" -qq install -y --download-only --no-install-recommends -t trixie-backports \
+      mesa-vulkan-drivers >/dev/null
+    local f
+    for f in "$d"/apt/cache/archives/*.deb; do dpkg -x "$f" "$d/root"; done
+    rm -rf "$d/apt"
+    sed 's#"library_path": "[^"]*"#"library_path": "'"$d"'/root/usr/lib/x86_64-linux-gnu/libvulkan_lvp.so"#' \
+      "$d/root/usr/share/vulkan/icd.d/lvp_icd.json" >"$d/lvp.json"
+    touch "$d/ok"
+  fi
+  COOP_ICD="$d/lvp.json"
+  COOP_RUNNER="$d/root/usr/lib64/ld-linux-x86-64.so.2 --library-path $d/root/usr/lib/x86_64-linux-gnu"
+}

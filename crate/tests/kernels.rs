@@ -15,6 +15,14 @@ fn context() -> GpuContext {
         let ctx =
             pollster::block_on(GpuContext::new()).unwrap_or_else(|e| panic!("kernel tests need a GPU adapter: {e}"));
         eprintln!("{}", ctx.summary());
+        // scripts/test runs the GEMM checks a second time on a lavapipe with cooperative matrices: there
+        // they must take that path (selfcheck adds the coop tile to every f16 GEMM case when the device has it).
+        if std::env::var_os("LATENT_GEN_EXPECT_COOP").is_some() {
+            assert!(
+                ctx.coop().is_some(),
+                "LATENT_GEN_EXPECT_COOP is set but the adapter has no usable cooperative matrices"
+            );
+        }
         ctx
     })
     .clone()
