@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::gpu::{CostReport, DType, GpuContext, Tensor};
-use crate::ops::{self, Conv2dOpts, MatmulOpts};
+use crate::ops::{self, Conv2dOpts, MatmulOpts, Tile};
 use crate::selfcheck::Rng;
 
 /// A monotonic clock that works natively and in a browser (where `std::time::Instant` panics).
@@ -50,6 +50,8 @@ pub struct BenchRecord {
     pub iters: usize,
     pub gflops: Option<f64>,
     pub gbps: Option<f64>,
+    /// The GEMM core a matmul or conv ran on: "coop" (cooperative matrices), "portable"; "" for other kernels.
+    pub tile: String,
     pub adapter: String,
     pub backend: String,
 }
@@ -63,8 +65,8 @@ impl std::fmt::Display for BenchRecord {
         };
         write!(
             f,
-            "{:<14} {:<44} {:<4} {:<5} {:>10.3} ms {rate}",
-            self.kernel, self.shape, self.dtype, self.weights, self.ms
+            "{:<14} {:<44} {:<4} {:<5} {:<8} {:>10.3} ms {rate}",
+            self.kernel, self.shape, self.dtype, self.weights, self.tile, self.ms
         )
     }
 }
@@ -78,6 +80,7 @@ enum Work {
 struct Case {
     kernel: &'static str,
     shape: String,
+    tile: &'static str,
     dtype: DType,
     weights: DType,
     work: Work,
@@ -98,18 +101,21 @@ fn matmul_case(
     (m, k, n): (usize, usize, usize),
     dtype: DType,
     w: DType,
+    portable: bool,
 ) -> Result<Case> {
+    let tile = portable.then(|| Tile::for_shape(m, n, 1));
     let a = random(ctx, rng, &[m, k], dtype)?;
     let b = random(ctx, rng, &[n, k], w)?;
     let bias = random(ctx, rng, &[n], dtype)?;
     Ok(Case {
         kernel: "matmul",
         shape: format!("{label}{m}x{k} . {n}x{k}^T"),
+        tile: tile_name(ctx, dtype, tile),
         dtype,
         weights: w,
         work: Work::Flops(2.0 * (m * n * k) as f64),
         run: Box::new(move |ctx| {
-            ops::matmul(ctx, &a, &b, MatmulOpts { trans_b: true, bias: Some(&bias), ..Default::default() })
+            ops::matmul(ctx, &a, &b, MatmulOpts { trans_b: true, bias: Some(&bias), tile, ..Default::default() })
         }),
     })
 }
@@ -120,20 +126,24 @@ fn conv_case(
     (b, cin, hw): (usize, usize, usize),
     (cout, k, stride): (usize, usize, usize),
     dtype: DType,
+    portable: bool,
 ) -> Result<Case> {
     let x = random(ctx, rng, &[b, cin, hw, hw], dtype)?;
     let w = random(ctx, rng, &[cout, cin, k, k], dtype)?;
     let bias = random(ctx, rng, &[cout], dtype)?;
     let pad = k / 2;
     let ho = (hw + 2 * pad - k) / stride + 1;
+    let tile = portable.then(|| Tile::for_shape(ho * ho, cout, b));
     Ok(Case {
         kernel: "conv2d",
         shape: format!("{b}x{cin}x{hw}x{hw} -> {cout} k{k} s{stride}"),
+        tile: tile_name(ctx, dtype, tile),
         dtype,
         weights: dtype,
         work: Work::Flops(2.0 * (b * cout * ho * ho * cin * k * k) as f64),
         run: Box::new(move |ctx| {
-            ops::conv2d(ctx, &x, &w, (k, k), Some(&bias), Conv2dOpts { stride, padding: pad, ..Default::default() })
+            let opts = Conv2dOpts { stride, padding: pad, tile, ..Default::default() };
+            ops::conv2d(ctx, &x, &w, (k, k), Some(&bias), opts)
         }),
     })
 }
@@ -151,11 +161,22 @@ fn attention_case(
     Ok(Case {
         kernel: "attention",
         shape: format!("b{b} q{lq} kv{lk} {heads}x{d}"),
+        tile: "",
         dtype,
         weights: dtype,
         work: Work::Flops(4.0 * (b * heads * lq * lk * d) as f64),
         run: Box::new(move |ctx| ops::attention(ctx, &q, &k, &v, heads, scale, false)),
     })
+}
+
+/// What a GEMM with `dtype` activations and tile override `tile` runs on.
+fn tile_name(ctx: &GpuContext, dtype: DType, tile: Option<Tile>) -> &'static str {
+    match tile {
+        Some(Tile::Coop) => "coop",
+        Some(_) => "portable",
+        None if dtype == DType::F16 && ctx.coop().is_some() => "coop",
+        None => "portable",
+    }
 }
 
 fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
@@ -167,23 +188,33 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
     let mut v = Vec::new();
     for &dt in &dtypes {
         let esize = if dt == DType::F16 { 2.0 } else { 4.0 };
+        // GEMMs on the tile they get, and again on the portable tiles where that is cooperative matrices.
+        let mut portable = vec![false];
+        if dt == DType::F16 && ctx.coop().is_some() {
+            portable.push(true);
+        }
+        for &portable in &portable {
+            if quick {
+                v.push(matmul_case(ctx, &mut rng, "", (512, 512, 512), dt, dt, portable)?);
+                v.push(matmul_case(ctx, &mut rng, "ff ", (1024, 320, 1280), dt, dt, portable)?);
+                v.push(conv_case(ctx, &mut rng, (1, 64, 32), (64, 3, 1), dt, portable)?);
+            } else {
+                v.push(matmul_case(ctx, &mut rng, "", (4096, 4096, 4096), dt, dt, portable)?);
+                // The UNet's largest linear layers at 64x64 latents, CFG batch 2: GEGLU in, FF out, attention q.
+                v.push(matmul_case(ctx, &mut rng, "geglu ", (8192, 320, 2560), dt, dt, portable)?);
+                v.push(matmul_case(ctx, &mut rng, "ff_out ", (8192, 1280, 320), dt, dt, portable)?);
+                v.push(matmul_case(ctx, &mut rng, "to_q ", (8192, 320, 320), dt, dt, portable)?);
+                v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 1), dt, portable)?);
+                v.push(conv_case(ctx, &mut rng, (2, 640, 32), (640, 3, 1), dt, portable)?);
+                v.push(conv_case(ctx, &mut rng, (2, 1280, 16), (1280, 3, 1), dt, portable)?);
+                v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 2), dt, portable)?);
+                v.push(conv_case(ctx, &mut rng, (1, 256, 256), (256, 3, 1), dt, portable)?);
+            }
+        }
         if quick {
-            v.push(matmul_case(ctx, &mut rng, "", (512, 512, 512), dt, dt)?);
-            v.push(matmul_case(ctx, &mut rng, "ff ", (1024, 320, 1280), dt, dt)?);
-            v.push(conv_case(ctx, &mut rng, (1, 64, 32), (64, 3, 1), dt)?);
             v.push(attention_case(ctx, &mut rng, (1, 1024, 1024, 8, 40), dt)?);
             v.push(attention_case(ctx, &mut rng, (1, 1024, 77, 8, 40), dt)?);
         } else {
-            v.push(matmul_case(ctx, &mut rng, "", (4096, 4096, 4096), dt, dt)?);
-            // The UNet's largest linear layers at 64x64 latents, CFG batch 2: GEGLU in, FF out, attention q.
-            v.push(matmul_case(ctx, &mut rng, "geglu ", (8192, 320, 2560), dt, dt)?);
-            v.push(matmul_case(ctx, &mut rng, "ff_out ", (8192, 1280, 320), dt, dt)?);
-            v.push(matmul_case(ctx, &mut rng, "to_q ", (8192, 320, 320), dt, dt)?);
-            v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 1), dt)?);
-            v.push(conv_case(ctx, &mut rng, (2, 640, 32), (640, 3, 1), dt)?);
-            v.push(conv_case(ctx, &mut rng, (2, 1280, 16), (1280, 3, 1), dt)?);
-            v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 2), dt)?);
-            v.push(conv_case(ctx, &mut rng, (1, 256, 256), (256, 3, 1), dt)?);
             v.push(attention_case(ctx, &mut rng, (2, 4096, 4096, 8, 40), dt)?);
             v.push(attention_case(ctx, &mut rng, (2, 4096, 77, 8, 40), dt)?);
         }
@@ -196,6 +227,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
         let xg = x.clone();
         v.push(Case {
             kernel: "group_norm",
+            tile: "",
             shape: format!("{b}x{c}x{hw}x{hw} g32 +silu"),
             dtype: dt,
             weights: dt,
@@ -206,6 +238,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
         let y = random(ctx, &mut rng, &[b, c, 1, 1], dt)?;
         v.push(Case {
             kernel: "add",
+            tile: "",
             shape: format!("{b}x{c}x{hw}x{hw} + {b}x{c}x1x1"),
             dtype: dt,
             weights: dt,
@@ -216,6 +249,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
         let t = random(ctx, &mut rng, &[tokens, 2560], dt)?;
         v.push(Case {
             kernel: "geglu",
+            tile: "",
             shape: format!("{tokens}x2560"),
             dtype: dt,
             weights: dt,
@@ -226,7 +260,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
     // Quantized and f16 weights with f32 activations: the GEGLU projection.
     let (m, k, n) = if quick { (1024, 320, 1280) } else { (8192, 320, 2560) };
     for w in [DType::F16, DType::Q8_0, DType::Q4_0] {
-        v.push(matmul_case(ctx, &mut rng, "geglu ", (m, k, n), DType::F32, w)?);
+        v.push(matmul_case(ctx, &mut rng, "geglu ", (m, k, n), DType::F32, w, false)?);
     }
     Ok(v)
 }
@@ -274,6 +308,7 @@ pub async fn bench_kernels(
             iters,
             gflops,
             gbps,
+            tile: case.tile.into(),
             adapter: summary.name.clone(),
             backend: summary.backend.clone(),
         };

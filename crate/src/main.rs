@@ -8,7 +8,7 @@ mod cli {
 
     use clap::{Parser, Subcommand, ValueEnum};
     use latent_gen::compose::{self, Axis};
-    use latent_gen::gpu::{DType, GpuContext};
+    use latent_gen::gpu::{ContextOptions, DType, GpuContext};
     use latent_gen::image::Image;
     use latent_gen::pipeline::{Adapters, Control, InitImage, Request, StableDiffusion};
     use latent_gen::schedulers::SchedulerKind;
@@ -24,6 +24,10 @@ mod cli {
     struct Cli {
         #[command(subcommand)]
         command: Command,
+        /// Never use cooperative matrices (tensor cores), even where the GPU has them: every GEMM runs the
+        /// portable kernels, as in a browser (to compare the two).
+        #[arg(long, global = true)]
+        no_coop: bool,
     }
 
     #[derive(Subcommand)]
@@ -319,6 +323,8 @@ mod cli {
     }
 
     async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+        let options = ContextOptions { coop: !cli.no_coop, ..Default::default() };
+        let gpu_or_cpu = || gpu_or_cpu(options);
         match cli.command {
             Command::Generate(g) => {
                 let ctx = if g.cpu { GpuContext::cpu() } else { gpu_or_cpu().await? };
@@ -334,18 +340,18 @@ mod cli {
             }
             Command::Convert(c) => convert(c),
             Command::Info => {
-                println!("{}", GpuContext::new().await?.summary());
+                println!("{}", GpuContext::with_options(options).await?.summary());
                 Ok(())
             }
             Command::Bench { what: what @ Bench::WriteModel { .. } } => bench(&GpuContext::cpu(), what).await,
             Command::Bench { what: what @ Bench::Unet { cpu: true, .. } } => bench(&GpuContext::cpu(), what).await,
-            Command::Bench { what } => bench(&GpuContext::new().await?, what).await,
+            Command::Bench { what } => bench(&GpuContext::with_options(options).await?, what).await,
         }
     }
 
     /// The GPU, or the CPU fallback with a warning when there is no adapter.
-    async fn gpu_or_cpu() -> Result<GpuContext, Box<dyn std::error::Error>> {
-        match GpuContext::new().await {
+    async fn gpu_or_cpu(options: ContextOptions) -> Result<GpuContext, Box<dyn std::error::Error>> {
+        match GpuContext::with_options(options).await {
             Ok(ctx) => Ok(ctx),
             Err(e @ latent_gen::Error::NoAdapter(_)) => {
                 eprintln!("warning: {e}\nfalling back to the CPU (much slower)");
@@ -370,7 +376,10 @@ mod cli {
             Bench::Kernels { quick, json, only } => {
                 let s = ctx.summary();
                 println!("adapter: {} ({}, {})", s.name, s.backend, s.device_type);
-                println!("{:<14} {:<44} {:<4} {:<5} {:>13} {:>15}", "kernel", "shape", "act", "wt", "time", "rate");
+                println!(
+                    "{:<14} {:<44} {:<4} {:<5} {:<8} {:>13} {:>15}",
+                    "kernel", "shape", "act", "wt", "tile", "time", "rate"
+                );
                 let records =
                     latent_gen::bench::bench_kernels(ctx, quick, only.as_deref(), |r| println!("{r}")).await?;
                 if let Some(path) = json {

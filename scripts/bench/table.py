@@ -116,15 +116,17 @@ def main():
                            f"{'-' if tf is None else f'{tf:.1f}'} | {(v['bytes_read'] + v['bytes_written']) / 1e6:.0f} |")
             out.append("")
     if kernels:
-        out.append("| kernel | shape | act | weights | ms | rate |")
-        out.append("|---|---|---|---|---|---|")
+        out.append("| kernel | shape | act | weights | GEMM core | ms | rate |")
+        out.append("|---|---|---|---|---|---|---|")
         for k in kernels:
             g = k.get("gflops")
             rate = (f"{g / 1e3:.2f} TFLOP/s" if g >= 1000 else f"{g:.1f} GFLOP/s") if g else f"{k.get('gbps', 0):.1f} GB/s"
-            out.append(f"| {k['kernel']} | {k['shape']} | {k['dtype']} | {k['weights']} | {ms(k['ms'])} | {rate} |")
+            out.append(f"| {k['kernel']} | {k['shape']} | {k['dtype']} | {k['weights']} | {k.get('tile', '')} | "
+                       f"{ms(k['ms'])} | {rate} |")
         pm = [r for r in torch["results"] if r["workload"].startswith("matmul")]
         for r in pm:
-            out.append(f"| PyTorch matmul | {r['workload']} | {r['dtype']} | | {ms(r['ms'])} | {r.get('tflops', '-')} TFLOP/s |")
+            out.append(f"| PyTorch matmul | {r['workload']} | {r['dtype']} | | | {ms(r['ms'])} | "
+                       f"{r.get('tflops', '-')} TFLOP/s |")
         out.append("")
     print("\n".join(out))
 
