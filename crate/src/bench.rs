@@ -50,7 +50,8 @@ pub struct BenchRecord {
     pub iters: usize,
     pub gflops: Option<f64>,
     pub gbps: Option<f64>,
-    /// The GEMM core a matmul or conv ran on: "coop" (cooperative matrices), "portable"; "" for other kernels.
+    /// The GEMM tile a matmul or conv ran on: "small" / "large" (portable, 64 / 128 square), "coop" /
+    /// "coop-128" (cooperative matrices, 4 / 8 fragments square); "" for other kernels.
     pub tile: String,
     pub adapter: String,
     pub backend: String,
@@ -101,16 +102,16 @@ fn matmul_case(
     (m, k, n): (usize, usize, usize),
     dtype: DType,
     w: DType,
-    portable: bool,
+    tile: Option<Tile>,
 ) -> Result<Case> {
-    let tile = portable.then(|| Tile::for_shape(m, n, 1));
+    let (tile, tile_name) = resolve_tile(tile, (m, n, 1));
     let a = random(ctx, rng, &[m, k], dtype)?;
     let b = random(ctx, rng, &[n, k], w)?;
     let bias = random(ctx, rng, &[n], dtype)?;
     Ok(Case {
         kernel: "matmul",
         shape: format!("{label}{m}x{k} . {n}x{k}^T"),
-        tile: tile_name(ctx, dtype, tile),
+        tile: tile_name,
         dtype,
         weights: w,
         work: Work::Flops(2.0 * (m * n * k) as f64),
@@ -126,18 +127,18 @@ fn conv_case(
     (b, cin, hw): (usize, usize, usize),
     (cout, k, stride): (usize, usize, usize),
     dtype: DType,
-    portable: bool,
+    tile: Option<Tile>,
 ) -> Result<Case> {
     let x = random(ctx, rng, &[b, cin, hw, hw], dtype)?;
     let w = random(ctx, rng, &[cout, cin, k, k], dtype)?;
     let bias = random(ctx, rng, &[cout], dtype)?;
     let pad = k / 2;
     let ho = (hw + 2 * pad - k) / stride + 1;
-    let tile = portable.then(|| Tile::for_shape(ho * ho, cout, b));
+    let (tile, tile_name) = resolve_tile(tile, (ho * ho, cout, b));
     Ok(Case {
         kernel: "conv2d",
         shape: format!("{b}x{cin}x{hw}x{hw} -> {cout} k{k} s{stride}"),
-        tile: tile_name(ctx, dtype, tile),
+        tile: tile_name,
         dtype,
         weights: dtype,
         work: Work::Flops(2.0 * (b * cout * ho * ho * cin * k * k) as f64),
@@ -169,14 +170,26 @@ fn attention_case(
     })
 }
 
-/// What a GEMM with `dtype` activations and tile override `tile` runs on.
-fn tile_name(ctx: &GpuContext, dtype: DType, tile: Option<Tile>) -> &'static str {
-    match tile {
-        Some(Tile::Coop) => "coop",
-        Some(_) => "portable",
-        None if dtype == DType::F16 && ctx.coop().is_some() => "coop",
-        None => "portable",
+/// The GEMM tiles a benchmark runs with `dtype` activations: the portable tile for the shape (`None`), and
+/// both cooperative matrix tiles where the device has them.
+fn gemm_tiles(ctx: &GpuContext, dtype: DType) -> Vec<Option<Tile>> {
+    let mut t = vec![None];
+    if dtype == DType::F16 && ctx.coop().is_some() {
+        t.extend([Some(Tile::Coop), Some(Tile::CoopLarge)]);
     }
+    t
+}
+
+/// The tile a case runs on: `tile`, else the portable one for an (m, n) output.
+fn resolve_tile(tile: Option<Tile>, (m, n, batch): (usize, usize, usize)) -> (Option<Tile>, &'static str) {
+    let tile = tile.unwrap_or(Tile::for_shape(m, n, batch));
+    let name = match tile {
+        Tile::Small => "small",
+        Tile::Large => "large",
+        Tile::Coop => "coop",
+        Tile::CoopLarge => "coop-128",
+    };
+    (Some(tile), name)
 }
 
 fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
@@ -188,27 +201,22 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
     let mut v = Vec::new();
     for &dt in &dtypes {
         let esize = if dt == DType::F16 { 2.0 } else { 4.0 };
-        // GEMMs on the tile they get, and again on the portable tiles where that is cooperative matrices.
-        let mut portable = vec![false];
-        if dt == DType::F16 && ctx.coop().is_some() {
-            portable.push(true);
-        }
-        for &portable in &portable {
+        for tile in gemm_tiles(ctx, dt) {
             if quick {
-                v.push(matmul_case(ctx, &mut rng, "", (512, 512, 512), dt, dt, portable)?);
-                v.push(matmul_case(ctx, &mut rng, "ff ", (1024, 320, 1280), dt, dt, portable)?);
-                v.push(conv_case(ctx, &mut rng, (1, 64, 32), (64, 3, 1), dt, portable)?);
+                v.push(matmul_case(ctx, &mut rng, "", (512, 512, 512), dt, dt, tile)?);
+                v.push(matmul_case(ctx, &mut rng, "ff ", (1024, 320, 1280), dt, dt, tile)?);
+                v.push(conv_case(ctx, &mut rng, (1, 64, 32), (64, 3, 1), dt, tile)?);
             } else {
-                v.push(matmul_case(ctx, &mut rng, "", (4096, 4096, 4096), dt, dt, portable)?);
+                v.push(matmul_case(ctx, &mut rng, "", (4096, 4096, 4096), dt, dt, tile)?);
                 // The UNet's largest linear layers at 64x64 latents, CFG batch 2: GEGLU in, FF out, attention q.
-                v.push(matmul_case(ctx, &mut rng, "geglu ", (8192, 320, 2560), dt, dt, portable)?);
-                v.push(matmul_case(ctx, &mut rng, "ff_out ", (8192, 1280, 320), dt, dt, portable)?);
-                v.push(matmul_case(ctx, &mut rng, "to_q ", (8192, 320, 320), dt, dt, portable)?);
-                v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 1), dt, portable)?);
-                v.push(conv_case(ctx, &mut rng, (2, 640, 32), (640, 3, 1), dt, portable)?);
-                v.push(conv_case(ctx, &mut rng, (2, 1280, 16), (1280, 3, 1), dt, portable)?);
-                v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 2), dt, portable)?);
-                v.push(conv_case(ctx, &mut rng, (1, 256, 256), (256, 3, 1), dt, portable)?);
+                v.push(matmul_case(ctx, &mut rng, "geglu ", (8192, 320, 2560), dt, dt, tile)?);
+                v.push(matmul_case(ctx, &mut rng, "ff_out ", (8192, 1280, 320), dt, dt, tile)?);
+                v.push(matmul_case(ctx, &mut rng, "to_q ", (8192, 320, 320), dt, dt, tile)?);
+                v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 1), dt, tile)?);
+                v.push(conv_case(ctx, &mut rng, (2, 640, 32), (640, 3, 1), dt, tile)?);
+                v.push(conv_case(ctx, &mut rng, (2, 1280, 16), (1280, 3, 1), dt, tile)?);
+                v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 2), dt, tile)?);
+                v.push(conv_case(ctx, &mut rng, (1, 256, 256), (256, 3, 1), dt, tile)?);
             }
         }
         if quick {
@@ -260,7 +268,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
     // Quantized and f16 weights with f32 activations: the GEGLU projection.
     let (m, k, n) = if quick { (1024, 320, 1280) } else { (8192, 320, 2560) };
     for w in [DType::F16, DType::Q8_0, DType::Q4_0] {
-        v.push(matmul_case(ctx, &mut rng, "geglu ", (m, k, n), DType::F32, w, false)?);
+        v.push(matmul_case(ctx, &mut rng, "geglu ", (m, k, n), DType::F32, w, None)?);
     }
     Ok(v)
 }
@@ -373,6 +381,8 @@ pub struct PipelineBench {
     pub height: usize,
     pub act: String,
     pub weights: String,
+    /// Whether f16 GEMMs ran on cooperative matrices (tensor cores).
+    pub coop: bool,
     pub adapter: String,
     pub backend: String,
     /// Building the models and uploading the (random) weights.
@@ -481,6 +491,7 @@ pub async fn bench_pipeline(
         height: size,
         act: act.name().into(),
         weights: policy.weights.name().into(),
+        coop: act == DType::F16 && ctx.coop().is_some(),
         adapter: s.name.clone(),
         backend: s.backend.clone(),
         load_s,

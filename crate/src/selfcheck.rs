@@ -267,11 +267,11 @@ async fn activations(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     Ok(())
 }
 
-/// `tile`, and the cooperative matrix tile too for f16 on a device that has it.
+/// `tile`, and the cooperative matrix tiles too for f16 on a device that has them.
 fn tiles(ctx: &GpuContext, dtype: DType, tile: Tile) -> Vec<Tile> {
     let mut t = vec![tile];
     if dtype == DType::F16 && ctx.coop().is_some() {
-        t.push(Tile::Coop);
+        t.extend([Tile::Coop, Tile::CoopLarge]);
     }
     t
 }

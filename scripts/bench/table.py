@@ -4,8 +4,9 @@ JSON, one file per configuration) beside PyTorch (torch_baseline.py's JSON), wit
 
     python3 scripts/bench/table.py DIR > DIR/bench.md
 
-DIR holds info.txt (`latent-gen info`), kernels.json, pipeline-<arch>-<act>-<weights>.json and torch.json;
-missing files leave their cells empty ("-").
+DIR holds info.txt (`latent-gen info`), kernels.json, pipeline-<arch>-<act>-<weights>[-nocoop].json and
+torch.json; missing files leave their cells empty ("-"). On a GPU with cooperative matrices the f16 rows use
+them; the -nocoop files (`--no-coop`) are the same configurations on the portable kernels.
 """
 
 import glob
@@ -34,7 +35,8 @@ def main():
     for p in glob.glob(os.path.join(d, "pipeline-*.json")):
         r = load(p)
         if r:
-            ours[(r["arch"], r["act"], r["weights"])] = r
+            portable = r["act"] == "f16" and not r.get("coop", False) and "nocoop" in os.path.basename(p)
+            ours[(r["arch"], r["act"], r["weights"] + (" portable" if portable else ""))] = r
     kernels = load(os.path.join(d, "kernels.json")) or []
 
     def pt(workload, dtype):
@@ -44,6 +46,8 @@ def main():
         return None
 
     configs = [("f32", "f32"), ("f16", "f16"), ("f16", "q4_0")]
+    # The same f16 configuration with --no-coop (every GEMM on the portable kernels), where it was run.
+    configs += sorted({(a, w) for (_, a, w) in ours if w.endswith(" portable")})
     header = ["workload"] + [f"latent-gen {a} act, {w} weights" for a, w in configs] + [
         "PyTorch fp32", "PyTorch fp16", "target"]
     rows = []
@@ -116,7 +120,7 @@ def main():
                            f"{'-' if tf is None else f'{tf:.1f}'} | {(v['bytes_read'] + v['bytes_written']) / 1e6:.0f} |")
             out.append("")
     if kernels:
-        out.append("| kernel | shape | act | weights | GEMM core | ms | rate |")
+        out.append("| kernel | shape | act | weights | tile | ms | rate |")
         out.append("|---|---|---|---|---|---|---|")
         for k in kernels:
             g = k.get("gflops")

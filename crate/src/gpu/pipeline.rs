@@ -39,13 +39,21 @@ pub struct Spec {
     pub consts: Vec<(&'static str, Const)>,
     /// Extra type aliases, e.g. ("src", "f32").
     pub aliases: Vec<(&'static str, String)>,
-    /// Extra `enable` directives (e.g. "subgroups"), for kernels that only run where the device has them.
+    /// Extra `enable` directives (e.g. "wgpu_cooperative_matrix"), for kernels that only run where the
+    /// device has them.
     pub enables: Vec<&'static str>,
+    /// WGSL written out for this specialization (e.g. an entry point unrolled over named variables).
+    pub code: Vec<String>,
 }
 
 impl Spec {
     pub fn new(f16: bool) -> Self {
         Self { f16, ..Default::default() }
+    }
+
+    pub fn code(mut self, wgsl: String) -> Self {
+        self.code.push(wgsl);
+        self
     }
 
     pub fn enable(mut self, extension: &'static str) -> Self {
@@ -92,6 +100,9 @@ impl Spec {
                 Const::F32(v) => writeln!(s, "const {name}: f32 = {v:?};"),
                 Const::Bool(v) => writeln!(s, "const {name}: bool = {v};"),
             };
+        }
+        for code in &self.code {
+            s.push_str(code);
         }
         s
     }

@@ -4,20 +4,20 @@
 // fusions and epilogue as the portable core (gemm_common.wgsl), so the two are interchangeable.
 //
 // A workgroup computes a BM x BN tile of C with SGM x SGN subgroups of SG invocations; subgroup (sm, sn)
-// owns 2 x 2 fragments: rows (2 sm + i) S.. and columns (sn + j SGN) S.. for i, j in {0, 1}, so its two
-// column blocks are BN / 2 apart and GEGLU finds a hidden column and its gate in the same subgroup. Each step
-// of BK = KF S along k converts the A and B tiles to f16 in workgroup memory (A column-major, B row-major, so
-// that both are read with the layout the loaders write fast), then every subgroup multiplies its fragments.
-// The epilogue goes through workgroup memory: each subgroup stores a row of its fragments (f32) and its
-// invocations apply bias, activation, residual or GEGLU and write C.
+// owns FM x FN fragments: rows (FM sm + i) S.. and the column blocks coop_col_block(sn, j), half of them
+// BN / 2 after the other half, so that GEGLU finds a hidden column and its gate in the same subgroup. Each step
+// of BK = KF S along k converts the A and B tiles to f16 in workgroup memory (A column-major, B row-major),
+// then every subgroup multiplies its fragments. The epilogue goes through workgroup memory: each subgroup
+// stores a row of its fragments (f32) and its invocations apply bias, activation, residual or GEGLU and
+// write C.
 //
-// The preamble provides: constants S, SG, SGM, SGN, KF (and BM = 2 SGM S, BN = 2 SGN S, BK = KF S) and the
-// aliases coop_a / coop_b / coop_c for coop_matSxS<f16, A> / <f16, B> / <f32, C>.
+// The preamble provides: constants S, SG, SGM, SGN, FM, FN, KF (and BM = FM SGM S, BN = FN SGN S, BK = KF S),
+// the aliases coop_a / coop_b / coop_c for coop_matSxS<f16, A> / <f16, B> / <f32, C>, and the entry point.
 
 const WGS: u32 = SGM * SGN * SG;
 var<workgroup> Ah: array<f16, BK * BM>;              // element (m, k) of the tile at k * BM + m
 var<workgroup> Bh: array<f16, BK * BN>;              // element (k, n) of the tile at k * BN + n
-var<workgroup> Cs: array<f32, SGM * SGN * 2u * S * S>;  // per subgroup: S rows of its two fragments, row-major
+var<workgroup> Cs: array<f32, SGM * SGN * FN * S * S>;  // per subgroup: S rows of FN fragments, row-major
 var<workgroup> ln_mean: array<f32, BM>;              // AUX_LN: mean and 1/std of the tile's A rows
 var<workgroup> ln_rstd: array<f32, BM>;
 
@@ -85,68 +85,37 @@ fn coop_load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
     }
 }
 
-// Stores fragment row i (rows m0 + (2 sm + i) S ..) of subgroup sg through Cs and applies the epilogue.
-fn coop_store_row(bi: u32, m0: u32, n0: u32, sg: u32, lane: u32, i: u32, h: coop_c, g: coop_c) {
-    let base = sg * 2u * S * S;
-    workgroupBarrier();
-    coopStoreT(h, &Cs[base], 2u * S);
-    coopStoreT(g, &Cs[base + S], 2u * S);
-    workgroupBarrier();
+// Column block (of S columns) of the tile behind fragment column j of subgroup column sn: a subgroup's first
+// FN / 2 fragment columns lie in the tile's first half, the others BN / 2 further (GEGLU's gates).
+fn coop_col_block(sn: u32, j: u32) -> u32 {
+    let h = FN / 2u;
+    return sn * h + j % h + (j / h) * SGN * h;
+}
+
+// The epilogue of fragment row i (rows m0 + (FM sm + i) S ..) of subgroup sg, once the subgroup has stored
+// that row's FN fragments in its part of Cs (S rows of FN S, row-major).
+fn coop_epilogue(bi: u32, m0: u32, n0: u32, sg: u32, lane: u32, i: u32) {
+    let base = sg * FN * S * S;
     let sm = sg / SGN;
     let sn = sg % SGN;
-    let mrow = m0 + (2u * sm + i) * S;
+    let mrow = m0 + (FM * sm + i) * S;
     if (GEGLU) {
-        for (var e = lane; e < S * S; e += SG) {
-            let r = e / S;
-            let cc = e % S;
-            store_glu_one(bi, mrow + r, n0 + sn * S + cc, Cs[base + r * 2u * S + cc], Cs[base + r * 2u * S + S + cc]);
+        let h = FN / 2u;
+        for (var e = lane; e < S * h * S; e += SG) {
+            let r = e / (h * S);
+            let cc = e % (h * S);
+            let j = cc / S;
+            let at = base + r * FN * S + cc;
+            store_glu_one(bi, mrow + r, n0 + coop_col_block(sn, j) * S + cc % S, Cs[at], Cs[at + h * S]);
         }
         return;
     }
-    for (var e = lane; e < 2u * S * S; e += SG) {
-        let r = e / (2u * S);
-        let cc = e % (2u * S);
-        let j = cc / S;
-        store_one(bi, mrow + r, n0 + (sn + j * SGN) * S + cc % S, Cs[base + e]);
+    for (var e = lane; e < S * FN * S; e += SG) {
+        let r = e / (FN * S);
+        let cc = e % (FN * S);
+        store_one(bi, mrow + r, n0 + coop_col_block(sn, cc / S) * S + cc % S, Cs[base + e]);
     }
 }
 
-@compute @workgroup_size(WGS)
-fn gemm_coop(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(subgroup_id) sg: u32,
-    @builtin(subgroup_invocation_id) lane: u32,
-) {
-    let n0 = wid.x * BN;
-    let m0 = wid.y * BM;
-    let bi = wid.z;
-    let sm = sg / SGN;
-    let sn = sg % SGN;
-    if (AUX_LN) {
-        coop_ln_stats(bi, m0, lid);
-    }
-    var c00 = coop_c();
-    var c01 = coop_c();
-    var c10 = coop_c();
-    var c11 = coop_c();
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        coop_load_tiles(bi, m0, n0, k0, lid);
-        workgroupBarrier();
-        for (var kf = 0u; kf < KF; kf++) {
-            let ak = kf * S * BM;
-            let bk = kf * S * BN;
-            let a0 = coopLoad<coop_a>(&Ah[ak + 2u * sm * S], BM);
-            let a1 = coopLoad<coop_a>(&Ah[ak + (2u * sm + 1u) * S], BM);
-            let b0 = coopLoadT<coop_b>(&Bh[bk + sn * S], BN);
-            let b1 = coopLoadT<coop_b>(&Bh[bk + (sn + SGN) * S], BN);
-            c00 = coopMultiplyAdd(a0, b0, c00);
-            c01 = coopMultiplyAdd(a0, b1, c01);
-            c10 = coopMultiplyAdd(a1, b0, c10);
-            c11 = coopMultiplyAdd(a1, b1, c11);
-        }
-        workgroupBarrier();
-    }
-    coop_store_row(bi, m0, n0, sg, lane, 0u, c00, c01);
-    coop_store_row(bi, m0, n0, sg, lane, 1u, c10, c11);
-}
+// The entry point, gemm_coop, is written out by ops/gemm.rs (coop_entry) for the tile's FM x FN fragments:
+// WGSL has no arrays of cooperative matrices, so the accumulators are named variables.

@@ -89,12 +89,71 @@ pub enum Tile {
     /// Cooperative matrices (f16 activations on a device with [`GpuContext::coop`]): 2x2 subgroups of 2x2
     /// fragments each, so (4 S)x(4 S) outputs per workgroup: 64x64 with NVIDIA's and AMD's 16x16 fragments.
     Coop,
+    /// Cooperative matrices, 2x2 subgroups of 4x4 fragments: (8 S)x(8 S) outputs per workgroup, 128x128 with
+    /// 16x16 fragments (four times the work per loaded tile; needs the larger shapes to fill a GPU).
+    CoopLarge,
 }
 
 /// Subgroups per coop workgroup, along m and n, and fragments along k per tile step.
 const COOP_SGM: u32 = 2;
 const COOP_SGN: u32 = 2;
 const COOP_KF: u32 = 2;
+
+/// The coop core's entry point for `fm` x `fn_` fragments per subgroup, written out: WGSL has no arrays of
+/// cooperative matrices, so the accumulators are named variables (see kernels/gemm_coop.wgsl).
+fn coop_entry(fm: u32, fn_: u32) -> String {
+    use std::fmt::Write;
+    let frags = || (0..fm).flat_map(move |i| (0..fn_).map(move |j| (i, j)));
+    let mut s = String::from(
+        "@compute @workgroup_size(WGS)
+fn gemm_coop(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let n0 = wid.x * BN;
+    let m0 = wid.y * BM;
+    let bi = wid.z;
+    let sm = sg / SGN;
+    let sn = sg % SGN;
+    if (AUX_LN) {
+        coop_ln_stats(bi, m0, lid);
+    }
+",
+    );
+    for (i, j) in frags() {
+        let _ = writeln!(s, "    var c{i}_{j} = coop_c();");
+    }
+    s.push_str(
+        "    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        coop_load_tiles(bi, m0, n0, k0, lid);
+        workgroupBarrier();
+        for (var kf = 0u; kf < KF; kf++) {
+            let ak = kf * S * BM;
+            let bk = kf * S * BN;
+",
+    );
+    for i in 0..fm {
+        let _ = writeln!(s, "            let a{i} = coopLoad<coop_a>(&Ah[ak + (FM * sm + {i}u) * S], BM);");
+    }
+    for j in 0..fn_ {
+        let _ = writeln!(s, "            let b{j} = coopLoadT<coop_b>(&Bh[bk + coop_col_block(sn, {j}u) * S], BN);");
+    }
+    for (i, j) in frags() {
+        let _ = writeln!(s, "            c{i}_{j} = coopMultiplyAdd(a{i}, b{j}, c{i}_{j});");
+    }
+    s.push_str("        }\n        workgroupBarrier();\n    }\n");
+    for i in 0..fm {
+        s.push_str("    workgroupBarrier();\n");
+        for j in 0..fn_ {
+            let _ = writeln!(s, "    coopStoreT(c{i}_{j}, &Cs[sg * FN * S * S + {j}u * S], FN * S);");
+        }
+        let _ = writeln!(s, "    workgroupBarrier();\n    coop_epilogue(bi, m0, n0, sg, lane, {i}u);");
+    }
+    s.push_str("}\n");
+    s
+}
 
 impl Tile {
     /// The tile for an (m, n) output: large tiles once there are enough of them to fill a big GPU.
@@ -103,18 +162,26 @@ impl Tile {
         if m >= 128 && n >= 128 && large_tiles >= 128 { Tile::Large } else { Tile::Small }
     }
 
+    pub fn is_coop(self) -> bool {
+        matches!(self, Tile::Coop | Tile::CoopLarge)
+    }
+
     /// The tile a GEMM with `dtype` activations runs on: `chosen` if given, cooperative matrices for f16
     /// where the device has them, else by shape.
     fn pick(ctx: &GpuContext, op: &'static str, dtype: DType, chosen: Option<Tile>, shape: [usize; 3]) -> Result<Tile> {
         let coop = ctx.coop().is_some() && dtype == DType::F16;
         match chosen {
-            Some(Tile::Coop) if !coop => Err(Error::Invalid(format!(
+            Some(Tile::Coop | Tile::CoopLarge) if !coop => Err(Error::Invalid(format!(
                 "{op}: the cooperative matrix tile needs f16 activations on a device with cooperative matrices \
                  ({dtype} activations; device: {})",
                 if ctx.coop().is_some() { "has them" } else { "has none" }
             ))),
             Some(t) => Ok(t),
-            None if coop => Ok(Tile::Coop),
+            None if coop => {
+                let large = ctx.coop().map_or(0, |c| 8 * c.size as usize);
+                let wgs = shape[0].div_ceil(large) * shape[1].div_ceil(large) * shape[2];
+                Ok(if wgs >= 256 { Tile::CoopLarge } else { Tile::Coop })
+            }
             None => Ok(Tile::for_shape(shape[0], shape[1], shape[2])),
         }
     }
@@ -124,9 +191,9 @@ impl Tile {
         match self {
             Tile::Small => (64, 64, 16, "gemm_4x4", Spec::default().u32("TM", 4)),
             Tile::Large => (128, 128, 16, "gemm_8x8", Spec::default().u32("TM", 8)),
-            Tile::Coop => {
+            Tile::Coop | Tile::CoopLarge => {
                 let c = ctx.coop().expect("Tile::pick checked");
-                let s = c.size;
+                let (s, f) = (c.size, if self == Tile::Coop { 2 } else { 4 });
                 let ty = |t: &str, role: &str| format!("coop_mat{s}x{s}<{t}, {role}>");
                 let spec = Spec::default()
                     .enable("wgpu_cooperative_matrix")
@@ -137,8 +204,11 @@ impl Tile {
                     .u32("SG", c.subgroup)
                     .u32("SGM", COOP_SGM)
                     .u32("SGN", COOP_SGN)
-                    .u32("KF", COOP_KF);
-                (2 * COOP_SGM * s, 2 * COOP_SGN * s, COOP_KF * s, "gemm_coop", spec)
+                    .u32("FM", f)
+                    .u32("FN", f)
+                    .u32("KF", COOP_KF)
+                    .code(coop_entry(f, f));
+                (f * COOP_SGM * s, f * COOP_SGN * s, COOP_KF * s, "gemm_coop", spec)
             }
         }
     }
@@ -347,7 +417,7 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
     };
     let tile = Tile::pick(ctx, OP, a.dtype(), opts.tile, [m, n, batch])?;
     // GEGLU pairs columns BN / 2 apart within a block: the 8x8 tile's blocks, or the coop tile's.
-    let tile = if opts.geglu && tile != Tile::Coop { Tile::Large } else { tile };
+    let tile = if opts.geglu && !tile.is_coop() { Tile::Large } else { tile };
     let fuse = Fuse {
         residual: opts.residual.is_some(),
         layer_norm: opts.layer_norm.is_some(),
@@ -621,7 +691,7 @@ fn launch(
     out: &Tensor,
 ) -> Result<()> {
     let (bm, bn, bk, entry, base) = tile.dims(ctx);
-    let table = if tile == Tile::Coop { &COOP_KERNELS } else { &KERNELS };
+    let table = if tile.is_coop() { &COOP_KERNELS } else { &KERNELS };
     let kernel = Kernel { entry, ..table[op_index][b_kind] };
     let spec = spec(Spec { f16: a.dtype() == DType::F16, ..base }.u32("BM", bm).u32("BN", bn).u32("BK", bk));
     let dummy = Tensor::empty(ctx, op, &[1], a.dtype())?;
