@@ -9,8 +9,25 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
+/// The CLI as a command. scripts/test runs the native tests on a newer lavapipe through Debian trixie's
+/// dynamic loader (a cargo runner): LATENT_GEN_TEST_RUNNER names that loader command, and the CLI runs
+/// through it too.
+fn cli() -> Command {
+    let exe = env!("CARGO_BIN_EXE_latent-gen");
+    let runner = std::env::var("LATENT_GEN_TEST_RUNNER").unwrap_or_default();
+    let mut parts = runner.split_whitespace();
+    match parts.next() {
+        Some(loader) => {
+            let mut cmd = Command::new(loader);
+            cmd.args(parts).arg(exe);
+            cmd
+        }
+        None => Command::new(exe),
+    }
+}
+
 fn latent_gen(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_latent-gen")).args(args).output().expect("run latent-gen")
+    cli().args(args).output().expect("run latent-gen")
 }
 
 fn read_png(path: &std::path::Path) -> (Vec<u8>, u32, u32, String) {
@@ -128,7 +145,7 @@ fn no_adapter_falls_back_to_the_cpu() {
     let model = fixtures().join("models/sd2-tiny");
     for (i, force_cpu) in [false, true].into_iter().enumerate() {
         let out = dir.join(format!("{i}.png"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_latent-gen"));
+        let mut cmd = cli();
         cmd.args([
             "generate",
             "--model",
@@ -603,7 +620,7 @@ fn lora_and_embedding_flags_give_diffusers_images() {
     };
     let mut args = common(&out, "a photograph of an astronaut riding a horse");
     args.extend(["--lora".into(), format!("{}:0.8", lora.display())]);
-    let o = Command::new(env!("CARGO_BIN_EXE_latent-gen")).args(&args).output().unwrap();
+    let o = cli().args(&args).output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "latent-gen failed: {stderr}");
     let (rgba, _, _, params) = read_png(&out);
@@ -616,7 +633,7 @@ fn lora_and_embedding_flags_give_diffusers_images() {
     for f in ["tiny-style.safetensors", "tiny-thing.pt", "tiny-cat.safetensors"] {
         args.extend(["--embedding".into(), emb(f)]);
     }
-    let o = Command::new(env!("CARGO_BIN_EXE_latent-gen")).args(&args).output().unwrap();
+    let o = cli().args(&args).output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "latent-gen failed: {stderr}");
     assert!(stderr.contains("embedding \"tiny-thing\": 3 vectors"), "{stderr}");
@@ -625,7 +642,7 @@ fn lora_and_embedding_flags_give_diffusers_images() {
 
     let mut args = common(&dir.join("never.png"), "a horse");
     args.extend(["--lora".into(), emb("tiny-style.safetensors")]);
-    let o = Command::new(env!("CARGO_BIN_EXE_latent-gen")).args(&args).output().unwrap();
+    let o = cli().args(&args).output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && stderr.contains("tiny-style.safetensors is not a LoRA"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
