@@ -51,7 +51,8 @@ pub struct BenchRecord {
     pub gflops: Option<f64>,
     pub gbps: Option<f64>,
     /// The GEMM tile a matmul or conv ran on: "small" / "large" (portable, 64 / 128 square), "coop" /
-    /// "coop-128" (cooperative matrices, 4 / 8 fragments square); "" for other kernels.
+    /// "coop-128" (cooperative matrices, 4 / 8 fragments square); "coop" for attention on cooperative
+    /// matrices; "" for other kernels.
     pub tile: String,
     pub adapter: String,
     pub backend: String,
@@ -162,7 +163,8 @@ fn attention_case(
     Ok(Case {
         kernel: "attention",
         shape: format!("b{b} q{lq} kv{lk} {heads}x{d}"),
-        tile: "",
+        // f16 attention runs on cooperative matrices where the device has them (ops/attention.rs).
+        tile: if dtype == DType::F16 && ctx.coop().is_some() { "coop" } else { "" },
         dtype,
         weights: dtype,
         work: Work::Flops(4.0 * (b * heads * lq * lk * d) as f64),

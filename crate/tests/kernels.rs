@@ -97,3 +97,16 @@ fn without_shader_f16() {
     pollster::block_on(check(&ctx, "errors"));
     pollster::block_on(check(&ctx, "matmul"));
 }
+
+/// The portable kernels where the device has cooperative matrices (the default context takes those for f16):
+/// f16 attention and GEMMs as a browser runs them. Where the device has none this repeats the default tests.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn without_cooperative_matrices() {
+    use latent_gen::gpu::ContextOptions;
+    let ctx = pollster::block_on(GpuContext::with_options(ContextOptions { coop: false, ..Default::default() }))
+        .expect("adapter");
+    assert!(ctx.coop().is_none());
+    pollster::block_on(check(&ctx, "attention"));
+    pollster::block_on(check(&ctx, "fusions"));
+}

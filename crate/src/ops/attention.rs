@@ -1,10 +1,11 @@
-//! Fused multi-head scaled-dot-product attention (flash-attention style, see `kernels/attention.wgsl`).
+//! Fused multi-head scaled-dot-product attention (flash-attention style, see `kernels/attention.wgsl`; on
+//! cooperative matrices for f16 where the device has them, `kernels/attention_coop.wgsl`).
 
 use bytemuck::{Pod, Zeroable};
 
 use super::{act_dtype, check_act};
 use crate::error::{Result, shape_err};
-use crate::gpu::{GpuContext, Kernel, Spec, Tensor};
+use crate::gpu::{DType, GpuContext, Kernel, Spec, Tensor};
 
 const ATTENTION: Kernel = Kernel {
     name: "attention",
@@ -13,6 +14,27 @@ const ATTENTION: Kernel = Kernel {
     inputs: 3,
     outputs: 1,
 };
+
+const ATTENTION_COOP: Kernel = Kernel {
+    name: "attention_coop",
+    sources: &[include_str!("../kernels/attention_coop.wgsl")],
+    entry: "main",
+    inputs: 3,
+    outputs: 1,
+};
+
+/// The cooperative matrix kernel's (subgroups, keys per block) for head dim `d` on fragments of `s`, the
+/// first (most queries and keys per workgroup) whose workgroup memory fits `limit` bytes.
+fn coop_blocks(d: usize, s: usize, limit: usize) -> Option<(usize, usize)> {
+    let dp = d.div_ceil(s) * s;
+    [(4, 64), (4, 32), (2, 64), (2, 32), (2, 16), (1, 32), (1, 16)].into_iter().find(|&(nsg, bc)| {
+        let bc = bc.max(s);
+        let qb = nsg * s;
+        // Qs, Ks, Vs, Ps in f16; Ss, Os and three row vectors in f32.
+        let bytes = 2 * (qb * dp + 2 * bc * dp + qb * bc) + 4 * (qb * bc + qb * dp + 3 * qb);
+        bytes <= limit
+    })
+}
 
 /// Head dims above this take the unfused path (the fused kernel keeps a query row and its output in
 /// registers).
@@ -163,10 +185,6 @@ pub fn attention_cols(
         return unfused(ctx, q.t, k.t, v.t, heads, scale, causal);
     }
     let out = Tensor::empty(ctx, OP, &[b, lq, hd], q.t.dtype())?;
-    let dv = d.div_ceil(4);
-    // K and V tiles of bkv keys each must fit the workgroup memory.
-    let fit = ctx.summary().max_compute_workgroup_storage_size as usize / (2 * dv * 16);
-    let bkv = (1usize << fit.max(1).ilog2()).clamp(1, 32);
     let params = Params {
         lq: lq as u32,
         lk: lk as u32,
@@ -185,6 +203,34 @@ pub fn attention_cols(
         vo: v.col as u32,
         _pad: 0,
     };
+    let limit = ctx.summary().max_compute_workgroup_storage_size as usize;
+    if let Some(c) = ctx.coop().filter(|_| q.t.dtype() == DType::F16) {
+        let s = c.size as usize;
+        if let Some((nsg, bc)) = coop_blocks(d, s, limit) {
+            let ty = |t: &str, role: &str| format!("coop_mat{s}x{s}<{t}, {role}>");
+            let spec = Spec::new(true)
+                .enable("wgpu_cooperative_matrix")
+                .alias("coop_a", ty("f16", "A"))
+                .alias("coop_b", ty("f16", "B"))
+                .alias("coop_c", ty("f32", "C"))
+                .u32("D", d as u32)
+                .u32("DP", d.div_ceil(s) as u32 * c.size)
+                .u32("S", c.size)
+                .u32("SG", c.subgroup)
+                .u32("NSG", nsg as u32)
+                .u32("BC", bc.max(s) as u32)
+                .flag("CAUSAL", causal);
+            let groups = [lq.div_ceil(nsg * s) as u32, heads as u32, b as u32];
+            let params = bytemuck::bytes_of(&params);
+            ctx.dispatch(OP, &ATTENTION_COOP, &spec, params, &[q.t, k.t, v.t], &[&out], groups)?;
+            ctx.count_flops(OP, 4 * (b * heads * lq * lk * d) as u64);
+            return Ok(out);
+        }
+    }
+    let dv = d.div_ceil(4);
+    // K and V tiles of bkv keys each must fit the workgroup memory.
+    let fit = limit / (2 * dv * 16);
+    let bkv = (1usize << fit.max(1).ilog2()).clamp(1, 32);
     let spec = Spec::new(act_dtype(q.t)?)
         .u32("D", d as u32)
         .u32("DV", dv as u32)
