@@ -169,18 +169,31 @@ impl Tile {
     /// The tile a GEMM with `dtype` activations runs on: `chosen` if given, cooperative matrices for f16
     /// where the device has them, else by shape.
     fn pick(ctx: &GpuContext, op: &'static str, dtype: DType, chosen: Option<Tile>, shape: [usize; 3]) -> Result<Tile> {
-        let coop = ctx.coop().is_some() && dtype == DType::F16;
+        let coop = ctx.coop().filter(|_| dtype == DType::F16);
+        let limit = ctx.summary().max_compute_workgroup_storage_size as usize;
+        // The coop tiles' workgroup memory: f16 A and B tiles, each subgroup's row of f32 fragments, row
+        // statistics.
+        let fits = |f: usize| {
+            coop.is_some_and(|c| {
+                let (s, sg) = (c.size as usize, (COOP_SGM * COOP_SGN) as usize);
+                let (bm, bk) = (f * COOP_SGM as usize * s, COOP_KF as usize * s);
+                2 * 2 * bk * bm + 4 * sg * f * s * s + 8 * bm <= limit
+            })
+        };
         match chosen {
-            Some(Tile::Coop | Tile::CoopLarge) if !coop => Err(Error::Invalid(format!(
-                "{op}: the cooperative matrix tile needs f16 activations on a device with cooperative matrices \
-                 ({dtype} activations; device: {})",
-                if ctx.coop().is_some() { "has them" } else { "has none" }
-            ))),
+            Some(t @ (Tile::Coop | Tile::CoopLarge)) if !fits(if t == Tile::Coop { 2 } else { 4 }) => {
+                Err(Error::Invalid(format!(
+                    "{op}: the {t:?} tile needs f16 activations on a device with cooperative matrices and the \
+                     workgroup memory for it ({dtype} activations; cooperative matrices: {}; workgroup memory: \
+                     {limit} bytes)",
+                    if ctx.coop().is_some() { "yes" } else { "no" }
+                )))
+            }
             Some(t) => Ok(t),
-            None if coop => {
+            None if fits(2) => {
                 let large = ctx.coop().map_or(0, |c| 8 * c.size as usize);
                 let wgs = shape[0].div_ceil(large) * shape[1].div_ceil(large) * shape[2];
-                Ok(if wgs >= 256 { Tile::CoopLarge } else { Tile::Coop })
+                Ok(if wgs >= 256 && fits(4) { Tile::CoopLarge } else { Tile::Coop })
             }
             None => Ok(Tile::for_shape(shape[0], shape[1], shape[2])),
         }
