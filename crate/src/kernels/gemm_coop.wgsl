@@ -21,21 +21,25 @@ var<workgroup> Cs: array<f32, SGM * SGN * FN * S * S>;  // per subgroup: S rows 
 var<workgroup> ln_mean: array<f32, BM>;              // AUX_LN: mean and 1/std of the tile's A rows
 var<workgroup> ln_rstd: array<f32, BM>;
 
-// AUX_LN: each invocation computes whole rows (two passes over k), once per workgroup.
-fn coop_ln_stats(bi: u32, m0: u32, lid: u32) {
-    for (var r = lid; r < BM; r += WGS) {
+// AUX_LN: the mean and 1/std of the tile's A rows, once per workgroup: each subgroup takes rows in turn, its
+// invocations stride along k (neighbours read neighbouring elements) and the subgroup sums (two passes).
+fn coop_ln_stats(bi: u32, m0: u32, sg: u32, lane: u32) {
+    for (var r = sg; r < BM; r += SGM * SGN) {
         var s = 0.0;
-        for (var k = 0u; k < p.k; k++) {
+        for (var k = lane; k < p.k; k += SG) {
             s += load_a(bi, m0 + r, k);
         }
-        let mean = s / f32(p.k);
+        let mean = subgroupAdd(s) / f32(p.k);
         var v = 0.0;
-        for (var k = 0u; k < p.k; k++) {
+        for (var k = lane; k < p.k; k += SG) {
             let d = load_a(bi, m0 + r, k) - mean;
             v += d * d;
         }
-        ln_mean[r] = mean;
-        ln_rstd[r] = inverseSqrt(v / f32(p.k) + p.eps);
+        let rstd = inverseSqrt(subgroupAdd(v) / f32(p.k) + p.eps);
+        if (lane == 0u) {
+            ln_mean[r] = mean;
+            ln_rstd[r] = rstd;
+        }
     }
     workgroupBarrier();
 }

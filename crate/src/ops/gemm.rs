@@ -118,7 +118,7 @@ fn gemm_coop(
     let sm = sg / SGN;
     let sn = sg % SGN;
     if (AUX_LN) {
-        coop_ln_stats(bi, m0, lid);
+        coop_ln_stats(bi, m0, sg, lane);
     }
 ",
     );
