@@ -11,6 +11,7 @@ use super::batch::Batch;
 use super::bindings::BindGroupCache;
 use super::cost::CostTracker;
 use super::pipeline::PipelineCache;
+use super::pipeline::Spec;
 use super::pool::{BufferPool, PoolStats};
 use crate::error::{Error, Result};
 
@@ -46,6 +47,23 @@ impl Default for ContextOptions {
 pub struct CoopConfig {
     pub size: u32,
     pub subgroup: u32,
+}
+
+impl CoopConfig {
+    /// What every kernel on these fragments is specialized with: f16 activations, the extension, the aliases
+    /// coop_a / coop_b / coop_c (f16 A and B, f32 accumulator) and the constants S (fragment side) and SG
+    /// (subgroup size).
+    pub fn spec(self) -> Spec {
+        let s = self.size;
+        let ty = |t: &str, role: &str| format!("coop_mat{s}x{s}<{t}, {role}>");
+        Spec::new(true)
+            .enable("wgpu_cooperative_matrix")
+            .alias("coop_a", ty("f16", "A"))
+            .alias("coop_b", ty("f16", "B"))
+            .alias("coop_c", ty("f32", "C"))
+            .u32("S", s)
+            .u32("SG", self.subgroup)
+    }
 }
 
 /// The configuration [`CoopConfig`] the adapter offers, if any: f16 x f16 -> f32 at 16 (NVIDIA, AMD) or 8
@@ -327,12 +345,12 @@ impl GpuContext {
         &self.summary
     }
 
-    /// Whether kernels may use f16 arithmetic and f16 activations.
     /// The cooperative matrix configuration the f16 GEMMs run on, if the device has one enabled.
     pub fn coop(&self) -> Option<CoopConfig> {
         self.summary.coop
     }
 
+    /// Whether kernels may use f16 arithmetic and f16 activations.
     pub fn has_f16(&self) -> bool {
         self.summary.shader_f16
     }

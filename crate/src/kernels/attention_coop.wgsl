@@ -1,5 +1,5 @@
 // Multi-head attention, softmax(Q K^T * scale) V, flash-attention style on cooperative matrices (tensor
-// cores; native only, f16 activations, see gemm_coop.wgsl): same parameters and bindings as attention.wgsl.
+// cores; native only, f16 activations, see gemm_coop.wgsl), with attention.wgsl's parameters and bindings.
 //
 // A workgroup takes NSG * S queries of one head: each of its NSG subgroups owns S query rows. Blocks of BC
 // keys stream through workgroup memory (K and V as f16, zero past the keys and the head dim). For each
@@ -10,30 +10,7 @@
 //
 // The preamble provides D, DP, S, SG, NSG, BC, CAUSAL and the aliases coop_a / coop_b / coop_c.
 
-struct Params {
-    lq: u32,
-    lk: u32,
-    heads: u32,
-    scale: f32,
-    sq: u32,
-    sk: u32,
-    sv: u32,
-    so: u32,
-    bq: u32,
-    bk: u32,
-    bv: u32,
-    bo: u32,
-    qo: u32,
-    ko: u32,
-    vo: u32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<act>;
-@group(0) @binding(2) var<storage, read> k: array<act>;
-@group(0) @binding(3) var<storage, read> v: array<act>;
-@group(0) @binding(4) var<storage, read_write> out: array<act>;
+// Parameters and bindings: attention_common.wgsl, prepended.
 
 const QB: u32 = NSG * S;    // queries per workgroup
 const WGS: u32 = NSG * SG;

@@ -55,15 +55,9 @@ fn ln_stats(bi: u32, m0: u32, lid: u32) {
 
 fn load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
     for (var i = lid; i < BK * BM / 4u; i += NT) {
-        var kk: u32;
-        var q: u32;
-        if (A_K_FAST) {
-            kk = i % BK;
-            q = i / BK;
-        } else {
-            q = i % (BM / 4u);
-            kk = i / (BM / 4u);
-        }
+        let slot = tile_slot(i, BM, A_K_FAST);
+        let kk = slot.x;
+        let q = slot.y;
         let m = m0 + q * 4u;
         let k = k0 + kk;
         var v = a_rows(bi, m, k);
@@ -75,15 +69,9 @@ fn load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
         As[kk * (BM / 4u) + q] = v;
     }
     for (var i = lid; i < BK * BN / 4u; i += NT) {
-        var kk: u32;
-        var q: u32;
-        if (B_K_FAST) {
-            kk = i % BK;
-            q = i / BK;
-        } else {
-            q = i % (BN / 4u);
-            kk = i / (BN / 4u);
-        }
+        let slot = tile_slot(i, BN, B_K_FAST);
+        let kk = slot.x;
+        let q = slot.y;
         let n = n0 + q * 4u;
         let k = k0 + kk;
         Bs[kk * (BN / 4u) + q] = vec4<f32>(load_b(bi, k, src_col(n)), load_b(bi, k, src_col(n + 1u)),

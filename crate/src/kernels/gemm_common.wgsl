@@ -57,6 +57,15 @@ struct Params {
 @group(0) @binding(5) var<storage, read> gn_stats: array<f32>;  // conv with GN_A: (batch * groups, 2) mean, 1/std
 @group(0) @binding(6) var<storage, read> gn_affine: array<act>; // conv with GN_A: (2, cin) gamma; beta
 
+// Load iteration i of a (BK, width) tile in vec4s along m or n: (k in the tile, vec4 index). With k_fast,
+// consecutive invocations walk k (contiguous for an operand stored k-fastest), else m or n.
+fn tile_slot(i: u32, width: u32, k_fast: bool) -> vec2<u32> {
+    if (k_fast) {
+        return vec2<u32>(i % BK, i / BK);
+    }
+    return vec2<u32>(i / (width / 4u), i % (width / 4u));
+}
+
 fn a_rows(bi: u32, m: u32, k: u32) -> vec4<f32> {
     return vec4<f32>(load_a(bi, m, k), load_a(bi, m + 1u, k), load_a(bi, m + 2u, k), load_a(bi, m + 3u, k));
 }

@@ -46,15 +46,9 @@ fn coop_ln_stats(bi: u32, m0: u32, sg: u32, lane: u32) {
 
 fn coop_load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
     for (var i = lid; i < BK * BM / 4u; i += WGS) {
-        var kk: u32;
-        var q: u32;
-        if (A_K_FAST) {
-            kk = i % BK;
-            q = i / BK;
-        } else {
-            q = i % (BM / 4u);
-            kk = i / (BM / 4u);
-        }
+        let slot = tile_slot(i, BM, A_K_FAST);
+        let kk = slot.x;
+        let q = slot.y;
         let k = k0 + kk;
         var v = a_rows(bi, m0 + q * 4u, k);
         if (AUX_LN && k < p.k) {
@@ -70,15 +64,9 @@ fn coop_load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
         Ah[o + 3u] = f16(v.w);
     }
     for (var i = lid; i < BK * BN / 4u; i += WGS) {
-        var kk: u32;
-        var q: u32;
-        if (B_K_FAST) {
-            kk = i % BK;
-            q = i / BK;
-        } else {
-            q = i % (BN / 4u);
-            kk = i / (BN / 4u);
-        }
+        let slot = tile_slot(i, BN, B_K_FAST);
+        let kk = slot.x;
+        let q = slot.y;
         let n = n0 + q * 4u;
         let k = k0 + kk;
         let o = kk * BN + q * 4u;

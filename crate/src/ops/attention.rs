@@ -7,9 +7,11 @@ use super::{act_dtype, check_act};
 use crate::error::{Result, shape_err};
 use crate::gpu::{DType, GpuContext, Kernel, Spec, Tensor};
 
+const ATTENTION_COMMON: &str = include_str!("../kernels/attention_common.wgsl");
+
 const ATTENTION: Kernel = Kernel {
     name: "attention",
-    sources: &[include_str!("../kernels/attention.wgsl")],
+    sources: &[ATTENTION_COMMON, include_str!("../kernels/attention.wgsl")],
     entry: "main",
     inputs: 3,
     outputs: 1,
@@ -17,7 +19,7 @@ const ATTENTION: Kernel = Kernel {
 
 const ATTENTION_COOP: Kernel = Kernel {
     name: "attention_coop",
-    sources: &[include_str!("../kernels/attention_coop.wgsl")],
+    sources: &[ATTENTION_COMMON, include_str!("../kernels/attention_coop.wgsl")],
     entry: "main",
     inputs: 3,
     outputs: 1,
@@ -204,40 +206,34 @@ pub fn attention_cols(
         _pad: 0,
     };
     let limit = ctx.summary().max_compute_workgroup_storage_size as usize;
-    if let Some(c) = ctx.coop().filter(|_| q.t.dtype() == DType::F16) {
-        let s = c.size as usize;
-        if let Some((nsg, bc)) = coop_blocks(d, s, limit) {
-            let ty = |t: &str, role: &str| format!("coop_mat{s}x{s}<{t}, {role}>");
-            let spec = Spec::new(true)
-                .enable("wgpu_cooperative_matrix")
-                .alias("coop_a", ty("f16", "A"))
-                .alias("coop_b", ty("f16", "B"))
-                .alias("coop_c", ty("f32", "C"))
+    let coop = ctx.coop().filter(|_| q.t.dtype() == DType::F16);
+    let (kernel, spec, queries) = match coop.and_then(|c| Some((c, coop_blocks(d, c.size as usize, limit)?))) {
+        Some((c, (nsg, bc))) => {
+            let s = c.size as usize;
+            let spec = c
+                .spec()
                 .u32("D", d as u32)
                 .u32("DP", d.div_ceil(s) as u32 * c.size)
-                .u32("S", c.size)
-                .u32("SG", c.subgroup)
                 .u32("NSG", nsg as u32)
                 .u32("BC", bc.max(s) as u32)
                 .flag("CAUSAL", causal);
-            let groups = [lq.div_ceil(nsg * s) as u32, heads as u32, b as u32];
-            let params = bytemuck::bytes_of(&params);
-            ctx.dispatch(OP, &ATTENTION_COOP, &spec, params, &[q.t, k.t, v.t], &[&out], groups)?;
-            ctx.count_flops(OP, 4 * (b * heads * lq * lk * d) as u64);
-            return Ok(out);
+            (&ATTENTION_COOP, spec, nsg * s)
         }
-    }
-    let dv = d.div_ceil(4);
-    // K and V tiles of bkv keys each must fit the workgroup memory.
-    let fit = limit / (2 * dv * 16);
-    let bkv = (1usize << fit.max(1).ilog2()).clamp(1, 32);
-    let spec = Spec::new(act_dtype(q.t)?)
-        .u32("D", d as u32)
-        .u32("DV", dv as u32)
-        .u32("BKV", bkv as u32)
-        .flag("CAUSAL", causal);
-    let groups = [lq.div_ceil(WG) as u32, heads as u32, b as u32];
-    ctx.dispatch(OP, &ATTENTION, &spec, bytemuck::bytes_of(&params), &[q.t, k.t, v.t], &[&out], groups)?;
+        None => {
+            let dv = d.div_ceil(4);
+            // K and V tiles of bkv keys each must fit the workgroup memory.
+            let fit = limit / (2 * dv * 16);
+            let bkv = (1usize << fit.max(1).ilog2()).clamp(1, 32);
+            let spec = Spec::new(act_dtype(q.t)?)
+                .u32("D", d as u32)
+                .u32("DV", dv as u32)
+                .u32("BKV", bkv as u32)
+                .flag("CAUSAL", causal);
+            (&ATTENTION, spec, WG)
+        }
+    };
+    let groups = [lq.div_ceil(queries) as u32, heads as u32, b as u32];
+    ctx.dispatch(OP, kernel, &spec, bytemuck::bytes_of(&params), &[q.t, k.t, v.t], &[&out], groups)?;
     ctx.count_flops(OP, 4 * (b * heads * lq * lk * d) as u64);
     Ok(out)
 }

@@ -166,6 +166,15 @@ impl Tile {
         matches!(self, Tile::Coop | Tile::CoopLarge)
     }
 
+    /// A coop tile's fragments per subgroup along m and along n (0 for the portable tiles).
+    fn coop_frags(self) -> u32 {
+        match self {
+            Tile::Coop => 2,
+            Tile::CoopLarge => 4,
+            Tile::Small | Tile::Large => 0,
+        }
+    }
+
     /// The tile a GEMM with `dtype` activations runs on: `chosen` if given, cooperative matrices for f16
     /// where the device has them, else by shape.
     fn pick(ctx: &GpuContext, op: &'static str, dtype: DType, chosen: Option<Tile>, shape: [usize; 3]) -> Result<Tile> {
@@ -173,27 +182,25 @@ impl Tile {
         let limit = ctx.summary().max_compute_workgroup_storage_size as usize;
         // The coop tiles' workgroup memory: f16 A and B tiles, each subgroup's row of f32 fragments, row
         // statistics.
-        let fits = |f: usize| {
+        let fits = |t: Tile| {
             coop.is_some_and(|c| {
-                let (s, sg) = (c.size as usize, (COOP_SGM * COOP_SGN) as usize);
+                let (s, sg, f) = (c.size as usize, (COOP_SGM * COOP_SGN) as usize, t.coop_frags() as usize);
                 let (bm, bk) = (f * COOP_SGM as usize * s, COOP_KF as usize * s);
                 2 * 2 * bk * bm + 4 * sg * f * s * s + 8 * bm <= limit
             })
         };
         match chosen {
-            Some(t @ (Tile::Coop | Tile::CoopLarge)) if !fits(if t == Tile::Coop { 2 } else { 4 }) => {
-                Err(Error::Invalid(format!(
-                    "{op}: the {t:?} tile needs f16 activations on a device with cooperative matrices and the \
+            Some(t) if t.is_coop() && !fits(t) => Err(Error::Invalid(format!(
+                "{op}: the {t:?} tile needs f16 activations on a device with cooperative matrices and the \
                      workgroup memory for it ({dtype} activations; cooperative matrices: {}; workgroup memory: \
                      {limit} bytes)",
-                    if ctx.coop().is_some() { "yes" } else { "no" }
-                )))
-            }
+                if ctx.coop().is_some() { "yes" } else { "no" }
+            ))),
             Some(t) => Ok(t),
-            None if fits(2) => {
-                let large = ctx.coop().map_or(0, |c| 8 * c.size as usize);
+            None if fits(Tile::Coop) => {
+                let large = coop.map_or(0, |c| (Tile::CoopLarge.coop_frags() * COOP_SGM * c.size) as usize);
                 let wgs = shape[0].div_ceil(large) * shape[1].div_ceil(large) * shape[2];
-                Ok(if wgs >= 256 && fits(4) { Tile::CoopLarge } else { Tile::Coop })
+                Ok(if wgs >= 256 && fits(Tile::CoopLarge) { Tile::CoopLarge } else { Tile::Coop })
             }
             None => Ok(Tile::for_shape(shape[0], shape[1], shape[2])),
         }
@@ -206,15 +213,9 @@ impl Tile {
             Tile::Large => (128, 128, 16, "gemm_8x8", Spec::default().u32("TM", 8)),
             Tile::Coop | Tile::CoopLarge => {
                 let c = ctx.coop().expect("Tile::pick checked");
-                let (s, f) = (c.size, if self == Tile::Coop { 2 } else { 4 });
-                let ty = |t: &str, role: &str| format!("coop_mat{s}x{s}<{t}, {role}>");
-                let spec = Spec::default()
-                    .enable("wgpu_cooperative_matrix")
-                    .alias("coop_a", ty("f16", "A"))
-                    .alias("coop_b", ty("f16", "B"))
-                    .alias("coop_c", ty("f32", "C"))
-                    .u32("S", s)
-                    .u32("SG", c.subgroup)
+                let (s, f) = (c.size, self.coop_frags());
+                let spec = c
+                    .spec()
                     .u32("SGM", COOP_SGM)
                     .u32("SGN", COOP_SGN)
                     .u32("FM", f)
