@@ -217,6 +217,9 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
                 v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 1), dt, tile)?);
                 v.push(conv_case(ctx, &mut rng, (2, 640, 32), (640, 3, 1), dt, tile)?);
                 v.push(conv_case(ctx, &mut rng, (2, 1280, 16), (1280, 3, 1), dt, tile)?);
+                // The lowest level (8x8 latents): 40 workgroups of 64x64 for 2 x 64 x 1280 outputs, each running
+                // k = 11520 alone; whether that leaves a big GPU idle (the case for split-K) shows here.
+                v.push(conv_case(ctx, &mut rng, (2, 1280, 8), (1280, 3, 1), dt, tile)?);
                 v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 2), dt, tile)?);
                 v.push(conv_case(ctx, &mut rng, (1, 256, 256), (256, 3, 1), dt, tile)?);
             }

@@ -1057,6 +1057,64 @@ fn sd15_q4_0_at_512_fits_in_1_2_gb() {
     }
 }
 
+/// The kernels an NVIDIA GPU would run, compiled here: SD 1.5 and SD-Turbo (f16 activations, q4_0 and f16
+/// weights, 512x512: what `scripts/bench-gpu` runs) planned (nothing dispatched) as for an adapter with 16x16
+/// cooperative matrices on subgroups of 32 and 48 KiB of workgroup memory (lavapipe has only 8x8 fragments,
+/// so the tensor-core kernels at NVIDIA's size are never compiled by the other tests), then every pipeline's
+/// WGSL parsed, validated and written as SPIR-V by naga, as wgpu does before the driver sees it, and its
+/// workgroup memory checked against the limit the launchers sized it for.
+#[test]
+fn kernels_for_16x16_cooperative_matrices_compile() {
+    use latent_gen::bench::{Arch, count_pipeline};
+    use latent_gen::gpu::{CoopConfig, DType};
+    const WORKGROUP_MEMORY: u32 = 48 << 10;
+    let ctx = context();
+    let mut nvidia = ctx.summary().clone();
+    nvidia.shader_f16 = true;
+    nvidia.subgroups = true;
+    nvidia.coop = Some(CoopConfig { size: 16, subgroup: 32 });
+    nvidia.max_compute_workgroup_storage_size = WORKGROUP_MEMORY;
+    nvidia.max_compute_invocations_per_workgroup = 1024;
+    nvidia.max_storage_buffer_binding_size = (2 << 30) - 4;
+    nvidia.max_buffer_size = 2 << 30;
+    let plan = ctx.planning_for(nvidia);
+    let policy = LoadPolicy { act: DType::F16, weights: DType::Q4_0 };
+    plan.record_sources();
+    for arch in [Arch::Sd15, Arch::SdTurbo] {
+        pollster::block_on(count_pipeline(&plan, arch, 512, policy, |_| {})).expect("count");
+    }
+    let sources = plan.take_sources();
+    for name in ["matmul_b_act_coop", "matmul_b_q4_0_coop", "conv2d_b_act_coop", "attention_coop"] {
+        assert!(sources.iter().any(|s| s.name == name), "{name} was not planned");
+    }
+    // As wgpu writes SPIR-V for a Vulkan 1.3 device.
+    let spv = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
+    let mut validator =
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
+    for k in &sources {
+        let module = naga::front::wgsl::parse_str(&k.source)
+            .unwrap_or_else(|e| panic!("{}: {}", k.name, e.emit_to_string(&k.source)));
+        let info =
+            validator.validate(&module).unwrap_or_else(|e| panic!("{}: {}", k.name, e.emit_to_string(&k.source)));
+        let pipeline = naga::back::spv::PipelineOptions {
+            shader_stage: naga::ShaderStage::Compute,
+            entry_point: k.entry.to_string(),
+        };
+        naga::back::spv::write_vec(&module, &info, &spv, Some(&pipeline))
+            .unwrap_or_else(|e| panic!("{}: SPIR-V: {e}", k.name));
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).expect("layout");
+        let shared: u32 = module
+            .global_variables
+            .iter()
+            .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+            .map(|(_, g)| layouter[g.ty].size)
+            .sum();
+        assert!(shared <= WORKGROUP_MEMORY, "{}: {shared} bytes of workgroup memory", k.name);
+    }
+    println!("{} kernels compiled for 16x16 cooperative matrices", sources.len());
+}
+
 /// `long_prompt: chunks` (A1111's long prompts): a prompt within 75 tokens draws exactly what it draws
 /// truncated; past 75 tokens, the tail that truncation loses is kept (in a second chunk) and changes the image.
 #[test]

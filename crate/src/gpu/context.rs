@@ -11,7 +11,7 @@ use super::batch::Batch;
 use super::bindings::BindGroupCache;
 use super::cost::CostTracker;
 use super::pipeline::PipelineCache;
-use super::pipeline::Spec;
+use super::pipeline::{KernelSource, Spec};
 use super::pool::{BufferPool, PoolStats};
 use crate::error::{Error, Result};
 
@@ -156,6 +156,9 @@ pub(crate) struct Shared {
     pub cost: CostTracker,
     /// Dispatches are checked, their outputs allocated and their cost counted, but nothing is recorded.
     pub dry_run: std::sync::atomic::AtomicBool,
+    /// While recording ([`GpuContext::record_sources`]): the WGSL of every kernel a dry run asked for, by
+    /// pipeline.
+    pub sources: Mutex<Option<std::collections::BTreeMap<String, KernelSource>>>,
     /// The first error wgpu reported outside an error scope; taken (and returned) at the next sync point.
     pub uncaptured: Arc<Mutex<Option<String>>>,
     /// Why the device was lost, once it was: every later sync point returns [`Error::DeviceLost`].
@@ -168,6 +171,8 @@ pub(crate) struct Shared {
 pub struct GpuContext {
     backend: Backend,
     summary: Ref<AdapterSummary>,
+    /// A view that plans kernels for another adapter ([`GpuContext::planning_for`]): dry runs only.
+    plan_only: bool,
 }
 
 #[derive(Clone)]
@@ -293,12 +298,13 @@ impl GpuContext {
             batch: Mutex::new(Batch::new(align, params_in_storage)),
             cost: CostTracker::default(),
             dry_run: Default::default(),
+            sources: Mutex::default(),
             uncaptured,
             lost,
             device,
             queue,
         };
-        Self { backend: Backend::Gpu(Ref::new(shared)), summary: Ref::new(summary) }
+        Self { backend: Backend::Gpu(Ref::new(shared)), summary: Ref::new(summary), plan_only: false }
     }
 
     /// The CPU fallback: tensors live in memory and ops run on candle's CPU backend (f32 throughout; f16
@@ -324,7 +330,7 @@ impl GpuContext {
             cooperative_matrix: Vec::new(),
             coop: None,
         };
-        Self { backend: Backend::Cpu, summary: Ref::new(summary) }
+        Self { backend: Backend::Cpu, summary: Ref::new(summary), plan_only: false }
     }
 
     /// Whether this is the CPU fallback.
@@ -390,6 +396,38 @@ impl GpuContext {
         if let Ok(s) = self.shared() {
             s.dry_run.store(on, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// A view of this context that specializes kernels as for another adapter, described by `summary` (its
+    /// limits, shader-f16, cooperative matrices), and never dispatches them: everything run through it is a
+    /// dry run ([`set_dry_run`](Self::set_dry_run); buffers are allocated, results are garbage), so nothing
+    /// made for that adapter reaches this device. With [`record_sources`](Self::record_sources), the tests
+    /// compile (with naga) the kernels a GPU they do not have would run, e.g. on 16x16 cooperative matrices
+    /// where lavapipe has only 8x8.
+    pub fn planning_for(&self, summary: AdapterSummary) -> GpuContext {
+        GpuContext { backend: self.backend.clone(), summary: Ref::new(summary), plan_only: true }
+    }
+
+    /// Whether this is a [`planning_for`](Self::planning_for) view.
+    pub(crate) fn plan_only(&self) -> bool {
+        self.plan_only
+    }
+
+    /// Starts recording the source of every kernel dispatched in a dry run or through a planning view (see
+    /// [`take_sources`]).
+    ///
+    /// [`take_sources`]: Self::take_sources
+    pub fn record_sources(&self) {
+        if let Ok(s) = self.shared() {
+            *s.sources.lock().unwrap_or_else(|p| p.into_inner()) = Some(Default::default());
+        }
+    }
+
+    /// Stops recording and returns the kernels recorded, one per distinct pipeline.
+    pub fn take_sources(&self) -> Vec<KernelSource> {
+        let Ok(s) = self.shared() else { return Vec::new() };
+        let recorded = s.sources.lock().unwrap_or_else(|p| p.into_inner()).take();
+        recorded.map(|m| m.into_values().collect()).unwrap_or_default()
     }
 
     /// Submits the recorded commands now. Ops record into one batch; reading a tensor back flushes implicitly.

@@ -1,7 +1,7 @@
 //! Recording one kernel launch into the current batch.
 
 use super::context::GpuContext;
-use super::pipeline::{Kernel, Spec};
+use super::pipeline::{Kernel, KernelSource, PipelineCache, Spec};
 use super::tensor::Tensor;
 use crate::error::{Error, Result};
 
@@ -46,7 +46,15 @@ impl GpuContext {
         }
         let shared = self.shared()?;
         let timed = shared.cost.record(op, inputs, outputs)?;
-        if shared.dry_run.load(std::sync::atomic::Ordering::Relaxed) {
+        // A view planning for another adapter never dispatches: its kernels are for that adapter.
+        if self.plan_only() || shared.dry_run.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(sources) = shared.sources.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                sources.entry(PipelineCache::key(kernel, spec)).or_insert_with(|| KernelSource {
+                    name: kernel.name,
+                    entry: kernel.entry,
+                    source: shared.pipelines.source(kernel, spec),
+                });
+            }
             return Ok(());
         }
         let device = &shared.device;

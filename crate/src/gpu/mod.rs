@@ -23,6 +23,6 @@ pub(crate) type Ref<T> = std::sync::Arc<T>;
 pub(crate) type Ref<T> = std::rc::Rc<T>;
 pub use dispatch::grid_1d;
 pub use dtype::{DType, QBLOCK};
-pub use pipeline::{Kernel, Spec};
+pub use pipeline::{Kernel, KernelSource, Spec};
 pub use pool::PoolStats;
 pub use tensor::Tensor;

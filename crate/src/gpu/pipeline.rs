@@ -108,6 +108,14 @@ impl Spec {
     }
 }
 
+/// A kernel's WGSL as specialized for a launch ([`crate::gpu::GpuContext::record_sources`]).
+#[derive(Clone, Debug)]
+pub struct KernelSource {
+    pub name: &'static str,
+    pub entry: &'static str,
+    pub source: String,
+}
+
 /// A compiled kernel and the layout of its bind group.
 pub struct Pipeline {
     pub pipeline: wgpu::ComputePipeline,
@@ -134,16 +142,14 @@ impl PipelineCache {
         Self { pipelines: Mutex::default(), layouts: Mutex::default(), has_f16, params_in_storage }
     }
 
-    /// The pipeline for `kernel` specialized by `spec`, compiled on first use.
-    pub fn get(&self, device: &wgpu::Device, kernel: &Kernel, spec: &Spec) -> Ref<Pipeline> {
-        debug_assert!(!spec.f16 || self.has_f16, "f16 kernels are only requested on shader-f16 devices");
-        let preamble = spec.preamble();
-        let key = format!("{}\n{preamble}", kernel.name);
-        let mut pipelines = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = pipelines.get(&key) {
-            return p.clone();
-        }
-        let mut source = preamble;
+    /// What identifies `kernel` specialized by `spec` among the pipelines.
+    pub fn key(kernel: &Kernel, spec: &Spec) -> String {
+        format!("{}\n{}", kernel.name, spec.preamble())
+    }
+
+    /// The WGSL of `kernel` specialized by `spec`, as compiled.
+    pub fn source(&self, kernel: &Kernel, spec: &Spec) -> String {
+        let mut source = spec.preamble();
         for part in kernel.sources {
             source.push_str(part);
             source.push('\n');
@@ -156,6 +162,18 @@ impl PipelineCache {
             );
             source = source.replace(PARAMS_UNIFORM, "@group(0) @binding(0) var<storage, read> p: Params;");
         }
+        source
+    }
+
+    /// The pipeline for `kernel` specialized by `spec`, compiled on first use.
+    pub fn get(&self, device: &wgpu::Device, kernel: &Kernel, spec: &Spec) -> Ref<Pipeline> {
+        debug_assert!(!spec.f16 || self.has_f16, "f16 kernels are only requested on shader-f16 devices");
+        let key = Self::key(kernel, spec);
+        let mut pipelines = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = pipelines.get(&key) {
+            return p.clone();
+        }
+        let source = self.source(kernel, spec);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(kernel.name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
