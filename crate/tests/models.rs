@@ -1057,8 +1057,9 @@ fn sd15_q4_0_at_512_fits_in_1_2_gb() {
     }
 }
 
-/// The kernels an NVIDIA GPU would run, compiled here: SD 1.5 and SD-Turbo (f16 activations, q4_0 and f16
-/// weights, 512x512: what `scripts/bench-gpu` runs) planned (nothing dispatched) as for an adapter with 16x16
+/// The kernels an NVIDIA GPU would run, compiled here: SD 1.5 (f16 activations, q4_0 and f16 weights,
+/// 512x512: what `scripts/bench-gpu` runs) and attention at every SD head dim, planned (nothing
+/// dispatched) as for an adapter with 16x16
 /// cooperative matrices on subgroups of 32 and 48 KiB of workgroup memory (lavapipe has only 8x8 fragments,
 /// so the tensor-core kernels at NVIDIA's size are never compiled by the other tests), then every pipeline's
 /// WGSL parsed, validated and written as SPIR-V by naga, as wgpu does before the driver sees it, and its
@@ -1068,7 +1069,8 @@ fn kernels_for_16x16_cooperative_matrices_compile() {
     use latent_gen::bench::{Arch, count_pipeline};
     use latent_gen::gpu::{CoopConfig, DType};
     const WORKGROUP_MEMORY: u32 = 48 << 10;
-    let ctx = context();
+    // A device of its own: the plan's weights and buffers come from its pool, not the other tests'.
+    let ctx = pollster::block_on(GpuContext::new()).expect("adapter");
     let mut nvidia = ctx.summary().clone();
     nvidia.shader_f16 = true;
     nvidia.subgroups = true;
@@ -1080,8 +1082,14 @@ fn kernels_for_16x16_cooperative_matrices_compile() {
     let plan = ctx.planning_for(nvidia);
     let policy = LoadPolicy { act: DType::F16, weights: DType::Q4_0 };
     plan.record_sources();
-    for arch in [Arch::Sd15, Arch::SdTurbo] {
-        pollster::block_on(count_pipeline(&plan, arch, 512, policy, |_| {})).expect("count");
+    pollster::block_on(count_pipeline(&plan, Arch::Sd15, 512, policy, |_| {})).expect("count");
+    // Attention at every head dim of the family (SD 2.x and SD-Turbo: 64), causal (CLIP) or not: the coop
+    // kernel's blocks are sized by head dim and workgroup memory alone.
+    for d in [40, 64, 80, 160] {
+        for causal in [false, true] {
+            let t = Tensor::from_f32_as(&plan, &[1, 77, 2 * d], &vec![0.1; 154 * d], DType::F16).unwrap();
+            latent_gen::ops::attention(&plan, &t, &t, &t, 2, 0.125, causal).expect("planned");
+        }
     }
     let sources = plan.take_sources();
     for name in ["matmul_b_act_coop", "matmul_b_q4_0_coop", "conv2d_b_act_coop", "attention_coop"] {

@@ -156,9 +156,6 @@ pub(crate) struct Shared {
     pub cost: CostTracker,
     /// Dispatches are checked, their outputs allocated and their cost counted, but nothing is recorded.
     pub dry_run: std::sync::atomic::AtomicBool,
-    /// While recording ([`GpuContext::record_sources`]): the WGSL of every kernel a dry run asked for, by
-    /// pipeline.
-    pub sources: Mutex<Option<std::collections::BTreeMap<String, KernelSource>>>,
     /// The first error wgpu reported outside an error scope; taken (and returned) at the next sync point.
     pub uncaptured: Arc<Mutex<Option<String>>>,
     /// Why the device was lost, once it was: every later sync point returns [`Error::DeviceLost`].
@@ -173,7 +170,12 @@ pub struct GpuContext {
     summary: Ref<AdapterSummary>,
     /// A view that plans kernels for another adapter ([`GpuContext::planning_for`]): dry runs only.
     plan_only: bool,
+    /// While recording ([`GpuContext::record_sources`]): the WGSL of every kernel this view (and its clones)
+    /// asked for in a dry run, by pipeline.
+    pub(crate) sources: Ref<Mutex<Option<SourceMap>>>,
 }
+
+type SourceMap = std::collections::BTreeMap<String, KernelSource>;
 
 #[derive(Clone)]
 enum Backend {
@@ -298,13 +300,17 @@ impl GpuContext {
             batch: Mutex::new(Batch::new(align, params_in_storage)),
             cost: CostTracker::default(),
             dry_run: Default::default(),
-            sources: Mutex::default(),
             uncaptured,
             lost,
             device,
             queue,
         };
-        Self { backend: Backend::Gpu(Ref::new(shared)), summary: Ref::new(summary), plan_only: false }
+        Self {
+            backend: Backend::Gpu(Ref::new(shared)),
+            summary: Ref::new(summary),
+            plan_only: false,
+            sources: Ref::default(),
+        }
     }
 
     /// The CPU fallback: tensors live in memory and ops run on candle's CPU backend (f32 throughout; f16
@@ -330,7 +336,7 @@ impl GpuContext {
             cooperative_matrix: Vec::new(),
             coop: None,
         };
-        Self { backend: Backend::Cpu, summary: Ref::new(summary), plan_only: false }
+        Self { backend: Backend::Cpu, summary: Ref::new(summary), plan_only: false, sources: Ref::default() }
     }
 
     /// Whether this is the CPU fallback.
@@ -391,8 +397,12 @@ impl GpuContext {
 
     /// In a dry run, kernels are checked, their outputs allocated from the pool and their cost counted, but
     /// nothing is dispatched: what a real-size model needs in memory and dispatches, on any machine, in
-    /// seconds (results are garbage). No-op on the CPU fallback.
+    /// seconds (results are garbage). No-op on the CPU fallback and on a planning view (always dry).
     pub fn set_dry_run(&self, on: bool) {
+        // A planning view is always dry; the flag belongs to the device, which other views may be using.
+        if self.plan_only {
+            return;
+        }
         if let Ok(s) = self.shared() {
             s.dry_run.store(on, std::sync::atomic::Ordering::Relaxed);
         }
@@ -405,7 +415,12 @@ impl GpuContext {
     /// compile (with naga) the kernels a GPU they do not have would run, e.g. on 16x16 cooperative matrices
     /// where lavapipe has only 8x8.
     pub fn planning_for(&self, summary: AdapterSummary) -> GpuContext {
-        GpuContext { backend: self.backend.clone(), summary: Ref::new(summary), plan_only: true }
+        GpuContext {
+            backend: self.backend.clone(),
+            summary: Ref::new(summary),
+            plan_only: true,
+            sources: Ref::default(),
+        }
     }
 
     /// Whether this is a [`planning_for`](Self::planning_for) view.
@@ -418,15 +433,12 @@ impl GpuContext {
     ///
     /// [`take_sources`]: Self::take_sources
     pub fn record_sources(&self) {
-        if let Ok(s) = self.shared() {
-            *s.sources.lock().unwrap_or_else(|p| p.into_inner()) = Some(Default::default());
-        }
+        *self.sources.lock().unwrap_or_else(|p| p.into_inner()) = Some(Default::default());
     }
 
     /// Stops recording and returns the kernels recorded, one per distinct pipeline.
     pub fn take_sources(&self) -> Vec<KernelSource> {
-        let Ok(s) = self.shared() else { return Vec::new() };
-        let recorded = s.sources.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let recorded = self.sources.lock().unwrap_or_else(|p| p.into_inner()).take();
         recorded.map(|m| m.into_values().collect()).unwrap_or_default()
     }
 

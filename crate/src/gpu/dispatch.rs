@@ -48,7 +48,7 @@ impl GpuContext {
         let timed = shared.cost.record(op, inputs, outputs)?;
         // A view planning for another adapter never dispatches: its kernels are for that adapter.
         if self.plan_only() || shared.dry_run.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Some(sources) = shared.sources.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            if let Some(sources) = self.sources.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                 sources.entry(PipelineCache::key(kernel, spec)).or_insert_with(|| KernelSource {
                     name: kernel.name,
                     entry: kernel.entry,
