@@ -1058,12 +1058,11 @@ fn sd15_q4_0_at_512_fits_in_1_2_gb() {
 }
 
 /// The kernels an NVIDIA GPU would run, compiled here: SD 1.5 (f16 activations, q4_0 and f16 weights,
-/// 512x512: what `scripts/bench-gpu` runs) and attention at every SD head dim, planned (nothing
-/// dispatched) as for an adapter with 16x16
-/// cooperative matrices on subgroups of 32 and 48 KiB of workgroup memory (lavapipe has only 8x8 fragments,
-/// so the tensor-core kernels at NVIDIA's size are never compiled by the other tests), then every pipeline's
-/// WGSL parsed, validated and written as SPIR-V by naga, as wgpu does before the driver sees it, and its
-/// workgroup memory checked against the limit the launchers sized it for.
+/// 512x512: what `scripts/bench-gpu` runs) and attention at every SD head dim, planned (nothing dispatched)
+/// as for an adapter with 16x16 cooperative matrices on subgroups of 32 and 48 KiB of workgroup memory
+/// (lavapipe has only 8x8 fragments, so the tensor-core kernels at NVIDIA's size are never compiled by the
+/// other tests), then every pipeline's WGSL parsed, validated and written as SPIR-V by naga, as wgpu does
+/// before the driver sees it, and its workgroup memory checked against the limit the launchers sized it for.
 #[test]
 fn kernels_for_16x16_cooperative_matrices_compile() {
     use latent_gen::bench::{Arch, count_pipeline};
