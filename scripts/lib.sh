@@ -73,6 +73,27 @@ ensure_wasm_tools() {
 build_pkg() {
   log "building pkg/ with wasm-pack"
   (cd "$ROOT" && wasm-pack build --no-typescript --target web --release --no-pack --out-dir ../pkg crate)
+  build_pkg_threads
+}
+
+# pkg/threads/: the same module built with wasm threads (atomics, a shared memory of up to 4 GiB), which the
+# page's CPU path loads where the page is cross-origin isolated (www/worker.js): rayon runs on Web Workers
+# through web.rs's thread pool (www/thread.js). Rust ships wasm32's std without atomics, so std is rebuilt
+# from its source (the rust-src component) with `-Z build-std`, an unstable cargo flag that RUSTC_BOOTSTRAP=1
+# allows on the stable toolchain everything else builds with (no second toolchain to install). Its own target
+# folder: the flags differ, and sharing one would rebuild both every time.
+build_pkg_threads() {
+  rustup component list --installed | grep -q '^rust-src' || rustup component add rust-src
+  # A memory the threads share (imported, so that every Web Worker instantiates the module on it), and the
+  # thread-local storage symbols wasm-bindgen's thread start-up needs.
+  local a link=""
+  for a in --shared-memory --import-memory --max-memory=4294967296 --export=__wasm_init_tls --export=__tls_size \
+    --export=__tls_align --export=__tls_base; do link="$link -C link-arg=$a"; done
+  log "building pkg/threads/ (wasm threads) with wasm-pack"
+  (cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/wasm-threads" RUSTC_BOOTSTRAP=1 \
+    RUSTFLAGS="--cfg getrandom_backend=\"wasm_js\" -C target-feature=+simd128,+atomics,+bulk-memory,+mutable-globals $link" \
+    wasm-pack build --no-typescript --target web --release --no-pack --out-dir ../pkg/threads crate \
+    -- -Z build-std=panic_abort,std)
 }
 
 # numpy + pillow for scripts/eval-tiny's judge (a venv inside the checkout, ignored by git).

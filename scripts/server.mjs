@@ -1,5 +1,7 @@
 // Static server for the app: www/ at /, pkg/ (the wasm build) at /pkg/. Serves .wasm as application/wasm,
-// answers HTTP Range requests (resumable downloads) and never caches, so a rebuilt pkg/ is picked up.
+// answers HTTP Range requests (resumable downloads) and never caches, so a rebuilt pkg/ is picked up. Every
+// response makes the page cross-origin isolated (COOP + COEP), which the CPU path's wasm threads need
+// (SharedArrayBuffer), and may be embedded by other origins (CORP, CORS).
 // Usage: node scripts/server.mjs [--port N] [--host H] [--faults]   (PORT and HOST in the environment work too)
 //
 // --faults (tests only) adds a control endpoint: POST /__faults with JSON

@@ -5,7 +5,8 @@ import { ADAPTERS, CONVERTED, deleteModel, listFiles } from './cache.js';
 const $ = (id) => document.getElementById(id);
 const hasWebGpu = 'gpu' in navigator;
 const params = new URLSearchParams(location.search);
-const client = getClient({ cpu: params.has('cpu'), gpu: params.has('gpu') });
+const client = getClient({ cpu: params.has('cpu'), gpu: params.has('gpu'),
+  threads: params.has('threads') ? Number(params.get('threads')) : null });
 
 let catalog = []; // the models one generates with
 let decoders = []; // the catalog's preview decoders (TAESD)
@@ -667,12 +668,20 @@ async function main() {
     $('device').textContent = isCpu && software
       ? 'WebGPU here is a software renderer (no GPU driver in use): images are computed on the CPU instead, ' +
         'which is many times faster than it. Add ?gpu to the address to use WebGPU anyway.'
+      : isCpu && params.has('cpu')
+      ? 'Computing on the CPU, as the address asks (?cpu).'
       : isCpu
       ? (hasWebGpu ? 'WebGPU gave no usable adapter' : 'This browser has no WebGPU') +
         ': images are computed on the CPU instead, which is slow and only practical for the bundled tiny model. ' +
         'Chrome or Edge 113+, or Firefox and Safari with WebGPU enabled, run every model on the GPU.'
       : `Running on WebGPU${a.name ? ` (${a.name})` : ''}; shader-f16 ${a.shader_f16 ? 'available' : 'not available (f32 throughout)'}.`;
+    if (isCpu) {
+      $('device').textContent += device.threads > 1
+        ? ` The CPU path runs on ${device.threads} threads.`
+        : ` The CPU path runs on one thread${device.threadsNote ? ` (${device.threadsNote})` : ''}.`;
+    }
     $('device').dataset.cpu = String(isCpu);
+    $('device').dataset.threads = String(device.threads);
     $('device').dataset.reason = device.reason || '';
     await refreshModels();
     await refreshAdapters();

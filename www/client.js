@@ -5,7 +5,9 @@ const here = import.meta.url;
 let shared = null;
 
 /** The page's client, created on first use. `cpu`: force the CPU fallback; `gpu`: use WebGPU even on a
- * software adapter (SwiftShader and the like run far slower than the CPU path, so by default they don't). */
+ * software adapter (SwiftShader and the like run far slower than the CPU path, so by default they don't);
+ * `threads`: the CPU path's threads (default: one per core, up to 8, where the page is cross-origin isolated;
+ * 1 keeps it on one thread). */
 export function client(options = {}) {
   if (!shared) shared = new Client(options);
   return shared;
@@ -24,14 +26,14 @@ function startWorker(url) {
 }
 
 export class Client {
-  constructor({ cpu = false, gpu = false } = {}) {
+  constructor({ cpu = false, gpu = false, threads = null } = {}) {
     this.worker = startWorker(new URL('./worker.js', here));
     this.nextId = 1;
     this.pending = new Map();
     this.catalog = null;
     this.worker.onmessage = (ev) => this.onMessage(ev.data);
     this.worker.onerror = (ev) => this.failAll(new Error(`the model worker failed to start: ${ev.message || 'see the console'}`));
-    this.ready = this.call({ type: 'init', cpu: cpu || !('gpu' in navigator), gpu });
+    this.ready = this.call({ type: 'init', cpu: cpu || !('gpu' in navigator), gpu, threads });
     this.current = null;
   }
 

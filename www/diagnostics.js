@@ -1,6 +1,7 @@
 // The diagnostics page: adapter facts straight from navigator.gpu, the device latent-gen creates (through the
 // wasm module), and the kernel self-check with pass/fail and the error found for every case.
 import init, { Diagnostics } from './pkg/latent_gen.js';
+import { Client } from './client.js';
 
 const $ = (id) => document.getElementById(id);
 
@@ -90,6 +91,20 @@ function cpuBenchOptions() {
   return { size: size > 0 ? size : 256, narrow: narrow > 0 ? narrow : 5 };
 }
 
+// The CPU path's benchmark runs in a model worker of its own, as generations do: with wasm threads where the
+// page is cross-origin isolated (?threads=N sets their number, 1 the single-threaded build), and without
+// freezing this page.
+let cpuClient = null;
+async function benchmarkCpu(arch, size, narrow, progress) {
+  if (!cpuClient) {
+    const q = new URLSearchParams(location.search);
+    cpuClient = new Client({ cpu: true, threads: q.has('threads') ? Number(q.get('threads')) : null });
+  }
+  const device = await cpuClient.ready;
+  const r = await cpuClient.call({ type: 'bench-cpu', arch, size, narrow }, (ev) => ev.message && progress(ev.message));
+  return { ...r, threadsNote: device.threadsNote };
+}
+
 // Runs one benchmark (diag: the WebGPU device's Diagnostics, or null for the CPU path) and adds its row.
 async function runBenchmark(diag, arch, label, buttons) {
   const status = $('bench-status');
@@ -99,7 +114,7 @@ async function runBenchmark(diag, arch, label, buttons) {
   status.className = '';
   try {
     const progress = (m) => { status.textContent = `${label}: ${m}\u2026`; };
-    const r = diag ? await diag.benchmark(arch, size, narrow, progress) : await Diagnostics.benchmarkCpu(arch, size, narrow, progress);
+    const r = diag ? await diag.benchmark(arch, size, narrow, progress) : await benchmarkCpu(arch, size, narrow, progress);
     const cpu = !diag;
     const mib = (b) => `${(b / 2 ** 20).toFixed(0)} MiB`;
     $('bench-results').querySelector('tbody').append(el('tr', { className: 'bench-row' },
@@ -111,7 +126,9 @@ async function runBenchmark(diag, arch, label, buttons) {
       el('td', { textContent: r.act }),
       el('td', { className: 'num', textContent: `${r.load_s.toFixed(1)} s` }),
       el('td', { className: 'num', textContent: cpu ? '-' : mib(r.peak_gpu_bytes) }),
-      el('td', { textContent: `${r.adapter} (${r.backend})` })));
+      el('td', { className: 'bench-device', textContent: cpu
+        ? `${r.adapter}, ${r.cpu_threads} thread${r.cpu_threads === 1 ? '' : 's'}${r.threadsNote ? ` (${r.threadsNote})` : ''}`
+        : `${r.adapter} (${r.backend})` })));
     status.textContent = `${label}: ${r.unet_cfg_step_ms.toFixed(1)} ms per step.`;
     status.dataset.state = 'done';
   } catch (e) {

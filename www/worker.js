@@ -1,7 +1,7 @@
 // The model worker: owns the wasm instance and the WebGPU device (or the CPU fallback), downloads and caches
 // weights, loads models and generates. The page's thread only draws and handles input.
 //
-// Messages in:  { id, type: 'init', cpu, gpu } | { id, type: 'load', model } | { id, type: 'generate', request }
+// Messages in:  { id, type: 'init', cpu, gpu, threads } | { id, type: 'load', model } | { id, type: 'generate', request }
 //               { id, type: 'load-preview', model } (a TAESD catalog entry, for request.preview 'taesd')
 //               { id, type: 'import', model, files: [{ path, file }] } | { id, type: 'unload', model }
 //               { id, type: 'tokens', prompt, literal } (the loaded model's token count; null before a load)
@@ -11,8 +11,9 @@
 //               { id, type: 'grid-requests', base, x, y } (a sweep's cells' requests)
 //               { id, type: 'grid-png', cells, x, y, parameters } | { id, type: 'walk-images', frames, parameters, frameMs }
 //               { type: 'lose-device' } (destroys the GPU device, as a driver reset would: for tests)
+//               { id, type: 'bench-cpu', arch, size, narrow } (the diagnostics page's CPU benchmark, on this
+//               worker's CPU path: with its threads)
 // Messages out: { id, type: 'progress' | 'step' | 'result' | 'error', ... }
-import init, { Converter, Engine, Sha256, animationGif, gridPng, gridRequests, stripPng } from './pkg/latent_gen.js';
 import { ADAPTERS, CONVERTED, ChunkWriter, convertedPath, deleteFile, fileBlob, getFile, listFiles, withModelLock } from './cache.js';
 
 let engine = null;
@@ -21,23 +22,93 @@ let loaded = null; // { key, id, info } of the model in the engine (key: id and 
 let abort = null; // the AbortController of the current download
 const post = (msg, transfer) => self.postMessage(msg, transfer || []);
 
+// The wasm module: pkg/ (one thread), or pkg/threads/ (wasm threads: rayon on Web Workers sharing the module's
+// memory) once the engine is on the CPU path and the page is cross-origin isolated. Everything the worker makes
+// (engine, converters, hashes) comes from `lib`: objects of one module cannot go to the other.
+let lib = null;
 let wasm = null; // the module's exports (its memory)
+let cpuThreads = { count: 1, note: null }; // the CPU path's threads, and why not more
 
 let engineKey = null;
-let initArgs = { cpu: false, gpu: false }; // how the page asked for the engine, to make a new one after a loss
+let initArgs = { cpu: false, gpu: false, threads: null }; // how the page asked for the engine, to make a new one after a loss
 
-/** `cpu`: the CPU path only; `gpu`: WebGPU even on a software adapter (which is slower than the CPU path). */
-async function initEngine(cpu, gpu) {
-  initArgs = { cpu, gpu };
-  wasm = await init();
+/** `cpu`: the CPU path only; `gpu`: WebGPU even on a software adapter (which is slower than the CPU path);
+ * `threads`: the CPU path's threads (null: one per core, at most 8; 1: the single-threaded build). */
+async function initEngine(cpu, gpu, threads) {
+  initArgs = { cpu, gpu, threads };
+  if (!lib) {
+    lib = await import('./pkg/latent_gen.js');
+    wasm = await lib.default();
+  }
   const key = `${cpu}:${gpu}`;
   if (!engine || engineKey !== key) {
-    engine = await Engine.create(cpu, gpu);
+    engine = await lib.Engine.create(cpu, gpu);
+    if (engine.isCpu() && cpuThreads.count === 1 && !cpuThreads.note) {
+      const t = await threadedLib(threads ?? Math.min(navigator.hardwareConcurrency || 1, 8), threads != null);
+      cpuThreads = { count: t.count, note: t.note };
+      if (t.lib) {
+        engine.free();
+        ({ lib, wasm } = t);
+        engine = await lib.Engine.create(cpu, gpu);
+      }
+    }
     engineKey = key;
     adapters = new Map();
     await syncAdapters();
   }
-  return { adapter: engine.adapter(), isCpu: engine.isCpu(), reason: engine.fallbackReason() };
+  const isCpu = engine.isCpu();
+  return { adapter: engine.adapter(), isCpu, reason: engine.fallbackReason(),
+    threads: isCpu ? lib.cpuThreads() : 0, threadsNote: isCpu ? cpuThreads.note : null };
+}
+
+/** The threaded build with a pool of `n` threads, or why the CPU path stays on one thread. */
+async function threadedLib(n, asked) {
+  if (!(n >= 2)) return { count: 1, note: asked ? `${n} thread(s) asked for` : 'the browser reports one core' };
+  if (!self.crossOriginIsolated) {
+    return { count: 1, note: 'the page is not cross-origin isolated (it needs the headers Cross-Origin-Opener-Policy: ' +
+      'same-origin and Cross-Origin-Embedder-Policy: require-corp), so wasm threads are off' };
+  }
+  const url = new URL('./pkg/threads/latent_gen.js', import.meta.url).href;
+  try {
+    const t = await import(url);
+    const w = await t.default();
+    const init = t.threadInit();
+    await Promise.all(Array.from({ length: n }, () => startThread(url, init)));
+    t.buildThreadPool(n);
+    return { lib: t, wasm: w, count: t.cpuThreads(), note: null };
+  } catch (e) {
+    console.warn('the threaded build did not start:', e);
+    for (const worker of threadWorkers.splice(0)) worker.terminate();
+    return { count: 1, note: `the threaded build did not start (${e?.message || e})` };
+  }
+}
+
+const threadWorkers = []; // the pool's workers (kept referenced: a browser may collect unreferenced ones)
+
+/** Starts a worker of the pool (www/thread.js) on the threaded module `url`; resolves once it runs the module
+ * and waits for its rayon thread. Where this worker runs for a page of another origin (started from a blob by
+ * client.js), so does the thread's: workers start only from the page's origin. */
+async function startThread(url, init) {
+  const script = new URL('./thread.js', import.meta.url);
+  const worker = script.origin === self.location.origin
+    ? new Worker(script, { type: 'module' })
+    : new Worker(URL.createObjectURL(new Blob([`import ${JSON.stringify(script.href)};`], { type: 'text/javascript' })),
+      { type: 'module' });
+  threadWorkers.push(worker);
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('a thread did not start within 60 s')), 60_000);
+    worker.onmessage = ({ data }) => {
+      clearTimeout(timer);
+      if (data.ready) resolve();
+      else reject(new Error(data.error));
+    };
+    worker.onerror = (e) => {
+      clearTimeout(timer);
+      e.preventDefault?.();
+      reject(new Error(`a thread's worker did not start${e.message ? ` (${e.message})` : ''}`));
+    };
+    worker.postMessage({ url, init });
+  });
 }
 
 let adapters = new Map(); // path -> {path, size, kind, name, ...} of the LoRAs and embeddings the engine holds
@@ -77,7 +148,7 @@ async function storeAdapters(id, files) {
         await writer.append(value);
         post({ id, type: 'progress', phase: 'import', file: path, received: writer.received, total: file.size });
       }
-      await writer.finish(new Sha256(), `${ADAPTERS}/${path}`);
+      await writer.finish(new lib.Sha256(), `${ADAPTERS}/${path}`);
     } finally {
       writer.close();
     }
@@ -129,7 +200,7 @@ async function download(model, f, signal, onBytes) {
   const writer = await ChunkWriter.open(model.id, f.path, { size: f.size, sha256: f.sha256 });
   try {
     await fetchInto(writer, model, f, label, signal, onBytes);
-    await writer.finish(new Sha256(), label);
+    await writer.finish(new lib.Sha256(), label);
   } finally {
     writer.close();
   }
@@ -185,7 +256,7 @@ async function converted(model, keep) {
 
 /** The engine, made anew (as the page first asked for it) when a lost device dropped the last one. */
 async function ensureEngine() {
-  if (!engine) await initEngine(initArgs.cpu, initArgs.gpu);
+  if (!engine) await initEngine(initArgs.cpu, initArgs.gpu, initArgs.threads);
 }
 
 /** After the GPU device was lost: the engine, its model, preview decoder and adapters go; the next load
@@ -346,7 +417,7 @@ const turn = () => new Promise((resolve) => setTimeout(resolve, 0));
 async function convertInCache(id, model, type, signal) {
   const map = new Map();
   for (const f of model.files) map.set(f.path, await fileBlob(await getFile(model.id, f.path)));
-  const conv = new Converter(map, type);
+  const conv = new lib.Converter(map, type);
   const path = convertedPath(type);
   await deleteFile(model.id, path);
   const writer = await ChunkWriter.open(model.id, path, { size: conv.bytes(), sha256: null, source: 'convert' });
@@ -362,7 +433,7 @@ async function convertInCache(id, model, type, signal) {
       await turn();
       if (signal.aborted) throw cancelled();
     }
-    await writer.finish(new Sha256(), `${model.id}/${path}`);
+    await writer.finish(new lib.Sha256(), `${model.id}/${path}`);
   } catch (e) {
     writer.close();
     await deleteFile(model.id, path).catch(() => {});
@@ -413,7 +484,7 @@ async function storeFiles(id, modelId, files) {
         await writer.append(value);
         post({ id, type: 'progress', phase: 'import', file: path, received: done + writer.received, total });
       }
-      await writer.finish(new Sha256(), `${modelId}/${path}`);
+      await writer.finish(new lib.Sha256(), `${modelId}/${path}`);
     } finally {
       writer.close();
     }
@@ -464,7 +535,7 @@ self.onmessage = (ev) => {
     try {
       if (dropped.delete(msg.id)) throw cancelled();
       let result;
-      if (msg.type === 'init') result = await initEngine(!!msg.cpu, !!msg.gpu);
+      if (msg.type === 'init') result = await initEngine(!!msg.cpu, !!msg.gpu, msg.threads ?? null);
       else if (msg.type === 'load') {
         result = await load(msg.id, msg.model);
       } else if (msg.type === 'generate') result = await generate(msg.id, msg.request);
@@ -475,10 +546,15 @@ self.onmessage = (ev) => {
       else if (msg.type === 'import-adapters') result = await importAdapters(msg.id, msg.files);
       else if (msg.type === 'adapters') result = await ensureEngine().then(syncAdapters);
       else if (msg.type === 'delete-adapter') result = await deleteAdapter(msg.path);
-      else if (msg.type === 'grid-requests') result = gridRequests(msg.base, msg.x, msg.y || undefined);
-      else if (msg.type === 'grid-png') result = gridPng(msg.cells, msg.x, msg.y || undefined, msg.parameters);
+      else if (msg.type === 'grid-requests') result = lib.gridRequests(msg.base, msg.x, msg.y || undefined);
+      else if (msg.type === 'grid-png') result = lib.gridPng(msg.cells, msg.x, msg.y || undefined, msg.parameters);
       else if (msg.type === 'walk-images') {
-        result = { png: stripPng(msg.frames, msg.parameters), gif: animationGif(msg.frames, msg.frameMs || 250) };
+        result = { png: lib.stripPng(msg.frames, msg.parameters), gif: lib.animationGif(msg.frames, msg.frameMs || 250) };
+      }
+      else if (msg.type === 'bench-cpu') {
+        await ensureEngine();
+        result = await lib.Diagnostics.benchmarkCpu(msg.arch, msg.size, msg.narrow,
+          (m) => post({ id: msg.id, type: 'progress', message: m }));
       }
       else throw new Error(`unknown message ${msg.type}`);
       const transfer = result?.rgba ? [result.rgba.buffer, result.png.buffer] : [];

@@ -665,6 +665,8 @@ pub struct UnetBench {
     pub unet_cfg_step_ms: f64,
     pub unet_step_dispatches: u64,
     pub peak_gpu_bytes: u64,
+    /// The threads the CPU path's kernels split over ([`crate::ops::cpu_threads`]); 0 on a GPU.
+    pub cpu_threads: usize,
 }
 
 /// Times `arch`'s UNet (widths / `narrow`) with random weights at `size` x `size`, CFG batch 2: `repeat`
@@ -761,6 +763,7 @@ pub async fn bench_unet_with(
         load_s,
         unet_cfg_step_ms: ms,
         unet_step_dispatches: dispatches,
+        cpu_threads: if ctx.is_cpu() { crate::ops::cpu_threads() } else { 0 },
         peak_gpu_bytes: ctx.pool_stats().peak_bytes,
     };
     Ok((bench, io))

@@ -27,6 +27,61 @@ fn start() {
     console_error_panic_hook::set_once();
 }
 
+/// The threaded build's pool (pkg/threads/: wasm atomics, one memory shared by every thread). The model worker
+/// starts n Web Workers on www/thread.js, each instantiates this module on the same memory and calls
+/// [`run_thread`], which waits for a rayon thread to run; then [`build_thread_pool`] makes rayon's global pool
+/// of n threads, handing each to a waiting worker. wasm-bindgen-rayon does the same, but starts its workers
+/// from blob: URLs (without a bundler), which a page's `worker-src 'self'` refuses; its workers never start
+/// and the first parallel loop waits forever. Here the workers are the page's own script.
+#[cfg(target_feature = "atomics")]
+mod thread_pool {
+    use std::sync::OnceLock;
+
+    use crossbeam_channel::{Receiver, Sender};
+    use rayon::ThreadBuilder;
+    use wasm_bindgen::prelude::*;
+
+    fn channel() -> &'static (Sender<ThreadBuilder>, Receiver<ThreadBuilder>) {
+        static CHANNEL: OnceLock<(Sender<ThreadBuilder>, Receiver<ThreadBuilder>)> = OnceLock::new();
+        CHANNEL.get_or_init(crossbeam_channel::unbounded)
+    }
+
+    /// This module and its memory, for the workers to instantiate it on.
+    #[wasm_bindgen(js_name = threadInit)]
+    pub fn thread_init() -> js_sys::Object {
+        let o = js_sys::Object::new();
+        let _ = js_sys::Reflect::set(&o, &"module_or_path".into(), &wasm_bindgen::module());
+        let _ = js_sys::Reflect::set(&o, &"memory".into(), &wasm_bindgen::memory());
+        o
+    }
+
+    /// A worker's body: waits for one of rayon's threads and runs it (for good: rayon's threads never end).
+    #[wasm_bindgen(js_name = runThread)]
+    pub fn run_thread() {
+        if let Ok(thread) = channel().1.recv() {
+            thread.run();
+        }
+    }
+
+    /// Makes rayon's global pool of `n` threads, run by the `n` workers waiting in [`run_thread`]. Must come
+    /// before anything uses rayon (its first use makes a one-thread pool for good).
+    #[wasm_bindgen(js_name = buildThreadPool)]
+    pub fn build_thread_pool(n: usize) -> Result<(), JsError> {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .spawn_handler(|thread| channel().0.send(thread).map_err(|e| std::io::Error::other(e.to_string())))
+            .build_global()
+            .map_err(|e| JsError::new(&format!("starting the thread pool: {e}")))
+    }
+}
+
+/// The threads the CPU path's kernels split over: rayon's pool (n after `initThreadPool(n)`), 1 in the
+/// single-threaded build.
+#[wasm_bindgen(js_name = cpuThreads)]
+pub fn cpu_threads() -> usize {
+    crate::ops::cpu_threads()
+}
+
 fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }

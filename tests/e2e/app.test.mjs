@@ -254,6 +254,34 @@ test('without WebGPU the page says so and the CPU fallback generates with the ti
   await context.close();
 });
 
+test('the CPU path runs on wasm threads (the page is cross-origin isolated) and draws what one thread draws', { timeout: 600_000 }, async () => {
+  const images = {};
+  for (const query of ['?cpu', '?cpu&threads=1']) {
+    const context = await env.browser.newContext();
+    const { page, errors } = await openApp(context, query);
+    const cores = await page.evaluate(() => navigator.hardwareConcurrency);
+    assert.equal(await page.evaluate(() => self.crossOriginIsolated), true, 'the server sends COOP and COEP');
+    const threads = Number(await page.locator('#device').getAttribute('data-threads'));
+    const text = await page.locator('#device').textContent();
+    if (query.includes('threads=1')) {
+      assert.equal(threads, 1, text);
+      assert.match(text, /one thread \(1 thread\(s\) asked for\)/);
+    } else {
+      assert.ok(cores >= 2, `this test needs two cores; the browser reports ${cores}`);
+      assert.equal(threads, Math.min(cores, 8), text);
+      assert.match(text, new RegExp(`runs on ${threads} threads`));
+    }
+    const result = await generate(page);
+    assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
+    images[query] = await canvasPixels(page);
+    await context.close();
+  }
+  const [many, one] = Object.values(images);
+  const scn = scene(many);
+  assert.ok(scn.bg[1] > scn.bg[0] + 60 && scn.count >= 100, `the threaded CPU path draws the scene: ${scn.bg} ${scn.count}`);
+  assert.deepEqual(many, one, 'the same image on one thread and on several');
+});
+
 test('a model folder imported from disk generates without any network request for weights', { timeout: 600_000 }, async () => {
   const context = await env.browser.newContext();
   await env.server.faults({ reset: true });
@@ -560,6 +588,10 @@ test('under a strict Content-Security-Policy the page and the element generate w
       document.addEventListener('securitypolicyviolation', (e) => window.violations.push(`${e.violatedDirective}: ${e.blockedURI}`));
     });
     const { page, errors } = await openApp(context);
+    // The CPU path's thread workers are the page's own script (worker-src 'self' refuses blob: workers).
+    const cores = await page.evaluate(() => navigator.hardwareConcurrency);
+    assert.equal(await page.locator('#device').getAttribute('data-threads'), String(Math.min(cores, 8)),
+      await page.locator('#device').textContent());
     const result = await generate(page, { ...REQUEST, steps: 2 });
     assert.equal(result.state, 'done', `${result.text}\n${errors.join('\n')}`);
     assert.deepEqual(await page.evaluate(() => window.violations), []);

@@ -24,8 +24,11 @@ const COL_CHUNK: usize = 4 << 20;
 /// Query rows per attention task.
 const ATTN_ROWS: usize = 64;
 
-fn threads() -> usize {
-    candle_core::utils::get_num_threads()
+/// The threads the CPU path's loops split over. Natively candle's count (physical cores, or RAYON_NUM_THREADS);
+/// in a browser candle sees one core, and the threads are rayon's pool: the threaded build's Web Workers
+/// (pkg/threads/), or 1.
+pub fn threads() -> usize {
+    if cfg!(target_arch = "wasm32") { rayon::current_num_threads() } else { candle_core::utils::get_num_threads() }
 }
 
 fn parallelism() -> Parallelism {
