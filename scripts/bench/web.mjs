@@ -1,0 +1,84 @@
+// Our CPU path beside onnxruntime-web's wasm backend in the same headless Chromium, on the same UNet
+// (scripts/bench/export_unet_onnx.py exports the one `bench unet --narrow N` builds), at 1 and at all cores'
+// threads: run by scripts/bench-web, which prepares DIR (the ONNX file, onnxruntime-web under node_modules).
+//
+//   node scripts/bench/web.mjs DIR SIZE NARROW RUNS
+//
+// Ours: the diagnostics page's "Benchmark SD 1.5 on the CPU path" (a model worker; ?threads=1 for one thread),
+// RUNS clicks after a first one. onnxruntime-web: an InferenceSession on the 'wasm' provider with
+// env.wasm.numThreads, a warm-up run, then RUNS timed runs. Prints a markdown table and writes DIR/web.json.
+import { writeFile } from 'node:fs/promises';
+import { cpus } from 'node:os';
+import { join, resolve } from 'node:path';
+import { launchBrowser, startServer } from '../../tests/e2e/harness.mjs';
+
+const [dir, size, narrow, runs] = [resolve(process.argv[2]), Number(process.argv[3]), Number(process.argv[4]),
+  Number(process.argv[5] || 3)];
+const server = await startServer(['--mount', `/bench-web/=${dir}`]);
+const browser = await launchBrowser();
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+async function ours(threads) {
+  const page = await browser.newPage();
+  await page.addInitScript(() => { delete Object.getPrototypeOf(navigator).gpu; });
+  await page.goto(`${server.url}diagnostics.html?bench-size=${size}&bench-narrow=${narrow}&threads=${threads}`);
+  await page.locator('#summary[data-state="no-webgpu"]').waitFor({ timeout: 60_000 });
+  const ms = [];
+  for (let i = 0; i <= runs; i++) {
+    await page.locator('#bench-cpu:not([disabled])').click({ timeout: 600_000 });
+    await page.locator('#bench-status[data-state="done"], #bench-status[data-state="error"]').waitFor({ timeout: 600_000 });
+    const status = await page.locator('#bench-status').textContent();
+    if (!/ms per step/.test(status)) throw new Error(status);
+    if (i > 0) ms.push(Number(await page.locator('tr.bench-row .bench-ms').last().textContent()));
+    await page.evaluate(() => { document.getElementById('bench-status').dataset.state = 'running'; });
+  }
+  const device = await page.locator('tr.bench-row .bench-device').last().textContent();
+  await page.close();
+  return { ms, device };
+}
+
+async function ort(threads) {
+  const page = await browser.newPage();
+  await page.goto(`${server.url}bench-web/blank.html`);
+  const r = await page.evaluate(async ({ threads, size, runs }) => {
+    const ort = await import('/bench-web/node_modules/onnxruntime-web/dist/ort.wasm.min.mjs');
+    ort.env.wasm.numThreads = threads;
+    ort.env.wasm.wasmPaths = '/bench-web/node_modules/onnxruntime-web/dist/';
+    const session = await ort.InferenceSession.create('/bench-web/unet.onnx', { executionProviders: ['wasm'] });
+    const lat = size / 8;
+    const rand = (n) => Float32Array.from({ length: n }, () => Math.random() * 2 - 1);
+    const feeds = {
+      sample: new ort.Tensor('float32', rand(2 * 4 * lat * lat), [2, 4, lat, lat]),
+      timestep: new ort.Tensor('float32', Float32Array.from([500, 500]), [2]),
+      context: new ort.Tensor('float32', rand(2 * 77 * 768), [2, 77, 768]),
+    };
+    await session.run(feeds);
+    const ms = [];
+    for (let i = 0; i < runs; i++) {
+      const t = performance.now();
+      await session.run(feeds);
+      ms.push(performance.now() - t);
+    }
+    return { ms, isolated: self.crossOriginIsolated, version: ort.env.versions?.web || '?' };
+  }, { threads, size, runs });
+  await page.close();
+  return r;
+}
+
+const cores = cpus().length;
+const rows = [];
+for (const threads of [1, cores]) {
+  const o = await ours(threads);
+  rows.push({ impl: 'latent-gen CPU path', threads, ms: o.ms, note: o.device });
+  const x = await ort(threads);
+  rows.push({ impl: `onnxruntime-web ${x.version} (wasm)`, threads, ms: x.ms, note: x.isolated ? 'cross-origin isolated' : 'NOT isolated' });
+}
+await browser.close();
+await server.stop();
+const chromium = (await import('node:child_process')).execFileSync(process.env.CHROMIUM || '/usr/bin/chromium', ['--version']).toString().trim();
+const out = { date: new Date().toISOString(), machine: `${cpus()[0].model}, ${cores} cores`, browser: chromium, size, narrow, rows };
+await writeFile(join(dir, 'web.json'), JSON.stringify(out, null, 2));
+console.log(`\n${out.machine}; ${chromium}; SD 1.5 UNet (widths / ${narrow}) CFG step at ${size}x${size}, f32\n`);
+console.log('| implementation | threads | ms per step (median) | runs |');
+console.log('|---|---|---|---|');
+for (const r of rows) console.log(`| ${r.impl} | ${r.threads} | ${median(r.ms).toFixed(0)} | ${r.ms.map((m) => m.toFixed(0)).join(', ')} |`);
