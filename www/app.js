@@ -1,12 +1,11 @@
 // The generator page: form, progress, per-step preview, PNG download, history, models panel.
-import { client as getClient, decodeImage, formatBytes, paint } from './client.js';
+import { client as getClient, decodeImage, formatBytes, paint, threadsFromUrl } from './client.js';
 import { ADAPTERS, CONVERTED, deleteModel, listFiles } from './cache.js';
 
 const $ = (id) => document.getElementById(id);
 const hasWebGpu = 'gpu' in navigator;
 const params = new URLSearchParams(location.search);
-const client = getClient({ cpu: params.has('cpu'), gpu: params.has('gpu'),
-  threads: params.has('threads') ? Number(params.get('threads')) : null });
+const client = getClient({ cpu: params.has('cpu'), gpu: params.has('gpu'), threads: threadsFromUrl() });
 
 let catalog = []; // the models one generates with
 let decoders = []; // the catalog's preview decoders (TAESD)

@@ -25,6 +25,12 @@ function startWorker(url) {
   return new Worker(URL.createObjectURL(new Blob([source], { type: 'text/javascript' })), { type: 'module' });
 }
 
+/** The CPU path's threads the page's address asks for (?threads=N), or null (one per core). */
+export function threadsFromUrl() {
+  const q = new URLSearchParams(location.search);
+  return q.has('threads') ? Number(q.get('threads')) : null;
+}
+
 export class Client {
   constructor({ cpu = false, gpu = false, threads = null } = {}) {
     this.worker = startWorker(new URL('./worker.js', here));

@@ -1,7 +1,7 @@
 // The diagnostics page: adapter facts straight from navigator.gpu, the device latent-gen creates (through the
 // wasm module), and the kernel self-check with pass/fail and the error found for every case.
 import init, { Diagnostics } from './pkg/latent_gen.js';
-import { Client } from './client.js';
+import { Client, threadsFromUrl } from './client.js';
 
 const $ = (id) => document.getElementById(id);
 
@@ -96,10 +96,7 @@ function cpuBenchOptions() {
 // freezing this page.
 let cpuClient = null;
 async function benchmarkCpu(arch, size, narrow, progress) {
-  if (!cpuClient) {
-    const q = new URLSearchParams(location.search);
-    cpuClient = new Client({ cpu: true, threads: q.has('threads') ? Number(q.get('threads')) : null });
-  }
+  if (!cpuClient) cpuClient = new Client({ cpu: true, threads: threadsFromUrl() });
   const device = await cpuClient.ready;
   const r = await cpuClient.call({ type: 'bench-cpu', arch, size, narrow }, (ev) => ev.message && progress(ev.message));
   return { ...r, threadsNote: device.threadsNote };

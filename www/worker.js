@@ -27,7 +27,7 @@ const post = (msg, transfer) => self.postMessage(msg, transfer || []);
 // (engine, converters, hashes) comes from `lib`: objects of one module cannot go to the other.
 let lib = null;
 let wasm = null; // the module's exports (its memory)
-let cpuThreads = { count: 1, note: null }; // the CPU path's threads, and why not more
+let threadsNote; // undefined until the threaded build was tried; then null (it runs) or why the CPU path has one thread
 
 let engineKey = null;
 let initArgs = { cpu: false, gpu: false, threads: null }; // how the page asked for the engine, to make a new one after a loss
@@ -43,9 +43,9 @@ async function initEngine(cpu, gpu, threads) {
   const key = `${cpu}:${gpu}`;
   if (!engine || engineKey !== key) {
     engine = await lib.Engine.create(cpu, gpu);
-    if (engine.isCpu() && cpuThreads.count === 1 && !cpuThreads.note) {
+    if (engine.isCpu() && threadsNote === undefined) {
       const t = await threadedLib(threads ?? Math.min(navigator.hardwareConcurrency || 1, 8), threads != null);
-      cpuThreads = { count: t.count, note: t.note };
+      threadsNote = t.note ?? null;
       if (t.lib) {
         engine.free();
         ({ lib, wasm } = t);
@@ -58,14 +58,14 @@ async function initEngine(cpu, gpu, threads) {
   }
   const isCpu = engine.isCpu();
   return { adapter: engine.adapter(), isCpu, reason: engine.fallbackReason(),
-    threads: isCpu ? lib.cpuThreads() : 0, threadsNote: isCpu ? cpuThreads.note : null };
+    threads: isCpu ? lib.cpuThreads() : 0, threadsNote: isCpu ? threadsNote : null };
 }
 
 /** The threaded build with a pool of `n` threads, or why the CPU path stays on one thread. */
 async function threadedLib(n, asked) {
-  if (!(n >= 2)) return { count: 1, note: asked ? `${n} thread(s) asked for` : 'the browser reports one core' };
+  if (!(n >= 2)) return { note: asked ? `${n} thread(s) asked for` : 'the browser reports one core' };
   if (!self.crossOriginIsolated) {
-    return { count: 1, note: 'the page is not cross-origin isolated (it needs the headers Cross-Origin-Opener-Policy: ' +
+    return { note: 'the page is not cross-origin isolated (it needs the headers Cross-Origin-Opener-Policy: ' +
       'same-origin and Cross-Origin-Embedder-Policy: require-corp), so wasm threads are off' };
   }
   const url = new URL('./pkg/threads/latent_gen.js', import.meta.url).href;
@@ -75,11 +75,11 @@ async function threadedLib(n, asked) {
     const init = t.threadInit();
     await Promise.all(Array.from({ length: n }, () => startThread(url, init)));
     t.buildThreadPool(n);
-    return { lib: t, wasm: w, count: t.cpuThreads(), note: null };
+    return { lib: t, wasm: w };
   } catch (e) {
     console.warn('the threaded build did not start:', e);
     for (const worker of threadWorkers.splice(0)) worker.terminate();
-    return { count: 1, note: `the threaded build did not start (${e?.message || e})` };
+    return { note: `the threaded build did not start (${e?.message || e})` };
   }
 }
 
