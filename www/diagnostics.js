@@ -126,7 +126,9 @@ async function runBenchmark(diag, arch, label, buttons) {
       el('td', { className: 'bench-device', textContent: cpu
         ? `${r.adapter}, ${r.cpu_threads} thread${r.cpu_threads === 1 ? '' : 's'}${r.threadsNote ? ` (${r.threadsNote})` : ''}`
         : `${r.adapter} (${r.backend})` })));
-    status.textContent = `${label}: ${r.unet_cfg_step_ms.toFixed(1)} ms per step.`;
+    // The CPU path says where a step's time went (wall time by op family, one more step).
+    const ops = (r.cpu_op_ms || []).map(([family, ms]) => `${family} ${ms.toFixed(0)} ms`).join(', ');
+    status.textContent = `${label}: ${r.unet_cfg_step_ms.toFixed(1)} ms per step${ops ? ` (by op: ${ops})` : ''}.`;
     status.dataset.state = 'done';
   } catch (e) {
     status.textContent = `${label}: the benchmark failed: ${e.message || e}`;

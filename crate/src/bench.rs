@@ -12,10 +12,10 @@ use crate::selfcheck::Rng;
 
 /// A monotonic clock that works natively and in a browser (where `std::time::Instant` panics).
 #[derive(Clone, Copy)]
-struct Instant(f64);
+pub(crate) struct Instant(f64);
 
 impl Instant {
-    fn now() -> Self {
+    pub(crate) fn now() -> Self {
         #[cfg(not(target_arch = "wasm32"))]
         {
             static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -33,7 +33,7 @@ impl Instant {
         }
     }
 
-    fn elapsed(self) -> Duration {
+    pub(crate) fn elapsed(self) -> Duration {
         Duration::from_secs_f64((Self::now().0 - self.0).max(0.0))
     }
 }
@@ -667,6 +667,8 @@ pub struct UnetBench {
     pub peak_gpu_bytes: u64,
     /// The threads the CPU path's kernels split over ([`crate::ops::cpu_threads`]); 0 on a GPU.
     pub cpu_threads: usize,
+    /// On the CPU path, the wall time of one step by op family, in ms (empty on a GPU), largest first.
+    pub cpu_op_ms: Vec<(String, f64)>,
 }
 
 /// Times `arch`'s UNet (widths / `narrow`) with random weights at `size` x `size`, CFG batch 2: `repeat`
@@ -736,7 +738,9 @@ pub async fn bench_unet_with(
         ctx.sync().await?;
     }
     let ms = t.elapsed().as_secs_f64() * 1e3 / repeat.max(1) as f64;
-    let out = unet.forward(ctx, &sample, 500.0, &context, None)?;
+    // One more step, for its output (and, on the CPU path, its time by op family).
+    let (out, cpu_op_ms) = crate::ops::cpu_profile(|| unet.forward(ctx, &sample, 500.0, &context, None));
+    let out = out?;
     let io = UnetIo {
         sample: (sample.shape().to_vec(), sample.to_vec_f32(ctx).await?),
         context: (context.shape().to_vec(), context.to_vec_f32(ctx).await?),
@@ -764,6 +768,7 @@ pub async fn bench_unet_with(
         unet_cfg_step_ms: ms,
         unet_step_dispatches: dispatches,
         cpu_threads: if ctx.is_cpu() { crate::ops::cpu_threads() } else { 0 },
+        cpu_op_ms,
         peak_gpu_bytes: ctx.pool_stats().peak_bytes,
     };
     Ok((bench, io))

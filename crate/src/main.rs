@@ -416,6 +416,13 @@ mod cli {
                     r.load_s,
                     r.peak_gpu_bytes as f64 / (1 << 20) as f64
                 );
+                if !r.cpu_op_ms.is_empty() {
+                    let total: f64 = r.cpu_op_ms.iter().map(|f| f.1).sum();
+                    println!("one step by op family ({} threads):", r.cpu_threads);
+                    for (family, ms) in &r.cpu_op_ms {
+                        println!("  {family:<12} {ms:>9.1} ms  {:>5.1}%", 100.0 * ms / total);
+                    }
+                }
                 if let Some(path) = json {
                     write_json(&path, &r)?;
                     println!("wrote {}", path.display());

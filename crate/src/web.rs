@@ -138,9 +138,9 @@ impl Diagnostics {
         })
     }
 
-    /// Times a UNet CFG step of `arch` on the CPU path (what runs without WebGPU: candle in wasm, one thread)
-    /// with random f32 weights made on the spot, widths divided by `narrow`; resolves to the same figures as
-    /// [`Diagnostics::benchmark`]. Needs no WebGPU.
+    /// Times a UNet CFG step of `arch` on the CPU path (what runs without WebGPU: candle and our kernels in
+    /// wasm, on the threads of the module it runs in) with random f32 weights made on the spot, widths divided
+    /// by `narrow`; resolves to the same figures as [`Diagnostics::benchmark`]. Needs no WebGPU.
     #[wasm_bindgen(js_name = benchmarkCpu)]
     pub fn benchmark_cpu(arch: String, size: u32, narrow: u32, on_progress: js_sys::Function) -> js_sys::Promise {
         wasm_bindgen_futures::future_to_promise(async move {

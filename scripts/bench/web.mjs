@@ -30,6 +30,7 @@ async function ours(threads) {
     const status = await page.locator('#bench-status').textContent();
     if (!/ms per step/.test(status)) throw new Error(status);
     if (i > 0) ms.push(Number(await page.locator('tr.bench-row .bench-ms').last().textContent()));
+    if (i === runs) console.log(`ours, ${threads} thread(s): ${status}`);
     await page.evaluate(() => { document.getElementById('bench-status').dataset.state = 'running'; });
   }
   const device = await page.locator('tr.bench-row .bench-device').last().textContent();

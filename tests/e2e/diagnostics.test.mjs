@@ -52,5 +52,9 @@ test('without WebGPU the page says so plainly, and benchmarks the CPU path', { t
   const cores = await page.evaluate(() => navigator.hardwareConcurrency);
   assert.match(row, new RegExp(`CPU \\(candle\\), ${Math.min(cores, 8)} threads?`));
   assert.ok(Number(await page.locator('tr.bench-row .bench-ms').first().textContent()) > 0, row);
+  // And where the step's time went, by op family (the UNet's convs and attention at least).
+  const status = await bench.textContent();
+  assert.match(status, /\(by op: .*conv 3x3 \d+ ms/, status);
+  assert.match(status, /attention \d+ ms/, status);
   await page.close();
 });

@@ -148,7 +148,9 @@ fn exp(x: f32) -> f32 {
 }
 
 /// Replaces each x of `row` by e^(x * scale - max) and returns their sum (eight running sums: a reduction
-/// that vectorizes; it differs from a sequential sum by rounding only).
+/// that vectorizes; it differs from a sequential sum by rounding only). Two passes on purpose: fused into
+/// one loop over chunks of eight, LLVM vectorizes it lane by lane (scalar loads and clamps gathered into
+/// vectors), and in wasm the attention ran 25% slower (Chromium's profiler).
 fn exp_sum(row: &mut [f32], scale: f32, max: f32) -> f32 {
     row.iter_mut().for_each(|x| *x = exp(*x * scale - max));
     let mut acc = [0f32; 8];
@@ -340,9 +342,7 @@ pub fn conv2d(
     let channel = |b: usize, ch: usize| channel_of(xd, md, (cx, cm, hx * wx), b, ch);
     if WINOGRAD && kh == 3 && kw == 3 && stride == 1 && p0 == 1 && p1 == 1 && cin.min(cout) >= WINOGRAD_MIN {
         let src = Source { channel: &channel, norm: input.norm.as_ref(), cin, hx, wx, up };
-        for b in 0..batch {
-            winograd3x3(&src, b, weight, cout, &mut out[b * cout * n..][..cout * n], (ho, wo));
-        }
+        winograd3x3(&src, batch, weight, cout, &mut out, (ho, wo));
         epilogue_rows(&mut out, n, cout, epi);
         return tensor(out, &[batch, cout, ho, wo]);
     }
@@ -464,61 +464,78 @@ struct Source<'a> {
     up: usize,
 }
 
-/// A 3x3 conv, stride 1, padding 1, of batch item `b` as Winograd F(2x2, 3x3) (Lavin and Gray, 2015): each
-/// 2x2 output tile from a 4x4 input tile through 16 products of (cout, cin) x (cin, tiles) matrices instead
-/// of 36, so 2.25x fewer multiplications than im2col's GEMM, for a few transforms per tile. In chunks of tile
-/// rows, so memory stays bounded at any size; written into `out` (cout, ho * wo) without the epilogue.
-fn winograd3x3(src: &Source<'_>, b: usize, weight: &[f32], cout: usize, out: &mut [f32], (ho, wo): (usize, usize)) {
+/// A 3x3 conv, stride 1, padding 1, as Winograd F(2x2, 3x3) (Lavin and Gray, 2015): each 2x2 output tile
+/// from a 4x4 input tile through 16 products of (cout, cin) x (cin, tiles) matrices instead of 36, so 2.25x
+/// fewer multiplications than im2col's GEMM, for a few transforms per tile. The tiles of all `batch` items
+/// share the products (the weights are transformed once for them, and the products are wider), in chunks of
+/// whole items, or of tile rows of one item when an item does not fit, so memory stays bounded at any size;
+/// written into `out` (batch, cout, ho * wo) without the epilogue.
+fn winograd3x3(src: &Source<'_>, batch: usize, weight: &[f32], cout: usize, out: &mut [f32], (ho, wo): (usize, usize)) {
     let cin = src.cin;
     let (h, w) = (src.hx * src.up, src.wx * src.up);
     let (tiles_y, tiles_x) = (ho.div_ceil(2), wo.div_ceil(2));
-    let rows_per_chunk = (WINOGRAD_CHUNK.0 / (16 * cin * tiles_x)).clamp(1, tiles_y);
-    let mut v = Scratch::take(cin * 16 * rows_per_chunk * tiles_x);
+    let hw = ho * wo;
+    // Each chunk: (batch item, first tile row, tile rows) segments, their tiles one after the other.
+    let budget = (WINOGRAD_CHUNK.0 / (16 * cin)).max(1);
+    let chunks: Vec<Vec<(usize, usize, usize)>> = if budget >= tiles_y * tiles_x {
+        let items = budget / (tiles_y * tiles_x);
+        (0..batch).step_by(items).map(|b0| (b0..batch.min(b0 + items)).map(|b| (b, 0, tiles_y)).collect()).collect()
+    } else {
+        let rows = (budget / tiles_x).clamp(1, tiles_y);
+        (0..batch)
+            .flat_map(|b| (0..tiles_y).step_by(rows).map(move |ty0| vec![(b, ty0, rows.min(tiles_y - ty0))]))
+            .collect()
+    };
+    let most = chunks.iter().map(|c| c.iter().map(|s| s.2).sum::<usize>()).max().unwrap_or(0);
+    let mut v = Scratch::take(cin * 16 * most * tiles_x);
     let (mut u, mut m) = (Scratch::take(0), Scratch::take(0));
-    for ty0 in (0..tiles_y).step_by(rows_per_chunk) {
-        let trows = rows_per_chunk.min(tiles_y - ty0);
-        let tc = trows * tiles_x;
+    for segments in &chunks {
+        let tc = segments.iter().map(|s| s.2).sum::<usize>() * tiles_x;
         let v = &mut v[..cin * 16 * tc];
         // The input transformed, V = B^T d B per tile, laid out (cin, 16, tiles).
         for_chunks(v, 16 * tc, |ch, v| {
-            // The rows 2 * ty0 - 1 .. 2 * (ty0 + trows) + 1 of the (padded, upsampled, normalized) channel.
-            let (pw, ph) = (2 * tiles_x + 2, 2 * trows + 2);
-            let mut plane = vec![0f32; pw * ph];
-            let data = (src.channel)(b, ch);
-            let norm = src.norm.map(|(a, silu)| (a[b * cin + ch], *silu));
-            for (r, prow) in plane.chunks_mut(pw).enumerate() {
-                let iy = (2 * ty0 + r) as isize - 1;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                let srow = &data[(iy as usize / src.up) * src.wx..][..src.wx];
-                for (ix, p) in prow[1..=w].iter_mut().enumerate() {
-                    let x = srow[ix / src.up];
-                    *p = norm.map_or(x, |(st, silu)| normalized(x, st, silu));
-                }
-            }
-            for ty in 0..trows {
-                for tx in 0..tiles_x {
-                    let mut d = [[0f32; 4]; 4];
-                    for (r, drow) in d.iter_mut().enumerate() {
-                        drow.copy_from_slice(&plane[(2 * ty + r) * pw + 2 * tx..][..4]);
+            let mut t0 = 0;
+            for &(b, ty0, trows) in segments {
+                // The rows 2 * ty0 - 1 .. 2 * (ty0 + trows) + 1 of the (padded, upsampled, normalized) channel.
+                let (pw, ph) = (2 * tiles_x + 2, 2 * trows + 2);
+                let mut plane = vec![0f32; pw * ph];
+                let data = (src.channel)(b, ch);
+                let norm = src.norm.map(|(a, silu)| (a[b * cin + ch], *silu));
+                for (r, prow) in plane.chunks_mut(pw).enumerate() {
+                    let iy = (2 * ty0 + r) as isize - 1;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
                     }
-                    // B^T d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3; then the same on the columns.
-                    let mut e = [[0f32; 4]; 4];
-                    for c in 0..4 {
-                        e[0][c] = d[0][c] - d[2][c];
-                        e[1][c] = d[1][c] + d[2][c];
-                        e[2][c] = d[2][c] - d[1][c];
-                        e[3][c] = d[1][c] - d[3][c];
+                    let srow = &data[(iy as usize / src.up) * src.wx..][..src.wx];
+                    for (ix, p) in prow[1..=w].iter_mut().enumerate() {
+                        let x = srow[ix / src.up];
+                        *p = norm.map_or(x, |(st, silu)| normalized(x, st, silu));
                     }
-                    let t = ty * tiles_x + tx;
-                    for (r, row) in e.iter().enumerate() {
-                        let f = [row[0] - row[2], row[1] + row[2], row[2] - row[1], row[1] - row[3]];
-                        for (c, val) in f.into_iter().enumerate() {
-                            v[(4 * r + c) * tc + t] = val;
+                }
+                for ty in 0..trows {
+                    for tx in 0..tiles_x {
+                        let mut d = [[0f32; 4]; 4];
+                        for (r, drow) in d.iter_mut().enumerate() {
+                            drow.copy_from_slice(&plane[(2 * ty + r) * pw + 2 * tx..][..4]);
+                        }
+                        // B^T d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3; then the same on the columns.
+                        let mut e = [[0f32; 4]; 4];
+                        for c in 0..4 {
+                            e[0][c] = d[0][c] - d[2][c];
+                            e[1][c] = d[1][c] + d[2][c];
+                            e[2][c] = d[2][c] - d[1][c];
+                            e[3][c] = d[1][c] - d[3][c];
+                        }
+                        let t = t0 + ty * tiles_x + tx;
+                        for (r, row) in e.iter().enumerate() {
+                            let f = [row[0] - row[2], row[1] + row[2], row[2] - row[1], row[1] - row[3]];
+                            for (c, val) in f.into_iter().enumerate() {
+                                v[(4 * r + c) * tc + t] = val;
+                            }
                         }
                     }
                 }
+                t0 += trows * tiles_x;
             }
         });
         let v = &*v;
@@ -577,31 +594,35 @@ fn winograd3x3(src: &Source<'_>, b: usize, weight: &[f32], cout: usize, out: &mu
             }
             // Y = A^T m A: rows m0 + m1 + m2, m1 - m2 - m3; then the same on the columns.
             let m = &*m;
-            for_chunks(&mut out[co0 * ho * wo..][..cb * ho * wo], ho * wo, |co, plane| {
-                let mc = &m[co * 16 * tc..][..16 * tc];
-                for ty in 0..trows {
-                    for tx in 0..tiles_x {
-                        let t = ty * tiles_x + tx;
-                        let at = |r: usize, c: usize| mc[(4 * r + c) * tc + t];
-                        let a = [
-                            std::array::from_fn::<f32, 4, _>(|c| at(0, c) + at(1, c) + at(2, c)),
-                            std::array::from_fn::<f32, 4, _>(|c| at(1, c) - at(2, c) - at(3, c)),
-                        ];
-                        let (oy, ox) = (2 * (ty0 + ty), 2 * tx);
-                        for (i, row) in a.iter().enumerate() {
-                            if oy + i >= ho {
-                                break;
-                            }
-                            let y = [row[0] + row[1] + row[2], row[1] - row[2] - row[3]];
-                            for (j, val) in y.into_iter().enumerate() {
-                                if ox + j < wo {
-                                    plane[(oy + i) * wo + ox + j] = val;
+            let mut t0 = 0;
+            for &(b, ty0, trows) in segments {
+                for_chunks(&mut out[(b * cout + co0) * hw..][..cb * hw], hw, |co, plane| {
+                    let mc = &m[co * 16 * tc..][..16 * tc];
+                    for ty in 0..trows {
+                        for tx in 0..tiles_x {
+                            let t = t0 + ty * tiles_x + tx;
+                            let at = |r: usize, c: usize| mc[(4 * r + c) * tc + t];
+                            let a = [
+                                std::array::from_fn::<f32, 4, _>(|c| at(0, c) + at(1, c) + at(2, c)),
+                                std::array::from_fn::<f32, 4, _>(|c| at(1, c) - at(2, c) - at(3, c)),
+                            ];
+                            let (oy, ox) = (2 * (ty0 + ty), 2 * tx);
+                            for (i, row) in a.iter().enumerate() {
+                                if oy + i >= ho {
+                                    break;
+                                }
+                                let y = [row[0] + row[1] + row[2], row[1] - row[2] - row[3]];
+                                for (j, val) in y.into_iter().enumerate() {
+                                    if ox + j < wo {
+                                        plane[(oy + i) * wo + ox + j] = val;
+                                    }
                                 }
                             }
                         }
                     }
-                }
-            });
+                });
+                t0 += trows * tiles_x;
+            }
         }
     }
 }
@@ -684,8 +705,16 @@ pub struct Matmul<'a> {
     pub epi: Epilogue<'a>,
 }
 
+/// Rows of A per [`matmul`] task at least (fewer and each task's packing of B would cost more than its
+/// product; the unit tests take several tasks at small sizes).
+const MATMUL_ROWS: usize = if cfg!(test) { 3 } else { 32 };
+
 /// Batched C = A B with the fusions of [`Matmul`]: A (.., m, k) or (.., k, m), B (.., k, n) or (.., n, k),
 /// either without batch dimensions shared by the other's batch. `out_shape` is the result's.
+///
+/// In tasks of A's rows, on rayon's threads when there are several: each normalizes its rows, multiplies
+/// them and applies the epilogue while they are in cache. (gemm's own threads split the columns of B, and
+/// the UNet's matmuls have few: in wasm on two threads they ran 1.2x faster than on one, 1.7x this way.)
 pub fn matmul(a: &CTensor, b: &CTensor, o: &Matmul<'_>, batch: usize, out_shape: &[usize]) -> Result<CTensor> {
     let (ad, bd) = (a.dims(), b.dims());
     let (ra, ca) = (ad[ad.len() - 2], ad[ad.len() - 1]);
@@ -694,100 +723,117 @@ pub fn matmul(a: &CTensor, b: &CTensor, o: &Matmul<'_>, batch: usize, out_shape:
     let n = if o.trans_b { rb } else { cb };
     let a_skip = if ad.len() > 2 { ra * ca } else { 0 };
     let b_skip = if bd.len() > 2 { rb * cb } else { 0 };
-    let av = view(a)?;
-    let mut normed = Scratch::take(if o.layer_norm.is_some() { av.get().len() } else { 0 });
-    let ad = match o.layer_norm {
-        Some((g, beta, eps)) => {
-            layer_norm_rows(av.get(), &mut normed, k, Some((g, beta)), eps);
-            &normed[..]
-        }
-        None => av.get(),
-    };
-    let bv = view(b)?;
-    let bd = bv.get();
+    if o.layer_norm.is_some() && o.trans_a {
+        return Err(Error::Invalid("the CPU fallback normalizes the rows of an untransposed A only".into()));
+    }
+    let (av, bv) = (view(a)?, view(b)?);
+    let (ad, bd) = (av.get(), bv.get());
     let a_st = if o.trans_a { (1, m) } else { (k, 1) };
     let b_st = if o.trans_b { (1, k) } else { (n, 1) };
-    let cols = if o.geglu { n / 2 } else { n };
-    // The product, (batch, m, n) (or (batch, n, m) transposed), before the epilogue.
-    // A GEGLU's product is a temporary: (batch, m, n) for a (batch, m, n / 2) result.
-    let mut temp = Scratch::take(if o.geglu { batch * m * n } else { 0 });
-    let mut owned = if o.geglu { Vec::new() } else { vec![0f32; batch * m * n] };
-    let prod: &mut [f32] = if o.geglu { &mut temp } else { &mut owned };
     let c_st = if o.trans_c { (1, m) } else { (n, 1) };
-    let par = parallelism();
-    if b_skip == 0 && !o.trans_a && !o.trans_c {
-        // A shared B: the batch's rows stack into one (batch * m, k) product.
-        // SAFETY: A (batch * m, k), B and C (batch * m, n) are in bounds with these strides.
-        unsafe { gemm((batch * m, n, k), prod.as_mut_ptr(), c_st, false, ad.as_ptr(), a_st, bd.as_ptr(), b_st, par) };
-    } else {
-        for i in 0..batch {
-            // SAFETY: item i's A, B and C lie at their skips, in bounds for the strides.
-            unsafe {
-                gemm(
-                    (m, n, k),
-                    prod[i * m * n..].as_mut_ptr(),
-                    c_st,
-                    false,
-                    ad[i * a_skip..].as_ptr(),
-                    a_st,
-                    bd[i * b_skip..].as_ptr(),
-                    b_st,
-                    par,
-                )
-            };
-        }
-    }
+    // A GEGLU's product is a temporary per task: (rows, n) for (rows, n / 2) of the result.
+    let cols = if o.geglu { n / 2 } else { n };
+    let mut out = vec![0f32; batch * m * cols];
+    // Items of `rows` rows each: a shared B stacks the batch's rows into one item.
+    let (items, rows) = if b_skip == 0 && !o.trans_a && !o.trans_c { (1, batch * m) } else { (batch, m) };
+    let chunk = (items * rows).div_ceil(4 * threads()).max(MATMUL_ROWS).min(rows.max(1));
+    let per_item = rows.div_ceil(chunk);
+    let dst = Shared(out.as_mut_ptr());
     let epi = &o.epi;
-    let out = if o.trans_c {
-        // (batch, n, m): the bias is per row.
-        epilogue_rows(prod, m, n, epi);
-        owned
-    } else if o.geglu {
-        let half = cols;
-        let mut out = vec![0f32; batch * m * half];
-        for_chunks(&mut out, half, |r, row| {
-            let bi = r / m;
-            let p = &prod[r * n..][..n];
-            let bias = epi.bias.map(|bias| bias_row(bias, epi.bias_at, bi, n));
-            for (j, v) in row.iter_mut().enumerate() {
-                let (x, g) = match bias {
-                    Some(bias) => (p[j] + bias[j], p[half + j] + bias[half + j]),
-                    None => (p[j], p[half + j]),
-                };
-                *v = x * gelu(g);
-            }
-        });
-        out
-    } else {
-        if epi.bias.is_some() || epi.act.is_some() || epi.residual.is_some() {
-            for_chunks(prod, n, |r, row| {
-                let bias = epi.bias.map(|bias| bias_row(bias, epi.bias_at, r / m, n));
-                let res = epi.residual.map(|res| &res[r * n..][..n]);
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = apply(epi.act, *v + bias.map_or(0.0, |b| b[j])) + res.map_or(0.0, |r| r[j]);
+    let task = |t: usize| {
+        let (i, r0) = (t / per_item, (t % per_item) * chunk);
+        let rc = chunk.min(rows - r0);
+        let a_off = i * a_skip + if o.trans_a { r0 } else { r0 * k };
+        let mut normed = Scratch::take(if o.layer_norm.is_some() { rc * k } else { 0 });
+        let a_rows = match o.layer_norm {
+            Some((g, beta, eps)) => {
+                for (src, dst) in ad[a_off..][..rc * k].chunks(k).zip(normed.chunks_mut(k)) {
+                    layer_norm_row(src, dst, Some((g, beta)), eps);
                 }
-            });
+                &normed[..]
+            }
+            None => &ad[a_off..],
+        };
+        // The first global row of this task (batch item = global row / m).
+        let g0 = i * rows + r0;
+        let mut temp = Scratch::take(if o.geglu { rc * n } else { 0 });
+        let c = if o.geglu {
+            temp.as_mut_ptr()
+        } else if o.trans_c {
+            // SAFETY: in bounds: item i's (n, m) block, columns r0..
+            unsafe { dst.ptr().add(i * m * n + r0) }
+        } else {
+            // SAFETY: in bounds: rows g0 .. g0 + rc of (items * rows, n).
+            unsafe { dst.ptr().add(g0 * n) }
+        };
+        // SAFETY: A's rows (or columns, transposed) r0 .. r0 + rc of item i, B of item i, and C's rows (or
+        // columns) r0 .. r0 + rc are in bounds for these strides; no other task writes this task's part of C.
+        unsafe {
+            gemm(
+                (rc, n, k),
+                c,
+                if o.geglu { (n, 1) } else { c_st },
+                false,
+                a_rows.as_ptr(),
+                a_st,
+                bd[i * b_skip..].as_ptr(),
+                b_st,
+                Parallelism::None,
+            )
+        };
+        if o.trans_c {
+            return;
         }
-        owned
+        for j in 0..rc {
+            let r = g0 + j;
+            let bias = epi.bias.map(|bias| bias_row(bias, epi.bias_at, r / m, n));
+            if o.geglu {
+                let p = &temp[j * n..][..n];
+                // SAFETY: row r of the (batch * m, n / 2) result is this task's.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(r * cols), cols) };
+                for (jj, v) in row.iter_mut().enumerate() {
+                    let (x, g) = match bias {
+                        Some(bias) => (p[jj] + bias[jj], p[cols + jj] + bias[cols + jj]),
+                        None => (p[jj], p[cols + jj]),
+                    };
+                    *v = x * gelu(g);
+                }
+            } else if bias.is_some() || epi.act.is_some() || epi.residual.is_some() {
+                // SAFETY: row r of the (batch * m, n) result is this task's.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(r * n), n) };
+                let res = epi.residual.map(|res| &res[r * n..][..n]);
+                for (jj, v) in row.iter_mut().enumerate() {
+                    *v = apply(epi.act, *v + bias.map_or(0.0, |b| b[jj])) + res.map_or(0.0, |r| r[jj]);
+                }
+            }
+        }
     };
+    let tasks = items * per_item;
+    if threads() > 1 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+    if o.trans_c {
+        // (batch, n, m): the bias is per row.
+        epilogue_rows(&mut out, m, n, epi);
+    }
     tensor(out, out_shape)
 }
 
-/// Layer norm of each `len`-long row of `x` into `out`, with an optional affine.
-pub fn layer_norm_rows(x: &[f32], out: &mut [f32], len: usize, affine: Option<(&[f32], &[f32])>, eps: f32) {
-    for_chunks(out, len, |r, row| {
-        let src = &x[r * len..][..len];
-        let mean = src.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-        let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
-        let (mean, rstd) = (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
-        for (j, (o, &v)) in row.iter_mut().zip(src).enumerate() {
-            let y = (v - mean) * rstd;
-            *o = match affine {
-                Some((g, b)) => y * g[j] + b[j],
-                None => y,
-            };
-        }
-    });
+/// Layer norm of `src` into `dst` (the same length), with an optional affine. Mean and variance in f64.
+fn layer_norm_row(src: &[f32], dst: &mut [f32], affine: Option<(&[f32], &[f32])>, eps: f32) {
+    let len = src.len();
+    let mean = src.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+    let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
+    let (mean, rstd) = (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
+    for (j, (o, &v)) in dst.iter_mut().zip(src).enumerate() {
+        let y = (v - mean) * rstd;
+        *o = match affine {
+            Some((g, b)) => y * g[j] + b[j],
+            None => y,
+        };
+    }
 }
 
 /// One of attention's operands: (batch, tokens, width) with the heads in `hd` columns from `col`.
@@ -840,19 +886,22 @@ pub fn attention(
                 Parallelism::None,
             )
         };
-        for (i, row) in s.chunks_mut(lk).enumerate() {
+        // The rows' exponentials, unnormalized: the output rows are divided by their sums instead (d columns
+        // each rather than lk).
+        let mut inv = [0f32; ATTN_ROWS];
+        for ((i, row), inv) in s.chunks_mut(lk).enumerate().zip(&mut inv) {
             let valid = if causal { (r0 + i + 1).min(lk) } else { lk };
             let max = row_max(&row[..valid]) * scale;
-            let inv = 1.0 / exp_sum(&mut row[..valid], scale, max);
-            row[..valid].iter_mut().for_each(|x| *x *= inv);
+            *inv = 1.0 / exp_sum(&mut row[..valid], scale, max);
             row[valid..].fill(0.0);
         }
+        let o = (bi * lq + r0) * hd + h * d;
         // SAFETY: this task's output block, rows r0.. of batch bi and columns h * d .. + d, is written by no
         // other task; V (lk, d) at stride wv is in bounds.
         unsafe {
             gemm(
                 (rows, d, lk),
-                dst.ptr().add((bi * lq + r0) * hd + h * d),
+                dst.ptr().add(o),
                 (hd, 1),
                 false,
                 s.as_ptr(),
@@ -860,8 +909,11 @@ pub fn attention(
                 vp.as_ptr(),
                 (wv, 1),
                 Parallelism::None,
-            )
-        };
+            );
+            for (i, &inv) in inv[..rows].iter().enumerate() {
+                std::slice::from_raw_parts_mut(dst.ptr().add(o + i * hd), d).iter_mut().for_each(|x| *x *= inv);
+            }
+        }
     };
     if threads() > 1 {
         (0..b * heads * chunks).into_par_iter().for_each(task);
@@ -958,6 +1010,7 @@ mod tests {
             (2, 8, 0, 6, 4, 1, 1, (0, 0), false, false),    // 1x1: no im2col
             (1, 8, 8, 5, 4, 1, 1, (0, 0), false, true),     // 1x1 over a normalized concatenation
             (2, 16, 0, 20, 16, 3, 1, (1, 1), false, false), // Winograd in 4 chunks of tile rows
+            (3, 16, 0, 10, 16, 3, 1, (1, 1), false, false), // Winograd in chunks of 2 and 1 whole items
             (1, 24, 0, 7, 17, 3, 1, (1, 1), false, false),  // Winograd, odd sides (partial tiles)
             (2, 8, 10, 5, 16, 3, 1, (1, 1), true, true),    // Winograd over a normalized concatenation, upsampled
         ];

@@ -14,6 +14,7 @@ pub mod pack;
 
 pub use attention::{Cols, attention, attention_cols};
 pub use check::{FiniteCheck, all_finite};
+pub use cpu::profile as cpu_profile;
 pub use cpu_kernels::threads as cpu_threads;
 pub use elementwise::{
     Activation, BinaryOp, Term, add, affine, geglu, gelu, lincomb, mul, quick_gelu, relu, silu, soft_clamp, sub,
