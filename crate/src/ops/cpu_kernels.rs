@@ -31,13 +31,6 @@ pub fn threads() -> usize {
     if cfg!(target_arch = "wasm32") { rayon::current_num_threads() } else { candle_core::utils::get_num_threads() }
 }
 
-fn parallelism() -> Parallelism {
-    match threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
 /// A contiguous f32 CPU tensor's elements, borrowed.
 pub(super) struct F32<'a> {
     guard: candle_core::StorageRef<'a>,
@@ -122,6 +115,71 @@ unsafe fn gemm(
         )
     }
 }
+
+/// [`gemm`] in tasks along its larger dimension, on rayon's threads when there are several, each task a
+/// single-threaded gemm. gemm's own threads lose in wasm: on two threads a UNet step's 1x1 and strided convs
+/// took twice their one-thread time (diagnostics CPU benchmark, by op), and its matmuls 1.2x less.
+///
+/// # Safety
+/// As [`gemm`] (without accumulation).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_par(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_st: (usize, usize),
+    lhs: *const f32,
+    lhs_st: (usize, usize),
+    rhs: *const f32,
+    rhs_st: (usize, usize),
+) {
+    let t = threads();
+    // Split n (each task packs its own columns of rhs and all of lhs) or m (its own rows of lhs, all of rhs).
+    let split_n = n >= m;
+    let len = if split_n { n } else { m };
+    let chunk = len.div_ceil(4 * t).next_multiple_of(16).max(GEMM_SPLIT_MIN).min(len.max(1));
+    let tasks = len.div_ceil(chunk);
+    let (dst, lhs, rhs) = (Shared(dst), Shared(lhs as *mut f32), Shared(rhs as *mut f32));
+    let task = |i: usize| {
+        let (o, c) = (i * chunk, chunk.min(len - i * chunk));
+        // SAFETY: the caller's operands, narrowed to this task's columns (or rows), in bounds; each task
+        // writes its own part of dst.
+        unsafe {
+            if split_n {
+                gemm(
+                    (m, c, k),
+                    dst.ptr().add(o * dst_st.1),
+                    dst_st,
+                    false,
+                    lhs.ptr(),
+                    lhs_st,
+                    rhs.ptr().add(o * rhs_st.1),
+                    rhs_st,
+                    Parallelism::None,
+                )
+            } else {
+                gemm(
+                    (c, n, k),
+                    dst.ptr().add(o * dst_st.0),
+                    dst_st,
+                    false,
+                    lhs.ptr().add(o * lhs_st.0),
+                    lhs_st,
+                    rhs.ptr(),
+                    rhs_st,
+                    Parallelism::None,
+                )
+            }
+        }
+    };
+    if t > 1 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// The columns (or rows) of a [`gemm_par`] task at least (the unit tests take several tasks).
+const GEMM_SPLIT_MIN: usize = if cfg!(test) { 16 } else { 64 };
 
 /// e^x without a libm call, branch-free, so that loops over slices vectorize. In wasm `f32::exp` is a call
 /// into compiler-builtins' scalar expf: it took 48% of a browser CPU step (Chromium's profiler, SD 1.5 at a
@@ -366,22 +424,19 @@ pub fn conv2d(
     let direct = direct && input.norm.is_none() && input.more.is_none();
     let rows_per_chunk = (COL_CHUNK / (k * wo).max(1)).clamp(1, ho);
     let mut col = Scratch::take(if direct { 0 } else { k * rows_per_chunk * wo });
-    let par = parallelism();
     for b in 0..batch {
         let out_b = &mut out[b * cout * n..][..cout * n];
         if direct {
             // SAFETY: W (cout, k), x[b] (k, n) and out[b] (cout, n) are contiguous and in bounds.
             unsafe {
-                gemm(
+                gemm_par(
                     (cout, n, k),
                     out_b.as_mut_ptr(),
                     (n, 1),
-                    false,
                     weight.as_ptr(),
                     (k, 1),
                     xd[b * cx * n..].as_ptr(),
                     (n, 1),
-                    par,
                 )
             };
             continue;
@@ -436,16 +491,14 @@ pub fn conv2d(
             });
             // SAFETY: W (cout, k), col (k, cols) contiguous; out[b]'s columns y0 * wo .. + cols of its cout rows.
             unsafe {
-                gemm(
+                gemm_par(
                     (cout, cols, k),
                     out_b[y0 * wo..].as_mut_ptr(),
                     (n, 1),
-                    false,
                     weight.as_ptr(),
                     (k, 1),
                     col.as_ptr(),
                     (cols, 1),
-                    par,
                 )
             };
         }
@@ -1047,6 +1100,7 @@ mod tests {
             (2, 8, 0, 9, 4, 3, 1, (1, 1), true, false),     // upsample then conv
             (2, 6, 10, 7, 5, 3, 1, (1, 1), false, true),    // norm + SiLU over a concatenation
             (2, 8, 0, 6, 4, 1, 1, (0, 0), false, false),    // 1x1: no im2col
+            (2, 8, 0, 4, 40, 1, 1, (0, 0), false, false),   // 1x1, more channels out than pixels: tasks of rows
             (1, 8, 8, 5, 4, 1, 1, (0, 0), false, true),     // 1x1 over a normalized concatenation
             (2, 16, 0, 20, 16, 3, 1, (1, 1), false, false), // Winograd in 4 chunks of tile rows
             (3, 16, 0, 10, 16, 3, 1, (1, 1), false, false), // Winograd in chunks of 2 and 1 whole items
