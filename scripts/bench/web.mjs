@@ -7,6 +7,7 @@
 // Ours: the diagnostics page's "Benchmark SD 1.5 on the CPU path" (a model worker; ?threads=1 for one thread),
 // RUNS clicks after a first one. onnxruntime-web: an InferenceSession on the 'wasm' provider with
 // env.wasm.numThreads, a warm-up run, then RUNS timed runs. Prints a markdown table and writes DIR/web.json.
+// OURS_ONLY=1 times ours alone (two builds compared in a few minutes).
 import { writeFile } from 'node:fs/promises';
 import { cpus } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -71,6 +72,7 @@ const rows = [];
 for (const threads of [1, cores]) {
   const o = await ours(threads);
   rows.push({ impl: 'latent-gen CPU path', threads, ms: o.ms, note: o.device });
+  if (process.env.OURS_ONLY) continue;
   const x = await ort(threads);
   rows.push({ impl: `onnxruntime-web ${x.version} (wasm)`, threads, ms: x.ms, note: x.isolated ? 'cross-origin isolated' : 'NOT isolated' });
 }

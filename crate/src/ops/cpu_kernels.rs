@@ -776,7 +776,7 @@ pub struct Matmul<'a> {
 
 /// Rows of A per [`matmul`] task at least (fewer and each task's packing of B would cost more than its
 /// product; the unit tests take several tasks at small sizes).
-const MATMUL_ROWS: usize = if cfg!(test) { 3 } else { 32 };
+const MATMUL_ROWS: usize = if cfg!(test) { 3 } else { 64 };
 
 /// Batched C = A B with the fusions of [`Matmul`]: A (.., m, k) or (.., k, m), B (.., k, n) or (.., n, k),
 /// either without batch dimensions shared by the other's batch. `out_shape` is the result's.
