@@ -511,7 +511,8 @@ pub fn conv2d(
 /// no FMA) is about 3x slower than natively on one thread, cutting its multiplications 2.25x makes the browser's
 /// CPU path 8-24% faster per UNet step (the diagnostics page's CPU benchmark, runs interleaved: 1.85-1.90 s,
 /// 2.06-2.48 s with im2col); natively, on the AVX2 GEMM, its transforms cost what it saves (SD 1.5 at 256x256
-/// on 2 threads: 2.8 s, 2.35-2.67 s with im2col), so it stays off. The unit tests run both paths.
+/// on 2 threads: 2.8 s, 2.35-2.67 s with im2col; with the transforms vectorized, its 3x3 convs 1.33-1.43 s
+/// against 1.24-1.37 s), so it stays off. The unit tests run both paths.
 const WINOGRAD: bool = cfg!(any(target_arch = "wasm32", test));
 /// Channels in and out from which a 3x3 conv runs as Winograd (below, its transforms cost more than the
 /// multiplications they save).
@@ -568,6 +569,7 @@ fn winograd3x3(src: &Source<'_>, batch: usize, weight: &[f32], cout: usize, out:
                 // The rows 2 * ty0 - 1 .. 2 * (ty0 + trows) + 1 of the (padded, upsampled, normalized) channel.
                 let (pw, ph) = (2 * tiles_x + 2, 2 * trows + 2);
                 let mut plane = vec![0f32; pw * ph];
+                let mut e = vec![0f32; 4 * pw];
                 let data = (src.channel)(b, ch);
                 let norm = src.norm.map(|(a, silu)| (a[b * cin + ch], *silu));
                 for (r, prow) in plane.chunks_mut(pw).enumerate() {
@@ -576,32 +578,34 @@ fn winograd3x3(src: &Source<'_>, batch: usize, weight: &[f32], cout: usize, out:
                         continue;
                     }
                     let srow = &data[(iy as usize / src.up) * src.wx..][..src.wx];
-                    for (ix, p) in prow[1..=w].iter_mut().enumerate() {
-                        let x = srow[ix / src.up];
-                        *p = norm.map_or(x, |(st, silu)| normalized(x, st, silu));
+                    let dst = &mut prow[1..=w];
+                    if src.up == 1 {
+                        dst.copy_from_slice(srow);
+                    } else {
+                        dst.chunks_exact_mut(2).zip(srow).for_each(|(d, &x)| d.fill(x));
+                    }
+                    // One loop per case, without branches inside: they vectorize (SiLU's exp included).
+                    match norm {
+                        Some((st, true)) => dst.iter_mut().for_each(|p| *p = normalized(*p, st, true)),
+                        Some((st, false)) => dst.iter_mut().for_each(|p| *p = normalized(*p, st, false)),
+                        None => {}
                     }
                 }
+                // B^T d B for each tile: B^T's row combinations over whole rows of the plane, then the column
+                // combinations of a row of tiles, each of the 16 positions a contiguous run of tiles in v.
                 for ty in 0..trows {
-                    for tx in 0..tiles_x {
-                        let mut d = [[0f32; 4]; 4];
-                        for (r, drow) in d.iter_mut().enumerate() {
-                            drow.copy_from_slice(&plane[(2 * ty + r) * pw + 2 * tx..][..4]);
-                        }
-                        // B^T d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3; then the same on the columns.
-                        let mut e = [[0f32; 4]; 4];
-                        for c in 0..4 {
-                            e[0][c] = d[0][c] - d[2][c];
-                            e[1][c] = d[1][c] + d[2][c];
-                            e[2][c] = d[2][c] - d[1][c];
-                            e[3][c] = d[1][c] - d[3][c];
-                        }
-                        let t = t0 + ty * tiles_x + tx;
-                        for (r, row) in e.iter().enumerate() {
-                            let f = [row[0] - row[2], row[1] + row[2], row[2] - row[1], row[1] - row[3]];
-                            for (c, val) in f.into_iter().enumerate() {
-                                v[(4 * r + c) * tc + t] = val;
-                            }
-                        }
+                    let rows: [&[f32]; 4] = std::array::from_fn(|r| &plane[(2 * ty + r) * pw..][..pw]);
+                    let (e0, rest) = e.split_at_mut(pw);
+                    let (e1, rest) = rest.split_at_mut(pw);
+                    let (e2, e3) = rest.split_at_mut(pw);
+                    winograd_rows_in(rows, [e0, e1, e2, e3]);
+                    let t = t0 + ty * tiles_x;
+                    for (r, er) in e.chunks_exact(pw).enumerate() {
+                        let (o0, rest) = v[4 * r * tc + t..].split_at_mut(tc);
+                        let (o1, rest) = rest.split_at_mut(tc);
+                        let (o2, o3) = rest.split_at_mut(tc);
+                        let n = tiles_x;
+                        winograd_cols_in(er, &mut o0[..n], &mut o1[..n], &mut o2[..n], &mut o3[..n]);
                     }
                 }
                 t0 += trows * tiles_x;
@@ -614,26 +618,33 @@ fn winograd3x3(src: &Source<'_>, batch: usize, weight: &[f32], cout: usize, out:
             let cb = block.min(cout - co0);
             u.resize(cb * 16 * cin);
             m.resize(cb * 16 * tc);
-            // The weights transformed, U = G g G^T, laid out (cb, 16, cin).
+            // The weights transformed, U = G g G^T, laid out (cb, 16, cin): each output channel's (cin, 9)
+            // weights transposed to (9, cin), then G's combinations as loops over cin, which vectorize.
             for_chunks(&mut u[..cb * 16 * cin], 16 * cin, |co, u| {
-                for ci in 0..cin {
-                    let g = &weight[((co0 + co) * cin + ci) * 9..][..9];
-                    // G g: rows g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2; then the same on the columns.
-                    let mut gg = [[0f32; 3]; 4];
-                    for c in 0..3 {
-                        let (a, m, z) = (g[c], g[3 + c], g[6 + c]);
-                        gg[0][c] = a;
-                        gg[1][c] = 0.5 * (a + m + z);
-                        gg[2][c] = 0.5 * (a - m + z);
-                        gg[3][c] = z;
+                let mut g = vec![0f32; 9 * cin];
+                for (ci, w9) in weight[(co0 + co) * cin * 9..][..cin * 9].chunks_exact(9).enumerate() {
+                    for (kk, &x) in w9.iter().enumerate() {
+                        g[kk * cin + ci] = x;
                     }
-                    for (r, row) in gg.iter().enumerate() {
-                        let (a, m, z) = (row[0], row[1], row[2]);
-                        let t = [a, 0.5 * (a + m + z), 0.5 * (a - m + z), z];
-                        for (c, val) in t.into_iter().enumerate() {
-                            u[(4 * r + c) * cin + ci] = val;
-                        }
-                    }
+                }
+                // G g: rows g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2 (each a row of 3 taps, as
+                // (3, cin)); then the same on the columns of each.
+                let tap = |r: usize, c: usize| &g[(3 * r + c) * cin..][..cin];
+                let mut gg = vec![0f32; 12 * cin];
+                for c in 0..3 {
+                    let (a, m, z) = (tap(0, c), tap(1, c), tap(2, c));
+                    let (r0, rest) = gg[c * cin..].split_at_mut(3 * cin);
+                    let (r1, rest) = rest.split_at_mut(3 * cin);
+                    let (r2, r3) = rest.split_at_mut(3 * cin);
+                    winograd_g(a, m, z, [&mut r0[..cin], &mut r1[..cin], &mut r2[..cin], &mut r3[..cin]]);
+                }
+                for r in 0..4 {
+                    let row = &gg[3 * r * cin..][..3 * cin];
+                    let (a, m, z) = (&row[..cin], &row[cin..2 * cin], &row[2 * cin..]);
+                    let (o0, rest) = u[4 * r * cin..].split_at_mut(cin);
+                    let (o1, rest) = rest.split_at_mut(cin);
+                    let (o2, rest) = rest.split_at_mut(cin);
+                    winograd_g(a, m, z, [o0, o1, o2, &mut rest[..cin]]);
                 }
             });
             // M_xi (cb, tiles) = U_xi (cb, cin) V_xi (cin, tiles) for the 16 positions xi, into (cb, 16, tiles).
@@ -668,31 +679,72 @@ fn winograd3x3(src: &Source<'_>, batch: usize, weight: &[f32], cout: usize, out:
                 for_chunks(&mut out[(b * cout + co0) * hw..][..cb * hw], hw, |co, plane| {
                     let mc = &m[co * 16 * tc..][..16 * tc];
                     for ty in 0..trows {
-                        for tx in 0..tiles_x {
-                            let t = t0 + ty * tiles_x + tx;
-                            let at = |r: usize, c: usize| mc[(4 * r + c) * tc + t];
-                            let a = [
-                                std::array::from_fn::<f32, 4, _>(|c| at(0, c) + at(1, c) + at(2, c)),
-                                std::array::from_fn::<f32, 4, _>(|c| at(1, c) - at(2, c) - at(3, c)),
-                            ];
-                            let (oy, ox) = (2 * (ty0 + ty), 2 * tx);
-                            for (i, row) in a.iter().enumerate() {
-                                if oy + i >= ho {
-                                    break;
-                                }
-                                let y = [row[0] + row[1] + row[2], row[1] - row[2] - row[3]];
-                                for (j, val) in y.into_iter().enumerate() {
-                                    if ox + j < wo {
-                                        plane[(oy + i) * wo + ox + j] = val;
-                                    }
-                                }
-                            }
+                        let t = t0 + ty * tiles_x;
+                        let mt: [&[f32]; 16] = std::array::from_fn(|xi| &mc[xi * tc + t..][..tiles_x]);
+                        let oy = 2 * (ty0 + ty);
+                        winograd_row_out::<0>(&mt, &mut plane[oy * wo..][..wo]);
+                        if oy + 1 < ho {
+                            winograd_row_out::<1>(&mt, &mut plane[(oy + 1) * wo..][..wo]);
                         }
                     }
                 });
                 t0 += trows * tiles_x;
             }
         }
+    }
+}
+
+/// B^T's row combinations of four rows of the plane: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
+fn winograd_rows_in([d0, d1, d2, d3]: [&[f32]; 4], [e0, e1, e2, e3]: [&mut [f32]; 4]) {
+    for i in 0..e0.len().min(d0.len()).min(d1.len()).min(d2.len()).min(d3.len()) {
+        e0[i] = d0[i] - d2[i];
+        e1[i] = d1[i] + d2[i];
+        e2[i] = d2[i] - d1[i];
+        e3[i] = d1[i] - d3[i];
+    }
+}
+
+/// B's column combinations for a row of tiles: tile t reads e[2t .. 2t + 4] (d0..d3) and writes
+/// d0 - d2, d1 + d2, d2 - d1, d1 - d3 to o0[t] .. o3[t]. Separate outputs, so the loop vectorizes.
+fn winograd_cols_in(e: &[f32], o0: &mut [f32], o1: &mut [f32], o2: &mut [f32], o3: &mut [f32]) {
+    let n = o0.len();
+    let pairs = e[..2 * n].chunks_exact(2).zip(e[2..2 * n + 2].chunks_exact(2));
+    for ((((a, b), o0), o1), (o2, o3)) in pairs.zip(o0).zip(o1.iter_mut()).zip(o2.iter_mut().zip(o3.iter_mut())) {
+        let (d0, d1, d2, d3) = (a[0], a[1], b[0], b[1]);
+        *o0 = d0 - d2;
+        *o1 = d1 + d2;
+        *o2 = d2 - d1;
+        *o3 = d1 - d3;
+    }
+}
+
+/// G's combinations of three vectors: a, (a + m + z) / 2, (a - m + z) / 2, z.
+fn winograd_g(a: &[f32], m: &[f32], z: &[f32], [o0, o1, o2, o3]: [&mut [f32]; 4]) {
+    for i in 0..a.len().min(m.len()).min(z.len()).min(o0.len()).min(o1.len()).min(o2.len()).min(o3.len()) {
+        o0[i] = a[i];
+        o1[i] = 0.5 * (a[i] + m[i] + z[i]);
+        o2[i] = 0.5 * (a[i] - m[i] + z[i]);
+        o3[i] = z[i];
+    }
+}
+
+/// Output row I (0 or 1) of A^T m A for a row of tiles into `out` (its width, 2 per tile, the last tile
+/// cut when odd): A^T's rows are m0 + m1 + m2 and m1 - m2 - m3, and the same on the columns. `m` holds the
+/// 16 positions (4 r + c) for the tiles.
+fn winograd_row_out<const I: usize>(m: &[&[f32]; 16], out: &mut [f32]) {
+    let full = out.len() / 2;
+    let tiles = full + out.len() % 2;
+    let m: [&[f32]; 16] = std::array::from_fn(|xi| &m[xi][..tiles]);
+    let a = |c: usize, t: usize| {
+        if I == 0 { m[c][t] + m[4 + c][t] + m[8 + c][t] } else { m[4 + c][t] - m[8 + c][t] - m[12 + c][t] }
+    };
+    for (t, pair) in out.chunks_exact_mut(2).enumerate() {
+        let (a0, a1, a2, a3) = (a(0, t), a(1, t), a(2, t), a(3, t));
+        pair[0] = a0 + a1 + a2;
+        pair[1] = a1 - a2 - a3;
+    }
+    if tiles > full {
+        out[2 * full] = a(0, full) + a(1, full) + a(2, full);
     }
 }
 
