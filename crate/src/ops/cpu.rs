@@ -13,7 +13,8 @@ static PROFILE: std::sync::Mutex<Option<Vec<(&'static str, f64)>>> = std::sync::
 
 /// Runs `f` and returns, with its result, the wall time its CPU fallback ops took by family (ms, largest
 /// first; empty when none ran): where a step's time goes, for `bench unet --cpu` and the diagnostics page's
-/// CPU benchmark. Ops count only while `f` runs on this thread (their own threads' time is within theirs).
+/// CPU benchmark. Each op's wall time includes the tasks it ran on other threads. The tally is the process's:
+/// CPU ops another thread runs meanwhile count too (the CLI and a model worker run one engine at a time).
 pub fn profile<T>(f: impl FnOnce() -> T) -> (T, Vec<(String, f64)>) {
     *PROFILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
     let r = f();
