@@ -117,8 +117,9 @@ unsafe fn gemm(
 }
 
 /// [`gemm`] in tasks along its larger dimension, on rayon's threads when there are several, each task a
-/// single-threaded gemm. gemm's own threads lose in wasm: on two threads a UNet step's 1x1 and strided convs
-/// took twice their one-thread time (diagnostics CPU benchmark, by op), and its matmuls 1.2x less.
+/// single-threaded gemm (one task on one thread). gemm's own threads lose in wasm: on two threads a UNet
+/// step's 1x1 and strided convs took twice their one-thread time (diagnostics CPU benchmark, by op), and its
+/// matmuls only 1.2x less.
 ///
 /// # Safety
 /// As [`gemm`] (without accumulation).
@@ -136,7 +137,10 @@ unsafe fn gemm_par(
     // Split n (each task packs its own columns of rhs and all of lhs) or m (its own rows of lhs, all of rhs).
     let split_n = n >= m;
     let len = if split_n { n } else { m };
-    let chunk = len.div_ceil(4 * t).next_multiple_of(16).max(GEMM_SPLIT_MIN).min(len.max(1));
+    let chunk = match t {
+        1 if !cfg!(test) => len.max(1),
+        t => len.div_ceil(4 * t).next_multiple_of(16).max(GEMM_SPLIT_MIN).min(len.max(1)),
+    };
     let tasks = len.div_ceil(chunk);
     let (dst, lhs, rhs) = (Shared(dst), Shared(lhs as *mut f32), Shared(rhs as *mut f32));
     let task = |i: usize| {
