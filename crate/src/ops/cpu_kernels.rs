@@ -830,8 +830,8 @@ pub struct Matmul<'a> {
     pub epi: Epilogue<'a>,
 }
 
-/// Rows of A per [`matmul`] task at least (fewer and each task's packing of B would cost more than its
-/// product; the unit tests take several tasks at small sizes).
+/// Rows of A per [`matmul`] task at least (each task packs all of B for its rows, so tasks of few rows would
+/// spend a larger share on packing; the unit tests take several tasks at small sizes).
 const MATMUL_ROWS: usize = if cfg!(test) { 3 } else { 64 };
 
 /// Batched C = A B with the fusions of [`Matmul`]: A (.., m, k) or (.., k, m), B (.., k, n) or (.., n, k),
