@@ -6,7 +6,8 @@
 //
 // Ours: the diagnostics page's "Benchmark SD 1.5 on the CPU path" (a model worker; ?threads=1 for one thread),
 // RUNS clicks after a first one. onnxruntime-web: an InferenceSession on the 'wasm' provider with
-// env.wasm.numThreads, a warm-up run, then RUNS timed runs. Prints a markdown table and writes DIR/web.json.
+// env.wasm.numThreads, a warm-up run, then RUNS timed runs, in turns with ours. Prints a markdown table and
+// writes DIR/web.json.
 // OURS_ONLY=1 times ours alone (two builds compared in a few minutes).
 import { writeFile } from 'node:fs/promises';
 import { cpus } from 'node:os';
@@ -19,30 +20,31 @@ const server = await startServer(['--mount', `/bench-web/=${dir}`]);
 const browser = await launchBrowser();
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
-async function ours(threads) {
+// Both are opened and warmed up first, then timed in turns (ours, theirs, ours, ...), so that a machine whose
+// speed wanders between runs shifts both alike.
+async function openOurs(threads) {
   const page = await browser.newPage();
   await page.addInitScript(() => { delete Object.getPrototypeOf(navigator).gpu; });
   await page.goto(`${server.url}diagnostics.html?bench-size=${size}&bench-narrow=${narrow}&threads=${threads}`);
   await page.locator('#summary[data-state="no-webgpu"]').waitFor({ timeout: 60_000 });
-  const ms = [];
-  for (let i = 0; i <= runs; i++) {
+  let status = '';
+  const run = async () => {
     await page.locator('#bench-cpu:not([disabled])').click({ timeout: 600_000 });
     await page.locator('#bench-status[data-state="done"], #bench-status[data-state="error"]').waitFor({ timeout: 600_000 });
-    const status = await page.locator('#bench-status').textContent();
+    status = await page.locator('#bench-status').textContent();
     if (!/ms per step/.test(status)) throw new Error(status);
-    if (i > 0) ms.push(Number(await page.locator('tr.bench-row .bench-ms').last().textContent()));
-    if (i === runs) console.log(`ours, ${threads} thread(s): ${status}`);
     await page.evaluate(() => { document.getElementById('bench-status').dataset.state = 'running'; });
-  }
+    return Number(await page.locator('tr.bench-row .bench-ms').last().textContent());
+  };
+  await run();
   const device = await page.locator('tr.bench-row .bench-device').last().textContent();
-  await page.close();
-  return { ms, device };
+  return { run, device, status: () => status, close: () => page.close() };
 }
 
-async function ort(threads) {
+async function openOrt(threads) {
   const page = await browser.newPage();
   await page.goto(`${server.url}bench-web/blank.html`);
-  const r = await page.evaluate(async ({ threads, size, runs }) => {
+  const info = await page.evaluate(async ({ threads, size }) => {
     const ort = await import('/bench-web/node_modules/onnxruntime-web/dist/ort.wasm.min.mjs');
     ort.env.wasm.numThreads = threads;
     ort.env.wasm.wasmPaths = '/bench-web/node_modules/onnxruntime-web/dist/';
@@ -54,27 +56,32 @@ async function ort(threads) {
       timestep: new ort.Tensor('float32', Float32Array.from([500, 500]), [2]),
       context: new ort.Tensor('float32', rand(2 * 77 * 768), [2, 77, 768]),
     };
-    await session.run(feeds);
-    const ms = [];
-    for (let i = 0; i < runs; i++) {
+    window.benchRun = async () => {
       const t = performance.now();
       await session.run(feeds);
-      ms.push(performance.now() - t);
-    }
-    return { ms, isolated: self.crossOriginIsolated, version: ort.env.versions?.web || '?' };
-  }, { threads, size, runs });
-  await page.close();
-  return r;
+      return performance.now() - t;
+    };
+    await window.benchRun();
+    return { isolated: self.crossOriginIsolated, version: ort.env.versions?.web || '?' };
+  }, { threads, size });
+  return { run: () => page.evaluate(() => window.benchRun()), ...info, close: () => page.close() };
 }
 
 const cores = cpus().length;
 const rows = [];
 for (const threads of [1, cores]) {
-  const o = await ours(threads);
-  rows.push({ impl: 'latent-gen CPU path', threads, ms: o.ms, note: o.device });
-  if (process.env.OURS_ONLY) continue;
-  const x = await ort(threads);
-  rows.push({ impl: `onnxruntime-web ${x.version} (wasm)`, threads, ms: x.ms, note: x.isolated ? 'cross-origin isolated' : 'NOT isolated' });
+  const o = await openOurs(threads);
+  const x = process.env.OURS_ONLY ? null : await openOrt(threads);
+  const [oms, xms] = [[], []];
+  for (let i = 0; i < runs; i++) {
+    oms.push(await o.run());
+    if (x) xms.push(await x.run());
+  }
+  console.log(`ours, ${threads} thread(s): ${o.status()}`);
+  rows.push({ impl: 'latent-gen CPU path', threads, ms: oms, note: o.device });
+  if (x) rows.push({ impl: `onnxruntime-web ${x.version} (wasm)`, threads, ms: xms, note: x.isolated ? 'cross-origin isolated' : 'NOT isolated' });
+  await o.close();
+  await x?.close();
 }
 await browser.close();
 await server.stop();
