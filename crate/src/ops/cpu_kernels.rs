@@ -137,10 +137,7 @@ unsafe fn gemm_par(
     // Split n (each task packs its own columns of rhs and all of lhs) or m (its own rows of lhs, all of rhs).
     let split_n = n >= m;
     let len = if split_n { n } else { m };
-    let chunk = match t {
-        1 if !cfg!(test) => len.max(1),
-        t => len.div_ceil(4 * t).next_multiple_of(16).max(GEMM_SPLIT_MIN).min(len.max(1)),
-    };
+    let chunk = task_size(len, len, GEMM_SPLIT_MIN, 16);
     let tasks = len.div_ceil(chunk);
     let (dst, lhs, rhs) = (Shared(dst), Shared(lhs as *mut f32), Shared(rhs as *mut f32));
     let task = |i: usize| {
@@ -179,6 +176,16 @@ unsafe fn gemm_par(
         (0..tasks).into_par_iter().for_each(task);
     } else {
         (0..tasks).for_each(task);
+    }
+}
+
+/// Rows (or columns) per task when `total` of them split into tasks of at most `cap` (an item's): about
+/// four tasks per thread, a multiple of `granule`, at least `min`; on one thread one task per `cap`
+/// (splitting gains nothing there; the unit tests split anyway, so that they check the tasks).
+fn task_size(total: usize, cap: usize, min: usize, granule: usize) -> usize {
+    match threads() {
+        1 if !cfg!(test) => cap.max(1),
+        t => total.div_ceil(4 * t).next_multiple_of(granule).max(min).min(cap.max(1)),
     }
 }
 
@@ -599,17 +606,11 @@ fn winograd3x3(src: &Source<'_>, batch: usize, weight: &[f32], cout: usize, out:
                 // combinations of a row of tiles, each of the 16 positions a contiguous run of tiles in v.
                 for ty in 0..trows {
                     let rows: [&[f32]; 4] = std::array::from_fn(|r| &plane[(2 * ty + r) * pw..][..pw]);
-                    let (e0, rest) = e.split_at_mut(pw);
-                    let (e1, rest) = rest.split_at_mut(pw);
-                    let (e2, e3) = rest.split_at_mut(pw);
-                    winograd_rows_in(rows, [e0, e1, e2, e3]);
+                    winograd_rows_in(rows, four_runs(&mut e, pw, pw));
                     let t = t0 + ty * tiles_x;
                     for (r, er) in e.chunks_exact(pw).enumerate() {
-                        let (o0, rest) = v[4 * r * tc + t..].split_at_mut(tc);
-                        let (o1, rest) = rest.split_at_mut(tc);
-                        let (o2, o3) = rest.split_at_mut(tc);
-                        let n = tiles_x;
-                        winograd_cols_in(er, &mut o0[..n], &mut o1[..n], &mut o2[..n], &mut o3[..n]);
+                        let [o0, o1, o2, o3] = four_runs(&mut v[4 * r * tc + t..], tc, tiles_x);
+                        winograd_cols_in(er, o0, o1, o2, o3);
                     }
                 }
                 t0 += trows * tiles_x;
@@ -637,18 +638,12 @@ fn winograd3x3(src: &Source<'_>, batch: usize, weight: &[f32], cout: usize, out:
                 let mut gg = vec![0f32; 12 * cin];
                 for c in 0..3 {
                     let (a, m, z) = (tap(0, c), tap(1, c), tap(2, c));
-                    let (r0, rest) = gg[c * cin..].split_at_mut(3 * cin);
-                    let (r1, rest) = rest.split_at_mut(3 * cin);
-                    let (r2, r3) = rest.split_at_mut(3 * cin);
-                    winograd_g(a, m, z, [&mut r0[..cin], &mut r1[..cin], &mut r2[..cin], &mut r3[..cin]]);
+                    winograd_g(a, m, z, four_runs(&mut gg[c * cin..], 3 * cin, cin));
                 }
                 for r in 0..4 {
                     let row = &gg[3 * r * cin..][..3 * cin];
                     let (a, m, z) = (&row[..cin], &row[cin..2 * cin], &row[2 * cin..]);
-                    let (o0, rest) = u[4 * r * cin..].split_at_mut(cin);
-                    let (o1, rest) = rest.split_at_mut(cin);
-                    let (o2, rest) = rest.split_at_mut(cin);
-                    winograd_g(a, m, z, [o0, o1, o2, &mut rest[..cin]]);
+                    winograd_g(a, m, z, four_runs(&mut u[4 * r * cin..], cin, cin));
                 }
             });
             // M_xi (cb, tiles) = U_xi (cb, cin) V_xi (cin, tiles) for the 16 positions xi, into (cb, 16, tiles).
@@ -698,27 +693,34 @@ fn winograd3x3(src: &Source<'_>, batch: usize, weight: &[f32], cout: usize, out:
     }
 }
 
-/// B^T's row combinations of four rows of the plane: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
+/// The runs `s[i * stride..][..len]` for i = 0..4, each borrowed alone (`len <= stride`).
+fn four_runs(s: &mut [f32], stride: usize, len: usize) -> [&mut [f32]; 4] {
+    let (r0, rest) = s.split_at_mut(stride);
+    let (r1, rest) = rest.split_at_mut(stride);
+    let (r2, r3) = rest.split_at_mut(stride);
+    [&mut r0[..len], &mut r1[..len], &mut r2[..len], &mut r3[..len]]
+}
+
+/// B^T's combinations of four values: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
+#[inline(always)]
+fn winograd_bt(d0: f32, d1: f32, d2: f32, d3: f32) -> [f32; 4] {
+    [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+}
+
+/// B^T's row combinations of four rows of the plane, element by element.
 fn winograd_rows_in([d0, d1, d2, d3]: [&[f32]; 4], [e0, e1, e2, e3]: [&mut [f32]; 4]) {
     for i in 0..e0.len().min(d0.len()).min(d1.len()).min(d2.len()).min(d3.len()) {
-        e0[i] = d0[i] - d2[i];
-        e1[i] = d1[i] + d2[i];
-        e2[i] = d2[i] - d1[i];
-        e3[i] = d1[i] - d3[i];
+        [e0[i], e1[i], e2[i], e3[i]] = winograd_bt(d0[i], d1[i], d2[i], d3[i]);
     }
 }
 
-/// B's column combinations for a row of tiles: tile t reads e[2t .. 2t + 4] (d0..d3) and writes
-/// d0 - d2, d1 + d2, d2 - d1, d1 - d3 to o0[t] .. o3[t]. Separate outputs, so the loop vectorizes.
+/// B's column combinations for a row of tiles: tile t's are those of e[2t .. 2t + 4], into o0[t] .. o3[t].
+/// Separate outputs, so the loop vectorizes.
 fn winograd_cols_in(e: &[f32], o0: &mut [f32], o1: &mut [f32], o2: &mut [f32], o3: &mut [f32]) {
     let n = o0.len();
     let pairs = e[..2 * n].chunks_exact(2).zip(e[2..2 * n + 2].chunks_exact(2));
     for ((((a, b), o0), o1), (o2, o3)) in pairs.zip(o0).zip(o1.iter_mut()).zip(o2.iter_mut().zip(o3.iter_mut())) {
-        let (d0, d1, d2, d3) = (a[0], a[1], b[0], b[1]);
-        *o0 = d0 - d2;
-        *o1 = d1 + d2;
-        *o2 = d2 - d1;
-        *o3 = d1 - d3;
+        [*o0, *o1, *o2, *o3] = winograd_bt(a[0], a[1], b[0], b[1]);
     }
 }
 
@@ -861,11 +863,7 @@ pub fn matmul(a: &CTensor, b: &CTensor, o: &Matmul<'_>, batch: usize, out_shape:
     let mut out = vec![0f32; batch * m * cols];
     // Items of `rows` rows each: a shared B stacks the batch's rows into one item.
     let (items, rows) = if b_skip == 0 && !o.trans_a && !o.trans_c { (1, batch * m) } else { (batch, m) };
-    // About four tasks per thread; on one thread, one per item (splitting gains nothing there).
-    let chunk = match threads() {
-        1 if !cfg!(test) => rows.max(1),
-        t => (items * rows).div_ceil(4 * t).max(MATMUL_ROWS).min(rows.max(1)),
-    };
+    let chunk = task_size(items * rows, rows, MATMUL_ROWS, 1);
     let per_item = rows.div_ceil(chunk);
     let dst = Shared(out.as_mut_ptr());
     let epi = &o.epi;
