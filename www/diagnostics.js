@@ -38,13 +38,30 @@ async function browserAdapterFacts() {
   ];
 }
 
+// The checks to run: every one, or those the URL names (?checks=matmul,attention: to rerun the ones that
+// failed, or a quick look); a name that is not a check stops the run with the list of those that are.
+function checksToRun() {
+  const all = Diagnostics.checkNames();
+  const asked = new URLSearchParams(location.search).get('checks');
+  if (!asked) return all;
+  const names = asked.split(',').map((s) => s.trim()).filter(Boolean);
+  const unknown = names.filter((n) => !all.includes(n));
+  if (unknown.length > 0 || names.length === 0) {
+    throw new Error(`?checks= names no check${unknown.length ? ` (unknown: ${unknown.join(', ')})` : ''}; ` +
+      `the checks are: ${all.join(', ')}`);
+  }
+  return names;
+}
+
 async function runChecks(diag) {
   const body = $('results').querySelector('tbody');
   body.replaceChildren();
   const summary = $('summary');
   summary.dataset.state = 'running';
+  const names = checksToRun();
+  const some = names.length < Diagnostics.checkNames().length ? ` of ${names.join(', ')} (the URL's ?checks=)` : '';
   let passed = 0, failed = 0, skipped = 0;
-  for (const name of Diagnostics.checkNames()) {
+  for (const name of names) {
     summary.textContent = `Running ${name}\u2026 (${passed} passed, ${failed} failed so far)`;
     let reports;
     try {
@@ -65,7 +82,7 @@ async function runChecks(diag) {
     }
   }
   summary.textContent = failed === 0
-    ? `All ${passed} cases passed` + (skipped ? ` (${skipped} skipped: see the table)` : '') + '.'
+    ? `All ${passed} cases${some} passed` + (skipped ? ` (${skipped} skipped: see the table)` : '') + '.'
     : `${failed} of ${passed + failed} cases FAILED.`;
   summary.className = failed === 0 ? 'pass' : 'fail';
   summary.dataset.state = 'done';

@@ -1,16 +1,18 @@
-// The diagnostics page in headless Chromium: every kernel self-check passes on WebGPU (SwiftShader), and a
-// browser without WebGPU gets a plain explanation.
+// The diagnostics page in headless Chromium: its kernel self-check passes on WebGPU (SwiftShader), and a
+// browser without WebGPU gets a plain explanation. Every check runs in this browser already (crate/tests/kernels.rs
+// under wasm-pack test, ~1 minute on SwiftShader), so the page runs two of them here (?checks=), through the
+// same code as all of them.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { recordErrors, serverAndBrowser } from './harness.mjs';
 
 const env = serverAndBrowser();
 
-test('every kernel passes its self-check in the browser', { timeout: 600_000 }, async () => {
+test('the kernel self-check passes in the browser, and the page benchmarks a UNet step', { timeout: 600_000 }, async () => {
   const page = await env.browser.newPage();
   const errors = recordErrors(page);
   // A narrowed SD 1.5 UNet at 64x64 for the benchmark below: the real one takes minutes on SwiftShader.
-  await page.goto(`${env.server.url}diagnostics.html?bench-size=64&bench-narrow=10`);
+  await page.goto(`${env.server.url}diagnostics.html?bench-size=64&bench-narrow=10&checks=matmul_weights,softmax`);
   const summary = page.locator('#summary');
   await summary.and(page.locator('[data-state="done"], [data-state="error"], [data-state="no-webgpu"], [data-state="no-device"]'))
     .waitFor({ timeout: 540_000 });
@@ -20,7 +22,10 @@ test('every kernel passes its self-check in the browser', { timeout: 600_000 }, 
   assert.equal(state, 'done', `diagnostics ended in state ${state}: ${text}\n${errors.join('\n')}`);
   assert.deepEqual(failures, [], `failed cases:\n${failures.join('\n')}`);
   const passed = Number(await summary.getAttribute('data-passed'));
-  assert.ok(passed >= 50, `only ${passed} cases passed: ${text}`);
+  const kernels = new Set(await page.locator('#results tbody tr td:nth-child(2)').allTextContents());
+  assert.deepEqual([...kernels].sort(), ['matmul_weights', 'softmax'], 'only the checks the URL names run');
+  assert.ok(passed >= 5, `only ${passed} cases passed: ${text}`);
+  assert.match(text, /of matmul_weights, softmax/);
   // The adapter table shows what the browser reports, shader-f16 included.
   assert.match(await page.locator('#adapter').textContent(), /shader-f16/);
   // The benchmark button times a UNet step with random q4_0 weights made in the page.
@@ -32,6 +37,11 @@ test('every kernel passes its self-check in the browser', { timeout: 600_000 }, 
   const dispatches = Number(await page.locator('tr.bench-row .bench-dispatches').first().textContent());
   assert.ok(ms > 0, `ms per step: ${ms}`);
   assert.ok(dispatches > 0 && dispatches <= 298, `dispatches per step: ${dispatches}\n${errors.join('\n')}`);
+  // A name that is no check is refused with the list of those that are, before anything runs.
+  await page.goto(`${env.server.url}diagnostics.html?checks=softmax,nope`);
+  await summary.and(page.locator('[data-state="error"]')).waitFor({ timeout: 120_000 });
+  assert.match(await summary.textContent(), /unknown: nope.*the checks are: .*matmul/);
+  assert.equal(await page.locator('#results tbody tr').count(), 0);
   await page.close();
 });
 
