@@ -73,7 +73,7 @@ impl ClipTokenizer {
             ),
             NormalizerWrapper::Lowercase(Lowercase),
         ]);
-        tokenizer.with_normalizer(Some(normalizer));
+        tokenizer.with_normalizer(Some(normalizer)).map_err(|e| err("normalizer", e))?;
         let split = Split::new(SplitPattern::Regex(WORDS.into()), SplitDelimiterBehavior::Removed, true)
             .map_err(|e| err("pre-tokenizer", e))?;
         tokenizer.with_pre_tokenizer(Some(PreSequence::new(vec![
@@ -82,11 +82,13 @@ impl ClipTokenizer {
         ])));
         // The start, end and pad tokens are whole tokens even inside a prompt, as in CLIPTokenizer (so with
         // SD2's pad token "!", every "!" of a prompt becomes id 0, as there).
-        tokenizer.add_special_tokens(&[
-            AddedToken::from(BOS, true),
-            AddedToken::from(EOS, true),
-            AddedToken::from(pad_token, true),
-        ]);
+        tokenizer
+            .add_special_tokens([
+                AddedToken::from(BOS, true),
+                AddedToken::from(EOS, true),
+                AddedToken::from(pad_token, true),
+            ])
+            .map_err(|e| err("special tokens", e))?;
         Ok(Self { tokenizer, bos, eos, pad, max_len, added: HashMap::new() })
     }
 
@@ -98,7 +100,7 @@ impl ClipTokenizer {
         if self.tokenizer.get_added_vocabulary().get_vocab().contains_key(&trigger) {
             return Err(err("embeddings", format!("two embeddings are triggered by {trigger:?}")));
         }
-        self.tokenizer.add_tokens(&[AddedToken::from(trigger.clone(), false)]);
+        self.tokenizer.add_tokens([AddedToken::from(trigger.clone(), false)]).map_err(|e| err("embeddings", e))?;
         let id = self
             .tokenizer
             .token_to_id(&trigger)
