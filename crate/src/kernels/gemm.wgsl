@@ -20,7 +20,7 @@ fn ln_pass(bi: u32, m0: u32, lid: u32, sq: bool) {
         var c = select(ln_mean0, ln_mean1, j == 1u);
         var s = vec4<f32>(0.0);
         for (var k = i % BK; k < p.k; k += BK) {
-            let v = a_rows(bi, m0 + q * 4u, k);
+            let v = load_a4(bi, m0 + q * 4u, k);
             if (sq) {
                 let d = v - c;
                 s += d * d;
@@ -60,13 +60,30 @@ fn load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
         let q = slot.y;
         let m = m0 + q * 4u;
         let k = k0 + kk;
-        var v = a_rows(bi, m, k);
+        var v = load_a4(bi, m, k);
         if (AUX_LN && k < p.k) {
             let first = i < NT;
             v = (v - select(ln_mean1, ln_mean0, first)) * select(ln_rstd1, ln_rstd0, first) * f32(aux[k])
                 + f32(aux[p.k + k]);
         }
         As[kk * (BM / 4u) + q] = v;
+    }
+    if (B_K_FAST && B_VEC4) {
+        // B stored (n, k): four consecutive k of one column per invocation (load_b4: one or two words for
+        // packed weights, where load_b reads words per element), written down the tile's k rows; four
+        // invocations cover a column's BK, so a warp reads whole row segments.
+        for (var i = lid; i < BK * BN / 4u; i += NT) {
+            let kq = i % (BK / 4u);
+            let nl = i / (BK / 4u);
+            let v = load_b4(bi, k0 + 4u * kq, src_col(n0 + nl));
+            let at = 4u * kq * (BN / 4u) + nl / 4u;
+            let lane = nl % 4u;
+            Bs[at][lane] = v.x;
+            Bs[at + BN / 4u][lane] = v.y;
+            Bs[at + BN / 2u][lane] = v.z;
+            Bs[at + 3u * (BN / 4u)][lane] = v.w;
+        }
+        return;
     }
     for (var i = lid; i < BK * BN / 4u; i += NT) {
         let slot = tile_slot(i, BN, B_K_FAST);

@@ -11,3 +11,11 @@ fn load_b(bi: u32, k: u32, n: u32) -> f32 {
     }
     return f32(b[bi * p.sb + k * p.n + n]);
 }
+
+// Read element by element (the tiles' B_K_FAST loop, consecutive invocations along k, keeps each load
+// instruction on whole row segments; four scalar loads per invocation along k would not be).
+const B_VEC4: bool = false;
+
+fn load_b4(bi: u32, k: u32, n: u32) -> vec4<f32> {
+    return b_col4(bi, k, n);
+}

@@ -14,3 +14,14 @@ fn load_b(bi: u32, k: u32, n: u32) -> f32 {
     }
     return unpack2x16float(b[i >> 1u])[i & 1u];
 }
+
+const B_VEC4: bool = true;
+
+// Two words for four weights where they start a word.
+fn load_b4(bi: u32, k: u32, n: u32) -> vec4<f32> {
+    let i = n * p.k + k;
+    if (n >= p.n || k + 4u > p.k || (i & 1u) != 0u) {
+        return b_col4(bi, k, n);
+    }
+    return vec4<f32>(unpack2x16float(b[i >> 1u]), unpack2x16float(b[(i >> 1u) + 1u]));
+}

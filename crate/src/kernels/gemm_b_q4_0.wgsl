@@ -16,3 +16,20 @@ fn load_b(bi: u32, k: u32, n: u32) -> f32 {
     let d = unpack2x16float(b[p.qoff + (blk >> 1u)])[blk & 1u];
     return d * (f32(q) - 8.0);
 }
+
+const B_VEC4: bool = true;
+
+// One quant word and one scale for four weights where they fill a word: elements j..j+3 of a block are the
+// low (j < 16) or high nibbles of its bytes j % 16 .. j % 16 + 3.
+fn load_b4(bi: u32, k: u32, n: u32) -> vec4<f32> {
+    let i = n * p.k + k;
+    if (n >= p.n || k + 4u > p.k || (i & 3u) != 0u) {
+        return b_col4(bi, k, n);
+    }
+    let blk = i >> 5u;
+    let j = i & 31u;
+    let w = b[(blk * 16u + (j & 15u)) >> 2u] >> select(0u, 4u, j >= 16u);
+    let q = (vec4<u32>(w) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u);
+    let d = unpack2x16float(b[p.qoff + (blk >> 1u)])[blk & 1u];
+    return d * (vec4<f32>(q) - 8.0);
+}

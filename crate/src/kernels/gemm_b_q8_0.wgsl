@@ -12,3 +12,18 @@ fn load_b(bi: u32, k: u32, n: u32) -> f32 {
     let q = bitcast<i32>(b[i >> 2u] << (24u - 8u * (i & 3u))) >> 24u;
     return d * f32(q);
 }
+
+const B_VEC4: bool = true;
+
+// One quant word and one scale for four weights where they fill a word (always, when k is a multiple of 4).
+fn load_b4(bi: u32, k: u32, n: u32) -> vec4<f32> {
+    let i = n * p.k + k;
+    if (n >= p.n || k + 4u > p.k || (i & 3u) != 0u) {
+        return b_col4(bi, k, n);
+    }
+    let blk = i >> 5u;
+    let d = unpack2x16float(b[p.qoff + (blk >> 1u)])[blk & 1u];
+    let w = b[i >> 2u];
+    let q = bitcast<vec4<i32>>(vec4<u32>(w) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
+    return d * vec4<f32>(q);
+}

@@ -6,7 +6,11 @@
 //
 // The op's source provides the bindings a (1), b (2) and c (7) and
 //   fn load_a(b: u32, m: u32, k: u32) -> f32     0 outside the matrix
+//   fn load_a4(b: u32, m: u32, k: u32) -> vec4<f32>   A(m..m+3, k), 0 outside the matrix
 //   fn load_b(b: u32, k: u32, n: u32) -> f32     0 outside the matrix
+//   fn load_b4(b: u32, k: u32, n: u32) -> vec4<f32>   B(k..k+3, n) for k % 4 == 0, 0 outside the matrix;
+//                                                used where B_K_FAST and the source's B_VEC4 (packed
+//                                                weights: a word holds 2 to 8 of them)
 //   fn c_index(b: u32, m: u32, n: u32) -> u32    where C[b, m, n] goes in c
 // Constants: BM, BN, BK (workgroup tile), TM (portable core: micro-tile per invocation, 4 -> 4x4, 8 -> 8x8), and A_K_FAST /
 // B_K_FAST: whether consecutive invocations walk k (else m / n) when loading a tile, so that global reads are
@@ -66,8 +70,9 @@ fn tile_slot(i: u32, width: u32, k_fast: bool) -> vec2<u32> {
     return vec2<u32>(i / (width / 4u), i % (width / 4u));
 }
 
-fn a_rows(bi: u32, m: u32, k: u32) -> vec4<f32> {
-    return vec4<f32>(load_a(bi, m, k), load_a(bi, m + 1u, k), load_a(bi, m + 2u, k), load_a(bi, m + 3u, k));
+// B(k..k+3, n) element by element: what load_b4 falls back to at the matrix's edge or off its word alignment.
+fn b_col4(bi: u32, k: u32, n: u32) -> vec4<f32> {
+    return vec4<f32>(load_b(bi, k, n), load_b(bi, k + 1u, n), load_b(bi, k + 2u, n), load_b(bi, k + 3u, n));
 }
 
 // GEGLU: the B (and bias) column behind GEMM column n.

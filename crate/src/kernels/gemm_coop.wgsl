@@ -50,7 +50,7 @@ fn coop_load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
         let kk = slot.x;
         let q = slot.y;
         let k = k0 + kk;
-        var v = a_rows(bi, m0 + q * 4u, k);
+        var v = load_a4(bi, m0 + q * 4u, k);
         if (AUX_LN && k < p.k) {
             let r = q * 4u;
             let mean = vec4<f32>(ln_mean[r], ln_mean[r + 1u], ln_mean[r + 2u], ln_mean[r + 3u]);
@@ -62,6 +62,20 @@ fn coop_load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
         Ah[o + 1u] = f16(v.y);
         Ah[o + 2u] = f16(v.z);
         Ah[o + 3u] = f16(v.w);
+    }
+    if (B_K_FAST && B_VEC4) {
+        // As in gemm.wgsl's load_tiles: four consecutive k of one column per invocation.
+        for (var i = lid; i < BK * BN / 4u; i += WGS) {
+            let kq = i % (BK / 4u);
+            let nl = i / (BK / 4u);
+            let v = load_b4(bi, k0 + 4u * kq, src_col(n0 + nl));
+            let o = 4u * kq * BN + nl;
+            Bh[o] = f16(v.x);
+            Bh[o + BN] = f16(v.y);
+            Bh[o + 2u * BN] = f16(v.z);
+            Bh[o + 3u * BN] = f16(v.w);
+        }
+        return;
     }
     for (var i = lid; i < BK * BN / 4u; i += WGS) {
         let slot = tile_slot(i, BN, B_K_FAST);

@@ -17,6 +17,19 @@ fn load_a(bi: u32, m: u32, k: u32) -> f32 {
     return f32(a[bi * p.sa + m * p.k + k]);
 }
 
+// Rows m..m+3 at column k.
+fn load_a4(bi: u32, m: u32, k: u32) -> vec4<f32> {
+    if (k >= p.k || m + 4u > p.m) {
+        return vec4<f32>(load_a(bi, m, k), load_a(bi, m + 1u, k), load_a(bi, m + 2u, k), load_a(bi, m + 3u, k));
+    }
+    if (A_TRANS) {
+        let i = bi * p.sa + k * p.m + m;
+        return vec4<f32>(f32(a[i]), f32(a[i + 1u]), f32(a[i + 2u]), f32(a[i + 3u]));
+    }
+    let i = bi * p.sa + m * p.k + k;
+    return vec4<f32>(f32(a[i]), f32(a[i + p.k]), f32(a[i + 2u * p.k]), f32(a[i + 3u * p.k]));
+}
+
 fn c_index(bi: u32, m: u32, n: u32) -> u32 {
     if (C_TRANS) {
         return bi * p.sc + n * p.m + m;
