@@ -71,10 +71,15 @@ ensure_wasm_tools() {
   ensure_wasm_pack
 }
 
+# The wasm32 release builds (pkg/, pkg/threads/ and scripts/test's browser tests, which share pkg/'s
+# dependencies only if their settings match) leave out the release profile's line tables: wasm-bindgen drops
+# DWARF from the modules it writes (function names stay, in the name section), so they only cost build time.
+WASM_NO_DEBUG=(env CARGO_PROFILE_RELEASE_DEBUG=false)
+
 # Build pkg/ (the wasm module and its JS glue) for the web page.
 build_pkg() {
   log "building pkg/ with wasm-pack"
-  (cd "$ROOT" && wasm-pack build --no-typescript --target web --release --no-pack --out-dir ../pkg crate)
+  (cd "$ROOT" && "${WASM_NO_DEBUG[@]}" wasm-pack build --no-typescript --target web --release --no-pack --out-dir ../pkg crate)
   build_pkg_threads
 }
 
@@ -94,7 +99,7 @@ build_pkg_threads() {
   log "building pkg/threads/ (wasm threads) with wasm-pack"
   (cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/wasm-threads" RUSTC_BOOTSTRAP=1 \
     RUSTFLAGS="--cfg getrandom_backend=\"wasm_js\" -C target-feature=+simd128,+atomics,+bulk-memory,+mutable-globals $link" \
-    wasm-pack build --no-typescript --target web --release --no-pack --out-dir ../pkg/threads crate \
+    "${WASM_NO_DEBUG[@]}" wasm-pack build --no-typescript --target web --release --no-pack --out-dir ../pkg/threads crate \
     -- -Z build-std=panic_abort,std)
 }
 
