@@ -40,15 +40,14 @@ async function browserAdapterFacts() {
 
 // The checks to run: every one, or those the URL names (?checks=matmul,attention: to rerun the ones that
 // failed, or a quick look); a name that is not a check stops the run with the list of those that are.
-function checksToRun() {
-  const all = Diagnostics.checkNames();
+function checksToRun(all) {
   const asked = new URLSearchParams(location.search).get('checks');
   if (!asked) return all;
   const names = asked.split(',').map((s) => s.trim()).filter(Boolean);
   const unknown = names.filter((n) => !all.includes(n));
   if (unknown.length > 0 || names.length === 0) {
-    throw new Error(`?checks= names no check${unknown.length ? ` (unknown: ${unknown.join(', ')})` : ''}; ` +
-      `the checks are: ${all.join(', ')}`);
+    const what = unknown.length ? `asks for checks that do not exist (unknown: ${unknown.join(', ')})` : 'names no check';
+    throw new Error(`?checks= ${what}; the checks are: ${all.join(', ')}`);
   }
   return names;
 }
@@ -58,8 +57,9 @@ async function runChecks(diag) {
   body.replaceChildren();
   const summary = $('summary');
   summary.dataset.state = 'running';
-  const names = checksToRun();
-  const some = names.length < Diagnostics.checkNames().length ? ` of ${names.join(', ')} (the URL's ?checks=)` : '';
+  const all = Diagnostics.checkNames();
+  const names = checksToRun(all);
+  const some = names.length < all.length ? ` of ${names.join(', ')} (the URL's ?checks=)` : '';
   let passed = 0, failed = 0, skipped = 0;
   for (const name of names) {
     summary.textContent = `Running ${name}\u2026 (${passed} passed, ${failed} failed so far)`;
@@ -194,13 +194,15 @@ async function main() {
   $('bench-sd15').onclick = () => runBenchmark(diag, 'sd15', 'SD 1.5', buttons);
   $('bench-turbo').onclick = () => runBenchmark(diag, 'sd-turbo', 'SD-Turbo', buttons);
   enableCpuBenchmark(buttons);
-  $('rerun').disabled = false;
   $('rerun').onclick = async () => {
     $('rerun').disabled = true;
     await runChecks(diag);
     $('rerun').disabled = false;
   };
+  // Enabled once the first run is through: a ?checks= that names no check stops here, and running again
+  // would only say so again.
   await runChecks(diag);
+  $('rerun').disabled = false;
 }
 
 main().catch((e) => {

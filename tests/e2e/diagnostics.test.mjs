@@ -42,6 +42,7 @@ test('the kernel self-check passes in the browser, and the page benchmarks a UNe
   await summary.and(page.locator('[data-state="error"]')).waitFor({ timeout: 120_000 });
   assert.match(await summary.textContent(), /unknown: nope.*the checks are: .*matmul/);
   assert.equal(await page.locator('#results tbody tr').count(), 0);
+  assert.ok(await page.locator('#rerun').isDisabled(), '"Run again" stays off: it would only be refused again');
   await page.close();
 });
 

@@ -609,8 +609,7 @@ fn winograd3x3(src: &Source<'_>, batch: usize, weight: &[f32], cout: usize, out:
                     winograd_rows_in(rows, four_runs(&mut e, pw, pw));
                     let t = t0 + ty * tiles_x;
                     for (r, er) in e.chunks_exact(pw).enumerate() {
-                        let [o0, o1, o2, o3] = four_runs(&mut v[4 * r * tc + t..], tc, tiles_x);
-                        winograd_cols_in(er, o0, o1, o2, o3);
+                        winograd_cols_in(er, four_runs(&mut v[4 * r * tc + t..], tc, tiles_x));
                     }
                 }
                 t0 += trows * tiles_x;
@@ -716,7 +715,7 @@ fn winograd_rows_in([d0, d1, d2, d3]: [&[f32]; 4], [e0, e1, e2, e3]: [&mut [f32]
 
 /// B's column combinations for a row of tiles: tile t's are those of e[2t .. 2t + 4], into o0[t] .. o3[t].
 /// Separate outputs, so the loop vectorizes.
-fn winograd_cols_in(e: &[f32], o0: &mut [f32], o1: &mut [f32], o2: &mut [f32], o3: &mut [f32]) {
+fn winograd_cols_in(e: &[f32], [o0, o1, o2, o3]: [&mut [f32]; 4]) {
     let n = o0.len();
     let pairs = e[..2 * n].chunks_exact(2).zip(e[2..2 * n + 2].chunks_exact(2));
     for ((((a, b), o0), o1), (o2, o3)) in pairs.zip(o0).zip(o1.iter_mut()).zip(o2.iter_mut().zip(o3.iter_mut())) {
