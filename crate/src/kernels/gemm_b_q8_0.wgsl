@@ -15,7 +15,7 @@ fn load_b(bi: u32, k: u32, n: u32) -> f32 {
 
 const B_VEC4: bool = true;
 
-// One quant word and one scale for four weights where they fill a word (always, when k is a multiple of 4).
+// One quant word and one scale for four weights where they fill a word (always where rows are whole blocks).
 fn load_b4(bi: u32, k: u32, n: u32) -> vec4<f32> {
     let i = n * p.k + k;
     if (n >= p.n || k + 4u > p.k || (i & 3u) != 0u) {
