@@ -3,6 +3,11 @@
 // from word p.qoff: x = d * (q - 8).
 @group(0) @binding(2) var<storage, read> b: array<u32>;
 
+// Block blk's scale.
+fn block_scale(blk: u32) -> f32 {
+    return unpack2x16float(b[p.qoff + (blk >> 1u)])[blk & 1u];
+}
+
 fn load_b(bi: u32, k: u32, n: u32) -> f32 {
     if (k >= p.k || n >= p.n) {
         return 0.0;
@@ -13,7 +18,7 @@ fn load_b(bi: u32, k: u32, n: u32) -> f32 {
     let byte = blk * 16u + (j & 15u);
     let shift = 8u * (byte & 3u) + select(0u, 4u, j >= 16u);
     let q = (b[byte >> 2u] >> shift) & 15u;
-    let d = unpack2x16float(b[p.qoff + (blk >> 1u)])[blk & 1u];
+    let d = block_scale(blk);
     return d * (f32(q) - 8.0);
 }
 
@@ -23,13 +28,13 @@ const B_VEC4: bool = true;
 // low (j < 16) or high nibbles of its bytes j % 16 .. j % 16 + 3.
 fn load_b4(bi: u32, k: u32, n: u32) -> vec4<f32> {
     let i = n * p.k + k;
-    if (n >= p.n || k + 4u > p.k || (i & 3u) != 0u) {
+    if (!b_whole_word(i, k, n)) {
         return b_col4(bi, k, n);
     }
     let blk = i >> 5u;
     let j = i & 31u;
     let w = b[(blk * 16u + (j & 15u)) >> 2u] >> select(0u, 4u, j >= 16u);
     let q = (vec4<u32>(w) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u);
-    let d = unpack2x16float(b[p.qoff + (blk >> 1u)])[blk & 1u];
+    let d = block_scale(blk);
     return d * (vec4<f32>(q) - 8.0);
 }

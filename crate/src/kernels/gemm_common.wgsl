@@ -75,6 +75,12 @@ fn b_col4(bi: u32, k: u32, n: u32) -> vec4<f32> {
     return vec4<f32>(load_b(bi, k, n), load_b(bi, k + 1u, n), load_b(bi, k + 2u, n), load_b(bi, k + 3u, n));
 }
 
+// Whether quantized B's four elements from flat index i = n * K + k, k % 4 == 0, lie in one word of quants
+// (load_b4's fast case); else load_b4 falls back to b_col4.
+fn b_whole_word(i: u32, k: u32, n: u32) -> bool {
+    return n < p.n && k + 4u <= p.k && (i & 3u) == 0u;
+}
+
 // GEGLU: the B (and bias) column behind GEMM column n.
 fn src_col(n: u32) -> u32 {
     if (!GEGLU || n >= p.n) {
