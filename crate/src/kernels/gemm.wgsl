@@ -53,46 +53,95 @@ fn ln_stats(bi: u32, m0: u32, lid: u32) {
     ln_pass(bi, m0, lid, true);
 }
 
-fn load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
-    for (var i = lid; i < BK * BM / 4u; i += NT) {
-        let slot = tile_slot(i, BM, A_K_FAST);
-        let kk = slot.x;
-        let q = slot.y;
-        let m = m0 + q * 4u;
-        let k = k0 + kk;
-        var v = load_a4(bi, m, k);
-        if (AUX_LN && k < p.k) {
-            let first = i < NT;
-            v = (v - select(ln_mean1, ln_mean0, first)) * select(ln_rstd1, ln_rstd0, first) * f32(aux[k])
-                + f32(aux[p.k + k]);
-        }
-        As[kk * (BM / 4u) + q] = v;
+// Register prefetch: the next k step's tile elements an invocation loads (at most two vec4s of A and two of
+// B, const_asserts below) are read from global memory before the current step's products, so those loads are
+// in flight while it computes, and written to the tiles after the step's closing barrier.
+const_assert BK * BM / 4u <= 2u * NT && BK * BN / 4u <= 2u * NT;
+var<private> ra0: vec4<f32>;
+var<private> ra1: vec4<f32>;
+var<private> rb0: vec4<f32>;
+var<private> rb1: vec4<f32>;
+
+// Load iteration i of the A tile at k0 (layer-normalized with AUX_LN).
+fn fetch_a(bi: u32, m0: u32, k0: u32, i: u32) -> vec4<f32> {
+    if (i >= BK * BM / 4u) {
+        return vec4<f32>(0.0);
     }
-    if (B_K_FAST && B_VEC4) {
-        // B stored (n, k): four consecutive k of one column per invocation (load_b4: one or two words for
-        // packed weights, where load_b reads words per element), written down the tile's k rows; four
-        // invocations cover a column's BK, so a warp reads whole row segments.
-        for (var i = lid; i < BK * BN / 4u; i += NT) {
-            let kq = i % (BK / 4u);
-            let nl = i / (BK / 4u);
-            let v = load_b4(bi, k0 + 4u * kq, src_col(n0 + nl));
-            let at = 4u * kq * (BN / 4u) + nl / 4u;
-            let lane = nl % 4u;
-            Bs[at][lane] = v.x;
-            Bs[at + BN / 4u][lane] = v.y;
-            Bs[at + BN / 2u][lane] = v.z;
-            Bs[at + 3u * (BN / 4u)][lane] = v.w;
-        }
+    let slot = tile_slot(i, BM, A_K_FAST);
+    let k = k0 + slot.x;
+    var v = load_a4(bi, m0 + slot.y * 4u, k);
+    if (AUX_LN && k < p.k) {
+        let first = i < NT;
+        v = (v - select(ln_mean1, ln_mean0, first)) * select(ln_rstd1, ln_rstd0, first) * f32(aux[k])
+            + f32(aux[p.k + k]);
+    }
+    return v;
+}
+
+fn store_a(i: u32, v: vec4<f32>) {
+    if (i < BK * BM / 4u) {
+        let slot = tile_slot(i, BM, A_K_FAST);
+        As[slot.x * (BM / 4u) + slot.y] = v;
+    }
+}
+
+// With B stored (n, k) and a source that reads words (B_VEC4: packed weights), iteration i is four
+// consecutive k of one column (load_b4: one or two words where load_b reads words per element), written down
+// the tile's k rows; four invocations cover a column's BK, so a warp reads whole row segments. Else four
+// columns (or four k) element by element.
+const B_WORDS: bool = B_K_FAST && B_VEC4;
+
+fn fetch_b(bi: u32, n0: u32, k0: u32, i: u32) -> vec4<f32> {
+    if (i >= BK * BN / 4u) {
+        return vec4<f32>(0.0);
+    }
+    if (B_WORDS) {
+        return load_b4(bi, k0 + 4u * (i % (BK / 4u)), src_col(n0 + i / (BK / 4u)));
+    }
+    let slot = tile_slot(i, BN, B_K_FAST);
+    let k = k0 + slot.x;
+    let n = n0 + slot.y * 4u;
+    return vec4<f32>(load_b(bi, k, src_col(n)), load_b(bi, k, src_col(n + 1u)), load_b(bi, k, src_col(n + 2u)),
+                     load_b(bi, k, src_col(n + 3u)));
+}
+
+fn store_b(i: u32, v: vec4<f32>) {
+    if (i >= BK * BN / 4u) {
         return;
     }
-    for (var i = lid; i < BK * BN / 4u; i += NT) {
-        let slot = tile_slot(i, BN, B_K_FAST);
-        let kk = slot.x;
-        let q = slot.y;
-        let n = n0 + q * 4u;
-        let k = k0 + kk;
-        Bs[kk * (BN / 4u) + q] = vec4<f32>(load_b(bi, k, src_col(n)), load_b(bi, k, src_col(n + 1u)),
-                                           load_b(bi, k, src_col(n + 2u)), load_b(bi, k, src_col(n + 3u)));
+    if (B_WORDS) {
+        let nl = i / (BK / 4u);
+        let at = 4u * (i % (BK / 4u)) * (BN / 4u) + nl / 4u;
+        let lane = nl % 4u;
+        Bs[at][lane] = v.x;
+        Bs[at + BN / 4u][lane] = v.y;
+        Bs[at + BN / 2u][lane] = v.z;
+        Bs[at + 3u * (BN / 4u)][lane] = v.w;
+        return;
+    }
+    let slot = tile_slot(i, BN, B_K_FAST);
+    Bs[slot.x * (BN / 4u) + slot.y] = v;
+}
+
+fn fetch_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
+    ra0 = fetch_a(bi, m0, k0, lid);
+    rb0 = fetch_b(bi, n0, k0, lid);
+    if (BK * BM / 4u > NT) {
+        ra1 = fetch_a(bi, m0, k0, lid + NT);
+    }
+    if (BK * BN / 4u > NT) {
+        rb1 = fetch_b(bi, n0, k0, lid + NT);
+    }
+}
+
+fn store_tiles(lid: u32) {
+    store_a(lid, ra0);
+    store_b(lid, rb0);
+    if (BK * BM / 4u > NT) {
+        store_a(lid + NT, ra1);
+    }
+    if (BK * BN / 4u > NT) {
+        store_b(lid + NT, rb1);
     }
 }
 
@@ -122,9 +171,13 @@ fn gemm_4x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     if (AUX_LN) {
         ln_stats(bi, m0, lid);
     }
+    fetch_tiles(bi, m0, n0, 0u, lid);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        load_tiles(bi, m0, n0, k0, lid);
+        store_tiles(lid);
         workgroupBarrier();
+        if (k0 + BK < p.k) {
+            fetch_tiles(bi, m0, n0, k0 + BK, lid);
+        }
         for (var kk = 0u; kk < BK; kk += 4u) {
             fma4(kk, ty, tx);
             fma4(kk + 1u, ty, tx);
@@ -194,9 +247,13 @@ fn gemm_8x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     if (AUX_LN) {
         ln_stats(bi, m0, lid);
     }
+    fetch_tiles(bi, m0, n0, 0u, lid);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        load_tiles(bi, m0, n0, k0, lid);
+        store_tiles(lid);
         workgroupBarrier();
+        if (k0 + BK < p.k) {
+            fetch_tiles(bi, m0, n0, k0 + BK, lid);
+        }
         for (var kk = 0u; kk < BK; kk += 4u) {
             fma8(kk, ty, tx);
             fma8(kk + 1u, ty, tx);

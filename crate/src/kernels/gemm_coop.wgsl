@@ -64,7 +64,7 @@ fn coop_load_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
         Ah[o + 3u] = f16(v.w);
     }
     if (B_K_FAST && B_VEC4) {
-        // As in gemm.wgsl's load_tiles: four consecutive k of one column per invocation.
+        // As in gemm.wgsl's fetch_b: four consecutive k of one column per invocation.
         for (var i = lid; i < BK * BN / 4u; i += WGS) {
             let kq = i % (BK / 4u);
             let nl = i / (BK / 4u);
