@@ -67,7 +67,7 @@ impl std::fmt::Display for BenchRecord {
         };
         write!(
             f,
-            "{:<14} {:<44} {:<4} {:<5} {:<8} {:>10.3} ms {rate}",
+            "{:<14} {:<44} {:<4} {:<5} {:<9} {:>10.3} ms {rate}",
             self.kernel, self.shape, self.dtype, self.weights, self.tile, self.ms
         )
     }
@@ -82,7 +82,7 @@ enum Work {
 struct Case {
     kernel: &'static str,
     shape: String,
-    tile: &'static str,
+    tile: String,
     dtype: DType,
     weights: DType,
     work: Work,
@@ -105,7 +105,7 @@ fn matmul_case(
     w: DType,
     tile: Option<Tile>,
 ) -> Result<Case> {
-    let (tile, tile_name) = resolve_tile(tile, (m, n, 1));
+    let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (m, n, 1));
     let a = random(ctx, rng, &[m, k], dtype)?;
     let b = random(ctx, rng, &[n, k], w)?;
     let bias = random(ctx, rng, &[n], dtype)?;
@@ -135,7 +135,7 @@ fn conv_case(
     let bias = random(ctx, rng, &[cout], dtype)?;
     let pad = k / 2;
     let ho = (hw + 2 * pad - k) / stride + 1;
-    let (tile, tile_name) = resolve_tile(tile, (ho * ho, cout, b));
+    let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (ho * ho, cout, b));
     Ok(Case {
         kernel: "conv2d",
         shape: format!("{b}x{cin}x{hw}x{hw} -> {cout} k{k} s{stride}"),
@@ -164,7 +164,7 @@ fn attention_case(
         kernel: "attention",
         shape: format!("b{b} q{lq} kv{lk} {heads}x{d}"),
         // f16 attention runs on cooperative matrices where the device has them (ops/attention.rs).
-        tile: if dtype == DType::F16 && ctx.coop().is_some() { "coop" } else { "" },
+        tile: if dtype == DType::F16 && ctx.coop().is_some() { "coop" } else { "" }.into(),
         dtype,
         weights: dtype,
         work: Work::Flops(4.0 * (b * heads * lq * lk * d) as f64),
@@ -172,26 +172,34 @@ fn attention_case(
     })
 }
 
-/// The GEMM tiles a benchmark runs with `dtype` activations: the portable tile for the shape (`None`), and
-/// both cooperative matrix tiles where the device has them.
-fn gemm_tiles(ctx: &GpuContext, dtype: DType) -> Vec<Option<Tile>> {
-    let mut t = vec![None];
+/// The GEMM tiles a benchmark runs with `dtype` activations: both portable tiles (with `quick`, only the one
+/// the shape takes, `None`), and both cooperative matrix tiles where the device has them. Timing every tile on
+/// each shape is what a table of tiles by shape is written from.
+fn gemm_tiles(ctx: &GpuContext, dtype: DType, quick: bool) -> Vec<Option<Tile>> {
+    let mut t = if quick { vec![None] } else { vec![Some(Tile::Small), Some(Tile::Large)] };
     if dtype == DType::F16 && ctx.coop().is_some() {
         t.extend([Some(Tile::Coop), Some(Tile::CoopLarge)]);
     }
     t
 }
 
-/// The tile a case runs on: `tile`, else the portable one for an (m, n) output.
-fn resolve_tile(tile: Option<Tile>, (m, n, batch): (usize, usize, usize)) -> (Option<Tile>, &'static str) {
-    let tile = tile.unwrap_or(Tile::for_shape(m, n, batch));
+/// The tile a case runs on: `tile`, else the portable one for an (m, n) output; its name ends in `*` where it
+/// is the tile the op takes for the shape by default.
+fn resolve_tile(
+    ctx: &GpuContext,
+    dtype: DType,
+    tile: Option<Tile>,
+    shape: (usize, usize, usize),
+) -> (Option<Tile>, String) {
+    let tile = tile.unwrap_or(Tile::for_shape(shape.0, shape.1, shape.2));
     let name = match tile {
         Tile::Small => "small",
         Tile::Large => "large",
         Tile::Coop => "coop",
         Tile::CoopLarge => "coop-128",
     };
-    (Some(tile), name)
+    let default = if Tile::default_for(ctx, dtype, shape) == tile { "*" } else { "" };
+    (Some(tile), format!("{name}{default}"))
 }
 
 fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
@@ -203,7 +211,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
     let mut v = Vec::new();
     for &dt in &dtypes {
         let esize = if dt == DType::F16 { 2.0 } else { 4.0 };
-        for tile in gemm_tiles(ctx, dt) {
+        for tile in gemm_tiles(ctx, dt, quick) {
             if quick {
                 v.push(matmul_case(ctx, &mut rng, "", (512, 512, 512), dt, dt, tile)?);
                 v.push(matmul_case(ctx, &mut rng, "ff ", (1024, 320, 1280), dt, dt, tile)?);
@@ -240,7 +248,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
         let xg = x.clone();
         v.push(Case {
             kernel: "group_norm",
-            tile: "",
+            tile: String::new(),
             shape: format!("{b}x{c}x{hw}x{hw} g32 +silu"),
             dtype: dt,
             weights: dt,
@@ -251,7 +259,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
         let y = random(ctx, &mut rng, &[b, c, 1, 1], dt)?;
         v.push(Case {
             kernel: "add",
-            tile: "",
+            tile: String::new(),
             shape: format!("{b}x{c}x{hw}x{hw} + {b}x{c}x1x1"),
             dtype: dt,
             weights: dt,
@@ -262,7 +270,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
         let t = random(ctx, &mut rng, &[tokens, 2560], dt)?;
         v.push(Case {
             kernel: "geglu",
-            tile: "",
+            tile: String::new(),
             shape: format!("{tokens}x2560"),
             dtype: dt,
             weights: dt,
@@ -321,7 +329,7 @@ pub async fn bench_kernels(
             iters,
             gflops,
             gbps,
-            tile: case.tile.into(),
+            tile: case.tile,
             adapter: summary.name.clone(),
             backend: summary.backend.clone(),
         };

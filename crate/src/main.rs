@@ -377,7 +377,7 @@ mod cli {
                 let s = ctx.summary();
                 println!("adapter: {} ({}, {})", s.name, s.backend, s.device_type);
                 println!(
-                    "{:<14} {:<44} {:<4} {:<5} {:<8} {:>13} {:>15}",
+                    "{:<14} {:<44} {:<4} {:<5} {:<9} {:>13} {:>15}",
                     "kernel", "shape", "act", "wt", "tile", "time", "rate"
                 );
                 let records =

@@ -132,6 +132,9 @@ def main():
             out.append(f"| PyTorch matmul | {r['workload']} | {r['dtype']} | | | {ms(r['ms'])} | "
                        f"{r.get('tflops', '-')} TFLOP/s |")
         out.append("")
+        out.append("Tile: `*` marks the tile the op takes for the shape by default; the others are timed beside it "
+                   "so that the choice of tile by shape can be read off this table.")
+        out.append("")
     print("\n".join(out))
 
 

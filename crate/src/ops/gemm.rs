@@ -162,6 +162,12 @@ impl Tile {
         if m >= 128 && n >= 128 && large_tiles >= 128 { Tile::Large } else { Tile::Small }
     }
 
+    /// The tile a GEMM with `dtype` activations and an (m, n) output per batch element runs on when none is
+    /// chosen (see `pick`).
+    pub fn default_for(ctx: &GpuContext, dtype: DType, (m, n, batch): (usize, usize, usize)) -> Tile {
+        Self::pick(ctx, "", dtype, None, [m, n, batch]).unwrap_or(Tile::for_shape(m, n, batch))
+    }
+
     pub fn is_coop(self) -> bool {
         matches!(self, Tile::Coop | Tile::CoopLarge)
     }
