@@ -145,6 +145,37 @@ fn store_tiles(lid: u32) {
     }
 }
 
+// The k loop of both entry points: the workgroup's (BM, BN) block of A B, each invocation's part of it summed
+// in its micro-tile's accumulators (fma4 or fma8, by TM: a constant, so the other call is folded away).
+fn accumulate(bi: u32, m0: u32, n0: u32, lid: u32, ty: u32, tx: u32) {
+    if (AUX_LN) {
+        ln_stats(bi, m0, lid);
+    }
+    fetch_tiles(bi, m0, n0, 0u, lid);
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        store_tiles(lid);
+        workgroupBarrier();
+        if (k0 + BK < p.k) {
+            fetch_tiles(bi, m0, n0, k0 + BK, lid);
+        }
+        for (var kk = 0u; kk < BK; kk += 4u) {
+            fma_tm(kk, ty, tx);
+            fma_tm(kk + 1u, ty, tx);
+            fma_tm(kk + 2u, ty, tx);
+            fma_tm(kk + 3u, ty, tx);
+        }
+        workgroupBarrier();
+    }
+}
+
+fn fma_tm(kk: u32, ty: u32, tx: u32) {
+    if (TM == 4u) {
+        fma4(kk, ty, tx);
+    } else {
+        fma8(kk, ty, tx);
+    }
+}
+
 // ---- 4x4 micro-tile: invocation (tx, ty) owns rows 4ty..4ty+3 and columns 4tx..4tx+3.
 
 var<private> c0: vec4<f32>;
@@ -168,24 +199,7 @@ fn gemm_4x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let n0 = wid.x * BN;
     let m0 = wid.y * BM;
     let bi = wid.z;
-    if (AUX_LN) {
-        ln_stats(bi, m0, lid);
-    }
-    fetch_tiles(bi, m0, n0, 0u, lid);
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        store_tiles(lid);
-        workgroupBarrier();
-        if (k0 + BK < p.k) {
-            fetch_tiles(bi, m0, n0, k0 + BK, lid);
-        }
-        for (var kk = 0u; kk < BK; kk += 4u) {
-            fma4(kk, ty, tx);
-            fma4(kk + 1u, ty, tx);
-            fma4(kk + 2u, ty, tx);
-            fma4(kk + 3u, ty, tx);
-        }
-        workgroupBarrier();
-    }
+    accumulate(bi, m0, n0, lid, ty, tx);
     let m = m0 + ty * 4u;
     let n = n0 + tx * 4u;
     store_vec(bi, m, n, c0);
@@ -244,24 +258,7 @@ fn gemm_8x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let n0 = wid.x * BN;
     let m0 = wid.y * BM;
     let bi = wid.z;
-    if (AUX_LN) {
-        ln_stats(bi, m0, lid);
-    }
-    fetch_tiles(bi, m0, n0, 0u, lid);
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        store_tiles(lid);
-        workgroupBarrier();
-        if (k0 + BK < p.k) {
-            fetch_tiles(bi, m0, n0, k0 + BK, lid);
-        }
-        for (var kk = 0u; kk < BK; kk += 4u) {
-            fma8(kk, ty, tx);
-            fma8(kk + 1u, ty, tx);
-            fma8(kk + 2u, ty, tx);
-            fma8(kk + 3u, ty, tx);
-        }
-        workgroupBarrier();
-    }
+    accumulate(bi, m0, n0, lid, ty, tx);
     let ma = m0 + ty * 4u;
     let mb = m0 + BM / 2u + ty * 4u;
     let na = n0 + tx * 4u;
