@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::gpu::{CostReport, DType, GpuContext, Tensor};
-use crate::ops::{self, Conv2dOpts, MatmulOpts, Tile};
+use crate::ops::{self, Conv2dOpts, LnParams, MatmulOpts, Tile};
 use crate::selfcheck::Rng;
 
 /// A monotonic clock that works natively and in a browser (where `std::time::Instant` panics).
@@ -122,6 +122,33 @@ fn matmul_case(
     })
 }
 
+/// The attention's q/k/v projection with the transformer block's layer norm fused in: the GEMM normalizes its
+/// A rows from statistics each workgroup computes first.
+fn ln_matmul_case(
+    ctx: &GpuContext,
+    rng: &mut Rng,
+    (m, k, n): (usize, usize, usize),
+    dtype: DType,
+    tile: Option<Tile>,
+) -> Result<Case> {
+    let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (m, n, 1));
+    let a = random(ctx, rng, &[m, k], dtype)?;
+    let b = random(ctx, rng, &[n, k], dtype)?;
+    let ln = LnParams::new(ctx, random(ctx, rng, &[k], dtype)?, random(ctx, rng, &[k], dtype)?, 1e-5)?;
+    Ok(Case {
+        kernel: "matmul",
+        shape: format!("ln+qkv {m}x{k} . {n}x{k}^T"),
+        tile: tile_name,
+        dtype,
+        weights: dtype,
+        work: Work::Flops(2.0 * (m * n * k) as f64),
+        run: Box::new(move |ctx| {
+            let opts = MatmulOpts { trans_b: true, layer_norm: Some(&ln), tile, ..Default::default() };
+            ops::matmul(ctx, &a, &b, opts)
+        }),
+    })
+}
+
 fn conv_case(
     ctx: &GpuContext,
     rng: &mut Rng,
@@ -215,6 +242,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
             if quick {
                 v.push(matmul_case(ctx, &mut rng, "", (512, 512, 512), dt, dt, tile)?);
                 v.push(matmul_case(ctx, &mut rng, "ff ", (1024, 320, 1280), dt, dt, tile)?);
+                v.push(ln_matmul_case(ctx, &mut rng, (1024, 320, 960), dt, tile)?);
                 v.push(conv_case(ctx, &mut rng, (1, 64, 32), (64, 3, 1), dt, tile)?);
             } else {
                 v.push(matmul_case(ctx, &mut rng, "", (4096, 4096, 4096), dt, dt, tile)?);
@@ -222,6 +250,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
                 v.push(matmul_case(ctx, &mut rng, "geglu ", (8192, 320, 2560), dt, dt, tile)?);
                 v.push(matmul_case(ctx, &mut rng, "ff_out ", (8192, 1280, 320), dt, dt, tile)?);
                 v.push(matmul_case(ctx, &mut rng, "to_q ", (8192, 320, 320), dt, dt, tile)?);
+                v.push(ln_matmul_case(ctx, &mut rng, (8192, 320, 960), dt, tile)?);
                 v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 1), dt, tile)?);
                 v.push(conv_case(ctx, &mut rng, (2, 640, 32), (640, 3, 1), dt, tile)?);
                 v.push(conv_case(ctx, &mut rng, (2, 1280, 16), (1280, 3, 1), dt, tile)?);
