@@ -86,10 +86,13 @@ struct Case {
     dtype: DType,
     weights: DType,
     work: Work,
-    run: RunFn,
+    /// Makes the case's inputs (only for the cases `--only` keeps, one case at a time) and returns what is
+    /// timed.
+    setup: Setup,
 }
 
 type RunFn = Box<dyn Fn(&GpuContext) -> Result<Tensor>>;
+type Setup = Box<dyn FnOnce(&GpuContext, &mut Rng) -> Result<RunFn>>;
 
 fn random(ctx: &GpuContext, rng: &mut Rng, shape: &[usize], dtype: DType) -> Result<Tensor> {
     let n: usize = shape.iter().product();
@@ -98,96 +101,87 @@ fn random(ctx: &GpuContext, rng: &mut Rng, shape: &[usize], dtype: DType) -> Res
 
 fn matmul_case(
     ctx: &GpuContext,
-    rng: &mut Rng,
     label: &str,
     (m, k, n): (usize, usize, usize),
     dtype: DType,
     w: DType,
     tile: Option<Tile>,
-) -> Result<Case> {
+) -> Case {
     let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (m, n, 1));
-    let a = random(ctx, rng, &[m, k], dtype)?;
-    let b = random(ctx, rng, &[n, k], w)?;
-    let bias = random(ctx, rng, &[n], dtype)?;
-    Ok(Case {
+    Case {
         kernel: "matmul",
         shape: format!("{label}{m}x{k} . {n}x{k}^T"),
         tile: tile_name,
         dtype,
         weights: w,
         work: Work::Flops(2.0 * (m * n * k) as f64),
-        run: Box::new(move |ctx| {
-            ops::matmul(ctx, &a, &b, MatmulOpts { trans_b: true, bias: Some(&bias), tile, ..Default::default() })
+        setup: Box::new(move |ctx, rng| {
+            let a = random(ctx, rng, &[m, k], dtype)?;
+            let b = random(ctx, rng, &[n, k], w)?;
+            let bias = random(ctx, rng, &[n], dtype)?;
+            Ok(Box::new(move |ctx| {
+                let opts = MatmulOpts { trans_b: true, bias: Some(&bias), tile, ..Default::default() };
+                ops::matmul(ctx, &a, &b, opts)
+            }))
         }),
-    })
+    }
 }
 
 /// The attention's q/k/v projection with the transformer block's layer norm fused in: the GEMM normalizes its
 /// A rows from statistics each workgroup computes first.
-fn ln_matmul_case(
-    ctx: &GpuContext,
-    rng: &mut Rng,
-    (m, k, n): (usize, usize, usize),
-    dtype: DType,
-    tile: Option<Tile>,
-) -> Result<Case> {
+fn ln_matmul_case(ctx: &GpuContext, (m, k, n): (usize, usize, usize), dtype: DType, tile: Option<Tile>) -> Case {
     let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (m, n, 1));
-    let a = random(ctx, rng, &[m, k], dtype)?;
-    let b = random(ctx, rng, &[n, k], dtype)?;
-    let ln = LnParams::new(ctx, random(ctx, rng, &[k], dtype)?, random(ctx, rng, &[k], dtype)?, 1e-5)?;
-    Ok(Case {
+    Case {
         kernel: "matmul",
         shape: format!("ln+qkv {m}x{k} . {n}x{k}^T"),
         tile: tile_name,
         dtype,
         weights: dtype,
         work: Work::Flops(2.0 * (m * n * k) as f64),
-        run: Box::new(move |ctx| {
-            let opts = MatmulOpts { trans_b: true, layer_norm: Some(&ln), tile, ..Default::default() };
-            ops::matmul(ctx, &a, &b, opts)
+        setup: Box::new(move |ctx, rng| {
+            let a = random(ctx, rng, &[m, k], dtype)?;
+            let b = random(ctx, rng, &[n, k], dtype)?;
+            let ln = LnParams::new(ctx, random(ctx, rng, &[k], dtype)?, random(ctx, rng, &[k], dtype)?, 1e-5)?;
+            Ok(Box::new(move |ctx| {
+                let opts = MatmulOpts { trans_b: true, layer_norm: Some(&ln), tile, ..Default::default() };
+                ops::matmul(ctx, &a, &b, opts)
+            }))
         }),
-    })
+    }
 }
 
 fn conv_case(
     ctx: &GpuContext,
-    rng: &mut Rng,
     (b, cin, hw): (usize, usize, usize),
     (cout, k, stride): (usize, usize, usize),
     dtype: DType,
     tile: Option<Tile>,
-) -> Result<Case> {
-    let x = random(ctx, rng, &[b, cin, hw, hw], dtype)?;
-    let w = random(ctx, rng, &[cout, cin, k, k], dtype)?;
-    let bias = random(ctx, rng, &[cout], dtype)?;
+) -> Case {
     let pad = k / 2;
     let ho = (hw + 2 * pad - k) / stride + 1;
     let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (ho * ho, cout, b));
-    Ok(Case {
+    Case {
         kernel: "conv2d",
         shape: format!("{b}x{cin}x{hw}x{hw} -> {cout} k{k} s{stride}"),
         tile: tile_name,
         dtype,
         weights: dtype,
         work: Work::Flops(2.0 * (b * cout * ho * ho * cin * k * k) as f64),
-        run: Box::new(move |ctx| {
-            let opts = Conv2dOpts { stride, padding: pad, tile, ..Default::default() };
-            ops::conv2d(ctx, &x, &w, (k, k), Some(&bias), opts)
+        setup: Box::new(move |ctx, rng| {
+            let x = random(ctx, rng, &[b, cin, hw, hw], dtype)?;
+            let w = random(ctx, rng, &[cout, cin, k, k], dtype)?;
+            let bias = random(ctx, rng, &[cout], dtype)?;
+            Ok(Box::new(move |ctx| {
+                let opts = Conv2dOpts { stride, padding: pad, tile, ..Default::default() };
+                ops::conv2d(ctx, &x, &w, (k, k), Some(&bias), opts)
+            }))
         }),
-    })
+    }
 }
 
-fn attention_case(
-    ctx: &GpuContext,
-    rng: &mut Rng,
-    (b, lq, lk, heads, d): (usize, usize, usize, usize, usize),
-    dtype: DType,
-) -> Result<Case> {
-    let q = random(ctx, rng, &[b, lq, heads * d], dtype)?;
-    let k = random(ctx, rng, &[b, lk, heads * d], dtype)?;
-    let v = random(ctx, rng, &[b, lk, heads * d], dtype)?;
+fn attention_case(ctx: &GpuContext, (b, lq, lk, heads, d): (usize, usize, usize, usize, usize), dtype: DType) -> Case {
     let scale = 1.0 / (d as f32).sqrt();
-    Ok(Case {
+    Case {
         kernel: "attention",
         shape: format!("b{b} q{lq} kv{lk} {heads}x{d}"),
         // f16 attention runs on cooperative matrices where the device has them (ops/attention.rs).
@@ -195,8 +189,13 @@ fn attention_case(
         dtype,
         weights: dtype,
         work: Work::Flops(4.0 * (b * heads * lq * lk * d) as f64),
-        run: Box::new(move |ctx| ops::attention(ctx, &q, &k, &v, heads, scale, false)),
-    })
+        setup: Box::new(move |ctx, rng| {
+            let q = random(ctx, rng, &[b, lq, heads * d], dtype)?;
+            let k = random(ctx, rng, &[b, lk, heads * d], dtype)?;
+            let v = random(ctx, rng, &[b, lk, heads * d], dtype)?;
+            Ok(Box::new(move |ctx| ops::attention(ctx, &q, &k, &v, heads, scale, false)))
+        }),
+    }
 }
 
 /// The GEMM tiles a benchmark runs with `dtype` activations: both portable tiles (with `quick`, only the one
@@ -229,8 +228,7 @@ fn resolve_tile(
     (Some(tile), format!("{name}{default}"))
 }
 
-fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
-    let mut rng = Rng::new(42);
+fn cases(ctx: &GpuContext, quick: bool) -> Vec<Case> {
     let mut dtypes = vec![DType::F32];
     if ctx.has_f16() {
         dtypes.push(DType::F16);
@@ -240,41 +238,37 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
         let esize = if dt == DType::F16 { 2.0 } else { 4.0 };
         for tile in gemm_tiles(ctx, dt, quick) {
             if quick {
-                v.push(matmul_case(ctx, &mut rng, "", (512, 512, 512), dt, dt, tile)?);
-                v.push(matmul_case(ctx, &mut rng, "ff ", (1024, 320, 1280), dt, dt, tile)?);
-                v.push(ln_matmul_case(ctx, &mut rng, (1024, 320, 960), dt, tile)?);
-                v.push(conv_case(ctx, &mut rng, (1, 64, 32), (64, 3, 1), dt, tile)?);
+                v.push(matmul_case(ctx, "", (512, 512, 512), dt, dt, tile));
+                v.push(matmul_case(ctx, "ff ", (1024, 320, 1280), dt, dt, tile));
+                v.push(ln_matmul_case(ctx, (1024, 320, 960), dt, tile));
+                v.push(conv_case(ctx, (1, 64, 32), (64, 3, 1), dt, tile));
             } else {
-                v.push(matmul_case(ctx, &mut rng, "", (4096, 4096, 4096), dt, dt, tile)?);
+                v.push(matmul_case(ctx, "", (4096, 4096, 4096), dt, dt, tile));
                 // The UNet's largest linear layers at 64x64 latents, CFG batch 2: GEGLU in, FF out, attention q.
-                v.push(matmul_case(ctx, &mut rng, "geglu ", (8192, 320, 2560), dt, dt, tile)?);
-                v.push(matmul_case(ctx, &mut rng, "ff_out ", (8192, 1280, 320), dt, dt, tile)?);
-                v.push(matmul_case(ctx, &mut rng, "to_q ", (8192, 320, 320), dt, dt, tile)?);
-                v.push(ln_matmul_case(ctx, &mut rng, (8192, 320, 960), dt, tile)?);
-                v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 1), dt, tile)?);
-                v.push(conv_case(ctx, &mut rng, (2, 640, 32), (640, 3, 1), dt, tile)?);
-                v.push(conv_case(ctx, &mut rng, (2, 1280, 16), (1280, 3, 1), dt, tile)?);
+                v.push(matmul_case(ctx, "geglu ", (8192, 320, 2560), dt, dt, tile));
+                v.push(matmul_case(ctx, "ff_out ", (8192, 1280, 320), dt, dt, tile));
+                v.push(matmul_case(ctx, "to_q ", (8192, 320, 320), dt, dt, tile));
+                v.push(ln_matmul_case(ctx, (8192, 320, 960), dt, tile));
+                v.push(conv_case(ctx, (2, 320, 64), (320, 3, 1), dt, tile));
+                v.push(conv_case(ctx, (2, 640, 32), (640, 3, 1), dt, tile));
+                v.push(conv_case(ctx, (2, 1280, 16), (1280, 3, 1), dt, tile));
                 // The lowest level (8x8 latents): 40 workgroups of 64x64 for 2 x 64 x 1280 outputs, each running
                 // k = 11520 alone; whether that leaves a big GPU idle (the case for split-K) shows here.
-                v.push(conv_case(ctx, &mut rng, (2, 1280, 8), (1280, 3, 1), dt, tile)?);
-                v.push(conv_case(ctx, &mut rng, (2, 320, 64), (320, 3, 2), dt, tile)?);
-                v.push(conv_case(ctx, &mut rng, (1, 256, 256), (256, 3, 1), dt, tile)?);
+                v.push(conv_case(ctx, (2, 1280, 8), (1280, 3, 1), dt, tile));
+                v.push(conv_case(ctx, (2, 320, 64), (320, 3, 2), dt, tile));
+                v.push(conv_case(ctx, (1, 256, 256), (256, 3, 1), dt, tile));
             }
         }
         if quick {
-            v.push(attention_case(ctx, &mut rng, (1, 1024, 1024, 8, 40), dt)?);
-            v.push(attention_case(ctx, &mut rng, (1, 1024, 77, 8, 40), dt)?);
+            v.push(attention_case(ctx, (1, 1024, 1024, 8, 40), dt));
+            v.push(attention_case(ctx, (1, 1024, 77, 8, 40), dt));
         } else {
-            v.push(attention_case(ctx, &mut rng, (2, 4096, 4096, 8, 40), dt)?);
-            v.push(attention_case(ctx, &mut rng, (2, 4096, 77, 8, 40), dt)?);
+            v.push(attention_case(ctx, (2, 4096, 4096, 8, 40), dt));
+            v.push(attention_case(ctx, (2, 4096, 77, 8, 40), dt));
         }
         // Memory-bound kernels: group norm (+SiLU) over 320x64x64 and a broadcast add.
         let (b, c, hw) = if quick { (1, 320, 32) } else { (2, 320, 64) };
-        let x = random(ctx, &mut rng, &[b, c, hw, hw], dt)?;
-        let g = random(ctx, &mut rng, &[c], dt)?;
-        let beta = random(ctx, &mut rng, &[c], dt)?;
         let bytes = (2 * b * c * hw * hw) as f64 * esize;
-        let xg = x.clone();
         v.push(Case {
             kernel: "group_norm",
             tile: String::new(),
@@ -283,9 +277,13 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
             weights: dt,
             // Reads x three times (mean, variance, normalize) and writes once.
             work: Work::Bytes(bytes * 2.0),
-            run: Box::new(move |ctx| ops::group_norm(ctx, &xg, 32, &g, &beta, 1e-5, true)),
+            setup: Box::new(move |ctx, rng| {
+                let x = random(ctx, rng, &[b, c, hw, hw], dt)?;
+                let g = random(ctx, rng, &[c], dt)?;
+                let beta = random(ctx, rng, &[c], dt)?;
+                Ok(Box::new(move |ctx| ops::group_norm(ctx, &x, 32, &g, &beta, 1e-5, true)))
+            }),
         });
-        let y = random(ctx, &mut rng, &[b, c, 1, 1], dt)?;
         v.push(Case {
             kernel: "add",
             tile: String::new(),
@@ -293,10 +291,13 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
             dtype: dt,
             weights: dt,
             work: Work::Bytes(bytes),
-            run: Box::new(move |ctx| ops::add(ctx, &x, &y)),
+            setup: Box::new(move |ctx, rng| {
+                let x = random(ctx, rng, &[b, c, hw, hw], dt)?;
+                let y = random(ctx, rng, &[b, c, 1, 1], dt)?;
+                Ok(Box::new(move |ctx| ops::add(ctx, &x, &y)))
+            }),
         });
         let tokens = if quick { 1024 } else { 8192 };
-        let t = random(ctx, &mut rng, &[tokens, 2560], dt)?;
         v.push(Case {
             kernel: "geglu",
             tile: String::new(),
@@ -304,15 +305,18 @@ fn cases(ctx: &GpuContext, quick: bool) -> Result<Vec<Case>> {
             dtype: dt,
             weights: dt,
             work: Work::Bytes((tokens * 2560 * 3 / 2) as f64 * esize),
-            run: Box::new(move |ctx| ops::geglu(ctx, &t)),
+            setup: Box::new(move |ctx, rng| {
+                let t = random(ctx, rng, &[tokens, 2560], dt)?;
+                Ok(Box::new(move |ctx| ops::geglu(ctx, &t)))
+            }),
         });
     }
     // Quantized and f16 weights with f32 activations: the GEGLU projection.
     let (m, k, n) = if quick { (1024, 320, 1280) } else { (8192, 320, 2560) };
     for w in [DType::F16, DType::Q8_0, DType::Q4_0] {
-        v.push(matmul_case(ctx, &mut rng, "geglu ", (m, k, n), DType::F32, w, None)?);
+        v.push(matmul_case(ctx, "geglu ", (m, k, n), DType::F32, w, None));
     }
-    Ok(v)
+    v
 }
 
 /// Runs `run` `iters` times in one batch and waits for the GPU.
@@ -326,7 +330,8 @@ async fn time(ctx: &GpuContext, run: &dyn Fn(&GpuContext) -> Result<Tensor>, ite
     Ok(start.elapsed())
 }
 
-/// Benchmarks every kernel; `only` keeps the cases whose kernel or shape contains it.
+/// Benchmarks every kernel; `only` keeps the cases whose kernel or shape contains one of its comma-separated
+/// parts.
 pub async fn bench_kernels(
     ctx: &GpuContext,
     quick: bool,
@@ -335,14 +340,16 @@ pub async fn bench_kernels(
 ) -> Result<Vec<BenchRecord>> {
     let budget = Duration::from_millis(if quick { 300 } else { 1000 });
     let mut records = Vec::new();
-    for case in cases(ctx, quick)? {
-        if only.is_some_and(|s| !case.kernel.contains(s) && !case.shape.contains(s)) {
+    let mut rng = Rng::new(42);
+    for case in cases(ctx, quick) {
+        if only.is_some_and(|s| !s.split(',').any(|s| case.kernel.contains(s) || case.shape.contains(s))) {
             continue;
         }
+        let run = (case.setup)(ctx, &mut rng)?;
         // Compile the pipeline and warm up, then size the timed batch to the budget.
-        let once = time(ctx, &*case.run, 1).await?;
+        let once = time(ctx, &*run, 1).await?;
         let iters = ((budget.as_secs_f64() / once.as_secs_f64().max(1e-6)) as usize).clamp(1, 200);
-        let total = time(ctx, &*case.run, iters).await?;
+        let total = time(ctx, &*run, iters).await?;
         let secs = total.as_secs_f64() / iters as f64;
         let (gflops, gbps) = match case.work {
             Work::Flops(f) => (Some(f / secs / 1e9), None),
