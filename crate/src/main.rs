@@ -8,7 +8,7 @@ mod cli {
 
     use clap::{Parser, Subcommand, ValueEnum};
     use latent_gen::compose::{self, Axis};
-    use latent_gen::gpu::{ContextOptions, DType, GpuContext};
+    use latent_gen::gpu::{ContextOptions, DType, GpuContext, Tuning};
     use latent_gen::image::Image;
     use latent_gen::pipeline::{Adapters, Control, InitImage, Request, StableDiffusion};
     use latent_gen::schedulers::SchedulerKind;
@@ -28,6 +28,14 @@ mod cli {
         /// portable kernels, as in a browser (to compare the two).
         #[arg(long, global = true)]
         no_coop: bool,
+        /// Queries per invocation of the portable attention kernel (1, the default, or 2): a kernel variant
+        /// whose speed depends on the GPU, for benchmarks to compare.
+        #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+        attention_queries: u32,
+        /// The portable GEMM without register prefetch (reads each k step's tiles at its start): a kernel
+        /// variant for benchmarks to compare.
+        #[arg(long, global = true)]
+        no_prefetch: bool,
     }
 
     #[derive(Subcommand)]
@@ -242,7 +250,7 @@ mod cli {
             /// Also write the records as JSON to this file.
             #[arg(long)]
             json: Option<PathBuf>,
-            /// Only cases whose kernel or shape contains this text.
+            /// Only cases whose kernel or shape contains this text (or one of its comma-separated parts).
             #[arg(long)]
             only: Option<String>,
         },
@@ -323,7 +331,8 @@ mod cli {
     }
 
     async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-        let options = ContextOptions { coop: !cli.no_coop, ..Default::default() };
+        let tuning = Tuning { attention_queries: cli.attention_queries, gemm_prefetch: !cli.no_prefetch };
+        let options = ContextOptions { coop: !cli.no_coop, tuning, ..Default::default() };
         let gpu_or_cpu = || gpu_or_cpu(options);
         match cli.command {
             Command::Generate(g) => {

@@ -119,14 +119,17 @@ def main():
                 out.append(f"| {op} | {v['dispatches']} | {ms(g)} | {v['flops'] / 1e9:.1f} | "
                            f"{'-' if tf is None else f'{tf:.1f}'} | {(v['bytes_read'] + v['bytes_written']) / 1e6:.0f} |")
             out.append("")
-    if kernels:
+    def kernel_rows(records):
         out.append("| kernel | shape | act | weights | tile | ms | rate |")
         out.append("|---|---|---|---|---|---|---|")
-        for k in kernels:
+        for k in records:
             g = k.get("gflops")
             rate = (f"{g / 1e3:.2f} TFLOP/s" if g >= 1000 else f"{g:.1f} GFLOP/s") if g else f"{k.get('gbps', 0):.1f} GB/s"
             out.append(f"| {k['kernel']} | {k['shape']} | {k['dtype']} | {k['weights']} | {k.get('tile', '')} | "
                        f"{ms(k['ms'])} | {rate} |")
+
+    if kernels:
+        kernel_rows(kernels)
         pm = [r for r in torch["results"] if r["workload"].startswith("matmul")]
         for r in pm:
             out.append(f"| PyTorch matmul | {r['workload']} | {r['dtype']} | | | {ms(r['ms'])} | "
@@ -135,6 +138,16 @@ def main():
         out.append("Tile: `*` marks the tile the op takes for the shape by default; the others are timed beside it "
                    "so that the choice of tile by shape can be read off this table.")
         out.append("")
+    # The kernel variants (kernels-<variant>.json: `latent-gen --attention-queries 2`, `--no-prefetch`), to
+    # compare with the same rows above.
+    for p in sorted(glob.glob(os.path.join(d, "kernels-*.json"))):
+        records = load(p) or []
+        if records:
+            name = os.path.basename(p)[len("kernels-"):-len(".json")]
+            out.append(f"Kernel variant `{name}` (the same cases as above, that kernel's rows only):")
+            out.append("")
+            kernel_rows(records)
+            out.append("")
     print("\n".join(out))
 
 

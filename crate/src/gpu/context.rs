@@ -33,11 +33,32 @@ pub struct ContextOptions {
     /// Use cooperative matrices (tensor cores; wgpu's experimental feature, native Vulkan and Metal) for f16
     /// GEMMs where the adapter has them (default). Off, every GEMM runs the portable kernels.
     pub coop: bool,
+    /// Kernel variants (benchmarks compare them; everything else runs the defaults).
+    pub tuning: Tuning,
 }
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        Self { f16: true, max_binding: None, max_buffer: None, coop: true }
+        Self { f16: true, max_binding: None, max_buffer: None, coop: true, tuning: Tuning::default() }
+    }
+}
+
+/// Variants of the portable kernels whose speed depends on the GPU (register file, latency hiding): the
+/// defaults are what every caller gets; `latent-gen`'s `--attention-queries` and `--no-prefetch` pick the
+/// others, so that one benchmark run on a GPU compares them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Tuning {
+    /// Queries per invocation of the portable attention kernel, 1 or 2 (kernels/attention.wgsl): two halve
+    /// the key and value reads per query and double the registers each invocation holds.
+    pub attention_queries: u32,
+    /// The portable GEMM reads the next k step's tiles into registers while it computes the current one
+    /// (kernels/gemm.wgsl); off, it reads them after the step, as it did before.
+    pub gemm_prefetch: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self { attention_queries: 1, gemm_prefetch: true }
     }
 }
 
@@ -111,6 +132,8 @@ pub struct AdapterSummary {
     pub cooperative_matrix: Vec<String>,
     /// The configuration the f16 GEMMs run on, when enabled.
     pub coop: Option<CoopConfig>,
+    /// The kernel variants this device runs.
+    pub tuning: Tuning,
 }
 
 impl std::fmt::Display for AdapterSummary {
@@ -136,6 +159,15 @@ impl std::fmt::Display for AdapterSummary {
                 Some(c) => write!(f, " (f16 GEMMs on {0}x{0} fragments, subgroups of {1})", c.size, c.subgroup)?,
                 None => write!(f, " (not used)")?,
             }
+        }
+        if self.tuning != Tuning::default() {
+            let t = self.tuning;
+            write!(
+                f,
+                "\nkernel variants: attention queries per invocation {}, GEMM prefetch {}",
+                t.attention_queries,
+                yes_no(t.gemm_prefetch)
+            )?;
         }
         Ok(())
     }
@@ -261,6 +293,7 @@ impl GpuContext {
                 .map(|c| format!("{}x{}x{} {:?}->{:?}", c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type))
                 .collect(),
             coop,
+            tuning: Tuning { attention_queries: options.tuning.attention_queries.clamp(1, 2), ..options.tuning },
         };
         Ok(Self::from_device(device, queue, summary))
     }
@@ -335,6 +368,7 @@ impl GpuContext {
             max_storage_buffers_per_shader_stage: u32::MAX,
             cooperative_matrix: Vec::new(),
             coop: None,
+            tuning: Tuning::default(),
         };
         Self { backend: Backend::Cpu, summary: Ref::new(summary), plan_only: false, sources: Ref::default() }
     }

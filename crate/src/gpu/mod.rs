@@ -12,7 +12,7 @@ mod pool;
 pub mod quant;
 mod tensor;
 
-pub use context::{AdapterSummary, ContextOptions, CoopConfig, GpuContext};
+pub use context::{AdapterSummary, ContextOptions, CoopConfig, GpuContext, Tuning};
 pub use cost::{CostReport, OpCost};
 
 /// Shared ownership: `Arc` natively (a context may cross threads), `Rc` on wasm32, where wgpu's browser types

@@ -53,9 +53,10 @@ fn ln_stats(bi: u32, m0: u32, lid: u32) {
     ln_pass(bi, m0, lid, true);
 }
 
-// Register prefetch: the next k step's tile elements an invocation loads (at most two vec4s of A and two of
-// B, const_asserts below) are read from global memory before the current step's products, so those loads are
-// in flight while it computes, and written to the tiles after the step's closing barrier.
+// Register prefetch (PREFETCH, the default; see Tuning in gpu/context.rs): the next k step's tile elements
+// an invocation loads (at most two vec4s of A and two of B, const_asserts below) are read from global memory
+// before the current step's products, so those loads are in flight while it computes, and written to the
+// tiles after the step's closing barrier. Without it they are read at the start of their own step.
 const_assert BK * BM / 4u <= 2u * NT && BK * BN / 4u <= 2u * NT;
 var<private> ra0: vec4<f32>;
 var<private> ra1: vec4<f32>;
@@ -151,11 +152,16 @@ fn accumulate(bi: u32, m0: u32, n0: u32, lid: u32, ty: u32, tx: u32) {
     if (AUX_LN) {
         ln_stats(bi, m0, lid);
     }
-    fetch_tiles(bi, m0, n0, 0u, lid);
+    if (PREFETCH) {
+        fetch_tiles(bi, m0, n0, 0u, lid);
+    }
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        if (!PREFETCH) {
+            fetch_tiles(bi, m0, n0, k0, lid);
+        }
         store_tiles(lid);
         workgroupBarrier();
-        if (k0 + BK < p.k) {
+        if (PREFETCH && k0 + BK < p.k) {
             fetch_tiles(bi, m0, n0, k0 + BK, lid);
         }
         for (var kk = 0u; kk < BK; kk += 4u) {

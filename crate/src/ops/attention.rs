@@ -70,7 +70,7 @@ fn unfused(
     super::matmul(ctx, &probs, v, super::MatmulOpts::default())
 }
 
-/// Queries per workgroup (one per invocation).
+/// Invocations per workgroup of the portable kernel (each with `Tuning::attention_queries` queries).
 const WG: usize = 64;
 
 #[repr(C)]
@@ -224,12 +224,18 @@ pub fn attention_cols(
             // K and V tiles of bkv keys each must fit the workgroup memory.
             let fit = limit / (2 * dv * 16);
             let bkv = (1usize << fit.max(1).ilog2()).clamp(1, 32);
+            // One query per invocation scores a whole tile at once; two score 8 keys at a time, so that both
+            // queries' scores stay in registers beside their rows and outputs.
+            let qpi = ctx.summary().tuning.attention_queries as usize;
+            let ch = if qpi == 1 { bkv } else { bkv.min(8) };
             let spec = Spec::new(act_dtype(q.t)?)
                 .u32("D", d as u32)
                 .u32("DV", dv as u32)
                 .u32("BKV", bkv as u32)
+                .u32("QPI", qpi as u32)
+                .u32("CH", ch as u32)
                 .flag("CAUSAL", causal);
-            (&ATTENTION, spec, WG)
+            (&ATTENTION, spec, WG * qpi)
         }
     };
     let groups = [lq.div_ceil(queries) as u32, heads as u32, b as u32];

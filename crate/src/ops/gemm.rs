@@ -215,8 +215,11 @@ impl Tile {
     /// (BM, BN, BK, entry point) and the rest of the tile's specialization.
     fn dims(self, ctx: &GpuContext) -> (u32, u32, u32, &'static str, Spec) {
         match self {
-            Tile::Small => (64, 64, 16, "gemm_4x4", Spec::default().u32("TM", 4)),
-            Tile::Large => (128, 128, 16, "gemm_8x8", Spec::default().u32("TM", 8)),
+            Tile::Small | Tile::Large => {
+                let (b, tm, entry) = if self == Tile::Small { (64, 4, "gemm_4x4") } else { (128, 8, "gemm_8x8") };
+                let spec = Spec::default().u32("TM", tm).flag("PREFETCH", ctx.summary().tuning.gemm_prefetch);
+                (b, b, 16, entry, spec)
+            }
             Tile::Coop | Tile::CoopLarge => {
                 let c = ctx.coop().expect("Tile::pick checked");
                 let (s, f) = (c.size, self.coop_frags());
