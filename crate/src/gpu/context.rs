@@ -52,7 +52,7 @@ pub struct Tuning {
     /// the key and value reads per query and double the registers each invocation holds.
     pub attention_queries: u32,
     /// The portable GEMM reads the next k step's tiles into registers while it computes the current one
-    /// (kernels/gemm.wgsl); off, it reads them after the step, as it did before.
+    /// (kernels/gemm.wgsl); off, it reads each step's tiles at the start of that step, as it did before.
     pub gemm_prefetch: bool,
 }
 
