@@ -99,6 +99,9 @@ fn random(ctx: &GpuContext, rng: &mut Rng, shape: &[usize], dtype: DType) -> Res
     Tensor::from_f32_as(ctx, shape, &rng.uniform(n, -1.0, 1.0), dtype)
 }
 
+/// A linear layer's matmul, (m, k) by (n, k)^T: with `ln`, the attention's q/k/v projection with the
+/// transformer block's layer norm fused in (the GEMM normalizes its A rows from statistics each workgroup
+/// computes first), else with a bias.
 fn matmul_case(
     ctx: &GpuContext,
     label: &str,
@@ -106,6 +109,7 @@ fn matmul_case(
     dtype: DType,
     w: DType,
     tile: Option<Tile>,
+    ln: bool,
 ) -> Case {
     let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (m, n, 1));
     Case {
@@ -118,32 +122,20 @@ fn matmul_case(
         setup: Box::new(move |ctx, rng| {
             let a = random(ctx, rng, &[m, k], dtype)?;
             let b = random(ctx, rng, &[n, k], w)?;
-            let bias = random(ctx, rng, &[n], dtype)?;
+            let (bias, ln) = if ln {
+                let (g, beta) = (random(ctx, rng, &[k], dtype)?, random(ctx, rng, &[k], dtype)?);
+                (None, Some(LnParams::new(ctx, g, beta, 1e-5)?))
+            } else {
+                (Some(random(ctx, rng, &[n], dtype)?), None)
+            };
             Ok(Box::new(move |ctx| {
-                let opts = MatmulOpts { trans_b: true, bias: Some(&bias), tile, ..Default::default() };
-                ops::matmul(ctx, &a, &b, opts)
-            }))
-        }),
-    }
-}
-
-/// The attention's q/k/v projection with the transformer block's layer norm fused in: the GEMM normalizes its
-/// A rows from statistics each workgroup computes first.
-fn ln_matmul_case(ctx: &GpuContext, (m, k, n): (usize, usize, usize), dtype: DType, tile: Option<Tile>) -> Case {
-    let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (m, n, 1));
-    Case {
-        kernel: "matmul",
-        shape: format!("ln+qkv {m}x{k} . {n}x{k}^T"),
-        tile: tile_name,
-        dtype,
-        weights: dtype,
-        work: Work::Flops(2.0 * (m * n * k) as f64),
-        setup: Box::new(move |ctx, rng| {
-            let a = random(ctx, rng, &[m, k], dtype)?;
-            let b = random(ctx, rng, &[n, k], dtype)?;
-            let ln = LnParams::new(ctx, random(ctx, rng, &[k], dtype)?, random(ctx, rng, &[k], dtype)?, 1e-5)?;
-            Ok(Box::new(move |ctx| {
-                let opts = MatmulOpts { trans_b: true, layer_norm: Some(&ln), tile, ..Default::default() };
+                let opts = MatmulOpts {
+                    trans_b: true,
+                    bias: bias.as_ref(),
+                    layer_norm: ln.as_ref(),
+                    tile,
+                    ..Default::default()
+                };
                 ops::matmul(ctx, &a, &b, opts)
             }))
         }),
@@ -238,17 +230,17 @@ fn cases(ctx: &GpuContext, quick: bool) -> Vec<Case> {
         let esize = if dt == DType::F16 { 2.0 } else { 4.0 };
         for tile in gemm_tiles(ctx, dt, quick) {
             if quick {
-                v.push(matmul_case(ctx, "", (512, 512, 512), dt, dt, tile));
-                v.push(matmul_case(ctx, "ff ", (1024, 320, 1280), dt, dt, tile));
-                v.push(ln_matmul_case(ctx, (1024, 320, 960), dt, tile));
+                v.push(matmul_case(ctx, "", (512, 512, 512), dt, dt, tile, false));
+                v.push(matmul_case(ctx, "ff ", (1024, 320, 1280), dt, dt, tile, false));
+                v.push(matmul_case(ctx, "ln+qkv ", (1024, 320, 960), dt, dt, tile, true));
                 v.push(conv_case(ctx, (1, 64, 32), (64, 3, 1), dt, tile));
             } else {
-                v.push(matmul_case(ctx, "", (4096, 4096, 4096), dt, dt, tile));
+                v.push(matmul_case(ctx, "", (4096, 4096, 4096), dt, dt, tile, false));
                 // The UNet's largest linear layers at 64x64 latents, CFG batch 2: GEGLU in, FF out, attention q.
-                v.push(matmul_case(ctx, "geglu ", (8192, 320, 2560), dt, dt, tile));
-                v.push(matmul_case(ctx, "ff_out ", (8192, 1280, 320), dt, dt, tile));
-                v.push(matmul_case(ctx, "to_q ", (8192, 320, 320), dt, dt, tile));
-                v.push(ln_matmul_case(ctx, (8192, 320, 960), dt, tile));
+                v.push(matmul_case(ctx, "geglu ", (8192, 320, 2560), dt, dt, tile, false));
+                v.push(matmul_case(ctx, "ff_out ", (8192, 1280, 320), dt, dt, tile, false));
+                v.push(matmul_case(ctx, "to_q ", (8192, 320, 320), dt, dt, tile, false));
+                v.push(matmul_case(ctx, "ln+qkv ", (8192, 320, 960), dt, dt, tile, true));
                 v.push(conv_case(ctx, (2, 320, 64), (320, 3, 1), dt, tile));
                 v.push(conv_case(ctx, (2, 640, 32), (640, 3, 1), dt, tile));
                 v.push(conv_case(ctx, (2, 1280, 16), (1280, 3, 1), dt, tile));
@@ -314,7 +306,7 @@ fn cases(ctx: &GpuContext, quick: bool) -> Vec<Case> {
     // Quantized and f16 weights with f32 activations: the GEGLU projection.
     let (m, k, n) = if quick { (1024, 320, 1280) } else { (8192, 320, 2560) };
     for w in [DType::F16, DType::Q8_0, DType::Q4_0] {
-        v.push(matmul_case(ctx, "geglu ", (m, k, n), DType::F32, w, None));
+        v.push(matmul_case(ctx, "geglu ", (m, k, n), DType::F32, w, None, false));
     }
     v
 }
