@@ -67,7 +67,7 @@ impl std::fmt::Display for BenchRecord {
         };
         write!(
             f,
-            "{:<14} {:<44} {:<4} {:<5} {:<9} {:>10.3} ms {rate}",
+            "{:<14} {:<44} {:<4} {:<5} {:<19} {:>10.3} ms {rate}",
             self.kernel, self.shape, self.dtype, self.weights, self.tile, self.ms
         )
     }
@@ -111,7 +111,7 @@ fn matmul_case(
     tile: Option<Tile>,
     ln: bool,
 ) -> Case {
-    let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (m, n, 1));
+    let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (m, n, 1), k);
     Case {
         kernel: "matmul",
         shape: format!("{label}{m}x{k} . {n}x{k}^T"),
@@ -151,7 +151,7 @@ fn conv_case(
 ) -> Case {
     let pad = k / 2;
     let ho = (hw + 2 * pad - k) / stride + 1;
-    let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (ho * ho, cout, b));
+    let (tile, tile_name) = resolve_tile(ctx, dtype, tile, (ho * ho, cout, b), cin * k * k);
     Case {
         kernel: "conv2d",
         shape: format!("{b}x{cin}x{hw}x{hw} -> {cout} k{k} s{stride}"),
@@ -201,13 +201,15 @@ fn gemm_tiles(ctx: &GpuContext, dtype: DType, quick: bool) -> Vec<Option<Tile>> 
     t
 }
 
-/// The tile a case runs on: `tile`, else the portable one for an (m, n) output; its name ends in `*` where it
-/// is the tile the op takes for the shape by default.
+/// The tile a case (an (m, n, batch) output over k) runs on: `tile`, else the portable one for the shape; its
+/// name ends in `*` where it is the tile the op takes for the shape by default, and says into how many
+/// chunks split-K cuts k, if it does (`latent-gen --split-k N`).
 fn resolve_tile(
     ctx: &GpuContext,
     dtype: DType,
     tile: Option<Tile>,
     shape: (usize, usize, usize),
+    k: usize,
 ) -> (Option<Tile>, String) {
     let tile = tile.unwrap_or(Tile::for_shape(shape.0, shape.1, shape.2));
     let name = match tile {
@@ -217,7 +219,11 @@ fn resolve_tile(
         Tile::CoopLarge => "coop-128",
     };
     let default = if Tile::default_for(ctx, dtype, shape) == tile { "*" } else { "" };
-    (Some(tile), format!("{name}{default}"))
+    let splits = match ops::split_k_chunks(ctx, tile, (shape.0, shape.1, k, shape.2)) {
+        1 => String::new(),
+        s => format!(" split-K {s}"),
+    };
+    (Some(tile), format!("{name}{default}{splits}"))
 }
 
 fn cases(ctx: &GpuContext, quick: bool) -> Vec<Case> {

@@ -36,6 +36,11 @@ mod cli {
         /// variant for benchmarks to compare.
         #[arg(long, global = true)]
         no_prefetch: bool,
+        /// Split the k loop of GEMMs that would run on fewer than N workgroups (0, the default: never), and
+        /// sum the chunks in a second pass: a kernel variant for benchmarks to compare (for a GPU with C
+        /// cores, try N = 2 C).
+        #[arg(long, global = true, default_value_t = 0, value_name = "N")]
+        split_k: u32,
     }
 
     #[derive(Subcommand)]
@@ -331,7 +336,11 @@ mod cli {
     }
 
     async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-        let tuning = Tuning { attention_queries: cli.attention_queries, gemm_prefetch: !cli.no_prefetch };
+        let tuning = Tuning {
+            attention_queries: cli.attention_queries,
+            gemm_prefetch: !cli.no_prefetch,
+            split_k_below: cli.split_k,
+        };
         let options = ContextOptions { coop: !cli.no_coop, tuning, ..Default::default() };
         let gpu_or_cpu = || gpu_or_cpu(options);
         match cli.command {
@@ -386,7 +395,7 @@ mod cli {
                 let s = ctx.summary();
                 println!("adapter: {} ({}, {})", s.name, s.backend, s.device_type);
                 println!(
-                    "{:<14} {:<44} {:<4} {:<5} {:<9} {:>13} {:>15}",
+                    "{:<14} {:<44} {:<4} {:<5} {:<19} {:>13} {:>15}",
                     "kernel", "shape", "act", "wt", "tile", "time", "rate"
                 );
                 let records =

@@ -276,6 +276,11 @@ fn tiles(ctx: &GpuContext, dtype: DType, tile: Tile) -> Vec<Tile> {
     t
 }
 
+/// A case's split-K chunks in its name (nothing for k whole).
+fn split_label(splits: usize) -> String {
+    if splits > 1 { format!(" split-K {splits}") } else { String::new() }
+}
+
 /// Tolerances for a k-long dot product of values in [-1, 1) stored in `dtype`.
 fn dot_tol(dtype: DType, k: usize) -> (f32, f32) {
     let scale = (k as f32).sqrt();
@@ -287,21 +292,22 @@ fn dot_tol(dtype: DType, k: usize) -> (f32, f32) {
 
 async fn matmul(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     let mut rng = Rng::new(3);
-    // (batch dims of A, of B, m, k, n, trans_a, trans_b, bias, act, tile)
-    type Case = (&'static [usize], &'static [usize], usize, usize, usize, bool, bool, bool, Option<Activation>, Tile);
+    // (batch dims of A, of B, m, k, n, trans_a, trans_b, bias, act, tile, split-K chunks)
+    type Case =
+        (&'static [usize], &'static [usize], usize, usize, usize, bool, bool, bool, Option<Activation>, Tile, usize);
     let cases: [Case; 8] = [
-        (&[], &[], 1, 1, 1, false, false, false, None, Tile::Small),
-        (&[], &[], 77, 50, 33, false, true, true, None, Tile::Small),
-        (&[3], &[3], 65, 17, 70, false, false, false, None, Tile::Small),
-        (&[2], &[], 130, 96, 129, false, true, true, Some(Activation::Gelu), Tile::Large),
-        (&[2, 2], &[2, 2], 31, 40, 45, true, false, false, None, Tile::Small),
-        (&[], &[2], 64, 64, 64, true, true, false, None, Tile::Large),
-        (&[], &[], 200, 130, 257, false, true, true, Some(Activation::Silu), Tile::Large),
-        (&[2], &[], 129, 320, 20, false, true, true, Some(Activation::QuickGelu), Tile::Small),
+        (&[], &[], 1, 1, 1, false, false, false, None, Tile::Small, 1),
+        (&[], &[], 77, 50, 33, false, true, true, None, Tile::Small, 1),
+        (&[3], &[3], 65, 17, 70, false, false, false, None, Tile::Small, 1),
+        (&[2], &[], 130, 96, 129, false, true, true, Some(Activation::Gelu), Tile::Large, 3),
+        (&[2, 2], &[2, 2], 31, 40, 45, true, false, false, None, Tile::Small, 1),
+        (&[], &[2], 64, 64, 64, true, true, false, None, Tile::Large, 1),
+        (&[], &[], 200, 130, 257, false, true, true, Some(Activation::Silu), Tile::Large, 1),
+        (&[2], &[], 129, 320, 20, false, true, true, Some(Activation::QuickGelu), Tile::Small, 4),
     ];
     for dtype in act_dtypes(ctx) {
-        for (bda, bdb, m, k, n, ta, tb, has_bias, act, tile) in cases.into_iter().flat_map(|c| {
-            tiles(ctx, dtype, c.9).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, t))
+        for (bda, bdb, m, k, n, ta, tb, has_bias, act, tile, split) in cases.into_iter().flat_map(|c| {
+            tiles(ctx, dtype, c.9).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, t, c.10))
         }) {
             let shape_a: Vec<usize> = bda.iter().copied().chain(if ta { [k, m] } else { [m, k] }).collect();
             let shape_b: Vec<usize> = bdb.iter().copied().chain(if tb { [n, k] } else { [k, n] }).collect();
@@ -317,6 +323,7 @@ async fn matmul(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 bias: has_bias.then_some(&gbias),
                 act,
                 tile: Some(tile),
+                split_k: (split > 1).then_some(split),
                 ..Default::default()
             };
             let got = ops::matmul(ctx, &ga, &gb, opts)?.to_vec_f32(ctx).await?;
@@ -334,11 +341,12 @@ async fn matmul(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             }
             want = crate::ops::cpu::act(&want, act)?;
             let case = format!(
-                "A {shape_a:?}{} B {shape_b:?}{}{}{} {tile:?} {dtype}",
+                "A {shape_a:?}{} B {shape_b:?}{}{}{} {tile:?}{} {dtype}",
                 if ta { "^T" } else { "" },
                 if tb { "^T" } else { "" },
                 if has_bias { " +bias" } else { "" },
-                act.map(|a| format!(" {a:?}")).unwrap_or_default()
+                act.map(|a| format!(" {a:?}")).unwrap_or_default(),
+                split_label(split)
             );
             let (atol, rtol) = dot_tol(dtype, k);
             r.push(compare("matmul", case, &got, &flat(&want)?, atol, rtol));
@@ -403,18 +411,18 @@ async fn matmul_weights(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()
 
 async fn conv2d(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     let mut rng = Rng::new(5);
-    // (batch, cin, h, w, cout, k, stride, pad, pad_end, tile)
+    // (batch, cin, h, w, cout, k, stride, pad, pad_end, tile, split-K chunks)
     let cases = [
-        (1usize, 3usize, 8usize, 8usize, 5usize, 3usize, 1usize, 1usize, 1usize, Tile::Small),
-        (2, 4, 9, 7, 6, 3, 2, 1, 1, Tile::Small),
-        (2, 5, 13, 11, 7, 1, 1, 0, 0, Tile::Small),
-        (1, 8, 17, 16, 130, 3, 1, 1, 1, Tile::Large),
-        (2, 6, 12, 12, 9, 3, 2, 0, 0, Tile::Large),
-        (1, 4, 10, 9, 6, 3, 2, 0, 1, Tile::Small),
+        (1usize, 3usize, 8usize, 8usize, 5usize, 3usize, 1usize, 1usize, 1usize, Tile::Small, 1usize),
+        (2, 4, 9, 7, 6, 3, 2, 1, 1, Tile::Small, 3),
+        (2, 5, 13, 11, 7, 1, 1, 0, 0, Tile::Small, 1),
+        (1, 8, 17, 16, 130, 3, 1, 1, 1, Tile::Large, 2),
+        (2, 6, 12, 12, 9, 3, 2, 0, 0, Tile::Large, 1),
+        (1, 4, 10, 9, 6, 3, 2, 0, 1, Tile::Small, 1),
     ];
     for dtype in act_dtypes(ctx) {
-        for (b, cin, h, w, cout, k, stride, pad, pad_end, tile) in cases.into_iter().flat_map(|c| {
-            tiles(ctx, dtype, c.9).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, t))
+        for (b, cin, h, w, cout, k, stride, pad, pad_end, tile, split) in cases.into_iter().flat_map(|c| {
+            tiles(ctx, dtype, c.9).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, t, c.10))
         }) {
             let dx = rounded(rng.uniform(b * cin * h * w, -1.0, 1.0), dtype);
             let dw = rounded(rng.uniform(cout * cin * k * k, -1.0, 1.0), dtype);
@@ -429,6 +437,7 @@ async fn conv2d(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 padding_end: Some(pad_end),
                 act,
                 tile: Some(tile),
+                split_k: (split > 1).then_some(split),
                 ..Default::default()
             };
             let got = ops::conv2d(ctx, &gx, &gw, (k, k), Some(&gbias), opts)?.to_vec_f32(ctx).await?;
@@ -437,8 +446,9 @@ async fn conv2d(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let want = x.conv2d(&cpu(&dw, &[cout, cin, k, k])?, 0, stride, 1, 1)?;
             let want = crate::ops::cpu::act(&want.broadcast_add(&cpu(&dbias, &[1, cout, 1, 1])?)?, act)?;
             let case = format!(
-                "x [{b}, {cin}, {h}, {w}] w [{cout}, {cin}, {k}, {k}] stride {stride} pad ({pad}, {pad_end}){} {tile:?} {dtype}",
-                act.map(|a| format!(" {a:?}")).unwrap_or_default()
+                "x [{b}, {cin}, {h}, {w}] w [{cout}, {cin}, {k}, {k}] stride {stride} pad ({pad}, {pad_end}){} {tile:?}{} {dtype}",
+                act.map(|a| format!(" {a:?}")).unwrap_or_default(),
+                split_label(split)
             );
             let (atol, rtol) = dot_tol(dtype, cin * k * k);
             r.push(compare("conv2d", case, &got, &flat(&want)?, atol, rtol));
@@ -469,17 +479,17 @@ async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
     for dtype in act_dtypes(ctx) {
         let wdtypes: &[DType] = if dtype == DType::F32 { &[DType::F32, DType::Q8_0] } else { &[DType::F16] };
         for &wdtype in wdtypes {
-            // (m, k, n, layer norm, geglu, residual, tile)
+            // (m, k, n, layer norm, geglu, residual, tile, split-K chunks)
             let cases = [
-                (77, 40, 33, true, false, false, Tile::Small),
-                (130, 96, 129, true, false, false, Tile::Large),
-                (70, 64, 48, false, false, true, Tile::Small),
-                (100, 64, 256, true, true, false, Tile::Large),
-                (33, 64, 192, false, true, false, Tile::Small),
+                (77, 40, 33, true, false, false, Tile::Small, 1),
+                (130, 96, 129, true, false, false, Tile::Large, 3),
+                (70, 64, 48, false, false, true, Tile::Small, 2),
+                (100, 64, 256, true, true, false, Tile::Large, 1),
+                (33, 64, 192, false, true, false, Tile::Small, 1),
             ];
-            for (m, k, n, ln, geglu, res, tile) in cases
+            for (m, k, n, ln, geglu, res, tile, split) in cases
                 .into_iter()
-                .flat_map(|c| tiles(ctx, dtype, c.6).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, t)))
+                .flat_map(|c| tiles(ctx, dtype, c.6).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, t, c.7)))
             {
                 if wdtype.is_quantized() && k % 32 != 0 {
                     continue;
@@ -499,15 +509,17 @@ async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                     geglu,
                     residual: res,
                     tile: Some(tile),
+                    split_k: (split > 1).then_some(split),
                     ..Default::default()
                 };
                 let got = ops::linear_with(ctx, &gx, &gw, opts(&gb, ln.then_some(&gln), res.then_some(&gr)))?;
                 let want = ops::linear_with(&cpu_ctx, &cx, &cw, opts(&cb, ln.then_some(&cln), res.then_some(&cr)))?;
                 let case = format!(
-                    "x [2, {m}, {k}] w [{n}, {k}] {wdtype}{}{}{} {tile:?} {dtype}",
+                    "x [2, {m}, {k}] w [{n}, {k}] {wdtype}{}{}{} {tile:?}{} {dtype}",
                     if ln { " +layer norm" } else { "" },
                     if geglu { " +geglu" } else { "" },
-                    if res { " +residual" } else { "" }
+                    if res { " +residual" } else { "" },
+                    split_label(split)
                 );
                 let (atol, rtol) = dot_tol(dtype, k);
                 let want = want.cpu()?.flatten_all()?.to_vec1::<f32>()?;
@@ -519,23 +531,30 @@ async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
         let (gw, cw) = pair(ctx, &mut rng, &[33, 40], dtype)?;
         let (gbias, cbias) = pair(ctx, &mut rng, &[100], dtype)?;
         let (gr, cr) = pair(ctx, &mut rng, &[2, 33, 45], dtype)?;
-        let opts = |b, res| MatmulOpts {
+        let opts = |b, res, split| MatmulOpts {
             bias: Some(b),
             bias_at: (10, 50),
             residual: Some(res),
             trans_c: true,
+            split_k: (split > 1).then_some(split),
             ..Default::default()
         };
-        let got = ops::linear_with(ctx, &gx, &gw, opts(&gbias, &gr))?.to_vec_f32(ctx).await?;
-        let want = ops::linear_with(&cpu_ctx, &cx, &cw, opts(&cbias, &cr))?;
-        let case = format!("x [2, 45, 40] w [33, 40] -> (2, 33, 45) +bias rows +residual {dtype}");
-        let (atol, rtol) = dot_tol(dtype, 40);
-        r.push(compare("fusions", case, &got, &flat(want.cpu()?)?, atol, rtol));
+        for split in [1, 3] {
+            let got = ops::linear_with(ctx, &gx, &gw, opts(&gbias, &gr, split))?.to_vec_f32(ctx).await?;
+            let want = ops::linear_with(&cpu_ctx, &cx, &cw, opts(&cbias, &cr, split))?;
+            let case =
+                format!("x [2, 45, 40] w [33, 40] -> (2, 33, 45) +bias rows +residual{} {dtype}", split_label(split));
+            let (atol, rtol) = dot_tol(dtype, 40);
+            r.push(compare("fusions", case, &got, &flat(want.cpu()?)?, atol, rtol));
+        }
         // Convolutions over a group-normalized input (+ SiLU), the norm applied as the input is loaded.
-        for (shape, more, silu, up, tile) in
-            [(&[2usize, 8, 9, 7][..], 0usize, true, false, Tile::Small), (&[2, 6, 6, 5], 2, false, true, Tile::Large)]
-                .into_iter()
-                .flat_map(|c| tiles(ctx, dtype, c.4).into_iter().map(move |t| (c.0, c.1, c.2, c.3, t)))
+        let gn_convs = [
+            (&[2usize, 8, 9, 7][..], 0usize, true, false, Tile::Small, 2),
+            (&[2, 6, 6, 5], 2, false, true, Tile::Large, 1),
+        ];
+        for (shape, more, silu, up, tile, split) in gn_convs
+            .into_iter()
+            .flat_map(|c| tiles(ctx, dtype, c.4).into_iter().map(move |t| (c.0, c.1, c.2, c.3, t, c.5)))
         {
             let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
             let (cin, groups, cout) = (c + more, 4, 9);
@@ -559,15 +578,17 @@ async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 upsample: up,
                 norm: Some(ops::GnInput { params, stats, silu }),
                 tile: Some(tile),
+                split_k: (split > 1).then_some(split),
                 ..Default::default()
             };
             let got = ops::conv2d(ctx, &gx, &gw, (3, 3), Some(&gbias), opts(m(&gm), &gp, &gstats))?;
             let want = ops::conv2d(&cpu_ctx, &cx, &cw, (3, 3), Some(&cbias), opts(m(&cm), &cp, &cstats))?;
             let case = format!(
-                "conv x {shape:?}{} group-normalized in {groups} groups{}{} {tile:?} {dtype}",
+                "conv x {shape:?}{} group-normalized in {groups} groups{}{} {tile:?}{} {dtype}",
                 if more > 0 { format!(" ++ {more} channels") } else { String::new() },
                 if silu { " +silu" } else { "" },
-                if up { " upsampled" } else { "" }
+                if up { " upsampled" } else { "" },
+                split_label(split)
             );
             let (atol, rtol) = dot_tol(dtype, cin * 9);
             r.push(compare("fusions", case, &got.to_vec_f32(ctx).await?, &flat(want.cpu()?)?, atol * 2.0, rtol * 2.0));
@@ -577,18 +598,18 @@ async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
             let case = format!("group norm statistics of {shape:?}{} {dtype}", if more > 0 { " ++ more" } else { "" });
             r.push(compare("fusions", case, &got, &flat(cstats.cpu()?)?, atol * 2.0, rtol * 2.0));
         }
-        // Convolutions: (x, concatenated, upsample, k, residual, bias rows, tile).
-        type ConvCase = (&'static [usize], usize, bool, usize, bool, bool, Tile);
+        // Convolutions: (x, concatenated, upsample, k, residual, bias rows, tile, split-K chunks).
+        type ConvCase = (&'static [usize], usize, bool, usize, bool, bool, Tile, usize);
         let convs: [ConvCase; 5] = [
-            (&[2, 8, 9, 7], 0, false, 3, true, false, Tile::Small),
-            (&[2, 5, 6, 6], 3, false, 1, false, true, Tile::Small),
-            (&[2, 5, 6, 6], 3, false, 3, false, false, Tile::Large),
-            (&[1, 4, 5, 6], 0, true, 3, false, false, Tile::Small),
-            (&[2, 6, 4, 4], 2, true, 3, false, true, Tile::Large),
+            (&[2, 8, 9, 7], 0, false, 3, true, false, Tile::Small, 2),
+            (&[2, 5, 6, 6], 3, false, 1, false, true, Tile::Small, 1),
+            (&[2, 5, 6, 6], 3, false, 3, false, false, Tile::Large, 1),
+            (&[1, 4, 5, 6], 0, true, 3, false, false, Tile::Small, 1),
+            (&[2, 6, 4, 4], 2, true, 3, false, true, Tile::Large, 3),
         ];
-        for (shape, more, up, k, res, rows, tile) in convs
+        for (shape, more, up, k, res, rows, tile, split) in convs
             .into_iter()
-            .flat_map(|c| tiles(ctx, dtype, c.6).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, t)))
+            .flat_map(|c| tiles(ctx, dtype, c.6).into_iter().map(move |t| (c.0, c.1, c.2, c.3, c.4, c.5, t, c.7)))
         {
             let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
             let cout = 9;
@@ -605,6 +626,7 @@ async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 concat: m,
                 upsample: up,
                 tile: Some(tile),
+                split_k: (split > 1).then_some(split),
                 ..Default::default()
             };
             let (gbias, cbias) = if rows { (gbias, cbias) } else { pair(ctx, &mut rng, &[cout], dtype)? };
@@ -619,11 +641,12 @@ async fn fusions(ctx: &GpuContext, r: &mut Vec<CheckReport>) -> Result<()> {
                 opts((more > 0).then_some(&cm), res.then_some(&cr)),
             )?;
             let case = format!(
-                "conv x {shape:?}{}{} k{k}{}{} {tile:?} {dtype}",
+                "conv x {shape:?}{}{} k{k}{}{} {tile:?}{} {dtype}",
                 if more > 0 { format!(" ++ {more} channels") } else { String::new() },
                 if up { " upsampled" } else { "" },
                 if res { " +residual" } else { "" },
-                if rows { " +bias rows" } else { "" }
+                if rows { " +bias rows" } else { "" },
+                split_label(split)
             );
             let (atol, rtol) = dot_tol(dtype, (c + more) * k * k);
             r.push(compare("fusions", case, &got.to_vec_f32(ctx).await?, &flat(want.cpu()?)?, atol, rtol));

@@ -111,14 +111,15 @@ fn without_cooperative_matrices() {
     pollster::block_on(check(&ctx, "fusions"));
 }
 
-/// The kernel variants benchmarks compare (`latent-gen --attention-queries 2 --no-prefetch`): two queries per
-/// invocation of the portable attention kernel, the GEMM without register prefetch; both portable (no
-/// cooperative matrices), checked like the defaults.
+/// The kernel variants benchmarks compare (`latent-gen --attention-queries 2 --no-prefetch --split-k N`): two
+/// queries per invocation of the portable attention kernel, the GEMM without register prefetch, split-K
+/// chosen for every GEMM with k long enough (the matmul cases with k >= 256); all portable (no cooperative
+/// matrices), checked like the defaults.
 #[cfg(not(target_arch = "wasm32"))]
 #[test]
 fn kernel_variants() {
     use latent_gen::gpu::{ContextOptions, Tuning};
-    let tuning = Tuning { attention_queries: 2, gemm_prefetch: false };
+    let tuning = Tuning { attention_queries: 2, gemm_prefetch: false, split_k_below: 1 << 20 };
     let options = ContextOptions { coop: false, tuning, ..Default::default() };
     let ctx = pollster::block_on(GpuContext::with_options(options)).expect("adapter");
     assert_eq!(ctx.summary().tuning, tuning);

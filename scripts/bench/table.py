@@ -4,9 +4,10 @@ JSON, one file per configuration) beside PyTorch (torch_baseline.py's JSON), wit
 
     python3 scripts/bench/table.py DIR > DIR/bench.md
 
-DIR holds info.txt (`latent-gen info`), kernels.json, pipeline-<arch>-<act>-<weights>[-nocoop].json and
-torch.json; missing files leave their cells empty ("-"). On a GPU with cooperative matrices the f16 rows use
-them; the -nocoop files (`--no-coop`) are the same configurations on the portable kernels.
+DIR holds info.txt (`latent-gen info`), kernels.json, kernels-<variant>.json,
+pipeline-<arch>-<act>-<weights>[-nocoop|-splitk].json and torch.json; missing files leave their cells empty
+("-"). On a GPU with cooperative matrices the f16 rows use them; the -nocoop files (`--no-coop`) are the same
+configurations on the portable kernels, the -splitk ones with `--split-k N`.
 """
 
 import glob
@@ -35,8 +36,10 @@ def main():
     for p in glob.glob(os.path.join(d, "pipeline-*.json")):
         r = load(p)
         if r:
-            portable = r["act"] == "f16" and not r.get("coop", False) and "nocoop" in os.path.basename(p)
-            ours[(r["arch"], r["act"], r["weights"] + (" portable" if portable else ""))] = r
+            name = os.path.basename(p)
+            portable = r["act"] == "f16" and not r.get("coop", False) and "nocoop" in name
+            variant = " portable" if portable else (" split-K" if "splitk" in name else "")
+            ours[(r["arch"], r["act"], r["weights"] + variant)] = r
     kernels = load(os.path.join(d, "kernels.json")) or []
 
     def pt(workload, dtype):
@@ -46,8 +49,9 @@ def main():
         return None
 
     configs = [("f32", "f32"), ("f16", "f16"), ("f16", "q4_0")]
-    # The same f16 configuration with --no-coop (every GEMM on the portable kernels), where it was run.
-    configs += sorted({(a, w) for (_, a, w) in ours if w.endswith(" portable")})
+    # The same f16 configuration with --no-coop (every GEMM on the portable kernels), and configurations
+    # with --split-k, where they were run.
+    configs += sorted({(a, w) for (_, a, w) in ours if w.endswith((" portable", " split-K"))})
     header = ["workload"] + [f"latent-gen {a} act, {w} weights" for a, w in configs] + [
         "PyTorch fp32", "PyTorch fp16", "target"]
     rows = []
@@ -138,8 +142,8 @@ def main():
         out.append("Tile: `*` marks the tile the op takes for the shape by default; the others are timed beside it "
                    "so that the choice of tile by shape can be read off this table.")
         out.append("")
-    # The kernel variants (kernels-<variant>.json: `latent-gen --attention-queries 2`, `--no-prefetch`), to
-    # compare with the same rows above.
+    # The kernel variants (kernels-<variant>.json: `latent-gen --attention-queries 2`, `--no-prefetch`,
+    # `--split-k N`), to compare with the same rows above.
     for p in sorted(glob.glob(os.path.join(d, "kernels-*.json"))):
         records = load(p) or []
         if records:

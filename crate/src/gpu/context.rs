@@ -44,8 +44,8 @@ impl Default for ContextOptions {
 }
 
 /// Variants of the portable kernels whose speed depends on the GPU (register file, latency hiding): the
-/// defaults are what every caller gets; `latent-gen`'s `--attention-queries` and `--no-prefetch` pick the
-/// others, so that one benchmark run on a GPU compares them.
+/// defaults are what every caller gets; `latent-gen`'s `--attention-queries`, `--no-prefetch` and
+/// `--split-k` pick the others, so that one benchmark run on a GPU compares them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Tuning {
     /// Queries per invocation of the portable attention kernel, 1 or 2 (kernels/attention.wgsl): two halve
@@ -54,11 +54,17 @@ pub struct Tuning {
     /// The portable GEMM reads the next k step's tiles into registers while it computes the current one
     /// (kernels/gemm.wgsl); off, it reads each step's tiles at the start of that step, as it did before.
     pub gemm_prefetch: bool,
+    /// Split-K: a GEMM (matmul, linear layer, conv) that would run on fewer workgroups than this, with k long
+    /// enough, cuts k into chunks summed by workgroups of their own, then adds them in a second pass
+    /// (kernels/gemm_reduce.wgsl). Where a big GPU has more cores than such a GEMM has output tiles (SD's 8x8
+    /// latents at 512x512: 40 tiles) the cores would otherwise idle; on a small GPU it is only the extra pass.
+    /// 0 (the default): never.
+    pub split_k_below: u32,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
-        Self { attention_queries: 1, gemm_prefetch: true }
+        Self { attention_queries: 1, gemm_prefetch: true, split_k_below: 0 }
     }
 }
 
@@ -164,9 +170,10 @@ impl std::fmt::Display for AdapterSummary {
             let t = self.tuning;
             write!(
                 f,
-                "\nkernel variants: attention queries per invocation {}, GEMM prefetch {}",
+                "\nkernel variants: attention queries per invocation {}, GEMM prefetch {}, split-K below {} workgroups",
                 t.attention_queries,
-                yes_no(t.gemm_prefetch)
+                yes_no(t.gemm_prefetch),
+                t.split_k_below
             )?;
         }
         Ok(())

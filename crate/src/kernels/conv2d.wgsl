@@ -6,7 +6,7 @@
 // SiLU) as it is loaded, from statistics a stats pass made (ops/norm.rs), so the normalized tensor is never
 // written; padding stays zero, as it pads the normalized image.
 @group(0) @binding(1) var<storage, read> a: array<act>;          // input (batch, cin | split, h, w) (h/2, w/2 with UP2)
-@group(0) @binding(7) var<storage, read_write> c: array<act>;    // output (batch, cout, ho, wo)
+@group(0) @binding(7) var<storage, read_write> c: array<c_t>;    // output (batch, cout, ho, wo)
 
 // What the rows of GEMM column k share: the input channel's plane (in a or, past p.split with AUX_CAT, in aux),
 // the kernel tap and the channel's group norm.

@@ -146,22 +146,24 @@ fn store_tiles(lid: u32) {
     }
 }
 
-// The k loop of both entry points: the workgroup's (BM, BN) block of A B, each invocation's part of it summed
-// in its micro-tile's accumulators (fma4 or fma8, by TM: a constant, so the other call is folded away).
-fn accumulate(bi: u32, m0: u32, n0: u32, lid: u32, ty: u32, tx: u32) {
+// The k loop of both entry points: the workgroup's (BM, BN) block of A B over k in [z.y, z.z) (z: split_z's
+// batch item and k range), each invocation's part of it summed in its micro-tile's accumulators (fma4 or
+// fma8, by TM: a constant, so the other call is folded away).
+fn accumulate(z: vec3<u32>, m0: u32, n0: u32, lid: u32, ty: u32, tx: u32) {
+    let bi = z.x;
     if (AUX_LN) {
         ln_stats(bi, m0, lid);
     }
     if (PREFETCH) {
-        fetch_tiles(bi, m0, n0, 0u, lid);
+        fetch_tiles(bi, m0, n0, z.y, lid);
     }
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    for (var k0 = z.y; k0 < z.z; k0 += BK) {
         if (!PREFETCH) {
             fetch_tiles(bi, m0, n0, k0, lid);
         }
         store_tiles(lid);
         workgroupBarrier();
-        if (PREFETCH && k0 + BK < p.k) {
+        if (PREFETCH && k0 + BK < z.z) {
             fetch_tiles(bi, m0, n0, k0 + BK, lid);
         }
         for (var kk = 0u; kk < BK; kk += 4u) {
@@ -204,8 +206,9 @@ fn gemm_4x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let ty = lid / (BN / 4u);
     let n0 = wid.x * BN;
     let m0 = wid.y * BM;
-    let bi = wid.z;
-    accumulate(bi, m0, n0, lid, ty, tx);
+    let z = split_z(wid.z);
+    let bi = z.x;
+    accumulate(z, m0, n0, lid, ty, tx);
     let m = m0 + ty * 4u;
     let n = n0 + tx * 4u;
     store_vec(bi, m, n, c0);
@@ -263,8 +266,9 @@ fn gemm_8x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let ty = lid / (BN / 8u);
     let n0 = wid.x * BN;
     let m0 = wid.y * BM;
-    let bi = wid.z;
-    accumulate(bi, m0, n0, lid, ty, tx);
+    let z = split_z(wid.z);
+    let bi = z.x;
+    accumulate(z, m0, n0, lid, ty, tx);
     let ma = m0 + ty * 4u;
     let mb = m0 + BM / 2u + ty * 4u;
     let na = n0 + tx * 4u;

@@ -24,6 +24,10 @@
 //            partial sums through the A tile's memory), so no extra workgroup memory is used.
 //   (conv2d reads aux as a second input with AUX_CAT, and group-normalizes its input as it loads it with
 //   GN_A; see conv2d.wgsl.)
+//   SPLIT_K  (not with GEGLU) each workgroup sums one chunk of k and stores its raw sums, f32, at
+//            c[chunk * batch * sc + c_index(b, m, n)]: c is the partial products' buffer (c_t is f32, else
+//            act), and a second pass (gemm_reduce.wgsl) adds the chunks, the bias, the activation and the
+//            residual. For GEMMs with too few output tiles to fill the GPU (see ops/gemm.rs).
 //   GEGLU    (8x8 and coop tiles) B's columns (and the bias) are [hidden (n/2) | gate (n/2)] and C, n/2 wide, gets
 //            hidden * gelu(gate): the GEMM's columns are permuted so that each invocation's two column blocks,
 //            BN/2 apart, hold a hidden column and its gate.
@@ -50,9 +54,9 @@ struct Params {
     split: u32,     // conv with AUX_CAT: channels read from a; the rest come from aux
     eps: f32,       // AUX_LN: layer norm epsilon
     groups: u32,    // conv with GN_A: the group norm's groups
+    splits: u32,    // SPLIT_K: k chunks (workgroup z is batch item * splits + chunk)
+    k_chunk: u32,   // SPLIT_K: k per chunk, a multiple of BK
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -60,6 +64,21 @@ struct Params {
 @group(0) @binding(4) var<storage, read> aux: array<act>;   // see the fusions above; a dummy when none
 @group(0) @binding(5) var<storage, read> gn_stats: array<f32>;  // conv with GN_A: (batch * groups, 2) mean, 1/std
 @group(0) @binding(6) var<storage, read> gn_affine: array<act>; // conv with GN_A: (2, cin) gamma; beta
+
+// SPLIT_K: where this workgroup's partial sums start in c (set by split_z).
+var<private> part_base: u32;
+
+// Workgroup z's (batch item, first k, end of k): its chunk of k with SPLIT_K, else all of it. A function of
+// z and the uniform parameters only, so loops over the range stay in uniform control flow (barriers).
+fn split_z(z: u32) -> vec3<u32> {
+    if (!SPLIT_K) {
+        return vec3<u32>(z, 0u, p.k);
+    }
+    let chunk = z % p.splits;
+    let k_begin = chunk * p.k_chunk;
+    part_base = chunk * p.batch * p.sc;
+    return vec3<u32>(z / p.splits, k_begin, min(p.k, k_begin + p.k_chunk));
+}
 
 // Load iteration i of a (BK, width) tile in vec4s along m or n: (k in the tile, vec4 index). With k_fast,
 // consecutive invocations walk k (contiguous for an operand stored k-fastest), else m or n.
@@ -108,11 +127,15 @@ fn store_one(bi: u32, m: u32, n: u32, v: f32) {
         return;
     }
     let i = c_index(bi, m, n);
+    if (SPLIT_K) {
+        c[part_base + i] = c_t(v);
+        return;
+    }
     var r = apply_act(p.act, v + bias_at(bi, n));
     if (AUX_RES) {
         r += f32(aux[i]);
     }
-    c[i] = act(r);
+    c[i] = c_t(r);
 }
 
 fn store_vec(bi: u32, m: u32, n: u32, v: vec4<f32>) {
@@ -129,7 +152,7 @@ fn store_glu_one(bi: u32, m: u32, na: u32, h: f32, g: f32) {
         return;
     }
     let gate = g + bias_at(bi, half + col);
-    c[c_index(bi, m, col)] = act((h + bias_at(bi, col)) * gelu_f32(gate));
+    c[c_index(bi, m, col)] = c_t((h + bias_at(bi, col)) * gelu_f32(gate));
 }
 
 // GEGLU: row m, hidden columns na.. (GEMM columns, in the first half of their block) and their gates.

@@ -1,6 +1,6 @@
 // Batched matmul on the GEMM core: C = A B (+ bias, activation, fusions).
 @group(0) @binding(1) var<storage, read> a: array<act>;          // (batch|1, m, k), or (batch|1, k, m) if A_TRANS
-@group(0) @binding(7) var<storage, read_write> c: array<act>;    // (batch, m, nc), or (batch, nc, m) if C_TRANS
+@group(0) @binding(7) var<storage, read_write> c: array<c_t>;    // (batch, m, nc), or (batch, nc, m) if C_TRANS
 
 // Columns of C: n, or n / 2 with GEGLU.
 fn c_cols() -> u32 {

@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::{Activation, GnParams, check_act};
 use crate::error::{Error, Result, shape_err};
-use crate::gpu::{DType, GpuContext, Kernel, Spec, Tensor};
+use crate::gpu::{DType, GpuContext, Kernel, Spec, Tensor, grid_1d};
 
 const COMMON: &str = include_str!("../kernels/common.wgsl");
 const GEMM_COMMON: &str = include_str!("../kernels/gemm_common.wgsl");
@@ -76,7 +76,71 @@ struct Params {
     split: u32,
     eps: f32,
     groups: u32,
+    splits: u32,
+    k_chunk: u32,
+    _pad: u32,
+}
+
+/// The split-K reduction's parameters (kernels/gemm_reduce.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Pod, Zeroable)]
+struct ReduceParams {
+    total: u32,
+    splits: u32,
+    sc: u32,
+    m: u32,
+    cols: u32,
+    has_bias: u32,
+    act: u32,
+    bias_off: u32,
+    bias_sb: u32,
     _pad: [u32; 3],
+}
+
+const REDUCE: Kernel = Kernel {
+    name: "gemm_reduce",
+    sources: &[COMMON, include_str!("../kernels/gemm_reduce.wgsl")],
+    entry: "gemm_reduce",
+    inputs: 3,
+    outputs: 1,
+};
+
+/// Split-K chosen by [`crate::gpu::Tuning::split_k_below`]: chunks of at least this many k steps (tiles
+/// along k), so that each workgroup still streams a long run of k ...
+const SPLIT_MIN_STEPS: u32 = 8;
+/// ... and at most this many chunks (each one more copy of C to write and read back).
+const SPLIT_MAX: u32 = 16;
+
+/// The chunks of k a GEMM over `tiles` workgroups and `steps` k steps of its tile runs in: `requested` (at
+/// most one per step), else as [`crate::gpu::Tuning::split_k_below`] (`below`) asks, with at most `room`
+/// copies of the partial products in one buffer. 1: k whole, no second pass.
+fn split_count(requested: Option<usize>, below: u32, room: u64, tiles: u32, steps: u32) -> u32 {
+    let splits = match requested {
+        Some(s) => s.min(steps as usize) as u32,
+        None if tiles == 0 || tiles >= below => 1,
+        None => {
+            below.div_ceil(tiles).min(steps / SPLIT_MIN_STEPS).min(SPLIT_MAX).min(room.min(SPLIT_MAX as u64) as u32)
+        }
+    };
+    // No empty chunks: as many as it takes at this chunk length.
+    steps.div_ceil(steps.div_ceil(splits.max(1)).max(1)).max(1)
+}
+
+/// The chunks of k a GEMM with an (m, n) output per batch item over k runs in on (BM, BN, BK) tiles:
+/// [`split_count`] with the device's tuning and limits.
+fn chunks(ctx: &GpuContext, requested: Option<usize>, [bm, bn, bk]: [u32; 3], [m, n, k, batch]: [u32; 4]) -> u32 {
+    let limits = ctx.limits();
+    let c_bytes = 4 * batch as u64 * m as u64 * n as u64;
+    let room = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) / c_bytes.max(1);
+    let tiles = n.div_ceil(bn) * m.div_ceil(bm) * batch;
+    split_count(requested, ctx.summary().tuning.split_k_below, room, tiles, k.div_ceil(bk))
+}
+
+/// The chunks of k a GEMM over k with an (m, n) output per batch item runs in on `tile` by default (1: k
+/// whole): what `bench kernels` shows beside the tile.
+pub fn split_k_chunks(ctx: &GpuContext, tile: Tile, (m, n, k, batch): (usize, usize, usize, usize)) -> usize {
+    let (bm, bn, bk, ..) = tile.dims(ctx);
+    chunks(ctx, None, [bm, bn, bk], [m, n, k, batch].map(|d| d as u32)) as usize
 }
 
 /// A workgroup tile of the GEMM core.
@@ -114,7 +178,8 @@ fn gemm_coop(
 ) {
     let n0 = wid.x * BN;
     let m0 = wid.y * BM;
-    let bi = wid.z;
+    let z = split_z(wid.z);
+    let bi = z.x;
     let sm = sg / SGN;
     let sn = sg % SGN;
     if (AUX_LN) {
@@ -126,7 +191,7 @@ fn gemm_coop(
         let _ = writeln!(s, "    var c{i}_{j} = coop_c();");
     }
     s.push_str(
-        "    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        "    for (var k0 = z.y; k0 < z.z; k0 += BK) {
         coop_load_tiles(bi, m0, n0, k0, lid);
         workgroupBarrier();
         for (var kf = 0u; kf < KF; kf++) {
@@ -323,6 +388,9 @@ pub struct MatmulOpts<'a> {
     pub trans_c: bool,
     /// Overrides the tile choice (tests use it to cover every tile).
     pub tile: Option<Tile>,
+    /// Overrides split-K's choice of chunks of k (tests use it to cover the split path; `Some(1)`: k whole).
+    /// Not with GEGLU.
+    pub split_k: Option<usize>,
 }
 
 /// A layer norm's scale and shift, also packed as one (2, dim) tensor (gamma; beta) for the kernels that
@@ -400,6 +468,9 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
     if opts.geglu && (n % 2 != 0 || opts.trans_c || opts.residual.is_some() || opts.act.is_some()) {
         return shape_err(OP, format!("GEGLU needs an even n ({n}) and no transposed result, residual or activation"));
     }
+    if opts.geglu && opts.split_k.is_some_and(|s| s > 1) {
+        return shape_err(OP, "GEGLU's paired columns cannot be split along k");
+    }
     if let Some(ln) = opts.layer_norm
         && (ln.packed.shape() != [2, k] || ln.packed.dtype() != a.dtype() || opts.trans_a)
     {
@@ -448,14 +519,14 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) ->
         ..Default::default()
     };
     let spec = |spec: Spec| {
-        fuse.flags(spec)
-            .flag("A_TRANS", opts.trans_a)
+        spec.flag("A_TRANS", opts.trans_a)
             .flag("A_K_FAST", !opts.trans_a)
             .flag("B_K_FAST", opts.trans_b)
             .flag("C_TRANS", opts.trans_c)
     };
     let aux = opts.residual.or(opts.layer_norm.map(|ln| &ln.packed));
-    launch(ctx, OP, (0, kind), tile, spec, params, [a, b], opts.bias, aux, None, &out)?;
+    let gemm = Gemm { op: OP, op_index: 0, b_kind: kind, tile, fuse, c_trans: opts.trans_c, split_k: opts.split_k };
+    launch(ctx, gemm, spec, params, [a, b], opts.bias, aux, None, &out)?;
     Ok(out)
 }
 
@@ -546,6 +617,8 @@ pub struct Conv2dOpts<'a> {
     /// every ResNet block without the normalized image being made.
     pub norm: Option<GnInput<'a>>,
     pub tile: Option<Tile>,
+    /// As [`MatmulOpts::split_k`].
+    pub split_k: Option<usize>,
 }
 
 /// A conv input's group norm: its parameters, its statistics ([`super::group_norm_stats`]) and whether SiLU
@@ -570,6 +643,7 @@ impl Default for Conv2dOpts<'_> {
             upsample: false,
             norm: None,
             tile: None,
+            split_k: None,
         }
     }
 }
@@ -674,7 +748,7 @@ pub fn conv2d(
         split: cx as u32,
         eps: 0.0,
         groups: opts.norm.map_or(1, |n| n.params.groups) as u32,
-        _pad: [0; 3],
+        ..Default::default()
     };
     let tile = Tile::pick(ctx, OP, x.dtype(), opts.tile, [m, cout, batch])?;
     let fuse = Fuse {
@@ -685,8 +759,7 @@ pub fn conv2d(
         ..Default::default()
     };
     let spec = |spec: Spec| {
-        fuse.flags(spec)
-            .flag("A_TRANS", false)
+        spec.flag("A_TRANS", false)
             .flag("A_K_FAST", false)
             .flag("B_K_FAST", true)
             .flag("C_TRANS", false)
@@ -695,34 +768,102 @@ pub fn conv2d(
     };
     let aux = opts.residual.or(opts.concat);
     let gn = opts.norm.map(|n| [n.stats, &n.params.packed]);
-    launch(ctx, OP, (1, kind), tile, spec, params, [x, weight], bias, aux, gn, &out)?;
+    let gemm = Gemm { op: OP, op_index: 1, b_kind: kind, tile, fuse, c_trans: true, split_k: opts.split_k };
+    launch(ctx, gemm, spec, params, [x, weight], bias, aux, gn, &out)?;
     Ok(out)
+}
+
+/// What a GEMM launch runs: the op (for errors and costs) and its kernel by [op][B kind], the tile, the
+/// fusions, whether C is stored (batch, n, m) (a conv's output, or `trans_c`), and a split-K override.
+struct Gemm {
+    op: &'static str,
+    op_index: usize,
+    b_kind: usize,
+    tile: Tile,
+    fuse: Fuse,
+    c_trans: bool,
+    split_k: Option<usize>,
 }
 
 #[allow(clippy::too_many_arguments)]
 fn launch(
     ctx: &GpuContext,
-    op: &'static str,
-    (op_index, b_kind): (usize, usize),
-    tile: Tile,
+    gemm: Gemm,
     spec: impl FnOnce(Spec) -> Spec,
-    params: Params,
+    mut params: Params,
     [a, b]: [&Tensor; 2],
     bias: Option<&Tensor>,
     aux: Option<&Tensor>,
     group_norm: Option<[&Tensor; 2]>,
     out: &Tensor,
 ) -> Result<()> {
+    let Gemm { op, op_index, b_kind, tile, fuse, c_trans, split_k } = gemm;
     let (bm, bn, bk, entry, base) = tile.dims(ctx);
     let table = if tile.is_coop() { &COOP_KERNELS } else { &KERNELS };
     let kernel = Kernel { entry, ..table[op_index][b_kind] };
     let spec = spec(Spec { f16: a.dtype() == DType::F16, ..base }.u32("BM", bm).u32("BN", bn).u32("BK", bk));
     let dummy = Tensor::empty(ctx, op, &[1], a.dtype())?;
-    let (bias, aux) = (bias.unwrap_or(&dummy), aux.unwrap_or(&dummy));
     let [stats, affine] = group_norm.unwrap_or([&dummy, &dummy]);
-    let groups = [params.n.div_ceil(bn), params.m.div_ceil(bm), params.batch];
-    let inputs = [a, b, bias, aux, stats, affine];
-    ctx.dispatch(op, &kernel, &spec, bytemuck::bytes_of(&params), &inputs, &[out], groups)?;
+    let mut groups = [params.n.div_ceil(bn), params.m.div_ceil(bm), params.batch];
     ctx.count_flops(op, 2 * params.m as u64 * params.n as u64 * params.k as u64 * params.batch as u64);
-    Ok(())
+    let total = params.batch * params.sc;
+    let shape = [params.m, params.n, params.k, params.batch];
+    let splits = if fuse.geglu { 1 } else { chunks(ctx, split_k, [bm, bn, bk], shape) };
+    if splits <= 1 {
+        let spec = fuse.flags(spec).flag("SPLIT_K", false).alias("c_t", "act");
+        let inputs = [a, b, bias.unwrap_or(&dummy), aux.unwrap_or(&dummy), stats, affine];
+        return ctx.dispatch(op, &kernel, &spec, bytemuck::bytes_of(&params), &inputs, &[out], groups);
+    }
+    // Split-K: each chunk's raw sums into its copy of C (f32), then the epilogue over their sum.
+    let part = Tensor::empty(ctx, op, &[splits as usize * total as usize], DType::F32)?;
+    let reduce = ReduceParams {
+        total,
+        splits,
+        sc: params.sc,
+        m: params.m,
+        cols: params.sc.checked_div(params.m).unwrap_or(1),
+        has_bias: params.has_bias,
+        act: params.act,
+        bias_off: params.bias_off,
+        bias_sb: params.bias_sb,
+        ..Default::default()
+    };
+    let k_chunk = params.k.div_ceil(bk).div_ceil(splits) * bk;
+    (params.splits, params.k_chunk, params.has_bias, params.act) = (splits, k_chunk, 0, 0);
+    groups[2] *= splits;
+    let spec = Fuse { residual: false, ..fuse }.flags(spec).flag("SPLIT_K", true).alias("c_t", "f32");
+    // The residual is added by the second pass; a concatenation or a layer norm's parameters stay.
+    let aux_a = if fuse.residual { &dummy } else { aux.unwrap_or(&dummy) };
+    let inputs = [a, b, &dummy, aux_a, stats, affine];
+    ctx.dispatch(op, &kernel, &spec, bytemuck::bytes_of(&params), &inputs, &[&part], groups)?;
+    let spec = Spec::new(a.dtype() == DType::F16).flag("C_TRANS", c_trans).flag("AUX_RES", fuse.residual);
+    let residual = if fuse.residual { aux.unwrap_or(&dummy) } else { &dummy };
+    let inputs = [&part, bias.unwrap_or(&dummy), residual];
+    let groups = grid_1d(ctx, total.div_ceil(256));
+    ctx.dispatch(op, &REDUCE, &spec, bytemuck::bytes_of(&reduce), &inputs, &[out], groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_count;
+
+    #[test]
+    fn split_k_choice() {
+        // SD 1.5's 8x8-level conv at 512x512 (2 x 64 outputs by 1280 channels, k = 11520) on 64x64 tiles: 40
+        // workgroups, 720 steps; for 264 workgroups, 7 chunks of 103 steps (the last 102).
+        assert_eq!(split_count(None, 264, u64::MAX, 40, 720), 7);
+        // Off, already enough workgroups, or k too short for chunks of 8 steps: k whole.
+        assert_eq!(split_count(None, 0, u64::MAX, 40, 720), 1);
+        assert_eq!(split_count(None, 264, u64::MAX, 264, 720), 1);
+        assert_eq!(split_count(None, 264, u64::MAX, 40, 15), 1);
+        assert_eq!(split_count(None, 264, u64::MAX, 40, 16), 2);
+        // At most 16 chunks, and as many copies of C as one buffer holds.
+        assert_eq!(split_count(None, 1 << 20, u64::MAX, 1, 1000), 16);
+        assert_eq!(split_count(None, 1 << 20, 3, 1, 1000), 3);
+        // Asked for: no empty chunks (9 steps in 4 chunks of 3 is 3 chunks), at most one per step.
+        assert_eq!(split_count(Some(4), 0, u64::MAX, 40, 9), 3);
+        assert_eq!(split_count(Some(100), 0, u64::MAX, 40, 5), 5);
+        assert_eq!(split_count(Some(1), 264, u64::MAX, 40, 720), 1);
+        assert_eq!(split_count(Some(3), 0, u64::MAX, 40, 0), 1);
+    }
 }

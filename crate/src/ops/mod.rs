@@ -19,7 +19,9 @@ pub use cpu_kernels::threads as cpu_threads;
 pub use elementwise::{
     Activation, BinaryOp, Term, add, affine, geglu, gelu, lincomb, mul, quick_gelu, relu, silu, soft_clamp, sub,
 };
-pub use gemm::{Conv2dOpts, GnInput, LnParams, MatmulOpts, Tile, conv2d, linear, linear_act, linear_with, matmul};
+pub use gemm::{
+    Conv2dOpts, GnInput, LnParams, MatmulOpts, Tile, conv2d, linear, linear_act, linear_with, matmul, split_k_chunks,
+};
 pub use layout::{
     TimestepEmbedding, cast, concat, embedding, nchw_to_tokens, timestep_embedding, tokens_to_nchw, transpose_last2,
     upsample_nearest2x,
