@@ -36,6 +36,11 @@ mod cli {
         /// variant for benchmarks to compare.
         #[arg(long, global = true)]
         no_prefetch: bool,
+        /// The portable GEMM with double-buffered workgroup tiles (one barrier per k step instead of two, twice
+        /// the workgroup memory; tiles that do not fit the GPU's limit stay single): a kernel variant for
+        /// benchmarks to compare.
+        #[arg(long, global = true)]
+        double_buffer: bool,
         /// Split the k loop of GEMMs that would run on fewer than N workgroups (0, the default: never), and
         /// sum the chunks in a second pass: a kernel variant for benchmarks to compare (for a GPU with C
         /// cores, try N = 2 C).
@@ -339,6 +344,7 @@ mod cli {
         let tuning = Tuning {
             attention_queries: cli.attention_queries,
             gemm_prefetch: !cli.no_prefetch,
+            gemm_double_buffer: cli.double_buffer,
             split_k_below: cli.split_k,
         };
         let options = ContextOptions { coop: !cli.no_coop, tuning, ..Default::default() };

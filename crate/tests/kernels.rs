@@ -111,18 +111,47 @@ fn without_cooperative_matrices() {
     pollster::block_on(check(&ctx, "fusions"));
 }
 
-/// The kernel variants benchmarks compare (`latent-gen --attention-queries 2 --no-prefetch --split-k N`): two
-/// queries per invocation of the portable attention kernel, the GEMM without register prefetch, split-K
-/// chosen for every GEMM with k long enough (the matmul cases with k >= 256); all portable (no cooperative
-/// matrices), checked like the defaults.
+/// The kernel variants benchmarks compare (`latent-gen --attention-queries 2 --double-buffer --split-k N`):
+/// two queries per invocation of the portable attention kernel, the GEMM with double-buffered tiles, split-K
+/// chosen for every GEMM with k long enough (k >= 256: 16 tile steps); all portable (no cooperative
+/// matrices), checked like the defaults: natively also the fused GEMMs, in the browser (where they cost about a
+/// minute) attention and matmul, enough for Tint to compile and run each variant.
+async fn kernel_variants_on(ctx: &GpuContext, checks: &[&str]) {
+    assert_eq!(ctx.summary().tuning, variant_options().tuning);
+    for name in checks {
+        check(ctx, name).await;
+    }
+}
+
+fn variant_options() -> latent_gen::gpu::ContextOptions {
+    use latent_gen::gpu::{ContextOptions, Tuning};
+    let tuning = Tuning { attention_queries: 2, gemm_prefetch: true, gemm_double_buffer: true, split_k_below: 1 << 20 };
+    ContextOptions { coop: false, tuning, ..Default::default() }
+}
+
 #[cfg(not(target_arch = "wasm32"))]
 #[test]
 fn kernel_variants() {
+    let ctx = pollster::block_on(GpuContext::with_options(variant_options())).expect("adapter");
+    pollster::block_on(kernel_variants_on(&ctx, &["attention", "matmul", "fusions"]));
+}
+
+#[cfg(target_arch = "wasm32")]
+#[wasm_bindgen_test::wasm_bindgen_test]
+async fn kernel_variants() {
+    let ctx =
+        GpuContext::with_options(variant_options()).await.unwrap_or_else(|e| panic!("kernel tests need WebGPU: {e}"));
+    kernel_variants_on(&ctx, &["attention", "matmul"]).await;
+}
+
+/// The portable GEMM as it was before register prefetch (`latent-gen --no-prefetch`).
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn without_prefetch() {
     use latent_gen::gpu::{ContextOptions, Tuning};
-    let tuning = Tuning { attention_queries: 2, gemm_prefetch: false, split_k_below: 1 << 20 };
+    let tuning = Tuning { gemm_prefetch: false, ..Default::default() };
     let options = ContextOptions { coop: false, tuning, ..Default::default() };
     let ctx = pollster::block_on(GpuContext::with_options(options)).expect("adapter");
     assert_eq!(ctx.summary().tuning, tuning);
-    pollster::block_on(check(&ctx, "attention"));
     pollster::block_on(check(&ctx, "matmul"));
 }

@@ -143,7 +143,7 @@ def main():
                    "so that the choice of tile by shape can be read off this table.")
         out.append("")
     # The kernel variants (kernels-<variant>.json: `latent-gen --attention-queries 2`, `--no-prefetch`,
-    # `--split-k N`), to compare with the same rows above.
+    # `--double-buffer`, `--split-k N`), to compare with the same rows above.
     for p in sorted(glob.glob(os.path.join(d, "kernels-*.json"))):
         records = load(p) or []
         if records:

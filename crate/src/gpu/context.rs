@@ -44,8 +44,8 @@ impl Default for ContextOptions {
 }
 
 /// Variants of the portable kernels whose speed depends on the GPU (register file, latency hiding): the
-/// defaults are what every caller gets; `latent-gen`'s `--attention-queries`, `--no-prefetch` and
-/// `--split-k` pick the others, so that one benchmark run on a GPU compares them.
+/// defaults are what every caller gets; `latent-gen`'s `--attention-queries`, `--no-prefetch`,
+/// `--double-buffer` and `--split-k` pick the others, so that one benchmark run on a GPU compares them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Tuning {
     /// Queries per invocation of the portable attention kernel, 1 or 2 (kernels/attention.wgsl): two halve
@@ -54,6 +54,11 @@ pub struct Tuning {
     /// The portable GEMM reads the next k step's tiles into registers while it computes the current one
     /// (kernels/gemm.wgsl); off, it reads each step's tiles at the start of that step, as it did before.
     pub gemm_prefetch: bool,
+    /// The portable GEMM keeps two workgroup tiles of each operand and alternates between them: one barrier
+    /// per k step instead of two, for twice the workgroup memory (only tiles that fit the device's limit
+    /// take it: the 64x64 tile needs 16 KiB, the 128x128 one 32 KiB). The next step's elements go through
+    /// registers as with `gemm_prefetch`, which it implies.
+    pub gemm_double_buffer: bool,
     /// Split-K: a GEMM (matmul, linear layer, conv) that would run on fewer workgroups than this, with k long
     /// enough, cuts k into chunks summed by workgroups of their own, then adds them in a second pass
     /// (kernels/gemm_reduce.wgsl). Where a big GPU has more cores than such a GEMM has output tiles (SD's 8x8
@@ -64,7 +69,7 @@ pub struct Tuning {
 
 impl Default for Tuning {
     fn default() -> Self {
-        Self { attention_queries: 1, gemm_prefetch: true, split_k_below: 0 }
+        Self { attention_queries: 1, gemm_prefetch: true, gemm_double_buffer: false, split_k_below: 0 }
     }
 }
 
@@ -170,9 +175,11 @@ impl std::fmt::Display for AdapterSummary {
             let t = self.tuning;
             write!(
                 f,
-                "\nkernel variants: attention queries per invocation {}, GEMM prefetch {}, split-K below {} workgroups",
+                "\nkernel variants: attention queries per invocation {}, GEMM prefetch {}, GEMM double buffering {}, \
+                 split-K below {} workgroups",
                 t.attention_queries,
                 yes_no(t.gemm_prefetch),
+                yes_no(t.gemm_double_buffer),
                 t.split_k_below
             )?;
         }

@@ -1,8 +1,11 @@
 // The portable tiled GEMM core (see gemm_common.wgsl): workgroup tiles in f32, register micro-tiles.
 
 const NT: u32 = (BM / TM) * (BN / TM);
-var<workgroup> As: array<vec4<f32>, BK * BM / 4u>;  // (BK, BM) tile of A, k-major
-var<workgroup> Bs: array<vec4<f32>, BK * BN / 4u>;  // (BK, BN) tile of B, k-major
+// NBUF tiles of each operand: 2 with double buffering (see accumulate), else 1.
+const A_TILE: u32 = BK * BM / 4u;
+const B_TILE: u32 = BK * BN / 4u;
+var<workgroup> As: array<vec4<f32>, NBUF * A_TILE>;  // (BK, BM) tiles of A, k-major
+var<workgroup> Bs: array<vec4<f32>, NBUF * B_TILE>;  // (BK, BN) tiles of B, k-major
 
 // AUX_LN: the mean and 1/std of the A rows this invocation loads (rows 4q..4q+3 of load iteration 0 and 1;
 // with A_K_FAST the rows an invocation loads are the same at every k0).
@@ -79,10 +82,10 @@ fn fetch_a(bi: u32, m0: u32, k0: u32, i: u32) -> vec4<f32> {
     return v;
 }
 
-fn store_a(i: u32, v: vec4<f32>) {
+fn store_a(buf: u32, i: u32, v: vec4<f32>) {
     if (i < BK * BM / 4u) {
         let slot = tile_slot(i, BM, A_K_FAST);
-        As[slot.x * (BM / 4u) + slot.y] = v;
+        As[buf * A_TILE + slot.x * (BM / 4u) + slot.y] = v;
     }
 }
 
@@ -106,13 +109,13 @@ fn fetch_b(bi: u32, n0: u32, k0: u32, i: u32) -> vec4<f32> {
                      load_b(bi, k, src_col(n + 3u)));
 }
 
-fn store_b(i: u32, v: vec4<f32>) {
+fn store_b(buf: u32, i: u32, v: vec4<f32>) {
     if (i >= BK * BN / 4u) {
         return;
     }
     if (B_WORDS) {
         let nl = i / (BK / 4u);
-        let at = 4u * (i % (BK / 4u)) * (BN / 4u) + nl / 4u;
+        let at = buf * B_TILE + 4u * (i % (BK / 4u)) * (BN / 4u) + nl / 4u;
         let lane = nl % 4u;
         Bs[at][lane] = v.x;
         Bs[at + BN / 4u][lane] = v.y;
@@ -121,7 +124,7 @@ fn store_b(i: u32, v: vec4<f32>) {
         return;
     }
     let slot = tile_slot(i, BN, B_K_FAST);
-    Bs[slot.x * (BN / 4u) + slot.y] = v;
+    Bs[buf * B_TILE + slot.x * (BN / 4u) + slot.y] = v;
 }
 
 fn fetch_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
@@ -135,14 +138,14 @@ fn fetch_tiles(bi: u32, m0: u32, n0: u32, k0: u32, lid: u32) {
     }
 }
 
-fn store_tiles(lid: u32) {
-    store_a(lid, ra0);
-    store_b(lid, rb0);
+fn store_tiles(buf: u32, lid: u32) {
+    store_a(buf, lid, ra0);
+    store_b(buf, lid, rb0);
     if (BK * BM / 4u > NT) {
-        store_a(lid + NT, ra1);
+        store_a(buf, lid + NT, ra1);
     }
     if (BK * BN / 4u > NT) {
-        store_b(lid + NT, rb1);
+        store_b(buf, lid + NT, rb1);
     }
 }
 
@@ -154,6 +157,10 @@ fn accumulate(z: vec3<u32>, m0: u32, n0: u32, lid: u32, ty: u32, tx: u32) {
     if (AUX_LN) {
         ln_stats(bi, m0, lid);
     }
+    if (NBUF == 2u) {
+        accumulate_double(z, m0, n0, lid, ty, tx);
+        return;
+    }
     if (PREFETCH) {
         fetch_tiles(bi, m0, n0, z.y, lid);
     }
@@ -161,26 +168,55 @@ fn accumulate(z: vec3<u32>, m0: u32, n0: u32, lid: u32, ty: u32, tx: u32) {
         if (!PREFETCH) {
             fetch_tiles(bi, m0, n0, k0, lid);
         }
-        store_tiles(lid);
+        store_tiles(0u, lid);
         workgroupBarrier();
         if (PREFETCH && k0 + BK < z.z) {
             fetch_tiles(bi, m0, n0, k0 + BK, lid);
         }
-        for (var kk = 0u; kk < BK; kk += 4u) {
-            fma_tm(kk, ty, tx);
-            fma_tm(kk + 1u, ty, tx);
-            fma_tm(kk + 2u, ty, tx);
-            fma_tm(kk + 3u, ty, tx);
-        }
+        products(0u, ty, tx);
         workgroupBarrier();
     }
 }
 
-fn fma_tm(kk: u32, ty: u32, tx: u32) {
+// Double buffering (NBUF = 2, Tuning::gemm_double_buffer, where the workgroup memory allows): step s reads
+// tile s % 2 while the next step's elements, fetched into registers before the products, are written to the
+// other; one barrier a step instead of two. The barrier ending step s - 1 is what lets step s overwrite the
+// tile that step s - 1 read, and the one ending step s makes step s + 1's tile visible.
+fn accumulate_double(z: vec3<u32>, m0: u32, n0: u32, lid: u32, ty: u32, tx: u32) {
+    let bi = z.x;
+    fetch_tiles(bi, m0, n0, z.y, lid);
+    store_tiles(0u, lid);
+    workgroupBarrier();
+    var cur = 0u;
+    for (var k0 = z.y; k0 < z.z; k0 += BK) {
+        let more = k0 + BK < z.z;
+        if (more) {
+            fetch_tiles(bi, m0, n0, k0 + BK, lid);
+        }
+        products(cur, ty, tx);
+        if (more) {
+            store_tiles(1u - cur, lid);
+        }
+        workgroupBarrier();
+        cur = 1u - cur;
+    }
+}
+
+// One k step's products from tile `buf`.
+fn products(buf: u32, ty: u32, tx: u32) {
+    for (var kk = 0u; kk < BK; kk += 4u) {
+        fma_tm(buf, kk, ty, tx);
+        fma_tm(buf, kk + 1u, ty, tx);
+        fma_tm(buf, kk + 2u, ty, tx);
+        fma_tm(buf, kk + 3u, ty, tx);
+    }
+}
+
+fn fma_tm(buf: u32, kk: u32, ty: u32, tx: u32) {
     if (TM == 4u) {
-        fma4(kk, ty, tx);
+        fma4(buf, kk, ty, tx);
     } else {
-        fma8(kk, ty, tx);
+        fma8(buf, kk, ty, tx);
     }
 }
 
@@ -191,9 +227,9 @@ var<private> c1: vec4<f32>;
 var<private> c2: vec4<f32>;
 var<private> c3: vec4<f32>;
 
-fn fma4(kk: u32, ty: u32, tx: u32) {
-    let a = As[kk * (BM / 4u) + ty];
-    let b = Bs[kk * (BN / 4u) + tx];
+fn fma4(buf: u32, kk: u32, ty: u32, tx: u32) {
+    let a = As[buf * A_TILE + kk * (BM / 4u) + ty];
+    let b = Bs[buf * B_TILE + kk * (BN / 4u) + tx];
     c0 += a.x * b;
     c1 += a.y * b;
     c2 += a.z * b;
@@ -237,11 +273,11 @@ var<private> d61: vec4<f32>;
 var<private> d70: vec4<f32>;
 var<private> d71: vec4<f32>;
 
-fn fma8(kk: u32, ty: u32, tx: u32) {
-    let a0 = As[kk * (BM / 4u) + ty];
-    let a1 = As[kk * (BM / 4u) + BM / 8u + ty];
-    let b0 = Bs[kk * (BN / 4u) + tx];
-    let b1 = Bs[kk * (BN / 4u) + BN / 8u + tx];
+fn fma8(buf: u32, kk: u32, ty: u32, tx: u32) {
+    let a0 = As[buf * A_TILE + kk * (BM / 4u) + ty];
+    let a1 = As[buf * A_TILE + kk * (BM / 4u) + BM / 8u + ty];
+    let b0 = Bs[buf * B_TILE + kk * (BN / 4u) + tx];
+    let b1 = Bs[buf * B_TILE + kk * (BN / 4u) + BN / 8u + tx];
     d00 += a0.x * b0;
     d01 += a0.x * b1;
     d10 += a0.y * b0;

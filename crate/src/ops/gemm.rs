@@ -282,8 +282,13 @@ impl Tile {
         match self {
             Tile::Small | Tile::Large => {
                 let (b, tm, entry) = if self == Tile::Small { (64, 4, "gemm_4x4") } else { (128, 8, "gemm_8x8") };
-                let spec = Spec::default().u32("TM", tm).flag("PREFETCH", ctx.summary().tuning.gemm_prefetch);
-                (b, b, 16, entry, spec)
+                let (tuning, bk) = (ctx.summary().tuning, 16);
+                // Double buffering where two f32 tiles of A and of B fit the workgroup memory (the 64x64
+                // tile's 16 KiB is WebGPU's default limit; the 128x128 tile's 32 KiB needs more).
+                let double = 2 * 4 * bk * (b + b) <= ctx.summary().max_compute_workgroup_storage_size;
+                let nbuf = if tuning.gemm_double_buffer && double { 2 } else { 1 };
+                let spec = Spec::default().u32("TM", tm).flag("PREFETCH", tuning.gemm_prefetch).u32("NBUF", nbuf);
+                (b, b, bk, entry, spec)
             }
             Tile::Coop | Tile::CoopLarge => {
                 let c = ctx.coop().expect("Tile::pick checked");
