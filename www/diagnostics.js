@@ -155,6 +155,48 @@ async function runBenchmark(diag, arch, label, buttons) {
   buttons.forEach((b) => { b.disabled = false; });
 }
 
+// Times the SD 1.5 benchmark with each kernel variant (?variants=a,b limits them, the defaults always first) and
+// lists them against the defaults, the fastest marked.
+async function compareVariants(diag, buttons) {
+  const status = $('variant-status');
+  const { size, narrow } = benchOptions();
+  const asked = new URLSearchParams(location.search).get('variants');
+  const names = Diagnostics.variantNames().filter((n, i) => i === 0 || !asked || asked.split(',').includes(n));
+  const tbody = $('variant-results').querySelector('tbody');
+  tbody.replaceChildren();
+  buttons.forEach((b) => { b.disabled = true; });
+  status.dataset.state = 'running';
+  status.className = '';
+  try {
+    const rows = [];
+    for (const name of names) {
+      const progress = (m) => { status.textContent = `${name} (${rows.length + 1} of ${names.length}): ${m}\u2026`; };
+      const r = await diag.benchmarkVariant('sd15', size, narrow, name, progress);
+      const ratio = rows.length ? r.unet_cfg_step_ms / rows[0].ms : 1;
+      const row = el('tr', { className: 'variant-row' },
+        el('td', { className: 'variant-name', textContent: name }),
+        el('td', { className: 'num variant-ms', textContent: r.unet_cfg_step_ms.toFixed(1) }),
+        el('td', { className: 'num', textContent: rows.length ? `${ratio.toFixed(2)}x` : '1.00x' }),
+        el('td', { className: 'num variant-dispatches', textContent: String(r.unet_step_dispatches) }));
+      tbody.append(row);
+      rows.push({ name, ms: r.unet_cfg_step_ms, row });
+    }
+    const best = rows.reduce((a, b) => (b.ms < a.ms ? b : a));
+    best.row.classList.add('fastest');
+    status.dataset.fastest = best.name;
+    const label = narrow > 1 ? `SD 1.5 (widths / ${narrow}) at ${size}x${size}` : `SD 1.5 at ${size}x${size}`;
+    status.textContent = best === rows[0]
+      ? `${label}: the defaults are the fastest on this GPU.`
+      : `${label}: ${best.name} is the fastest on this GPU, ${((1 - best.ms / rows[0].ms) * 100).toFixed(0)}% under the defaults.`;
+    status.dataset.state = 'done';
+  } catch (e) {
+    status.textContent = `The comparison failed: ${e.message || e}`;
+    status.className = 'fail';
+    status.dataset.state = 'error';
+  }
+  buttons.forEach((b) => { b.disabled = false; });
+}
+
 function enableCpuBenchmark(buttons) {
   $('bench-cpu').onclick = () => runBenchmark(null, 'sd15', 'SD 1.5 on the CPU path', buttons);
   buttons.forEach((b) => { b.disabled = false; });
@@ -190,9 +232,10 @@ async function main() {
     ['maxStorageBufferBindingSize', a.max_storage_buffer_binding_size],
     ['maxComputeWorkgroupStorageSize', a.max_compute_workgroup_storage_size],
   ]));
-  const buttons = [$('bench-sd15'), $('bench-turbo'), $('bench-cpu')];
+  const buttons = [$('bench-sd15'), $('bench-turbo'), $('bench-cpu'), $('bench-variants')];
   $('bench-sd15').onclick = () => runBenchmark(diag, 'sd15', 'SD 1.5', buttons);
   $('bench-turbo').onclick = () => runBenchmark(diag, 'sd-turbo', 'SD-Turbo', buttons);
+  $('bench-variants').onclick = () => compareVariants(diag, buttons);
   enableCpuBenchmark(buttons);
   $('rerun').onclick = async () => {
     $('rerun').disabled = true;

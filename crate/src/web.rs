@@ -10,7 +10,7 @@ use wasm_bindgen::prelude::*;
 use crate::checkpoint::Checkpoint;
 use crate::compose::{self, Axis};
 use crate::convert::{Conversion, Format};
-use crate::gpu::{DType, GpuContext};
+use crate::gpu::{DType, GpuContext, Tuning};
 use crate::pipeline::{
     Adapters, Image, InitImage, MemorySource, ModelSource, Request, StableDiffusion, parameters_text_from,
 };
@@ -136,6 +136,29 @@ impl Diagnostics {
             ctx.trim_pool();
             to_js(&r).map_err(JsValue::from)
         })
+    }
+
+    /// Names of the kernel variants [`Diagnostics::benchmark_variant`] compares, the defaults first.
+    #[wasm_bindgen(js_name = variantNames)]
+    pub fn variant_names() -> Vec<String> {
+        Tuning::variants().into_iter().map(|(name, _)| name.to_string()).collect()
+    }
+
+    /// [`Diagnostics::benchmark`] with the kernel variant `variant` (one of `variantNames`), on this device:
+    /// the same figures, to compare with the defaults' on the user's own GPU.
+    #[wasm_bindgen(js_name = benchmarkVariant)]
+    pub fn benchmark_variant(
+        &self,
+        arch: String,
+        size: u32,
+        narrow: u32,
+        variant: String,
+        on_progress: js_sys::Function,
+    ) -> Result<js_sys::Promise, JsError> {
+        let Some((_, tuning)) = Tuning::variants().into_iter().find(|(name, _)| *name == variant) else {
+            return Err(JsError::new(&format!("no kernel variant named {variant:?}")));
+        };
+        Ok(Diagnostics { ctx: self.ctx.with_tuning(tuning) }.benchmark(arch, size, narrow, on_progress))
     }
 
     /// Times a UNet CFG step of `arch` on the CPU path (what runs without WebGPU: candle and our kernels in

@@ -12,7 +12,8 @@ test('the kernel self-check passes in the browser, and the page benchmarks a UNe
   const page = await env.browser.newPage();
   const errors = recordErrors(page);
   // A narrowed SD 1.5 UNet at 64x64 for the benchmark below: the real one takes minutes on SwiftShader.
-  await page.goto(`${env.server.url}diagnostics.html?bench-size=64&bench-narrow=10&checks=matmul_weights,softmax`);
+  await page.goto(`${env.server.url}diagnostics.html?bench-size=64&bench-narrow=10&checks=matmul_weights,softmax` +
+    '&variants=split-k-512');
   const summary = page.locator('#summary');
   await summary.and(page.locator('[data-state="done"], [data-state="error"], [data-state="no-webgpu"], [data-state="no-device"]'))
     .waitFor({ timeout: 540_000 });
@@ -37,6 +38,20 @@ test('the kernel self-check passes in the browser, and the page benchmarks a UNe
   const dispatches = Number(await page.locator('tr.bench-row .bench-dispatches').first().textContent());
   assert.ok(ms > 0, `ms per step: ${ms}`);
   assert.ok(dispatches > 0 && dispatches <= 298, `dispatches per step: ${dispatches}\n${errors.join('\n')}`);
+  // The same step with kernel variants (the URL keeps split-K, which splits the narrowed UNet's GEMMs: a second
+  // pass each), against the defaults, the fastest marked.
+  await page.locator('#bench-variants').click();
+  const variants = page.locator('#variant-status');
+  await variants.and(page.locator('[data-state="done"], [data-state="error"]')).waitFor({ timeout: 300_000 });
+  assert.equal(await variants.getAttribute('data-state'), 'done', `${await variants.textContent()}\n${errors.join('\n')}`);
+  assert.deepEqual(await page.locator('tr.variant-row .variant-name').allTextContents(), ['defaults', 'split-k-512']);
+  const vms = (await page.locator('tr.variant-row .variant-ms').allTextContents()).map(Number);
+  assert.ok(vms.every((v) => v > 0), `ms per step: ${vms}`);
+  const [plain, split] = (await page.locator('tr.variant-row .variant-dispatches').allTextContents()).map(Number);
+  assert.equal(plain, dispatches, 'the defaults run the step as the benchmark did');
+  assert.ok(split > plain, `split-K adds its second passes: ${split} vs ${plain} dispatches`);
+  assert.equal(await page.locator('tr.variant-row.fastest').count(), 1);
+  assert.match(await variants.textContent(), /fastest on this GPU/);
   // A name that is no check is refused with the list of those that are, before anything runs.
   await page.goto(`${env.server.url}diagnostics.html?checks=softmax,nope`);
   await summary.and(page.locator('[data-state="error"]')).waitFor({ timeout: 120_000 });

@@ -73,6 +73,23 @@ impl Default for Tuning {
     }
 }
 
+impl Tuning {
+    /// The variants the diagnostics page compares, by name, the defaults first: each differs from the
+    /// defaults in one choice. Split-K at two thresholds, as WebGPU does not say how many cores a GPU has
+    /// (a laptop's has 8 to 32, a big discrete one 100 or more).
+    pub fn variants() -> Vec<(&'static str, Tuning)> {
+        let d = Tuning::default();
+        vec![
+            ("defaults", d),
+            ("double-buffer", Tuning { gemm_double_buffer: true, ..d }),
+            ("split-k-128", Tuning { split_k_below: 128, ..d }),
+            ("split-k-512", Tuning { split_k_below: 512, ..d }),
+            ("attention-queries-2", Tuning { attention_queries: 2, ..d }),
+            ("no-prefetch", Tuning { gemm_prefetch: false, ..d }),
+        ]
+    }
+}
+
 /// The cooperative matrix configuration the f16 GEMMs use: `size` x `size` x `size` fragments of f16 inputs
 /// with f32 accumulators, on subgroups of exactly `subgroup` invocations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -469,6 +486,13 @@ impl GpuContext {
             plan_only: true,
             sources: Ref::default(),
         }
+    }
+
+    /// A view of this device that runs the kernel variants `tuning` (its tensors, pool and caches are
+    /// this context's): how the diagnostics page compares variants on one device.
+    pub fn with_tuning(&self, tuning: Tuning) -> GpuContext {
+        let tuning = Tuning { attention_queries: tuning.attention_queries.clamp(1, 2), ..tuning };
+        GpuContext { summary: Ref::new(AdapterSummary { tuning, ..(*self.summary).clone() }), ..self.clone() }
     }
 
     /// Whether this is a [`planning_for`](Self::planning_for) view.
