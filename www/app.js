@@ -673,7 +673,8 @@ async function main() {
       ? (hasWebGpu ? 'WebGPU gave no usable adapter' : 'This browser has no WebGPU') +
         ': images are computed on the CPU instead, which is slow and only practical for the bundled tiny model. ' +
         'Chrome or Edge 113+, or Firefox and Safari with WebGPU enabled, run every model on the GPU.'
-      : `Running on WebGPU${a.name ? ` (${a.name})` : ''}; shader-f16 ${a.shader_f16 ? 'available' : 'not available (f32 throughout)'}.`;
+      : `Running on WebGPU${a.name ? ` (${a.name})` : ''}; shader-f16 ${a.shader_f16 ? 'available' : 'not available (f32 throughout)'}` +
+        (device.variant ? `; kernel variant ${device.variant}, the fastest the diagnostics page found.` : '.');
     if (isCpu) {
       $('device').textContent += device.threads > 1
         ? ` The CPU path runs on ${device.threads} threads.`
@@ -682,6 +683,7 @@ async function main() {
     $('device').dataset.cpu = String(isCpu);
     $('device').dataset.threads = String(device.threads);
     $('device').dataset.reason = device.reason || '';
+    $('device').dataset.variant = device.variant || '';
     await refreshModels();
     await refreshAdapters();
     applyDefaults(modelById($('model').value));

@@ -25,6 +25,19 @@ function startWorker(url) {
   return new Worker(URL.createObjectURL(new Blob([source], { type: 'text/javascript' })), { type: 'module' });
 }
 
+/** Where the diagnostics page keeps the kernel variant it found fastest (`{ adapter, name }`, JSON). */
+export const VARIANT_KEY = 'latent-gen:kernel-variant';
+
+/** The kernel variant stored by the diagnostics page, or null (none, or storage this page cannot read). */
+export function storedVariant() {
+  try {
+    const v = JSON.parse(localStorage.getItem(VARIANT_KEY) || 'null');
+    return v && typeof v.adapter === 'string' && typeof v.name === 'string' ? v : null;
+  } catch {
+    return null;
+  }
+}
+
 /** The CPU path's threads the page's address asks for (?threads=N), or null (one per core). */
 export function threadsFromUrl() {
   const q = new URLSearchParams(location.search);
@@ -39,7 +52,7 @@ export class Client {
     this.catalog = null;
     this.worker.onmessage = (ev) => this.onMessage(ev.data);
     this.worker.onerror = (ev) => this.failAll(new Error(`the model worker failed to start: ${ev.message || 'see the console'}`));
-    this.ready = this.call({ type: 'init', cpu: cpu || !('gpu' in navigator), gpu, threads });
+    this.ready = this.call({ type: 'init', cpu: cpu || !('gpu' in navigator), gpu, threads, variant: storedVariant() });
     this.current = null;
   }
 

@@ -1,7 +1,7 @@
 // The diagnostics page: adapter facts straight from navigator.gpu, the device latent-gen creates (through the
 // wasm module), and the kernel self-check with pass/fail and the error found for every case.
 import init, { Diagnostics } from './pkg/latent_gen.js';
-import { Client, threadsFromUrl } from './client.js';
+import { Client, VARIANT_KEY, storedVariant, threadsFromUrl } from './client.js';
 
 const $ = (id) => document.getElementById(id);
 
@@ -155,6 +155,28 @@ async function runBenchmark(diag, arch, label, buttons) {
   buttons.forEach((b) => { b.disabled = false; });
 }
 
+// Says which kernel variant generations in this browser use on `adapter` (the diagnostics page's choice, kept in
+// localStorage for the generator page and the element on this site), with a button back to the defaults, and
+// shows each compared variant's "Use" button except the current one's.
+function showVariantChoice(adapter) {
+  const stored = storedVariant();
+  const current = stored && stored.adapter === adapter ? stored.name : null;
+  const reset = el('button', { id: 'variant-reset', textContent: 'Back to the defaults', onclick: () => keepVariant(adapter, null) });
+  $('variant-choice').replaceChildren(el('span', { textContent: current
+    ? `Generations in this browser use ${current} on this GPU. `
+    : 'Generations in this browser use the defaults.' }), ...(current ? [reset] : []));
+  $('variant-choice').dataset.current = current || '';
+  for (const b of document.querySelectorAll('#variant-results .variant-use')) {
+    b.hidden = b.dataset.variant === (current || 'defaults');
+  }
+}
+
+function keepVariant(adapter, name) {
+  if (name && name !== 'defaults') localStorage.setItem(VARIANT_KEY, JSON.stringify({ adapter, name }));
+  else localStorage.removeItem(VARIANT_KEY);
+  showVariantChoice(adapter);
+}
+
 // Times the SD 1.5 benchmark with each kernel variant (?variants=a,b limits them, the defaults always first) and
 // lists them against the defaults, the fastest marked.
 async function compareVariants(diag, buttons) {
@@ -163,6 +185,7 @@ async function compareVariants(diag, buttons) {
   const asked = new URLSearchParams(location.search).get('variants');
   const names = Diagnostics.variantNames().filter((n, i) => i === 0 || !asked || asked.split(',').includes(n));
   const tbody = $('variant-results').querySelector('tbody');
+  const adapter = diag.adapter().name;
   tbody.replaceChildren();
   buttons.forEach((b) => { b.disabled = true; });
   status.dataset.state = 'running';
@@ -173,13 +196,19 @@ async function compareVariants(diag, buttons) {
       const progress = (m) => { status.textContent = `${name} (${rows.length + 1} of ${names.length}): ${m}\u2026`; };
       const r = await diag.benchmarkVariant('sd15', size, narrow, name, progress);
       const ratio = rows.length ? r.unet_cfg_step_ms / rows[0].ms : 1;
+      const use = el('button', { className: 'variant-use', textContent: 'Use for generations',
+        onclick: () => keepVariant(adapter, name) });
+      use.dataset.variant = name;
       const row = el('tr', { className: 'variant-row' },
         el('td', { className: 'variant-name', textContent: name }),
         el('td', { className: 'num variant-ms', textContent: r.unet_cfg_step_ms.toFixed(1) }),
         el('td', { className: 'num', textContent: rows.length ? `${ratio.toFixed(2)}x` : '1.00x' }),
-        el('td', { className: 'num variant-dispatches', textContent: String(r.unet_step_dispatches) }));
+        el('td', { className: 'num variant-dispatches', textContent: String(r.unet_step_dispatches) }),
+        el('td', {}, use));
+      row.dataset.variant = name;
       tbody.append(row);
       rows.push({ name, ms: r.unet_cfg_step_ms, row });
+      showVariantChoice(adapter);
     }
     const best = rows.reduce((a, b) => (b.ms < a.ms ? b : a));
     best.row.classList.add('fastest');
@@ -236,6 +265,7 @@ async function main() {
   $('bench-sd15').onclick = () => runBenchmark(diag, 'sd15', 'SD 1.5', buttons);
   $('bench-turbo').onclick = () => runBenchmark(diag, 'sd-turbo', 'SD-Turbo', buttons);
   $('bench-variants').onclick = () => compareVariants(diag, buttons);
+  showVariantChoice(a.name);
   enableCpuBenchmark(buttons);
   $('rerun').onclick = async () => {
     $('rerun').disabled = true;

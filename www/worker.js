@@ -1,7 +1,7 @@
 // The model worker: owns the wasm instance and the WebGPU device (or the CPU fallback), downloads and caches
 // weights, loads models and generates. The page's thread only draws and handles input.
 //
-// Messages in:  { id, type: 'init', cpu, gpu, threads } | { id, type: 'load', model } | { id, type: 'generate', request }
+// Messages in:  { id, type: 'init', cpu, gpu, threads, variant } | { id, type: 'load', model } | { id, type: 'generate', request }
 //               { id, type: 'load-preview', model } (a TAESD catalog entry, for request.preview 'taesd')
 //               { id, type: 'import', model, files: [{ path, file }] } | { id, type: 'unload', model }
 //               { id, type: 'tokens', prompt, literal } (the loaded model's token count; null before a load)
@@ -30,26 +30,29 @@ let wasm = null; // the module's exports (its memory)
 let threadsNote; // undefined until the threaded build was tried; then null (it runs) or why the CPU path has one thread
 
 let engineKey = null;
-let initArgs = { cpu: false, gpu: false, threads: null }; // how the page asked for the engine, to make a new one after a loss
+// How the page asked for the engine, to make a new one after a loss.
+let initArgs = { cpu: false, gpu: false, threads: null, variant: null };
 
 /** `cpu`: the CPU path only; `gpu`: WebGPU even on a software adapter (which is slower than the CPU path);
- * `threads`: the CPU path's threads (null: one per core, at most 8; 1: the single-threaded build). */
-async function initEngine(cpu, gpu, threads) {
-  initArgs = { cpu, gpu, threads };
+ * `threads`: the CPU path's threads (null: one per core, at most 8; 1: the single-threaded build); `variant`:
+ * `{ adapter, name }`, the kernel variant the diagnostics page found fastest on that adapter, or null. */
+async function initEngine(cpu, gpu, threads, variant) {
+  initArgs = { cpu, gpu, threads, variant };
+  const create = () => lib.Engine.create(cpu, gpu, variant?.adapter, variant?.name);
   if (!lib) {
     lib = await import('./pkg/latent_gen.js');
     wasm = await lib.default();
   }
-  const key = `${cpu}:${gpu}`;
+  const key = `${cpu}:${gpu}:${variant?.adapter}:${variant?.name}`;
   if (!engine || engineKey !== key) {
-    engine = await lib.Engine.create(cpu, gpu);
+    engine = await create();
     if (engine.isCpu() && threadsNote === undefined) {
       const t = await threadedLib(threads ?? Math.min(navigator.hardwareConcurrency || 1, 8), threads != null);
       threadsNote = t.note ?? null;
       if (t.lib) {
         engine.free();
         ({ lib, wasm } = t);
-        engine = await lib.Engine.create(cpu, gpu);
+        engine = await create();
       }
     }
     engineKey = key;
@@ -57,7 +60,7 @@ async function initEngine(cpu, gpu, threads) {
     await syncAdapters();
   }
   const isCpu = engine.isCpu();
-  return { adapter: engine.adapter(), isCpu, reason: engine.fallbackReason(),
+  return { adapter: engine.adapter(), isCpu, reason: engine.fallbackReason(), variant: engine.kernelVariant(),
     threads: isCpu ? lib.cpuThreads() : 0, threadsNote: isCpu ? threadsNote : null };
 }
 
@@ -256,7 +259,7 @@ async function converted(model, keep) {
 
 /** The engine, made anew (as the page first asked for it) when a lost device dropped the last one. */
 async function ensureEngine() {
-  if (!engine) await initEngine(initArgs.cpu, initArgs.gpu, initArgs.threads);
+  if (!engine) await initEngine(initArgs.cpu, initArgs.gpu, initArgs.threads, initArgs.variant);
 }
 
 /** After the GPU device was lost: the engine, its model, preview decoder and adapters go; the next load
@@ -535,7 +538,7 @@ self.onmessage = (ev) => {
     try {
       if (dropped.delete(msg.id)) throw cancelled();
       let result;
-      if (msg.type === 'init') result = await initEngine(!!msg.cpu, !!msg.gpu, msg.threads ?? null);
+      if (msg.type === 'init') result = await initEngine(!!msg.cpu, !!msg.gpu, msg.threads ?? null, msg.variant ?? null);
       else if (msg.type === 'load') {
         result = await load(msg.id, msg.model);
       } else if (msg.type === 'generate') result = await generate(msg.id, msg.request);

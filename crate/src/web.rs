@@ -287,8 +287,16 @@ impl Engine {
     /// WebGPU when the browser offers it (unless `cpu` is true), otherwise the CPU fallback. A software
     /// adapter (the browser's fallback adapter, e.g. SwiftShader) runs a UNet step tens of times slower than
     /// the CPU path in wasm, so it is used only with `software_gpu` (tests of the WebGPU path); otherwise such
-    /// an engine runs on the CPU and `fallbackReason()` says why.
-    pub async fn create(cpu: bool, software_gpu: bool) -> Result<Engine, JsError> {
+    /// an engine runs on the CPU and `fallbackReason()` says why. `variant`: a kernel variant's name
+    /// (`Diagnostics.variantNames()`) the diagnostics page found fastest on the adapter named
+    /// `variant_adapter`; used when the device is on that adapter, else (or for a name this version does not
+    /// know) the defaults.
+    pub async fn create(
+        cpu: bool,
+        software_gpu: bool,
+        variant_adapter: Option<String>,
+        variant: Option<String>,
+    ) -> Result<Engine, JsError> {
         let mut reason = None;
         let ctx = if cpu {
             GpuContext::cpu()
@@ -298,7 +306,12 @@ impl Engine {
                     reason = Some("software-adapter".to_string());
                     GpuContext::cpu()
                 }
-                Ok(ctx) => ctx,
+                Ok(ctx) => match Tuning::variants().into_iter().find(|(name, _)| Some(*name) == variant.as_deref()) {
+                    Some((_, tuning)) if variant_adapter.as_deref() == Some(ctx.summary().name.as_str()) => {
+                        ctx.with_tuning(tuning)
+                    }
+                    _ => ctx,
+                },
                 Err(crate::Error::NoAdapter(_)) => {
                     reason = Some("no-adapter".to_string());
                     GpuContext::cpu()
@@ -326,6 +339,15 @@ impl Engine {
     #[wasm_bindgen(js_name = fallbackReason)]
     pub fn fallback_reason(&self) -> Option<String> {
         self.reason.clone()
+    }
+
+    /// The kernel variant the engine runs (see `create`), if not the defaults.
+    #[wasm_bindgen(js_name = kernelVariant)]
+    pub fn kernel_variant(&self) -> Option<String> {
+        let tuning = self.inner.ctx.summary().tuning;
+        (tuning != Tuning::default())
+            .then(|| Tuning::variants().into_iter().find(|(_, t)| *t == tuning).map(|(name, _)| name.to_string()))
+            .flatten()
     }
 
     /// The adapter (or "CPU (candle)") and its limits.

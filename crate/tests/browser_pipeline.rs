@@ -83,8 +83,9 @@ fn sha256_hashes_incrementally() {
 async fn engine_generates_with_previews_and_cancels() {
     use wasm_bindgen::JsCast;
     use wasm_bindgen::closure::Closure;
-    let engine = latent_gen::web::Engine::create(false, true).await.unwrap_or_else(|_| panic!("no engine"));
+    let engine = latent_gen::web::Engine::create(false, true, None, None).await.unwrap_or_else(|_| panic!("no engine"));
     assert!(!engine.is_cpu(), "the browser test must run on WebGPU");
+    assert_eq!(engine.kernel_variant(), None);
     let files = js_sys::Map::new();
     for (path, bytes) in FILES {
         files.set(&path.into(), &js_sys::Uint8Array::from(bytes).into());
@@ -128,11 +129,35 @@ async fn engine_generates_with_previews_and_cancels() {
     assert!(msg.contains("cancelled"), "{msg}");
 }
 
+/// The fixture on WebGPU with the default kernels, and again with the kernel variants the diagnostics page
+/// can choose (two attention queries per invocation, double-buffered GEMM tiles, split-K on every GEMM with k
+/// long enough) at once.
 #[wasm_bindgen_test]
 async fn tiny_pipeline_matches_diffusers_in_the_browser() {
+    use latent_gen::gpu::Tuning;
     let ctx = GpuContext::new().await.unwrap_or_else(|e| panic!("the browser test needs WebGPU: {e}"));
     let psnr = fixture_psnr(&ctx).await;
     assert!(psnr >= 40.0, "PSNR {psnr:.1} dB against diffusers");
+    let tuning =
+        Tuning { attention_queries: 2, gemm_double_buffer: true, split_k_below: 1 << 20, ..Default::default() };
+    let psnr = fixture_psnr(&ctx.with_tuning(tuning)).await;
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB against diffusers with the kernel variants");
+}
+
+/// The generator's engine takes the kernel variant the diagnostics page kept, on the adapter it was found on
+/// only, and a name it knows only.
+#[wasm_bindgen_test]
+async fn engine_takes_a_kept_kernel_variant() {
+    use latent_gen::web::Engine;
+    let plain = Engine::create(false, true, None, None).await.unwrap_or_else(|_| panic!("no engine"));
+    let adapter = get(&plain.adapter().unwrap_or_else(|_| panic!("no adapter")), "name").as_string().unwrap();
+    let engine = |a: &str, v: &str| Engine::create(false, true, Some(a.to_string()), Some(v.to_string()));
+    let kept = engine(&adapter, "split-k-512").await.unwrap_or_else(|_| panic!("no engine"));
+    assert_eq!(kept.kernel_variant().as_deref(), Some("split-k-512"));
+    let other = engine("another GPU", "split-k-512").await.unwrap_or_else(|_| panic!("no engine"));
+    assert_eq!(other.kernel_variant(), None, "a variant found on another adapter is not used");
+    let unknown = engine(&adapter, "no-such-variant").await.unwrap_or_else(|_| panic!("no engine"));
+    assert_eq!(unknown.kernel_variant(), None, "an unknown name keeps the defaults");
 }
 
 /// The CPU path as a browser without WebGPU runs it (candle in wasm, one thread, the gemm crate's simd128

@@ -9,7 +9,8 @@ import { recordErrors, serverAndBrowser } from './harness.mjs';
 const env = serverAndBrowser();
 
 test('the kernel self-check passes in the browser, and the page benchmarks a UNet step', { timeout: 600_000 }, async () => {
-  const page = await env.browser.newPage();
+  const context = await env.browser.newContext();
+  const page = await context.newPage();
   const errors = recordErrors(page);
   // A narrowed SD 1.5 UNet at 64x64 for the benchmark below: the real one takes minutes on SwiftShader.
   await page.goto(`${env.server.url}diagnostics.html?bench-size=64&bench-narrow=10&checks=matmul_weights,softmax` +
@@ -52,13 +53,27 @@ test('the kernel self-check passes in the browser, and the page benchmarks a UNe
   assert.ok(split > plain, `split-K adds its second passes: ${split} vs ${plain} dispatches`);
   assert.equal(await page.locator('tr.variant-row.fastest').count(), 1);
   assert.match(await variants.textContent(), /fastest on this GPU/);
+  // Any variant can be kept for generations in this browser: the generator page then runs it on this GPU, and
+  // says so; "Back to the defaults" undoes it.
+  assert.equal(await page.locator('#variant-choice').getAttribute('data-current'), '');
+  await page.locator('#variant-results tr[data-variant="split-k-512"] .variant-use').click();
+  assert.equal(await page.locator('#variant-choice').getAttribute('data-current'), 'split-k-512');
+  assert.ok(await page.locator('#variant-results tr[data-variant="split-k-512"] .variant-use').isHidden());
+  const app = await context.newPage();
+  await app.goto(`${env.server.url}index.html?gpu`);
+  await app.locator('#status[data-state="idle"], #status[data-state="error"]').waitFor({ timeout: 120_000 });
+  assert.equal(await app.locator('#device').getAttribute('data-variant'), 'split-k-512');
+  assert.match(await app.locator('#device').textContent(), /kernel variant split-k-512/);
+  await app.close();
+  await page.locator('#variant-reset').click();
+  assert.equal(await page.locator('#variant-choice').getAttribute('data-current'), '');
   // A name that is no check is refused with the list of those that are, before anything runs.
   await page.goto(`${env.server.url}diagnostics.html?checks=softmax,nope`);
   await summary.and(page.locator('[data-state="error"]')).waitFor({ timeout: 120_000 });
   assert.match(await summary.textContent(), /unknown: nope.*the checks are: .*matmul/);
   assert.equal(await page.locator('#results tbody tr').count(), 0);
   assert.ok(await page.locator('#rerun').isDisabled(), '"Run again" stays off: it would only be refused again');
-  await page.close();
+  await context.close();
 });
 
 test('without WebGPU the page says so plainly, and benchmarks the CPU path', { timeout: 120_000 }, async () => {
