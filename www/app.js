@@ -674,7 +674,7 @@ async function main() {
         ': images are computed on the CPU instead, which is slow and only practical for the bundled tiny model. ' +
         'Chrome or Edge 113+, or Firefox and Safari with WebGPU enabled, run every model on the GPU.'
       : `Running on WebGPU${a.name ? ` (${a.name})` : ''}; shader-f16 ${a.shader_f16 ? 'available' : 'not available (f32 throughout)'}` +
-        (device.variant ? `; kernel variant ${device.variant}, the fastest the diagnostics page found.` : '.');
+        (device.variant ? `; kernel variant ${device.variant}, as kept on the diagnostics page.` : '.');
     if (isCpu) {
       $('device').textContent += device.threads > 1
         ? ` The CPU path runs on ${device.threads} threads.`

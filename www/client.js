@@ -25,7 +25,7 @@ function startWorker(url) {
   return new Worker(URL.createObjectURL(new Blob([source], { type: 'text/javascript' })), { type: 'module' });
 }
 
-/** Where the diagnostics page keeps the kernel variant it found fastest (`{ adapter, name }`, JSON). */
+/** Where the diagnostics page keeps the kernel variant the user chose for generations (`{ adapter, name }`, JSON). */
 export const VARIANT_KEY = 'latent-gen:kernel-variant';
 
 /** The kernel variant stored by the diagnostics page, or null (none, or storage this page cannot read). */

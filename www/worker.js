@@ -35,7 +35,7 @@ let initArgs = { cpu: false, gpu: false, threads: null, variant: null };
 
 /** `cpu`: the CPU path only; `gpu`: WebGPU even on a software adapter (which is slower than the CPU path);
  * `threads`: the CPU path's threads (null: one per core, at most 8; 1: the single-threaded build); `variant`:
- * `{ adapter, name }`, the kernel variant the diagnostics page found fastest on that adapter, or null. */
+ * `{ adapter, name }`, the kernel variant kept on the diagnostics page for that adapter, or null. */
 async function initEngine(cpu, gpu, threads, variant) {
   initArgs = { cpu, gpu, threads, variant };
   const create = () => lib.Engine.create(cpu, gpu, variant?.adapter, variant?.name);

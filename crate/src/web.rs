@@ -155,7 +155,7 @@ impl Diagnostics {
         variant: String,
         on_progress: js_sys::Function,
     ) -> Result<js_sys::Promise, JsError> {
-        let Some((_, tuning)) = Tuning::variants().into_iter().find(|(name, _)| *name == variant) else {
+        let Some(tuning) = Tuning::named(&variant) else {
             return Err(JsError::new(&format!("no kernel variant named {variant:?}")));
         };
         Ok(Diagnostics { ctx: self.ctx.with_tuning(tuning) }.benchmark(arch, size, narrow, on_progress))
@@ -288,7 +288,7 @@ impl Engine {
     /// adapter (the browser's fallback adapter, e.g. SwiftShader) runs a UNet step tens of times slower than
     /// the CPU path in wasm, so it is used only with `software_gpu` (tests of the WebGPU path); otherwise such
     /// an engine runs on the CPU and `fallbackReason()` says why. `variant`: a kernel variant's name
-    /// (`Diagnostics.variantNames()`) the diagnostics page found fastest on the adapter named
+    /// (`Diagnostics.variantNames()`) the user kept on the diagnostics page for the adapter named
     /// `variant_adapter`; used when the device is on that adapter, else (or for a name this version does not
     /// know) the defaults.
     pub async fn create(
@@ -306,8 +306,8 @@ impl Engine {
                     reason = Some("software-adapter".to_string());
                     GpuContext::cpu()
                 }
-                Ok(ctx) => match Tuning::variants().into_iter().find(|(name, _)| Some(*name) == variant.as_deref()) {
-                    Some((_, tuning)) if variant_adapter.as_deref() == Some(ctx.summary().name.as_str()) => {
+                Ok(ctx) => match variant.as_deref().and_then(Tuning::named) {
+                    Some(tuning) if variant_adapter.as_deref() == Some(ctx.summary().name.as_str()) => {
                         ctx.with_tuning(tuning)
                     }
                     _ => ctx,
@@ -344,10 +344,7 @@ impl Engine {
     /// The kernel variant the engine runs (see `create`), if not the defaults.
     #[wasm_bindgen(js_name = kernelVariant)]
     pub fn kernel_variant(&self) -> Option<String> {
-        let tuning = self.inner.ctx.summary().tuning;
-        (tuning != Tuning::default())
-            .then(|| Tuning::variants().into_iter().find(|(_, t)| *t == tuning).map(|(name, _)| name.to_string()))
-            .flatten()
+        self.inner.ctx.summary().tuning.name().filter(|&n| n != "defaults").map(String::from)
     }
 
     /// The adapter (or "CPU (candle)") and its limits.

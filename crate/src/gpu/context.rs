@@ -88,6 +88,21 @@ impl Tuning {
             ("no-prefetch", Tuning { gemm_prefetch: false, ..d }),
         ]
     }
+
+    /// The variant of [`Tuning::variants`] called `name`.
+    pub fn named(name: &str) -> Option<Tuning> {
+        Self::variants().into_iter().find(|(n, _)| *n == name).map(|(_, t)| t)
+    }
+
+    /// This tuning's name in [`Tuning::variants`], if it is one of them.
+    pub fn name(&self) -> Option<&'static str> {
+        Self::variants().into_iter().find(|(_, t)| t == self).map(|(n, _)| n)
+    }
+
+    /// Within the kernels' ranges: one or two attention queries per invocation.
+    fn clamped(self) -> Tuning {
+        Tuning { attention_queries: self.attention_queries.clamp(1, 2), ..self }
+    }
 }
 
 /// The cooperative matrix configuration the f16 GEMMs use: `size` x `size` x `size` fragments of f16 inputs
@@ -324,7 +339,7 @@ impl GpuContext {
                 .map(|c| format!("{}x{}x{} {:?}->{:?}", c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type))
                 .collect(),
             coop,
-            tuning: Tuning { attention_queries: options.tuning.attention_queries.clamp(1, 2), ..options.tuning },
+            tuning: options.tuning.clamped(),
         };
         Ok(Self::from_device(device, queue, summary))
     }
@@ -491,8 +506,8 @@ impl GpuContext {
     /// A view of this device that runs the kernel variants `tuning` (its tensors, pool and caches are
     /// this context's): how the diagnostics page compares variants on one device.
     pub fn with_tuning(&self, tuning: Tuning) -> GpuContext {
-        let tuning = Tuning { attention_queries: tuning.attention_queries.clamp(1, 2), ..tuning };
-        GpuContext { summary: Ref::new(AdapterSummary { tuning, ..(*self.summary).clone() }), ..self.clone() }
+        let summary = AdapterSummary { tuning: tuning.clamped(), ..(*self.summary).clone() };
+        GpuContext { summary: Ref::new(summary), ..self.clone() }
     }
 
     /// Whether this is a [`planning_for`](Self::planning_for) view.
